@@ -1,0 +1,90 @@
+"""`tnflow`: parse options into a Config, call a flow, print where the result is.
+
+The last line of standard output is always the result's absolute path, so scripts can use
+`path=$(tnflow prepare ... | tail -n 1)`. Errors are one line on standard error with a
+non-zero exit: 2 for bad options, 1 for a failed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from tasks.config import DATASETS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Config
+from tasks.errors import ConfigError, TnflowError
+from tasks.files import ensure_writable_dir
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Config()
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=sorted(DATASETS), help=f"dataset to train on (default: {defaults.dataset})")
+    data.add_argument("--data-url", metavar="URL", help="archive URL, file:// URL or path (default: the dataset's official URL)")
+    data.add_argument("--data-md5", metavar="HEX", help="md5 of the archive (default: the official archive's md5)")
+    data.add_argument(
+        "--image-size",
+        type=int,
+        metavar="S",
+        help=f"resize images to SxS, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default: {defaults.image_size})",
+    )
+    data.add_argument(
+        "--valid-size", type=int, metavar="N", help=f"training images held out for validation (default: {defaults.valid_size})"
+    )
+    data.add_argument("--limit-train", type=int, metavar="N", help="use a stratified subset of N training images (default: all)")
+    data.add_argument("--limit-test", type=int, metavar="N", help="use a stratified subset of N test images (default: all)")
+    data.add_argument(
+        "--cache-dir", metavar="DIR", help=f"where downloads and caches live (default: $TNFLOW_CACHE_DIR or {defaults.cache_dir})"
+    )
+    data.add_argument("--seed", type=int, help=f"seed for splits and shuffling (default: {defaults.seed})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tnflow", description="Transfer learning on CIFAR as a Prefect pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    prepare = commands.add_parser(
+        "prepare",
+        help="download a dataset and build its resized HDF5 cache",
+        description="Download a CIFAR archive, verify it, and resize it into one HDF5 file "
+        "(train/valid/test). Prints the file's path last.",
+    )
+    _add_data_options(prepare)
+    prepare.set_defaults(handler=_prepare)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    fields = set(Config.__dataclass_fields__)
+    return Config.from_dict({k: v for k, v in vars(args).items() if k in fields})
+
+
+def _prepare(args: argparse.Namespace) -> str:
+    config = _config(args)
+    ensure_writable_dir(config.cache_dir)
+    from flows.prepare import prepare_data  # imports Prefect's engine: only once options are valid
+
+    return prepare_data(**{k: getattr(config, k) for k in Config.__dataclass_fields__})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+    except ConfigError as exc:
+        print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except TnflowError as exc:
+        print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

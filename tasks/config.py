@@ -1,0 +1,141 @@
+"""One typed run configuration, validated before any work starts.
+
+Defaults reproduce the recipe (CIFAR-10 at 224x224, 5000 held-out validation images).
+The CLI, the flows and the deployments all build a `Config`, so a value is checked in
+exactly one place, and its error names the command-line option a user would change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import ConfigError
+
+# Known datasets: name -> (archive URL, md5 of the archive, number of classes).
+DATASETS: dict[str, tuple[str, str, int]] = {
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        10,
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        100,
+    ),
+}
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def default_cache_dir() -> str:
+    """`$TNFLOW_CACHE_DIR`, else the user's cache directory (shared by every run)."""
+    if os.environ.get("TNFLOW_CACHE_DIR"):
+        return os.environ["TNFLOW_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tnflow")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that determines the content of one HDF5 cache file."""
+
+    dataset: str
+    image_size: int
+    valid_size: int
+    limit_train: int | None
+    limit_test: int | None
+    seed: int
+
+    def digest(self) -> str:
+        """Short stable hash; part of the cache file name, so a re-run finds the file."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved options of a run; construct it and it is valid."""
+
+    dataset: str = "cifar10"
+    data_url: str | None = None
+    data_md5: str | None = None
+    image_size: int = 224
+    valid_size: int = 5000
+    limit_train: int | None = None
+    limit_test: int | None = None
+    cache_dir: str = field(default_factory=default_cache_dir)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            known = ", ".join(sorted(DATASETS))
+            raise ConfigError(f"--dataset {self.dataset!r} is unknown; choose one of: {known}")
+        _check_int("--image-size", self.image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        _check_int("--valid-size", self.valid_size, 1, None)
+        if self.limit_train is not None:
+            _check_int("--limit-train", self.limit_train, 1, None)
+        if self.limit_test is not None:
+            _check_int("--limit-test", self.limit_test, 1, None)
+        _check_int("--seed", self.seed, 0, 2**32 - 1)
+        if self.data_md5 is not None and not _MD5.match(self.data_md5.lower()):
+            raise ConfigError(
+                f"--data-md5 {self.data_md5!r} is not an md5 digest (32 hex digits); "
+                "compute one with `md5sum FILE`"
+            )
+        if self.data_md5 is not None:
+            object.__setattr__(self, "data_md5", self.data_md5.lower())
+        if self.data_url is not None and not self.data_url.strip():
+            raise ConfigError("--data-url is empty; give a URL, a file:// URL or a path")
+        if not str(self.cache_dir).strip():
+            raise ConfigError("--cache-dir is empty; give a directory to keep downloads and caches")
+        object.__setattr__(self, "cache_dir", str(Path(self.cache_dir).expanduser().absolute()))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Build from flow parameters or parsed options; unknown keys are an error, None means default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    @property
+    def source_url(self) -> str:
+        """Where the archive comes from: `--data-url`, else the dataset's official URL."""
+        return self.data_url or DATASETS[self.dataset][0]
+
+    @property
+    def source_md5(self) -> str:
+        """The archive's expected md5: `--data-md5`, else the official one (a mirror is the same file)."""
+        return self.data_md5 or DATASETS[self.dataset][1]
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.dataset][2]
+
+    def cache_spec(self) -> CacheSpec:
+        return CacheSpec(
+            dataset=self.dataset,
+            image_size=self.image_size,
+            valid_size=self.valid_size,
+            limit_train=self.limit_train,
+            limit_test=self.limit_test,
+            seed=self.seed,
+        )
+
+
+def _check_int(option: str, value: Any, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{option} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ConfigError(f"{option} must be an integer {span}, got {value}")

@@ -1,0 +1,95 @@
+"""How every stage writes a file: under a lock, to a temporary name, renamed when complete.
+
+Runs overlap (a scheduled retrain next to an ad-hoc one) and processes get killed. A stage
+that holds `exclusive(final)` is the only writer of `final`; a second run waits, then finds
+the finished file instead of building it again. Nothing sits under a final name until it
+is complete, so a killed process leaves only temporary files, which the next writer removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tasks.errors import TnflowError
+
+log = logging.getLogger(__name__)
+
+_TMP_MARK = ".tmp-"
+
+
+def ensure_writable_dir(path: str | Path, option: str = "--cache-dir") -> Path:
+    """Create `path` if needed and prove a file can be written there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f"{_TMP_MARK}probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TnflowError(
+            f"{option} {path} is not a writable directory ({exc.strerror or exc}); "
+            f"choose another with {option}"
+        ) from None
+    return path
+
+
+@contextmanager
+def exclusive(final: Path) -> Iterator[None]:
+    """Hold an advisory lock for writing `final`; the OS releases it if the process dies."""
+    lock_path = final.with_name(final.name + ".lock")
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another run that is writing %s", final)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def temp_path(final: Path) -> Path:
+    """A unique temporary sibling of `final`; call only while holding `exclusive(final)`."""
+    return final.with_name(f"{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_temps(final: Path) -> None:
+    """Delete temporaries left by killed writers of `final` (the caller holds its lock)."""
+    for stale in final.parent.glob(f"{final.name}{_TMP_MARK}*"):
+        log.info("removing %s left by an interrupted run", stale)
+        stale.unlink(missing_ok=True)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC, including h5py errors that only say so in their message."""
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+
+
+def check_free_space(directory: Path, needed: int, option: str = "--cache-dir") -> None:
+    """Fail before hours of work rather than at the end of them."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise TnflowError(
+            f"{directory} has {_gb(free)} free but this needs {_gb(needed)}; "
+            f"free some space or choose another {option}"
+        )
+
+
+def disk_full_error(path: Path, option: str = "--cache-dir") -> TnflowError:
+    return TnflowError(
+        f"disk full while writing {path}; free some space or choose another {option} "
+        "(nothing finished was lost; the next run starts this stage again)"
+    )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
