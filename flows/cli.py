@@ -26,7 +26,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=sorted(DATASETS), help=f"dataset to train on (default: {defaults.dataset})")
-    data.add_argument("--data-url", metavar="URL", help="archive URL, file:// URL or path (default: the dataset's official URL)")
+    data.add_argument(
+        "--data-url", metavar="URL", help="archive URL, file:// URL or path (default: the dataset's official URL)"
+    )
     data.add_argument("--data-md5", metavar="HEX", help="md5 of the archive (default: the official archive's md5)")
     data.add_argument(
         "--image-size",
@@ -35,12 +37,21 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
         help=f"resize images to SxS, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default: {defaults.image_size})",
     )
     data.add_argument(
-        "--valid-size", type=int, metavar="N", help=f"training images held out for validation (default: {defaults.valid_size})"
+        "--valid-size",
+        type=int,
+        metavar="N",
+        help=f"training images held out for validation (default: {defaults.valid_size})",
     )
-    data.add_argument("--limit-train", type=int, metavar="N", help="use a stratified subset of N training images (default: all)")
-    data.add_argument("--limit-test", type=int, metavar="N", help="use a stratified subset of N test images (default: all)")
     data.add_argument(
-        "--cache-dir", metavar="DIR", help=f"where downloads and caches live (default: $TNFLOW_CACHE_DIR or {defaults.cache_dir})"
+        "--limit-train", type=int, metavar="N", help="use a stratified subset of N training images (default: all)"
+    )
+    data.add_argument(
+        "--limit-test", type=int, metavar="N", help="use a stratified subset of N test images (default: all)"
+    )
+    data.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help=f"where downloads and caches live (default: $TNFLOW_CACHE_DIR or {defaults.cache_dir})",
     )
     data.add_argument("--seed", type=int, help=f"seed for splits and shuffling (default: {defaults.seed})")
 

@@ -93,17 +93,19 @@ class Dataset:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """The archives are pickles from the internet: allow numpy arrays and nothing else."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+    def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         return super().find_class(module, name)
@@ -128,8 +130,7 @@ def read_archive(path: str | Path, dataset: str) -> Dataset:
     missing = sorted(wanted - set(found))
     if missing:
         raise DataError(
-            f"{path} lacks {', '.join(missing)}; is it the {dataset} python archive? "
-            "(check --dataset and --data-url)"
+            f"{path} lacks {', '.join(missing)}; is it the {dataset} python archive? (check --dataset and --data-url)"
         )
     num_classes = DATASETS[dataset][2]
     names = found[layout.meta].get(layout.names_key)
@@ -185,7 +186,9 @@ def stratified_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
     quota = np.floor(exact).astype(np.int64)
     leftover = n - quota.sum()
     quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
-    picked = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota)]
+    picked = [
+        rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota, strict=True)
+    ]
     return np.sort(np.concatenate(picked))
 
 
@@ -202,7 +205,9 @@ def split_indices(dataset: Dataset, spec: CacheSpec) -> dict[str, np.ndarray]:
     train = np.setdiff1d(np.arange(n_train), valid)
     if spec.limit_train is not None:
         if spec.limit_train > len(train):
-            raise DataError(f"--limit-train {spec.limit_train} exceeds the {len(train)} training images left after validation")
+            raise DataError(
+                f"--limit-train {spec.limit_train} exceeds the {len(train)} training images left after validation"
+            )
         train = train[stratified_subset(dataset.train_labels[train], spec.limit_train, rng)]
     test = np.arange(len(dataset.test_labels))
     if spec.limit_test is not None:
@@ -373,7 +378,9 @@ def build_cache(
         check_free_space(final.parent, n_images * spec.image_size**2 * 3 + (64 << 20))
         tmp = temp_path(final)
         try:
-            write_cache(tmp, dataset, splits, spec, source_md5, workers=workers or os.cpu_count() or 1, progress=progress)
+            write_cache(
+                tmp, dataset, splits, spec, source_md5, workers=workers or os.cpu_count() or 1, progress=progress
+            )
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)

@@ -88,8 +88,7 @@ class Config:
         _check_int("--seed", self.seed, 0, 2**32 - 1)
         if self.data_md5 is not None and not _MD5.match(self.data_md5.lower()):
             raise ConfigError(
-                f"--data-md5 {self.data_md5!r} is not an md5 digest (32 hex digits); "
-                "compute one with `md5sum FILE`"
+                f"--data-md5 {self.data_md5!r} is not an md5 digest (32 hex digits); compute one with `md5sum FILE`"
             )
         if self.data_md5 is not None:
             object.__setattr__(self, "data_md5", self.data_md5.lower())

@@ -90,8 +90,7 @@ def fetch(
         if md5 is not None and found != md5:
             part.unlink()
             raise DownloadError(
-                f"{url}: md5 is {found} but {md5} was expected; the bad copy was deleted. "
-                "Check the URL and --data-md5"
+                f"{url}: md5 is {found} but {md5} was expected; the bad copy was deleted. Check the URL and --data-md5"
             )
         os.replace(part, final)
     return Fetched(str(final), found, final.stat().st_size)
@@ -120,7 +119,9 @@ def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:
                     progress(done, total)
     except OSError as exc:
         if is_disk_full(exc):
-            raise DownloadError(f"disk full while copying to {part}; free some space or choose another --cache-dir") from None
+            raise DownloadError(
+                f"disk full while copying to {part}; free some space or choose another --cache-dir"
+            ) from None
         raise DownloadError(f"cannot copy {source}: {exc.strerror or exc}") from None
 
 
@@ -222,4 +223,3 @@ def download_stage(url: str, dest_dir: str, md5: str | None) -> Fetched:
     """The download stage as flows call it: cached, unless the cached file has gone."""
     present = target_path(url, dest_dir, md5).is_file()
     return run_unless_present(download_task, present, url=url, dest_dir=dest_dir, md5=md5)
-

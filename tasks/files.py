@@ -35,8 +35,7 @@ def ensure_writable_dir(path: str | Path, option: str = "--cache-dir") -> Path:
         probe.unlink()
     except OSError as exc:
         raise TnflowError(
-            f"{option} {path} is not a writable directory ({exc.strerror or exc}); "
-            f"choose another with {option}"
+            f"{option} {path} is not a writable directory ({exc.strerror or exc}); choose another with {option}"
         ) from None
     return path
 
@@ -79,8 +78,7 @@ def check_free_space(directory: Path, needed: int, option: str = "--cache-dir") 
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise TnflowError(
-            f"{directory} has {_gb(free)} free but this needs {_gb(needed)}; "
-            f"free some space or choose another {option}"
+            f"{directory} has {_gb(free)} free but this needs {_gb(needed)}; free some space or choose another {option}"
         )
 
 

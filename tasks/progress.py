@@ -20,8 +20,7 @@ class Progress:
 
     def __init__(self, label: str, unit: str, logger: logging.Logger | logging.LoggerAdapter, interval: float = 5.0):
         self.label, self.unit, self.logger, self.interval = label, unit, logger, interval
-        self.start = time.monotonic()
-        self.last_report = 0.0
+        self.start = self.last_report = time.monotonic()
         self.done, self.total = 0, None
         self.artifact_id = None
         if TaskRunContext.get() is not None:
@@ -46,7 +45,9 @@ class Progress:
         if self.total:
             share = self.done / self.total
             eta = (self.total - self.done) / rate if rate else float("inf")
-            line += f"/{self.total / divisor:{fmt}} {unit} ({share:.0%}) at {rate / divisor:,.1f} {unit}/s, ETA {eta:,.0f}s"
+            line += (
+                f"/{self.total / divisor:{fmt}} {unit} ({share:.0%}) at {rate / divisor:,.1f} {unit}/s, ETA {eta:,.0f}s"
+            )
             if self.artifact_id is not None:
                 update_progress_artifact(self.artifact_id, progress=100.0 * share)
         else:

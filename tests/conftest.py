@@ -10,13 +10,13 @@ import tempfile
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tnflow-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Iterator
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.fakes import FakeCifar, make_archive  # noqa: E402
-from tests.fileserver import FileServer  # noqa: E402
+from tests.fakes import FakeCifar, make_archive
+from tests.fileserver import FileServer
 
 
 @pytest.fixture(scope="session")

@@ -34,8 +34,9 @@ class FakeCifar:
 def make_images(labels: np.ndarray, rng: np.random.Generator, num_classes: int) -> np.ndarray:
     """Per-class mean colour plus noise: separable, but not trivially so."""
     palette = np.random.default_rng(1234).integers(40, 216, size=(num_classes, 3))
-    noise = rng.integers(-40, 41, size=(len(labels), 32, 32, 3))
-    return np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    noise = rng.integers(-40, 41, size=(len(labels), 32, 32, 3), dtype=np.int16)
+    noise += palette[labels][:, None, None, :].astype(np.int16)
+    return np.clip(noise, 0, 255).astype(np.uint8)
 
 
 def make_cifar(dataset: str = "cifar10", n_train: int = 500, n_test: int = 100, seed: int = 0) -> FakeCifar:
@@ -64,7 +65,7 @@ def cifar_members(fake: FakeCifar, dataset: str = "cifar10") -> dict[str, bytes]
     if dataset == "cifar10":
         members = {}
         for i, (images, labels) in enumerate(
-            zip(np.array_split(fake.train_images, 5), np.array_split(fake.train_labels, 5)), start=1
+            zip(np.array_split(fake.train_images, 5), np.array_split(fake.train_labels, 5), strict=True), start=1
         ):
             members[f"{prefix}/data_batch_{i}"] = _batch(images, labels, b"labels")
         members[f"{prefix}/test_batch"] = _batch(fake.test_images, fake.test_labels, b"labels")

@@ -43,7 +43,7 @@ class FileServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 name = self.path.lstrip("/")
                 asked = self.headers.get("Range")
                 server.requests.append((name, asked))

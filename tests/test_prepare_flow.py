@@ -1,0 +1,68 @@
+"""The prepare_data flow under a real (temporary) Prefect server: caching, rebuilds, retries."""
+
+from pathlib import Path
+
+import pytest
+
+import tasks.download as download
+from flows.prepare import prepare_data
+from tasks.cache import inspect_cache
+from tasks.errors import DownloadError
+from tests.prefect_runs import task_states
+
+
+@pytest.fixture
+def no_retry_delay(monkeypatch):
+    """Keep the retries, drop the backoff, so retry tests take milliseconds."""
+    monkeypatch.setattr(download, "download_task", download.download_task.with_options(retry_delay_seconds=0))
+
+
+def run(url, md5, cache_dir, **options):
+    params = dict(data_url=url, data_md5=md5, image_size=32, valid_size=100, cache_dir=str(cache_dir))
+    params.update(options)
+    return prepare_data(**params, return_state=True)
+
+
+def test_rerun_is_cached_and_deleted_outputs_are_rebuilt(prefect_api, file_server, cifar10, tmp_path):
+    _, archive, md5 = cifar10
+    file_server.files["c10.tar.gz"] = archive.read_bytes()
+    url = file_server.url("c10.tar.gz")
+
+    first = run(url, md5, tmp_path)
+    path = first.result()
+    assert first.is_completed() and Path(path).is_absolute()
+    assert inspect_cache(path).counts == {"train": 400, "valid": 100, "test": 100}
+    assert task_states(first) == {"download": "Completed", "build-cache": "Completed"}
+
+    second = run(url, md5, tmp_path)
+    assert second.result() == path
+    assert task_states(second) == {"download": "Cached", "build-cache": "Cached"}
+    assert len(file_server.requests) == 1
+
+    Path(path).unlink()
+    third = run(url, md5, tmp_path)
+    assert task_states(third) == {"download": "Cached", "build-cache": "Completed"}
+    assert inspect_cache(third.result()) is not None, "a cached record must not return a deleted file"
+
+    Path(download.target_path(url, tmp_path, md5)).unlink()
+    fourth = run(url, md5, tmp_path)
+    assert task_states(fourth) == {"download": "Completed", "build-cache": "Cached"}
+    assert len(file_server.requests) == 2
+
+
+def test_transient_failures_are_retried_and_resumed(prefect_api, file_server, cifar10, tmp_path, no_retry_delay):
+    _, archive, md5 = cifar10
+    file_server.files["c10.tar.gz"] = archive.read_bytes()
+    file_server.faults.extend(["500", "drop"])
+    state = run(file_server.url("c10.tar.gz"), md5, tmp_path)
+    assert state.is_completed()
+    assert len(file_server.requests) == 3
+    assert file_server.requests[-1][1] is not None and file_server.requests[-1][1].startswith("bytes=")
+
+
+def test_permanent_failures_are_not_retried(prefect_api, file_server, tmp_path, no_retry_delay):
+    state = run(file_server.url("missing.tar.gz"), "0" * 32, tmp_path)
+    assert state.is_failed()
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        state.result()
+    assert len(file_server.requests) == 1
