@@ -8,6 +8,7 @@ non-zero exit: 2 for bad options, 1 for a failed run.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -80,7 +81,12 @@ def _prepare(args: argparse.Namespace) -> str:
     ensure_writable_dir(config.cache_dir)
     from flows.prepare import prepare_data  # imports Prefect's engine: only once options are valid
 
-    return prepare_data(**{k: getattr(config, k) for k in Config.__dataclass_fields__})
+    return prepare_data(**_flow_params(prepare_data, config))
+
+
+def _flow_params(flow: object, config: Config) -> dict[str, object]:
+    """The validated values of the flow's own parameters."""
+    return {name: getattr(config, name) for name in inspect.signature(flow.fn).parameters}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -396,6 +396,58 @@ def build_cache(
     return info
 
 
+# -- reading batches --------------------------------------------------------------------
+
+SHUFFLE_WINDOW = 8  # batches read, then mixed together: varies batch make-up between epochs
+
+
+def _epoch_windows(num_images: int, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(slice starts, permutation of their images) per window; a function of (seed, epoch) only."""
+    rng = np.random.default_rng([seed, epoch])
+    starts = rng.permutation(np.arange(0, num_images, batch_size))
+    for w in range(0, len(starts), SHUFFLE_WINDOW):
+        group = starts[w : w + SHUFFLE_WINDOW]
+        count = sum(min(batch_size, num_images - int(s)) for s in group)
+        yield group, rng.permutation(count)
+
+
+def epoch_order(num_images: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Image indices in the order a shuffled epoch visits them (a resumed run replays it)."""
+    order = []
+    for group, perm in _epoch_windows(num_images, batch_size, seed, epoch):
+        index = np.concatenate([np.arange(s, min(s + batch_size, num_images)) for s in group])
+        order.append(index[perm])
+    return np.concatenate(order) if order else np.zeros(0, np.int64)
+
+
+def read_split_size(path: str | Path, split: str) -> int:
+    with h5py.File(path, "r") as f:
+        return int(f[f"{split}/labels"].shape[0])
+
+
+def iter_batches(
+    path: str | Path, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images, int64 labels) batches of `split`; in file order unless `shuffle`.
+
+    Shuffled epochs read batch-aligned slices (whole HDF5 chunks at the default batch size)
+    in a seeded order and mix each window of `SHUFFLE_WINDOW` slices, so reads stay large
+    while batches differ from epoch to epoch.
+    """
+    with h5py.File(path, "r") as f:
+        images, labels = f[f"{split}/images"], f[f"{split}/labels"][:]
+        n = len(labels)
+        if not shuffle:
+            for start in range(0, n, batch_size):
+                yield images[start : start + batch_size], labels[start : start + batch_size]
+            return
+        for group, perm in _epoch_windows(n, batch_size, seed, epoch):
+            block = np.concatenate([images[s : s + batch_size] for s in group])[perm]
+            index = np.concatenate([np.arange(s, min(s + batch_size, n)) for s in group])[perm]
+            for b in range(0, len(index), batch_size):
+                yield block[b : b + batch_size], labels[index[b : b + batch_size]]
+
+
 # -- Prefect ----------------------------------------------------------------------------
 
 

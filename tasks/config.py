@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ DATASETS: dict[str, tuple[str, str, int]] = {
 }
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
+MODELS = ("vgg19",)
+HEADS = ("full", "gap")
+FULL_HEAD_SIZE = 224  # the full head's fc6 weights expect a 7x7x512 feature map
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def default_output_dir() -> str:
+    return os.environ.get("TNFLOW_OUTPUT_DIR") or os.path.abspath("runs")
 
 
 def default_cache_dir() -> str:
@@ -74,8 +82,20 @@ class Config:
     limit_test: int | None = None
     cache_dir: str = field(default_factory=default_cache_dir)
     seed: int = 0
+    model: str = "vgg19"
+    weights: str = "imagenet"
+    weights_md5: str | None = None
+    head: str | None = None  # None: "full" at 224 (the recipe), "gap" at any other size
+    epochs: int = 7
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    learning_rate: float = 1e-5
+    mixed_precision: bool = False
+    xla: bool = False
+    output_dir: str = field(default_factory=default_output_dir)
 
     def __post_init__(self) -> None:
+        # data
         if self.dataset not in DATASETS:
             known = ", ".join(sorted(DATASETS))
             raise ConfigError(f"--dataset {self.dataset!r} is unknown; choose one of: {known}")
@@ -86,17 +106,46 @@ class Config:
         if self.limit_test is not None:
             _check_int("--limit-test", self.limit_test, 1, None)
         _check_int("--seed", self.seed, 0, 2**32 - 1)
-        if self.data_md5 is not None and not _MD5.match(self.data_md5.lower()):
+        for option, name in (("--data-md5", "data_md5"), ("--weights-md5", "weights_md5")):
+            value = getattr(self, name)
+            if value is not None and not _MD5.match(str(value).lower()):
+                raise ConfigError(
+                    f"{option} {value!r} is not an md5 digest (32 hex digits); compute one with `md5sum FILE`"
+                )
+            if value is not None:
+                object.__setattr__(self, name, str(value).lower())
+        for option, name in (("--data-url", "data_url"), ("--weights", "weights")):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"{option} is empty; give a URL, a file:// URL or a path")
+        # model
+        if self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r} is unknown; choose one of: {', '.join(MODELS)}")
+        if self.head is None:
+            object.__setattr__(self, "head", "full" if self.image_size == FULL_HEAD_SIZE else "gap")
+        if self.head not in HEADS:
+            raise ConfigError(f"--head {self.head!r} is unknown; choose one of: {', '.join(HEADS)}")
+        if self.head == "full" and self.image_size != FULL_HEAD_SIZE:
             raise ConfigError(
-                f"--data-md5 {self.data_md5!r} is not an md5 digest (32 hex digits); compute one with `md5sum FILE`"
+                f"--head full needs --image-size {FULL_HEAD_SIZE} (its fc6 weights expect a 7x7 feature map), "
+                f"got {self.image_size}; use --head gap for other sizes"
             )
-        if self.data_md5 is not None:
-            object.__setattr__(self, "data_md5", self.data_md5.lower())
-        if self.data_url is not None and not self.data_url.strip():
-            raise ConfigError("--data-url is empty; give a URL, a file:// URL or a path")
-        if not str(self.cache_dir).strip():
-            raise ConfigError("--cache-dir is empty; give a directory to keep downloads and caches")
-        object.__setattr__(self, "cache_dir", str(Path(self.cache_dir).expanduser().absolute()))
+        # training
+        _check_int("--epochs", self.epochs, 1, None)
+        _check_int("--batch-size", self.batch_size, 1, 4096)
+        _check_int("--eval-batch-size", self.eval_batch_size, 1, 4096)
+        rate = self.learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate) or not 0 <= rate < 1:
+            raise ConfigError(f"--learning-rate must be a number from 0 to below 1, got {rate!r}")
+        object.__setattr__(self, "learning_rate", float(rate))
+        for option, name in (("--mixed-precision", "mixed_precision"), ("--xla", "xla")):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{option} must be true or false, got {getattr(self, name)!r}")
+        # places
+        for option, name in (("--cache-dir", "cache_dir"), ("--output-dir", "output_dir")):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"{option} is empty; give a directory")
+            object.__setattr__(self, name, str(Path(getattr(self, name)).expanduser().absolute()))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:

@@ -202,15 +202,20 @@ def _connection_error(url: str, reason: object) -> DownloadError:
 
 # -- Prefect ----------------------------------------------------------------------------
 
+# Shared by every task that downloads: back off 2, 4, 8, 16 s on failures that may pass.
+DOWNLOAD_RETRIES = dict(
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on(TransientDownloadError),
+)
+
 
 @task(
     name="download",
     cache_policy=BY_INPUTS_AND_SOURCE,
     persist_result=True,
-    retries=4,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on(TransientDownloadError),
+    **DOWNLOAD_RETRIES,
 )
 def download_task(url: str, dest_dir: str, md5: str | None) -> Fetched:
     progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=get_run_logger())

@@ -21,13 +21,13 @@ class Progress:
     def __init__(self, label: str, unit: str, logger: logging.Logger | logging.LoggerAdapter, interval: float = 5.0):
         self.label, self.unit, self.logger, self.interval = label, unit, logger, interval
         self.start = self.last_report = time.monotonic()
-        self.done, self.total = 0, None
+        self.done, self.total, self.detail = 0, None, ""
         self.artifact_id = None
         if TaskRunContext.get() is not None:
             self.artifact_id = create_progress_artifact(progress=0.0, description=label)
 
-    def __call__(self, done: int, total: int | None) -> None:
-        self.done, self.total = done, total
+    def __call__(self, done: int, total: int | None, detail: str = "") -> None:
+        self.done, self.total, self.detail = done, total, detail
         now = time.monotonic()
         if now - self.last_report >= self.interval:
             self.last_report = now
@@ -41,7 +41,7 @@ class Progress:
         divisor, unit = _SCALE.get(self.unit, (1, self.unit))
         rate = self.done / elapsed
         fmt = ",.1f" if divisor != 1 else ",.0f"
-        line = f"{self.label}: {self.done / divisor:{fmt}}"
+        line = f"{self.label}{' ' + self.detail if self.detail else ''}: {self.done / divisor:{fmt}}"
         if self.total:
             share = self.done / self.total
             eta = (self.total - self.done) / rate if rate else float("inf")

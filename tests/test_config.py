@@ -44,3 +44,31 @@ def test_bad_values_name_the_option(values, option):
 
 def test_none_means_default():
     assert Config.from_dict({"image_size": None, "limit_test": None}) == Config()
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"head": "full", "image_size": 64}, "--head full needs --image-size 224"),
+        ({"head": "dense"}, "--head 'dense' is unknown"),
+        ({"model": "resnet50"}, "--model 'resnet50' is unknown"),
+        ({"epochs": -1}, "--epochs must be an integer of at least 1"),
+        ({"batch_size": 0}, "--batch-size must be an integer from 1 to 4096"),
+        ({"eval_batch_size": 0}, "--eval-batch-size"),
+        ({"learning_rate": -1e-5}, "--learning-rate"),
+        ({"learning_rate": float("nan")}, "--learning-rate"),
+        ({"weights_md5": "abc"}, "--weights-md5"),
+        ({"xla": "yes"}, "--xla must be true or false"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_bad_training_values(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Config.from_dict(values)
+
+
+def test_head_follows_the_image_size_unless_given():
+    assert Config().head == "full"
+    assert Config(image_size=32).head == "gap"
+    assert Config(image_size=224, head="gap").head == "gap"
+    assert Config(learning_rate=0).learning_rate == 0.0

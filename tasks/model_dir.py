@@ -1,0 +1,39 @@
+"""The saved-model directory: a TensorFlow checkpoint plus model.json that says how to rebuild it.
+
+model.json records the model, head, image size, class names and preprocessing, so `validate`
+and `predict` rebuild the graph from the directory alone, and the epoch, metrics and training
+configuration, so a model can be traced back to the run that made it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import TnflowError
+
+MODEL_JSON = "model.json"
+CHECKPOINT = "model.ckpt"
+FORMAT = "tnflow-model/1"
+
+
+def write_model_json(directory: Path, meta: dict[str, Any]) -> None:
+    (directory / MODEL_JSON).write_text(json.dumps({"format": FORMAT, **meta, "checkpoint": CHECKPOINT}, indent=2))
+
+
+def read_model_dir(path: str | Path) -> dict[str, Any]:
+    """model.json of a model directory, or a clear error saying what `path` is instead."""
+    path = Path(path)
+    meta_path = path / MODEL_JSON
+    if not meta_path.is_file():
+        raise TnflowError(f"{path} is not a tnflow model directory (no {MODEL_JSON}); pass <run dir>/model")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TnflowError(f"{meta_path} is unreadable ({exc}); the model directory is damaged") from None
+    if meta.get("format") != FORMAT:
+        raise TnflowError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not (path / f"{CHECKPOINT}.index").is_file():
+        raise TnflowError(f"{path} has no checkpoint {CHECKPOINT}; the model directory is incomplete")
+    return meta

@@ -1,0 +1,145 @@
+"""Batched, exact evaluation: accuracy is correct predictions over all N images.
+
+The recipe averaged per-batch accuracies, which weights a short last batch like a full one.
+Here every batch adds to one tally (correct count, summed loss, confusion matrix), so the
+result does not depend on the evaluation batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from tasks.caching import BY_INPUTS_AND_SOURCE, retry_unless, run_unless_present
+from tasks.errors import TnflowError
+
+TOP_K = 3
+SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
+
+
+@dataclass
+class Tally:
+    """Running totals over batches of (probabilities, labels, per-image losses)."""
+
+    num_classes: int
+    count: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    confusion: np.ndarray = field(init=False)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def add(self, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray) -> None:
+        predicted = probs.argmax(axis=1)
+        self.correct += int((predicted == labels).sum())
+        self.loss_sum += float(np.asarray(losses, dtype=np.float64).sum())
+        np.add.at(self.confusion, (labels, predicted), 1)
+        for i, (row, label) in enumerate(zip(probs[: SAMPLES - len(self.samples)], labels, strict=False)):
+            top = np.argsort(-row)[:TOP_K]
+            self.samples.append(
+                {"index": self.count + i, "label": int(label), "top": [[int(c), float(row[c])] for c in top]}
+            )
+        self.count += len(labels)
+
+    def metrics(self, prefix: str) -> dict[str, Any]:
+        if not self.count:
+            raise TnflowError(f"the {prefix} split is empty; nothing to evaluate")
+        per_class_total = self.confusion.sum(axis=1)
+        per_class = np.divide(
+            np.diag(self.confusion), per_class_total, out=np.zeros(self.num_classes), where=per_class_total > 0
+        )
+        return {
+            f"{prefix}_accuracy": self.correct / self.count,
+            f"{prefix}_loss": self.loss_sum / self.count,
+            f"num_{prefix}": self.count,
+            "per_class_accuracy": per_class.tolist(),
+            "confusion_matrix": self.confusion.tolist(),
+            "samples": self.samples,
+        }
+
+
+def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: int) -> dict[str, Any]:
+    """Metrics of the model in `session` on every image of `split`."""
+    from tasks.model import run_split
+
+    tally = Tally(num_classes)
+    fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses}
+    for out in run_split(session, net, fetches, split, batch_size):
+        tally.add(out["probs"], out["labels"], out["losses"])
+    return tally.metrics(split)
+
+
+def validate(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, out_dir: str | Path) -> dict:
+    """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
+    from tasks.cache import iter_batches
+    from tasks.model import ModelSpec, build, open_session
+    from tasks.model_dir import CHECKPOINT, read_model_dir
+
+    meta = read_model_dir(model_dir)
+    spec = ModelSpec(meta["model"], meta["head"], meta["num_classes"], meta["image_size"])
+
+    def batches(split_name: bytes, epoch: int, shuffle: bool, size: int):
+        return iter_batches(cache_path, split_name.decode(), int(size))
+
+    net = build(spec, batches)
+    with open_session(net) as session:
+        net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
+        metrics = evaluate(session, net, split, batch_size, spec.num_classes)
+    metrics["class_names"] = meta["class_names"]
+    write_metrics(Path(out_dir), metrics)
+    return metrics
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Merge into `<out_dir>/metrics.json`, atomically (readers never see half a file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(metrics)
+    tmp = path.with_name(f"metrics.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(merged, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+# -- Prefect ----------------------------------------------------------------------------
+
+_SUMMARY_KEYS = ("accuracy", "loss")
+
+
+@task(
+    name="validate",
+    cache_policy=BY_INPUTS_AND_SOURCE,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_unless(TnflowError),
+)
+def validate_task(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
+    metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
+    summary = {f"{split}_{k}": metrics[f"{split}_{k}"] for k in _SUMMARY_KEYS} | {
+        f"num_{split}": metrics[f"num_{split}"]
+    }
+    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *summary.values())
+    return summary
+
+
+def validate_stage(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
+    """The validation stage as flows call it: cached, unless metrics.json has gone."""
+    present = (Path(out_dir) / "metrics.json").is_file()
+    return run_unless_present(
+        validate_task,
+        present,
+        model_dir=model_dir,
+        cache_path=cache_path,
+        split=split,
+        batch_size=batch_size,
+        out_dir=out_dir,
+    )
