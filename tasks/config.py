@@ -15,9 +15,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tasks.model_dir import ModelSpec
+    from tasks.train import TrainSettings
 
 # Known datasets: name -> (archive URL, md5 of the archive, number of classes).
 DATASETS: dict[str, tuple[str, str, int]] = {
@@ -169,6 +173,27 @@ class Config:
     @property
     def num_classes(self) -> int:
         return DATASETS[self.dataset][2]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_spec(self) -> ModelSpec:
+        from tasks.model_dir import ModelSpec
+
+        return ModelSpec(self.model, self.head, self.num_classes, self.image_size)
+
+    def train_settings(self) -> TrainSettings:
+        from tasks.train import TrainSettings
+
+        return TrainSettings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            learning_rate=self.learning_rate,
+            seed=self.seed,
+            mixed_precision=self.mixed_precision,
+            xla=self.xla,
+        )
 
     def cache_spec(self) -> CacheSpec:
         return CacheSpec(

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tasks.errors import DataError
+from tasks.model_dir import ModelSpec
 from tasks.tensornets_compat import nets
 from tasks.weights import needed_layers
 
@@ -32,16 +33,6 @@ BACKBONES: dict[str, Callable[..., Any]] = {"vgg19": nets.VGG19}
 
 # batches(split, epoch, shuffle, batch_size) -> (uint8 images, int64 labels); runs on tf.data's thread.
 BatchFn = Callable[[bytes, int, bool, int], Iterator[tuple[np.ndarray, np.ndarray]]]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What it takes to rebuild a trained model; stored in model.json."""
-
-    model: str
-    head: str
-    num_classes: int
-    image_size: int
 
 
 @dataclass
@@ -141,7 +132,10 @@ def build(
                 if mixed_precision:
                     # float16 compute with float32 master weights and dynamic loss scaling (GPUs only).
                     optimizer = tf1.mixed_precision.enable_mixed_precision_graph_rewrite(optimizer)
-                train_op = optimizer.minimize(loss, global_step=global_step)
+                # GATE_NONE: no per-op barriers between gradient computations (the v1 default serialises them).
+                train_op = optimizer.minimize(
+                    loss, global_step=global_step, gate_gradients=tf1.train.Optimizer.GATE_NONE
+                )
         net = Net(
             graph=graph,
             device=device,

@@ -8,10 +8,26 @@ configuration, so a model can be traced back to the run that made it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.errors import TnflowError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What it takes to rebuild a trained model; stored in model.json."""
+
+    model: str
+    head: str
+    num_classes: int
+    image_size: int
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
+        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"])
+
 
 MODEL_JSON = "model.json"
 CHECKPOINT = "model.ckpt"

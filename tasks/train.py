@@ -59,6 +59,7 @@ class Trained:
     best_epoch: int
     valid_accuracy: float
     history: tuple[dict[str, Any], ...]
+    device: str
 
 
 def work_dir_for(
@@ -113,6 +114,7 @@ def train(
             seed=settings.seed,
         )
         num_train = read_split_size(cache_path, "train")
+        state["device"] = net.device
         done_epochs = state.get("epochs_done", 0)
         with open_session(net, xla=settings.xla) as session:
             if done_epochs:
@@ -280,6 +282,7 @@ def _result(work_dir: Path, state: dict[str, Any]) -> Trained:
         best_epoch=int(state["best_epoch"]),
         valid_accuracy=float(state["best_valid_accuracy"]),
         history=tuple(state["history"]),
+        device=state.get("device", "unknown"),
     )
 
 

@@ -80,11 +80,11 @@ def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: i
 def validate(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, out_dir: str | Path) -> dict:
     """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
     from tasks.cache import iter_batches
-    from tasks.model import ModelSpec, build, open_session
-    from tasks.model_dir import CHECKPOINT, read_model_dir
+    from tasks.model import build, open_session
+    from tasks.model_dir import CHECKPOINT, ModelSpec, read_model_dir
 
     meta = read_model_dir(model_dir)
-    spec = ModelSpec(meta["model"], meta["head"], meta["num_classes"], meta["image_size"])
+    spec = ModelSpec.from_meta(meta)
 
     def batches(split_name: bytes, epoch: int, shuffle: bool, size: int):
         return iter_batches(cache_path, split_name.decode(), int(size))

@@ -1,0 +1,306 @@
+"""Metrics -> plots, report.html (self-contained), report.md, and Prefect artifacts.
+
+The report is what a user keeps from a run: configuration, which stages ran or came from the
+cache and how long each took, learning curves, test accuracy per class with the confusion
+matrix, the recipe's closing figure (sample test images with their top-3 predictions), and
+the machine. Stage timings are read back from Prefect, which recorded them anyway.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import platform
+import shutil
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import h5py
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.caching import retry_unless, stages_so_far
+from tasks.errors import TnflowError
+from tasks.validate import write_metrics
+
+FIGURES = ("learning_curves", "confusion_matrix", "samples")
+
+# -- the run directory ------------------------------------------------------------------
+
+
+def run_directory(output_dir: str | Path, run_name: str | None) -> str:
+    """`<output dir>/<flow run name>` (or a timestamp outside a flow run), never an existing one."""
+    base = run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+    path, n = Path(output_dir) / base, 1
+    while path.exists():
+        n += 1
+        path = Path(output_dir) / f"{base}-{n}"
+    return str(path)
+
+
+def link_model(model_dir: str | Path, run_dir: Path) -> Path:
+    """Give the run its own `model/`: hard links (no extra space) or copies across file systems."""
+    source = Path(model_dir).resolve()
+    target = run_dir / "model"
+    tmp = run_dir / f"model.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def machine() -> dict[str, str]:
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": str(os.cpu_count()),
+        "tensorflow": installed("tensorflow"),
+        "tensornets": installed("tensornets"),
+        "prefect": installed("prefect"),
+    }
+
+
+# -- figures ----------------------------------------------------------------------------
+
+
+def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
+    epochs = [r["epoch"] for r in history]
+    fig, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, metric in ((loss, "loss"), (accuracy, "accuracy")):
+        axis.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
+        axis.plot(epochs, [r[f"valid_{metric}"] for r in history], "s-", label="valid")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.set_xticks(epochs)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_heatmap(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
+    matrix = np.asarray(confusion)
+    size = max(4.0, min(14.0, 0.45 * len(class_names) + 2))
+    fig, axis = plt.subplots(figsize=(size, size * 0.85))
+    image = axis.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=axis, fraction=0.046)
+    ticks = range(len(class_names))
+    show_names = len(class_names) <= 20
+    axis.set_xticks(ticks, class_names if show_names else [], rotation=90)
+    axis.set_yticks(ticks, class_names if show_names else [])
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if show_names:
+        for (row, col), count in np.ndenumerate(matrix):
+            color = "white" if count > matrix.max() / 2 else "black"
+            axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid(images: np.ndarray, samples: list[dict[str, Any]], class_names: list[str]) -> plt.Figure:
+    columns = 4
+    rows = max(1, -(-len(samples) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), squeeze=False)
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, sample in zip(axes.ravel(), images, samples, strict=False):
+        axis.imshow(image)
+        top = "\n".join(f"{class_names[c]} {p:.0%}" for c, p in sample["top"])
+        verdict = "right" if sample["top"][0][0] == sample["label"] else "wrong"
+        axis.set_title(f"true: {class_names[sample['label']]} ({verdict})\n{top}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    stages: list[dict[str, Any]],
+    cache_path: str | Path,
+    device: str,
+) -> dict[str, str]:
+    """Write figures, report.md and report.html into `run_dir`; returns their paths."""
+    run_dir = Path(run_dir)
+    names = list(metrics["class_names"])
+    with h5py.File(cache_path, "r") as f:
+        sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
+    pngs = {
+        "learning_curves": _png(learning_curves(history)),
+        "confusion_matrix": _png(confusion_heatmap(metrics["confusion_matrix"], names)),
+        "samples": _png(sample_grid(sample_images, metrics["samples"], names)),
+    }
+    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+    for name, data in pngs.items():
+        (run_dir / "figures" / f"{name}.png").write_bytes(data)
+
+    sections = _sections(config, history, metrics, stages, device)
+    markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
+    page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
+    _write(run_dir / "report.md", markdown)
+    _write(run_dir / "report.html", page)
+    return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
+
+
+def _sections(config, history, metrics, stages, device) -> dict[str, Any]:
+    best = max(history, key=lambda r: r["valid_accuracy"])
+    names = metrics["class_names"]
+    return {
+        "summary": [
+            ("test accuracy", f"{metrics['test_accuracy']:.4f} on {metrics['num_test']} images"),
+            ("test loss", f"{metrics['test_loss']:.4f}"),
+            ("best epoch", f"{best['epoch']} (valid accuracy {best['valid_accuracy']:.4f})"),
+            ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
+        ],
+        "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
+        "history": [
+            (
+                r["epoch"],
+                f"{r['train_loss']:.4f}",
+                f"{r['train_accuracy']:.4f}",
+                f"{r['valid_loss']:.4f}",
+                f"{r['valid_accuracy']:.4f}",
+                f"{r['seconds']:.1f}",
+                f"{r['images_per_second']:.1f}",
+            )
+            for r in history
+        ],
+        "per_class": [(n, f"{a:.4f}") for n, a in zip(names, metrics["per_class_accuracy"], strict=True)],
+        "config": sorted((k, str(v)) for k, v in config.items()),
+        "machine": [*machine().items(), ("device", device)],
+    }
+
+
+_TABLES = {
+    "stages": ("Stages", ("stage", "wall time", "cache", "state")),
+    "history": ("Learning curves", ("epoch", "train loss", "train acc", "valid loss", "valid acc", "s", "img/s")),
+    "per_class": ("Test accuracy per class", ("class", "accuracy")),
+    "config": ("Configuration", ("option", "value")),
+    "machine": ("Machine", ("", "")),
+}
+_FIGURE_AFTER = {"history": "learning_curves", "per_class": "confusion_matrix"}
+
+
+def _markdown(sections: dict[str, Any], images: dict[str, str]) -> str:
+    lines = ["# tnflow report", ""]
+    lines += [f"- **{k}**: {v}" for k, v in sections["summary"]]
+    for key, (title, header) in _TABLES.items():
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in sections[key]]
+        if key in _FIGURE_AFTER:
+            lines += ["", f"![{_FIGURE_AFTER[key]}]({images[_FIGURE_AFTER[key]]})"]
+        if key == "per_class":
+            lines += ["", "## Sample test images, top-3 predictions", "", f"![samples]({images['samples']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _html(sections: dict[str, Any], images: dict[str, str]) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>tnflow report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "img{max-width:100%}</style></head><body><h1>tnflow report</h1><ul>",
+    ]
+    parts += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in sections["summary"]]
+    parts.append("</ul>")
+    for key, (title, header) in _TABLES.items():
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in sections[key]]
+        parts.append("</table>")
+        if key in _FIGURE_AFTER:
+            parts.append(f"<img alt='{_FIGURE_AFTER[key]}' src='{images[_FIGURE_AFTER[key]]}'>")
+        if key == "per_class":
+            parts.append(f"<h2>Sample test images, top-3 predictions</h2><img alt='samples' src='{images['samples']}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- Prefect ----------------------------------------------------------------------------
+
+
+@task(name="report", retries=1, retry_condition_fn=retry_unless(TnflowError))
+def report_task(
+    run_dir: str,
+    model_dir: str,
+    cache_path: str,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    device: str,
+) -> dict[str, str]:
+    """Assemble the run directory and publish the report (never cached: it describes this run)."""
+    import json
+
+    logger = get_run_logger()
+    run = Path(run_dir)
+    link_model(model_dir, run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    stages = stages_so_far()
+    best = max(history, key=lambda r: r["valid_accuracy"])
+    write_metrics(
+        run,
+        {"valid_accuracy": best["valid_accuracy"], "history": history, "config": config, "timings": stages},
+    )
+    paths = write_report(
+        run, config=config, history=history, metrics=metrics, stages=stages, cache_path=cache_path, device=device
+    )
+    markdown = (run / "report.md").read_text()
+    create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")
+    create_table_artifact(
+        table=[
+            {"class": n, "accuracy": a}
+            for n, a in zip(metrics["class_names"], metrics["per_class_accuracy"], strict=True)
+        ],
+        key="tnflow-per-class-accuracy",
+    )
+    logger.info(
+        "test accuracy %.4f on %d images; training %.1f images/s on %s; report %s",
+        metrics["test_accuracy"],
+        metrics["num_test"],
+        float(np.mean([r["images_per_second"] for r in history])),
+        device,
+        paths["html"],
+    )
+    return paths

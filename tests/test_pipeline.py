@@ -1,0 +1,163 @@
+"""The whole pipeline as one Prefect flow: six tasks, a complete run directory, caching, early errors."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.train import transfer_learning
+from tasks.errors import ConfigError
+from tasks.weights import PRETRAINED
+from tests.fake_weights import write_fake_weights
+from tests.fakes import make_archive
+from tests.prefect_runs import task_states
+
+STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "report")
+HISTORY_FIELDS = {
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_accuracy",
+    "seconds",
+    "images_per_second",
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    _, data_md5 = make_archive(root / "c10.tar.gz", n_train=300, n_test=60)
+    weights_md5 = write_fake_weights(root / "vgg19-conv.h5", PRETRAINED["vgg19"].layers[:16])
+    return {
+        "data_url": (root / "c10.tar.gz").as_uri(),
+        "data_md5": data_md5,
+        "weights": str(root / "vgg19-conv.h5"),
+        "weights_md5": weights_md5,
+        "image_size": 32,
+        "head": "gap",
+        "valid_size": 60,
+        "epochs": 1,
+        "learning_rate": 1e-4,
+        "eval_batch_size": 64,
+    }
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.headings = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.sources += [dict(attrs)["src"]] if tag == "img" else []
+        self.headings += tag == "h2"
+
+
+def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
+    params = {**inputs, "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")}
+    first = transfer_learning(**params, return_state=True)
+    assert first.is_completed()
+    assert task_states(first) == dict.fromkeys(STAGES, "Completed")
+
+    run = Path(first.result())
+    assert run.parent == tmp_path / "runs" and run.is_absolute()
+    assert {"model", "metrics.json", "report.html", "report.md"} <= {p.name for p in run.iterdir()}
+    model_json = json.loads((run / "model" / "model.json").read_text())
+    assert model_json["head"] == "gap" and (run / "model" / "model.ckpt.index").is_file()
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_test"] == 60 and 0 <= metrics["test_accuracy"] <= 1
+    assert len(metrics["per_class_accuracy"]) == 10 and len(metrics["confusion_matrix"]) == 10
+    assert metrics["valid_accuracy"] == metrics["history"][0]["valid_accuracy"]
+    assert set(metrics["history"][0]) == HISTORY_FIELDS
+    assert metrics["config"]["epochs"] == 1 and metrics["config"]["head"] == "gap"
+    assert [t["name"] for t in metrics["timings"]][:5] == list(STAGES[:5])
+
+    page = _Images()
+    page.feed((run / "report.html").read_text())
+    assert len(page.sources) == 3 and page.headings >= 5
+    for source in page.sources:
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (run / "report.md").read_text()
+    assert "test accuracy" in markdown and "| download |" in markdown and "figures/samples.png" in markdown
+
+    second = transfer_learning(**params, return_state=True)
+    states = task_states(second)
+    assert [states[s] for s in STAGES[:4]] == ["Cached"] * 4
+    assert states["validate"] == states["report"] == "Completed"
+    assert Path(second.result()) != run, "every run gets its own directory"
+    report = (Path(second.result()) / "report.md").read_text()
+    assert "| train |" in report and "| hit |" in report
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--epochs", "-1"], "--epochs must be an integer of at least 1"),
+        (["--batch-size", "0"], "--batch-size must be an integer from 1 to 4096"),
+        (["--model", "resnet50"], "invalid choice: 'resnet50'"),
+        (["--head", "full", "--image-size", "64"], "--head full needs --image-size 224"),
+    ],
+    ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64"],
+)
+def test_bad_parameters_fail_before_any_download(file_server, tmp_path, capsys, options, message):
+    command = ["run", "--data-url", file_server.url("c10.tar.gz"), "--cache-dir", str(tmp_path), *options]
+    try:
+        code = main(command)
+    except SystemExit as exit_:  # argparse rejects unknown choices itself
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert file_server.requests == []
+
+
+@pytest.mark.parametrize("bad", [{"epochs": -1}, {"model": "resnet50"}, {"head": "full", "image_size": 64}])
+def test_the_flow_validates_its_parameters_first(prefect_api, file_server, tmp_path, bad):
+    state = transfer_learning(data_url=file_server.url("x.tar.gz"), cache_dir=str(tmp_path), **bad, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError):
+        state.result()
+    assert task_states(state) == {} and file_server.requests == []
+
+
+def test_without_network_the_default_run_names_the_way_out(prefect_api, capsys, tmp_path, monkeypatch):
+    real_getaddrinfo = socket.getaddrinfo
+
+    def no_dns(host, *args, **kwargs):  # loopback still resolves: the Prefect test server lives there
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    code = main(["run", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "www.cs.toronto.edu" in err[-1] and "--data-url" in err[-1] and "--weights" in err[-1]
+
+
+def test_the_console_script_as_documented(prefect_api, tmp_path):
+    """The done-when command: 500 training and 200 test images at 32 px, gap head, one epoch."""
+    _, data_md5 = make_archive(tmp_path / "c10.tar.gz", n_train=5600, n_test=1000)
+    weights_md5 = write_fake_weights(tmp_path / "w.h5", PRETRAINED["vgg19"].layers[:16])
+    command = [
+        str(Path(sys.executable).with_name("tnflow")), "run",
+        "--data-url", (tmp_path / "c10.tar.gz").as_uri(), "--data-md5", data_md5,
+        "--weights", str(tmp_path / "w.h5"), "--weights-md5", weights_md5,
+        "--head", "gap", "--image-size", "32", "--epochs", "1", "--limit-train", "500", "--limit-test", "200",
+        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = Path(done.stdout.strip().splitlines()[-1])
+    assert run.is_absolute() and {"report.html", "report.md", "metrics.json", "model"} <= {
+        p.name for p in run.iterdir()
+    }
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["num_test"] == 200 and metrics["config"]["limit_train"] == 500
