@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from tasks.config import DATASETS, HEADS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODELS, Config
@@ -90,6 +92,16 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--output-dir", metavar="DIR", help="where runs are written (default: $TNFLOW_OUTPUT_DIR or ./runs)"
     )
+    champion = parser.add_argument_group("champion")
+    champion.add_argument(
+        "--promote-margin",
+        type=float,
+        metavar="ACC",
+        help="promote only if test accuracy beats the champion's by more than this (default: 0)",
+    )
+    champion.add_argument(
+        "--no-promote", dest="promote", action="store_false", default=None, help="never replace the champion"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(run)
     _add_training_options(run)
     run.set_defaults(handler=_run)
+
+    predict = commands.add_parser(
+        "predict",
+        help="top-3 classes for your own images",
+        description="Classify PNG/JPEG images (any size; grey and RGBA converted) with a saved model: "
+        "a run's model/ directory, or `champion` for <output dir>/champion.",
+    )
+    predict.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
+    predict.add_argument("images", metavar="IMAGE", nargs="+")
+    predict.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    predict.add_argument(
+        "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
+    )
+    predict.set_defaults(handler=_predict)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the deployments of deployments/prefect.yaml (schedules included) from this process",
+        description="Register the deployments defined in deployments/prefect.yaml and run their flow runs "
+        "(scheduled or triggered with `prefect deployment run`) until interrupted. No work pool needed.",
+    )
+    serve.add_argument("--prefect-file", metavar="FILE", help="deployments file (default: deployments/prefect.yaml)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 
@@ -137,6 +172,35 @@ def _run(args: argparse.Namespace) -> str:
     return transfer_learning(**_flow_params(transfer_learning, config))
 
 
+def _predict(args: argparse.Namespace) -> str | None:
+    from tasks.model_dir import read_model_dir
+    from tasks.predict import predict_files
+
+    output_dir = Config.from_dict({"output_dir": args.output_dir}).output_dir
+    model_dir = Path(output_dir) / "champion" if args.model == "champion" else Path(args.model)
+    read_model_dir(model_dir)  # a clear error before TensorFlow starts
+    results = predict_files(model_dir, args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "error" in result:
+                print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
+            else:
+                top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+                print(f"{result['image']}: {top}")
+    failed = sum("error" in r for r in results)
+    if failed:
+        raise TnflowError(f"{failed} of {len(results)} images could not be read (see above)")
+    return None
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from flows.serve import PREFECT_FILE, serve_deployments
+
+    serve_deployments(args.prefect_file or PREFECT_FILE)
+
+
 def _flow_params(flow: object, config: Config) -> dict[str, object]:
     """The validated values of the flow's own parameters."""
     return {name: getattr(config, name) for name in inspect.signature(flow.fn).parameters}
@@ -152,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TnflowError as exc:
         print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    print(result)
+    if result is not None:
+        print(result)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""transfer_learning: download -> cache -> fetch weights -> train -> validate -> report."""
+"""transfer_learning: download -> cache -> fetch weights -> train -> validate -> promote -> report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from prefect.runtime import flow_run
 from tasks.cache import cache_stage
 from tasks.config import Config
 from tasks.download import download_stage
+from tasks.promote import promote_task
 from tasks.report import report_task, run_directory
 from tasks.train import train_stage, work_dir_for
 from tasks.validate import validate_stage
@@ -36,6 +37,8 @@ def transfer_learning(
     mixed_precision: bool = False,
     xla: bool = False,
     output_dir: str | None = None,
+    promote: bool = True,
+    promote_margin: float = 0.0,
 ) -> str:
     """Fine-tune an ImageNet-pretrained model on CIFAR; returns the run directory."""
     config = Config.from_dict(locals())  # every parameter is a Config field, validated before any work
@@ -47,6 +50,17 @@ def transfer_learning(
     spec, settings = config.model_spec(), config.train_settings()
     work_dir = work_dir_for(config.output_dir, cache.path, pretrained.md5, spec, settings)
     trained = train_stage(cache.path, pretrained.path, spec, settings, str(work_dir), list(cache.class_names))
-    validate_stage(trained.model_dir, cache.path, "test", config.eval_batch_size, run_dir)
-    report_task(run_dir, trained.model_dir, cache.path, config.as_dict(), list(trained.history), trained.device)
+    test = validate_stage(trained.model_dir, cache.path, "test", config.eval_batch_size, run_dir)
+    promotion = promote_task(
+        trained.model_dir,
+        run_dir,
+        test["test_accuracy"],
+        cache.path,
+        config.output_dir,
+        config.promote_margin,
+        config.promote,
+    )
+    report_task(
+        run_dir, trained.model_dir, cache.path, config.as_dict(), list(trained.history), trained.device, promotion
+    )
     return run_dir

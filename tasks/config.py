@@ -97,6 +97,8 @@ class Config:
     mixed_precision: bool = False
     xla: bool = False
     output_dir: str = field(default_factory=default_output_dir)
+    promote: bool = True
+    promote_margin: float = 0.0
 
     def __post_init__(self) -> None:
         # data
@@ -142,7 +144,16 @@ class Config:
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate) or not 0 <= rate < 1:
             raise ConfigError(f"--learning-rate must be a number from 0 to below 1, got {rate!r}")
         object.__setattr__(self, "learning_rate", float(rate))
-        for option, name in (("--mixed-precision", "mixed_precision"), ("--xla", "xla")):
+        margin = self.promote_margin
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, int | float)
+            or not math.isfinite(margin)
+            or not 0 <= margin < 1
+        ):
+            raise ConfigError(f"--promote-margin must be a number from 0 to below 1 (an accuracy), got {margin!r}")
+        object.__setattr__(self, "promote_margin", float(margin))
+        for option, name in (("--mixed-precision", "mixed_precision"), ("--xla", "xla"), ("--no-promote", "promote")):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{option} must be true or false, got {getattr(self, name)!r}")
         # places

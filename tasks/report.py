@@ -155,6 +155,7 @@ def write_report(
     stages: list[dict[str, Any]],
     cache_path: str | Path,
     device: str,
+    promotion: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write figures, report.md and report.html into `run_dir`; returns their paths."""
     run_dir = Path(run_dir)
@@ -170,7 +171,7 @@ def write_report(
     for name, data in pngs.items():
         (run_dir / "figures" / f"{name}.png").write_bytes(data)
 
-    sections = _sections(config, history, metrics, stages, device)
+    sections = _sections(config, history, metrics, stages, device, promotion)
     markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
     _write(run_dir / "report.md", markdown)
@@ -178,7 +179,7 @@ def write_report(
     return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
 
 
-def _sections(config, history, metrics, stages, device) -> dict[str, Any]:
+def _sections(config, history, metrics, stages, device, promotion) -> dict[str, Any]:
     best = max(history, key=lambda r: r["valid_accuracy"])
     names = metrics["class_names"]
     return {
@@ -187,6 +188,7 @@ def _sections(config, history, metrics, stages, device) -> dict[str, Any]:
             ("test loss", f"{metrics['test_loss']:.4f}"),
             ("best epoch", f"{best['epoch']} (valid accuracy {best['valid_accuracy']:.4f})"),
             ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
+            ("champion", promotion["reason"] if promotion else "not considered"),
         ],
         "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
         "history": [
@@ -269,6 +271,7 @@ def report_task(
     config: dict[str, Any],
     history: list[dict[str, Any]],
     device: str,
+    promotion: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Assemble the run directory and publish the report (never cached: it describes this run)."""
     import json
@@ -281,10 +284,23 @@ def report_task(
     best = max(history, key=lambda r: r["valid_accuracy"])
     write_metrics(
         run,
-        {"valid_accuracy": best["valid_accuracy"], "history": history, "config": config, "timings": stages},
+        {
+            "valid_accuracy": best["valid_accuracy"],
+            "history": history,
+            "config": config,
+            "timings": stages,
+            "promotion": promotion,
+        },
     )
     paths = write_report(
-        run, config=config, history=history, metrics=metrics, stages=stages, cache_path=cache_path, device=device
+        run,
+        config=config,
+        history=history,
+        metrics=metrics,
+        stages=stages,
+        cache_path=cache_path,
+        device=device,
+        promotion=promotion,
     )
     markdown = (run / "report.md").read_text()
     create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 
 # Before anything imports Prefect: results and settings go to a throw-away home, and the
 # server sends no analytics (tests never touch the network).
@@ -42,3 +49,72 @@ def cifar10(tmp_path: Path) -> tuple[FakeCifar, Path, str]:
     path = tmp_path / "cifar-10-python.tar.gz"
     fake, md5 = make_archive(path, "cifar10", n_train=500, n_test=100)
     return fake, path, md5
+
+
+# -- a real Prefect server (UI, deployments, workers) ------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def api_get(api: str, path: str) -> object:
+    with urllib.request.urlopen(api + path, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def api_post(api: str, path: str, body: dict) -> object:
+    request = urllib.request.Request(api + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process and everything it started; SIGKILL what is left after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port, its UI told where the API is; stopped afterwards."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with open(home / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if api_get(api, "/health") is True:
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": env, "home": home}
+        finally:
+            stop_process_group(server)

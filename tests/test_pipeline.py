@@ -19,7 +19,7 @@ from tests.fake_weights import write_fake_weights
 from tests.fakes import make_archive
 from tests.prefect_runs import task_states
 
-STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "report")
+STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "promote", "report")
 HISTORY_FIELDS = {
     "epoch",
     "train_loss",
@@ -78,6 +78,7 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert metrics["valid_accuracy"] == metrics["history"][0]["valid_accuracy"]
     assert set(metrics["history"][0]) == HISTORY_FIELDS
     assert metrics["config"]["epochs"] == 1 and metrics["config"]["head"] == "gap"
+    assert metrics["promotion"]["promoted"] and "first champion" in metrics["promotion"]["reason"]
     assert [t["name"] for t in metrics["timings"]][:5] == list(STAGES[:5])
 
     page = _Images()
@@ -92,10 +93,11 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     second = transfer_learning(**params, return_state=True)
     states = task_states(second)
     assert [states[s] for s in STAGES[:4]] == ["Cached"] * 4
-    assert states["validate"] == states["report"] == "Completed"
+    assert states["validate"] == states["promote"] == states["report"] == "Completed"
     assert Path(second.result()) != run, "every run gets its own directory"
     report = (Path(second.result()) / "report.md").read_text()
     assert "| train |" in report and "| hit |" in report
+    assert "kept the champion" in report, "an equal model does not replace the champion"
 
 
 @pytest.mark.parametrize(

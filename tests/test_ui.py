@@ -7,19 +7,15 @@ chromium; elsewhere the test is skipped (with the reason) when no Chromium is fo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import api_post
 from tests.fakes import make_archive
 
 CHROMIUM_FLAGS = [
@@ -42,67 +38,6 @@ def _chromium() -> str:
     pytest.skip("Chromium not found: install Debian's chromium to run the browser test")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read()
-
-
-def _post(url: str, body: dict) -> object:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port; stopped (with its children) afterwards."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if _get(f"{api}/health") == b"true":
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": env}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-
-
 def test_flow_run_page_shows_the_run_and_its_state(prefect_server, tmp_path):
     chromium = _chromium()
     _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=100, n_test=20)
@@ -112,7 +47,7 @@ def test_flow_run_page_shows_the_run_and_its_state(prefect_server, tmp_path):
     done = subprocess.run(command, env=prefect_server["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    runs = _post(f"{prefect_server['api']}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+    runs = api_post(prefect_server["api"], "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
     run = runs[0]
     assert run["state_name"] == "Completed"
 

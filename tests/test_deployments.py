@@ -1,0 +1,127 @@
+"""Deployments as users run them: a Prefect server, a process worker, `prefect deploy`, `tnflow serve`."""
+
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from flows.serve import load_deployments, runner_deployments
+from tasks.weights import PRETRAINED
+from tests.conftest import api_get, api_post, stop_process_group
+from tests.fake_weights import write_fake_weights
+from tests.fakes import make_archive
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def prefect(server, *args, timeout=300, cwd=REPO) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(BIN / "prefect"), *args], cwd=cwd, env=server["env"], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done
+
+
+def wait_for(check, timeout=120, every=1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"gave up waiting after {timeout} s")
+
+
+def scheduled_runs(api: str, deployment_id: str) -> list:
+    body = {"deployments": {"id": {"any_": [deployment_id]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}
+    return api_post(api, "/flow_runs/filter", body)
+
+
+def test_the_yaml_is_what_serve_serves():
+    entries = {d["name"]: d for d in load_deployments()}
+    assert set(entries) == {"retrain-weekly", "adhoc"}
+    assert entries["retrain-weekly"]["schedules"][0]["cron"] == "0 3 * * 1" and "schedules" not in entries["adhoc"]
+    assert entries["adhoc"]["parameters"] == entries["retrain-weekly"]["parameters"]
+    assert entries["adhoc"]["parameters"]["epochs"] == 7 and entries["adhoc"]["work_pool"]["name"] == "tnflow"
+    served = {d.name: d for d in runner_deployments()}
+    assert served["retrain-weekly"].schedules[0].schedule.cron == "0 3 * * 1"
+    assert served["adhoc"].parameters["learning_rate"] == 1e-5 and not served["adhoc"].schedules
+
+
+def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
+    api = prefect_server["api"]
+    _, data_md5 = make_archive(tmp_path / "c10.tar.gz", n_train=200, n_test=40)
+    weights_md5 = write_fake_weights(tmp_path / "w.h5", PRETRAINED["vgg19"].layers[:16])
+
+    prefect(prefect_server, "work-pool", "create", "tnflow", "--type", "process")
+    prefect(prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "tnflow"],
+            cwd=tmp_path,
+            env=prefect_server["env"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            params = {
+                "data_url": (tmp_path / "c10.tar.gz").as_uri(),
+                "data_md5": data_md5,
+                "weights": str(tmp_path / "w.h5"),
+                "weights_md5": weights_md5,
+                "valid_size": 40,
+                "eval_batch_size": 64,
+                "cache_dir": str(tmp_path / "cache"),
+                "output_dir": str(tmp_path / "runs"),
+            }
+            done = prefect(
+                prefect_server,
+                "deployment", "run", "transfer-learning/adhoc",
+                "-p", "epochs=1", "-p", "image_size=32", "--params", json.dumps(params), "--watch",
+                timeout=600,
+            )  # fmt: skip
+        finally:
+            stop_process_group(worker)
+    assert "Completed" in done.stdout, done.stdout[-2000:]
+    runs = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file()]
+    assert len(runs) == 1, (tmp_path / "worker.log").read_text()[-2000:]
+    config = json.loads((runs[0] / "metrics.json").read_text())["config"]
+    assert (config["epochs"], config["image_size"], config["head"]) == (1, 32, "gap"), "the parameters reached the run"
+    assert (tmp_path / "runs" / "champion" / "champion.json").is_file(), "the first run became the champion"
+
+    weekly = api_get(api, "/deployments/name/transfer-learning/retrain-weekly")
+    assert weekly["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+    upcoming = wait_for(lambda: scheduled_runs(api, weekly["id"]))
+    assert all(run["state"]["type"] == "SCHEDULED" for run in upcoming)
+
+
+def served_deployments(api: str, since: datetime) -> dict[str, dict]:
+    """Deployments of transfer-learning written since `since` (`serve` updates any of the same name)."""
+    found = api_post(api, "/deployments/filter", {"flows": {"name": {"any_": ["transfer-learning"]}}})
+    return {d["name"]: d for d in found if datetime.fromisoformat(d["updated"]) >= since}
+
+
+def test_tnflow_serve_registers_the_same_deployments(prefect_server, tmp_path):
+    api = prefect_server["api"]
+    started = datetime.now(UTC)
+    with open(tmp_path / "serve.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(BIN / "tnflow"), "serve"],
+            env=prefect_server["env"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: set(served_deployments(api, started)) == {"retrain-weekly", "adhoc"}, timeout=180)
+        finally:
+            stop_process_group(server)
+    found = served_deployments(api, started)
+    assert found["retrain-weekly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+    assert found["adhoc"]["parameters"]["epochs"] == 7 and not found["adhoc"]["schedules"]
