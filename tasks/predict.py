@@ -42,7 +42,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 
 def predict_files(model_dir: str | Path, paths: list[str], top: int = TOP_K) -> list[dict[str, Any]]:
     """Per image: {"image", "top": [{"class", "probability"}]} or {"image", "error"}."""
-    from tasks.model import build, open_session, predict
+    from tasks.model import build, open_session, predict  # TensorFlow: only when predicting
 
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)

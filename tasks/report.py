@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 import platform
 import shutil
@@ -274,8 +275,6 @@ def report_task(
     promotion: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Assemble the run directory and publish the report (never cached: it describes this run)."""
-    import json
-
     logger = get_run_logger()
     run = Path(run_dir)
     link_model(model_dir, run)

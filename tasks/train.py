@@ -28,11 +28,13 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tasks.cache import iter_batches, read_split_size
 from tasks.caching import BY_INPUTS_AND_SOURCE, retry_unless, run_unless_present
 from tasks.errors import TnflowError
 from tasks.files import ensure_writable_dir, exclusive
 from tasks.model_dir import CHECKPOINT, read_model_dir, write_model_json
 from tasks.progress import Progress
+from tasks.validate import evaluate
 
 STATE = "state.json"
 
@@ -89,9 +91,7 @@ def train(
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> Trained:
     """Train (or resume, or return the finished) model for these inputs."""
-    from tasks.cache import iter_batches, read_split_size
-    from tasks.model import build, load_pretrained, open_session, run_split
-    from tasks.validate import evaluate
+    from tasks.model import build, load_pretrained, open_session, run_split  # TensorFlow: only when training
 
     log = log or logging.getLogger("tnflow.train")
     work_dir = ensure_writable_dir(work_dir, option="--output-dir")
@@ -198,7 +198,7 @@ def train(
 
 
 def _model_meta(spec: Any, settings: TrainSettings, class_names: Any, weights: str | None, record: dict) -> dict:
-    from tasks.model import PREPROCESSING
+    from tasks.model import PREPROCESSING  # already imported by the training that calls this
 
     return {
         **dataclasses.asdict(spec),

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from prefect import get_run_logger, task
 
+from tasks.cache import iter_batches
 from tasks.caching import BY_INPUTS_AND_SOURCE, retry_unless, run_unless_present
 from tasks.errors import TnflowError
+from tasks.model_dir import CHECKPOINT, ModelSpec, read_model_dir
 
 TOP_K = 3
 SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
@@ -68,7 +70,7 @@ class Tally:
 
 def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: int) -> dict[str, Any]:
     """Metrics of the model in `session` on every image of `split`."""
-    from tasks.model import run_split
+    from tasks.model import run_split  # TensorFlow: only when evaluating
 
     tally = Tally(num_classes)
     fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses}
@@ -79,9 +81,7 @@ def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: i
 
 def validate(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, out_dir: str | Path) -> dict:
     """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
-    from tasks.cache import iter_batches
-    from tasks.model import build, open_session
-    from tasks.model_dir import CHECKPOINT, ModelSpec, read_model_dir
+    from tasks.model import build, open_session  # TensorFlow: only when evaluating
 
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
