@@ -61,6 +61,39 @@ def temp_path(final: Path) -> Path:
     return final.with_name(f"{final.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
+@contextmanager
+def new_directory(final: Path) -> Iterator[Path]:
+    """Fill a temporary sibling of `final`, then put it in place of `final` with one rename."""
+    tmp = temp_path(final)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)  # left by a run killed before it was recorded
+    os.replace(tmp, final)
+
+
+def switch_symlink(link: Path, target: Path) -> None:
+    """Point `link` at `target` in one rename: readers see the old or the new target, never none."""
+    tmp = temp_path(link)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def link_tree(source: str | Path, target: Path) -> None:
+    """Copy a directory as hard links (no extra space), or as copies across file systems."""
+    shutil.copytree(Path(source).resolve(), target, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def remove_stale_temps(final: Path) -> None:
     """Delete temporaries left by killed writers of `final` (the caller holds its lock)."""
     for stale in final.parent.glob(f"{final.name}{_TMP_MARK}*"):

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +22,7 @@ from prefect import get_run_logger, task
 
 from tasks.caching import retry_unless
 from tasks.errors import TnflowError
-from tasks.files import ensure_writable_dir, exclusive
-from tasks.report import link_model
+from tasks.files import ensure_writable_dir, exclusive, link_tree, new_directory, switch_symlink
 
 CHAMPION_JSON = "champion.json"
 
@@ -74,15 +71,6 @@ def promote(
             reason = f"kept the champion: {test_accuracy:.4f} does not beat {previous:.4f} by more than {margin:g}"
             return Decision(False, reason, test_accuracy, previous, str(link))
 
-        home = output_dir / "champions" / run_id
-        tmp = home.with_name(f"{home.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        link_model(model_dir, tmp)
-        for item in (tmp / "model").iterdir():  # the champion directory is itself a model directory
-            os.replace(item, tmp / item.name)
-        (tmp / "model").rmdir()
         record = {
             "run_id": run_id,
             "test_accuracy": test_accuracy,
@@ -92,24 +80,16 @@ def promote(
             "replaced_run_id": current["run_id"] if current else None,
             "margin": margin,
         }
-        (tmp / CHAMPION_JSON).write_text(json.dumps(record, indent=2))
-        shutil.rmtree(home, ignore_errors=True)
-        os.replace(tmp, home)
-        _switch_link(link, Path("champions") / run_id)
+        with new_directory(output_dir / "champions" / run_id) as tmp:  # itself a model directory
+            link_tree(model_dir, tmp)
+            (tmp / CHAMPION_JSON).write_text(json.dumps(record, indent=2))
+        switch_symlink(link, Path("champions") / run_id)
         with open(output_dir / "champions" / "history.jsonl", "a") as history:
             history.write(json.dumps(record) + "\n")
     reason = (
         "first champion" if current is None else f"{test_accuracy:.4f} beats {previous:.4f} by more than {margin:g}"
     )
     return Decision(True, f"promoted: {reason}", test_accuracy, previous, str(link))
-
-
-def _switch_link(link: Path, target: Path) -> None:
-    """Point `link` at `target` in one rename; readers see the old or the new champion, never none."""
-    tmp = link.with_name(f"{link.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
 
 
 # -- Prefect ----------------------------------------------------------------------------

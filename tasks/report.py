@@ -14,7 +14,6 @@ import io
 import json
 import os
 import platform
-import shutil
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -31,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.caching import retry_unless, stages_so_far
 from tasks.errors import TnflowError
+from tasks.files import link_tree, new_directory
 from tasks.validate import write_metrics
 
 FIGURES = ("learning_curves", "confusion_matrix", "samples")
@@ -46,25 +46,6 @@ def run_directory(output_dir: str | Path, run_name: str | None) -> str:
         n += 1
         path = Path(output_dir) / f"{base}-{n}"
     return str(path)
-
-
-def link_model(model_dir: str | Path, run_dir: Path) -> Path:
-    """Give the run its own `model/`: hard links (no extra space) or copies across file systems."""
-    source = Path(model_dir).resolve()
-    target = run_dir / "model"
-    tmp = run_dir / f"model.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, copy_function=_link_or_copy)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
-
-
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def machine() -> dict[str, str]:
@@ -277,7 +258,8 @@ def report_task(
     """Assemble the run directory and publish the report (never cached: it describes this run)."""
     logger = get_run_logger()
     run = Path(run_dir)
-    link_model(model_dir, run)
+    with new_directory(run / "model") as tmp:  # the run's own model: hard links, no extra space
+        link_tree(model_dir, tmp)
     metrics = json.loads((run / "metrics.json").read_text())
     stages = stages_so_far()
     best = max(history, key=lambda r: r["valid_accuracy"])

@@ -31,7 +31,7 @@ from prefect import get_run_logger, task
 from tasks.cache import iter_batches, read_split_size
 from tasks.caching import BY_INPUTS_AND_SOURCE, retry_unless, run_unless_present
 from tasks.errors import TnflowError
-from tasks.files import ensure_writable_dir, exclusive
+from tasks.files import ensure_writable_dir, exclusive, new_directory, switch_symlink
 from tasks.model_dir import CHECKPOINT, read_model_dir, write_model_json
 from tasks.progress import Progress
 from tasks.validate import evaluate
@@ -235,28 +235,15 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _save_checkpoint(session: Any, net: Any, work_dir: Path, epoch: int) -> None:
-    final = work_dir / "checkpoints" / f"epoch-{epoch}"
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    net.saver.save(session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
-    shutil.rmtree(final, ignore_errors=True)  # left by a run killed before its state.json said so
-    os.replace(tmp, final)
+    with new_directory(work_dir / "checkpoints" / f"epoch-{epoch}") as tmp:
+        net.saver.save(session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
 
 
 def _export_model(session: Any, net: Any, work_dir: Path, epoch: int, meta: dict[str, Any]) -> None:
-    final = work_dir / "models" / f"epoch-{epoch}"
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    net.model_saver.save(session, str(tmp / CHECKPOINT), write_meta_graph=False, write_state=False)
-    write_model_json(tmp, meta)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    link = work_dir / f"model.tmp-{os.getpid()}"
-    link.unlink(missing_ok=True)
-    link.symlink_to(Path("models") / final.name)
-    os.replace(link, work_dir / "model")
+    with new_directory(work_dir / "models" / f"epoch-{epoch}") as tmp:
+        net.model_saver.save(session, str(tmp / CHECKPOINT), write_meta_graph=False, write_state=False)
+        write_model_json(tmp, meta)
+    switch_symlink(work_dir / "model", Path("models") / f"epoch-{epoch}")
 
 
 def _prune(work_dir: Path, keep_checkpoint: int, keep_model: int) -> None:
@@ -314,7 +301,7 @@ def train_stage(
     cache_path: str, weights_path: str | None, spec: Any, settings: TrainSettings, work_dir: str, class_names: list[str]
 ) -> Trained:
     """The training stage as flows call it: cached once finished, unless the model has gone."""
-    state = _read_state(Path(work_dir)) if Path(work_dir, STATE).is_file() else {}
+    state = _read_state(Path(work_dir))
     present = bool(state.get("finished")) and _model_ok(Path(work_dir))
     return run_unless_present(
         train_task,

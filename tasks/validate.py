@@ -112,8 +112,6 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
 
 # -- Prefect ----------------------------------------------------------------------------
 
-_SUMMARY_KEYS = ("accuracy", "loss")
-
 
 @task(
     name="validate",
@@ -124,11 +122,9 @@ _SUMMARY_KEYS = ("accuracy", "loss")
 )
 def validate_task(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
     metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
-    summary = {f"{split}_{k}": metrics[f"{split}_{k}"] for k in _SUMMARY_KEYS} | {
-        f"num_{split}": metrics[f"num_{split}"]
-    }
-    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *summary.values())
-    return summary
+    keys = (f"{split}_accuracy", f"{split}_loss", f"num_{split}")
+    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *(metrics[k] for k in keys))
+    return {k: metrics[k] for k in keys}
 
 
 def validate_stage(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:

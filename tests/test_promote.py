@@ -84,7 +84,7 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(tmp_path, split,
     def killed(link, target):
         raise KeyboardInterrupt("process stopped before the switch")
 
-    monkeypatch.setattr(promote_module, "_switch_link", killed)
+    monkeypatch.setattr(promote_module, "switch_symlink", killed)
     with pytest.raises(KeyboardInterrupt):
         promote(fake_model(tmp_path, "b"), run_id="run-b", test_accuracy=0.90, test_split=split, output_dir=out)
     assert {p.name: p.read_bytes() for p in (out / "champion").iterdir()} == before
