@@ -23,9 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.cache import build_cache, read_archive  # noqa: E402
-from tasks.config import CacheSpec  # noqa: E402
 from tests.fakes import make_archive  # noqa: E402
+from tnflow.tasks.cache import build_cache  # noqa: E402
+from tnflow.tasks.cifar import read_archive  # noqa: E402
+from tnflow.tasks.settings import CacheSpec  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -26,7 +26,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from tasks.model import ModelSpec, build, open_session, preprocess  # noqa: E402
+from tnflow.tasks.model import build, open_session, preprocess  # noqa: E402
+from tnflow.tasks.settings import ModelSpec  # noqa: E402
 
 CONV_MACS_224 = 19.5e9  # VGG19's convolutions per 224x224 image; the three fc layers add 0.12 G
 FC_MACS = 0.124e9

@@ -1,23 +1,28 @@
-"""`tnflow`: parse options into a Config, call a flow, print where the result is.
+"""`tnflow`: parse options into the run configuration, call a flow, print where the result is.
 
-The last line of standard output is always the result's absolute path, so scripts can use
+Options are made from the configuration's fields (`tasks.settings`), so their names, types,
+choices, defaults and help cannot drift from what the flows and deployments take. The last
+line of standard output is always the result's absolute path, so scripts can use
 `path=$(tnflow prepare ... | tail -n 1)`. Errors are one line on standard error with a
-non-zero exit: 2 for bad options, 1 for a failed run.
+non-zero exit: 2 for bad options, 1 for a failed run; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from tasks.config import DATASETS, HEADS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODELS, Config
-from tasks.errors import ConfigError, TnflowError
-from tasks.files import ensure_writable_dir
+from pydantic.fields import FieldInfo
+
+from tnflow.tasks.errors import ConfigError, TnflowError
+from tnflow.tasks.files import ensure_writable_dir
+from tnflow.tasks.settings import DataConfig, RunConfig, default_output_dir, option
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,83 +30,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_data_options(parser: argparse.ArgumentParser) -> None:
-    defaults = Config()
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=sorted(DATASETS), help=f"dataset to train on (default: {defaults.dataset})")
-    data.add_argument(
-        "--data-url", metavar="URL", help="archive URL, file:// URL or path (default: the dataset's official URL)"
-    )
-    data.add_argument("--data-md5", metavar="HEX", help="md5 of the archive (default: the official archive's md5)")
-    data.add_argument(
-        "--image-size",
-        type=int,
-        metavar="S",
-        help=f"resize images to SxS, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} (default: {defaults.image_size})",
-    )
-    data.add_argument(
-        "--valid-size",
-        type=int,
-        metavar="N",
-        help=f"training images held out for validation (default: {defaults.valid_size})",
-    )
-    data.add_argument(
-        "--limit-train", type=int, metavar="N", help="use a stratified subset of N training images (default: all)"
-    )
-    data.add_argument(
-        "--limit-test", type=int, metavar="N", help="use a stratified subset of N test images (default: all)"
-    )
-    data.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        help=f"where downloads and caches live (default: $TNFLOW_CACHE_DIR or {defaults.cache_dir})",
-    )
-    data.add_argument("--seed", type=int, help=f"seed for splits and shuffling (default: {defaults.seed})")
+def add_config_options(parser: argparse.ArgumentParser, model: type[DataConfig]) -> None:
+    """One option per configuration field, grouped as the configuration classes are."""
+    groups = {
+        DataConfig: parser.add_argument_group("data"),
+        RunConfig: parser.add_argument_group("model, training and champion"),
+    }
+    for name, field in model.model_fields.items():
+        group = groups[DataConfig if name in DataConfig.model_fields else RunConfig]
+        group.add_argument(option(name), dest=name, help=_help(field), **_argument(field))
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    defaults = Config()
-    model = parser.add_argument_group("model and training")
-    model.add_argument("--model", choices=MODELS, help=f"network to fine-tune (default: {defaults.model})")
-    model.add_argument(
-        "--weights",
-        metavar="imagenet|none|PATH_OR_URL",
-        help="pretrained weights: the published ImageNet file, none (random start), or a Keras .h5 "
-        f"path/URL (default: {defaults.weights})",
+def _argument(field: FieldInfo) -> dict[str, Any]:
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes an X
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
+        if field.default is None:  # tri-state: yes, no, or decided from other options
+            return {"action": argparse.BooleanOptionalAction, "default": None}
+        return {"action": "store_true", "default": None}
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind), "default": None}
+    metavar = extra.get("metavar") or {int: "N", float: "X"}.get(kind, "VALUE")
+    return {"type": kind, "metavar": metavar, "default": None}
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    if "(default:" in text or field.default_factory is not None:
+        return text
+    default = field.default
+    shown = (
+        {True: "on", False: "off", None: "none"}.get(default, default) if isinstance(default, bool | None) else default
     )
-    model.add_argument("--weights-md5", metavar="HEX", help="md5 of the weights file (default: the published file's)")
-    model.add_argument(
-        "--head",
-        choices=HEADS,
-        help="full: all of VGG19 (224 only); gap: conv base + average pooling (default: full at 224, gap otherwise)",
-    )
-    model.add_argument("--epochs", type=int, metavar="N", help=f"training epochs (default: {defaults.epochs})")
-    model.add_argument(
-        "--batch-size", type=int, metavar="N", help=f"training batch size (default: {defaults.batch_size})"
-    )
-    model.add_argument(
-        "--eval-batch-size", type=int, metavar="N", help=f"validation batch size (default: {defaults.eval_batch_size})"
-    )
-    model.add_argument(
-        "--learning-rate", type=float, metavar="LR", help=f"Adam learning rate (default: {defaults.learning_rate:g})"
-    )
-    model.add_argument(
-        "--mixed-precision", action="store_true", default=None, help="float16 compute on GPUs (default: off)"
-    )
-    model.add_argument("--xla", action="store_true", default=None, help="compile with XLA (default: off)")
-    model.add_argument(
-        "--output-dir", metavar="DIR", help="where runs are written (default: $TNFLOW_OUTPUT_DIR or ./runs)"
-    )
-    champion = parser.add_argument_group("champion")
-    champion.add_argument(
-        "--promote-margin",
-        type=float,
-        metavar="ACC",
-        help="promote only if test accuracy beats the champion's by more than this (default: 0)",
-    )
-    champion.add_argument(
-        "--no-promote", dest="promote", action="store_false", default=None, help="never replace the champion"
-    )
+    return f"{text} (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,27 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download a CIFAR archive, verify it, and resize it into one HDF5 file "
         "(train/valid/test). Prints the file's path last.",
     )
-    _add_data_options(prepare)
+    add_config_options(prepare, DataConfig)
     prepare.set_defaults(handler=_prepare)
+
     run = commands.add_parser(
         "run",
-        help="run the whole pipeline: data, weights, training, test, report",
+        help="run the whole pipeline: data, weights, training, test, champion, report",
         description="Fine-tune an ImageNet-pretrained VGG19 on CIFAR (the recipe's defaults, its defects fixed). "
         "Prints the run directory last; it holds model/, metrics.json, report.html and report.md.",
     )
-    _add_data_options(run)
-    _add_training_options(run)
+    add_config_options(run, RunConfig)
     run.set_defaults(handler=_run)
 
     predict = commands.add_parser(
         "predict",
         help="top-3 classes for your own images",
-        description="Classify PNG/JPEG images (any size; grey and RGBA converted) with a saved model: "
+        description="Classify images (PNG, JPEG, any size and mode) with a saved model: "
         "a run's model/ directory, or `champion` for <output dir>/champion.",
     )
     predict.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
     predict.add_argument("images", metavar="IMAGE", nargs="+")
     predict.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored at once (default: 32)")
     predict.add_argument(
         "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
     )
@@ -147,75 +111,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--prefect-file", metavar="FILE", help="deployments file (default: deployments/prefect.yaml)")
     serve.set_defaults(handler=_serve)
+
+    for command in (prepare, run, predict, serve):
+        command.add_argument(
+            "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
+        )
     return parser
 
 
-def _config(args: argparse.Namespace) -> Config:
-    fields = set(Config.__dataclass_fields__)
-    return Config.from_dict({k: v for k, v in vars(args).items() if k in fields})
+def _values(args: argparse.Namespace, model: type[DataConfig]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in model.model_fields}
 
 
 def _prepare(args: argparse.Namespace) -> str:
-    config = _config(args)
+    config = DataConfig.from_values(_values(args, DataConfig))
     ensure_writable_dir(config.cache_dir)
-    from flows.prepare import prepare_data  # imports Prefect's engine: only once options are valid
+    from tnflow.flows.prepare import prepare_data  # imports Prefect's engine: only once options are valid
 
-    return prepare_data(**_flow_params(prepare_data, config))
+    return prepare_data(**config.model_dump())
 
 
 def _run(args: argparse.Namespace) -> str:
-    config = _config(args)
+    config = RunConfig.from_values(_values(args, RunConfig))
     ensure_writable_dir(config.cache_dir)
     ensure_writable_dir(config.output_dir, option="--output-dir")
-    from flows.train import transfer_learning
+    from tnflow.flows.train import transfer_learning
 
-    return transfer_learning(**_flow_params(transfer_learning, config))
+    return transfer_learning(**config.model_dump())
 
 
 def _predict(args: argparse.Namespace) -> str | None:
-    from tasks.model_dir import read_model_dir
-    from tasks.predict import predict_files
+    from tnflow.tasks.model_dir import read_model_dir
+    from tnflow.tasks.predict import predict_files
 
-    output_dir = Config.from_dict({"output_dir": args.output_dir}).output_dir
-    model_dir = Path(output_dir) / "champion" if args.model == "champion" else Path(args.model)
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be an integer of at least 1, got {args.batch_size}")
+    output_dir = Path(args.output_dir or default_output_dir())
+    model_dir = output_dir / "champion" if args.model == "champion" else Path(args.model)
     read_model_dir(model_dir)  # a clear error before TensorFlow starts
-    results = predict_files(model_dir, args.images)
+    failed, results = 0, []
+    for result in predict_files(model_dir, args.images, batch_size=args.batch_size):
+        failed += "error" in result
+        if args.json:
+            results.append(result)
+        elif "error" in result:
+            print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
+        else:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            print(f"{result['image']}: {top}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            if "error" in result:
-                print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
-            else:
-                top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
-                print(f"{result['image']}: {top}")
-    failed = sum("error" in r for r in results)
     if failed:
-        raise TnflowError(f"{failed} of {len(results)} images could not be read (see above)")
+        raise TnflowError(f"{failed} of {len(args.images)} images could not be read (see above)")
     return None
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from flows.serve import PREFECT_FILE, serve_deployments
+    from tnflow.flows.serve import PREFECT_FILE, serve_deployments
 
     serve_deployments(args.prefect_file or PREFECT_FILE)
 
 
-def _flow_params(flow: object, config: Config) -> dict[str, object]:
-    """The validated values of the flow's own parameters."""
-    return {name: getattr(config, name) for name in inspect.signature(flow.fn).parameters}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = args.handler(args)
-    except ConfigError as exc:
-        print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except TnflowError as exc:
-        print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    from tnflow.flows.console import user_errors_in_one_line
+
+    with user_errors_in_one_line(enabled=not args.debug):
+        try:
+            result = args.handler(args)
+        except TnflowError as exc:
+            if args.debug:
+                raise
+            print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, ConfigError) else 1
     if result is not None:
         print(result)
     return 0

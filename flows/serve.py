@@ -15,7 +15,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
 
-from tasks.errors import TnflowError
+from tnflow.tasks.errors import TnflowError
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"

@@ -3,8 +3,10 @@
 One attempt of `fetch` streams into `<final>.part`, resuming it with an HTTP Range request,
 checks the md5 and renames; the Prefect task around it retries the failures that may pass
 (`TransientDownloadError`) with backoff, and fails at once on the rest. The final path
-depends only on the URL and digest, so a re-run finds the file, and two runs never write it
-at the same time (see `tasks.files`).
+depends only on the URL and digest (a local file's digest is computed from its content, so
+a file edited in place is copied again), a re-run finds the file, and two runs never write
+it at the same time (see `tasks.files`). A cached copy is reused only while its md5 still
+matches, so a damaged copy is fetched again.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from urllib.parse import unquote, urlsplit
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from tasks.caching import BY_INPUTS_AND_SOURCE, retry_on, run_unless_present
-from tasks.errors import DownloadError, TransientDownloadError
-from tasks.files import ensure_writable_dir, exclusive, is_disk_full
-from tasks.progress import Progress
+from tnflow.tasks.cache_policy import StageCache
+from tnflow.tasks.errors import DownloadError, TransientDownloadError
+from tnflow.tasks.files import ensure_writable_dir, exclusive, is_disk_full
+from tnflow.tasks.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.retries import retry_on
 
 ProgressFn = Callable[[int, int | None], None]
 
@@ -70,6 +73,8 @@ def fetch(
     progress: ProgressFn | None = None,
 ) -> Fetched:
     """Make a verified copy of `url` under `dest_dir`, reusing one that is already there."""
+    if md5 is None and is_local(url):
+        md5 = file_md5(_existing_local(url))  # keyed by content: an edited file is a new copy
     final = target_path(url, dest_dir, md5)
     ensure_writable_dir(final.parent)
     with exclusive(final):
@@ -82,32 +87,56 @@ def fetch(
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
             _fetch_http(url, part, timeout, progress)
-        elif scheme in ("file", ""):
-            _copy_local(_local_path(url), part, progress)
+        elif is_local(url):
+            _copy_local(_existing_local(url), part, progress)
         else:
             raise DownloadError(f"{url}: unsupported URL scheme {scheme!r}; use https://, http://, file:// or a path")
         found = file_md5(part)
         if md5 is not None and found != md5:
             part.unlink()
             raise DownloadError(
-                f"{url}: md5 is {found} but {md5} was expected; the bad copy was deleted. Check the URL and --data-md5"
+                f"{url}: md5 is {found} but {md5} was expected; the bad copy was deleted. "
+                "Check the URL and its digest (--data-md5 or --weights-md5)"
             )
         os.replace(part, final)
     return Fetched(str(final), found, final.stat().st_size)
 
 
-def _local_path(url: str) -> Path:
+def is_local(url: str) -> bool:
+    return urlsplit(url).scheme.lower() in ("file", "")
+
+
+def _existing_local(url: str) -> Path:
     parts = urlsplit(url)
     if parts.scheme.lower() != "file":
-        return Path(url).expanduser()
-    if parts.netloc not in ("", "localhost"):
+        path = Path(url).expanduser()
+    elif parts.netloc not in ("", "localhost"):
         raise DownloadError(f"{url}: file:// URLs must name a local path (file:///abs/path)")
-    return Path(unquote(parts.path))
+    else:
+        path = Path(unquote(parts.path))
+    if not path.is_file():
+        raise DownloadError(f"{path}: no such file; check the path given to --data-url or --weights")
+    return path
+
+
+def source_identity(url: str) -> tuple[int, int] | None:
+    """Size and modification time of a local source (what a cache key must see), else None."""
+    if not is_local(url):
+        return None
+    try:
+        stat = _existing_local(url).stat()
+    except DownloadError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def fetched_is_sound(fetched: Fetched) -> bool:
+    """A recorded copy is reusable while the file is there with its recorded md5."""
+    path = Path(fetched.path)
+    return path.is_file() and path.stat().st_size == fetched.size and file_md5(path) == fetched.md5
 
 
 def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:
-    if not source.is_file():
-        raise DownloadError(f"{source}: no such file; check the path given to --data-url")
     total = source.stat().st_size
     done = 0
     try:
@@ -213,18 +242,13 @@ DOWNLOAD_RETRIES = dict(
 
 @task(
     name="download",
-    cache_policy=BY_INPUTS_AND_SOURCE,
+    cache_policy=StageCache(identity=lambda inputs: source_identity(inputs["url"]), sound=fetched_is_sound),
     persist_result=True,
     **DOWNLOAD_RETRIES,
+    **STAGE_HOOKS,
 )
 def download_task(url: str, dest_dir: str, md5: str | None) -> Fetched:
     progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=get_run_logger())
     fetched = fetch(url, dest_dir, md5, progress=progress)
     progress.finish()
     return fetched
-
-
-def download_stage(url: str, dest_dir: str, md5: str | None) -> Fetched:
-    """The download stage as flows call it: cached, unless the cached file has gone."""
-    present = target_path(url, dest_dir, md5).is_file()
-    return run_unless_present(download_task, present, url=url, dest_dir=dest_dir, md5=md5)

@@ -1,28 +1,33 @@
 """How every stage writes a file: under a lock, to a temporary name, renamed when complete.
 
 Runs overlap (a scheduled retrain next to an ad-hoc one) and processes get killed. A stage
-that holds `exclusive(final)` is the only writer of `final`; a second run waits, then finds
-the finished file instead of building it again. Nothing sits under a final name until it
-is complete, so a killed process leaves only temporary files, which the next writer removes.
+that holds `exclusive(final)` is the only writer of `final`; a second run waits, saying in
+its run log whose lock it waits for, then finds the finished file instead of building it
+again. Nothing sits under a final name until it is complete, so a killed process leaves only
+temporary files, which the next writer removes.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import logging
+import json
 import os
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
-from tasks.errors import TnflowError
-
-log = logging.getLogger(__name__)
+from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.progress import run_logger
 
 _TMP_MARK = ".tmp-"
+WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it is still waiting
+_POLL_SECONDS = 0.5
 
 
 def ensure_writable_dir(path: str | Path, option: str = "--cache-dir") -> Path:
@@ -45,15 +50,63 @@ def exclusive(final: Path) -> Iterator[None]:
     """Hold an advisory lock for writing `final`; the OS releases it if the process dies."""
     lock_path = final.with_name(final.name + ".lock")
     with open(lock_path, "a+b") as handle:
+        _acquire(handle, lock_path, final)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another run that is writing %s", final)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
+            handle.truncate(0)
+            handle.write(json.dumps(_whoami()).encode())
+            handle.flush()
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _acquire(handle: IO[bytes], lock_path: Path, final: Path) -> None:
+    """Take the lock, logging to the run's log whose lock this waits for, and for how long."""
+    if _try_lock(handle):
+        return
+    log = run_logger()
+    started = time.monotonic()
+    log.info("waiting for %s, which holds %s", _holder(lock_path), final)
+    next_report = started + WAIT_REPORT_SECONDS
+    while not _try_lock(handle):
+        time.sleep(_POLL_SECONDS)
+        if time.monotonic() >= next_report:
+            next_report += WAIT_REPORT_SECONDS
+            waited = time.monotonic() - started
+            log.info("still waiting for %s, which holds %s (%.0f s so far)", _holder(lock_path), final, waited)
+
+
+def _try_lock(handle: IO[bytes]) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _whoami() -> dict[str, object]:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    return {
+        "run": run.name if run else None,
+        "run_id": str(run.id) if run else None,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+def _holder(lock_path: Path) -> str:
+    """Who holds the lock, as its holder wrote it down."""
+    try:
+        holder = json.loads(lock_path.read_bytes() or b"{}")
+    except (OSError, ValueError):
+        holder = {}
+    where = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    if holder.get("run"):
+        return f"run {holder['run']} ({holder['run_id']}, {where})"
+    return f"another run ({where})" if holder else "another run"
 
 
 def temp_path(final: Path) -> Path:
@@ -73,6 +126,13 @@ def new_directory(final: Path) -> Iterator[Path]:
         raise
     shutil.rmtree(final, ignore_errors=True)  # left by a run killed before it was recorded
     os.replace(tmp, final)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small text file in one rename: readers see the old or the new content."""
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def switch_symlink(link: Path, target: Path) -> None:
@@ -97,7 +157,7 @@ def _link_or_copy(source: str, target: str) -> None:
 def remove_stale_temps(final: Path) -> None:
     """Delete temporaries left by killed writers of `final` (the caller holds its lock)."""
     for stale in final.parent.glob(f"{final.name}{_TMP_MARK}*"):
-        log.info("removing %s left by an interrupted run", stale)
+        run_logger().info("removing %s left by an interrupted run", stale)
         stale.unlink(missing_ok=True)
 
 

@@ -10,19 +10,55 @@ counted over every image (see `tasks/validate.py`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from tasks.errors import DataError
-from tasks.model_dir import ModelSpec
-from tasks.tensornets_compat import nets
-from tasks.weights import needed_layers
+# TensorFlow's C++ start-up lines (CUDA probing, "failed call to cuInit" on a CPU machine,
+# absl's pre-init notice) read as failures to a newcomer; tnflow logs the device it uses
+# instead. TensorFlow 2.21 prints some of them whatever TF_CPP_MIN_LOG_LEVEL says, so while
+# it starts up its standard error goes nowhere. A level the user set in the environment wins.
+_QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+
+
+@contextmanager
+def _startup_chatter_hidden() -> Iterator[None]:
+    if not _QUIET:
+        yield
+        return
+    saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)
+
+
+if _QUIET:  # read once by TensorFlow's C++ logging; unset again so that child processes decide for themselves
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+with _startup_chatter_hidden():
+    import tensorflow as tf
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    from tnflow.tasks.tensornets_compat import nets
+
+    _GPUS = [d.name.replace("physical_device:", "") for d in tf.config.list_physical_devices("GPU")]
+if _QUIET:
+    del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+
+from tnflow.tasks.errors import DataError  # noqa: E402 - TensorFlow first, quietly
+from tnflow.tasks.settings import ModelSpec  # noqa: E402
+from tnflow.tasks.weights import needed_layers  # noqa: E402
 
 tf1 = tf.compat.v1
+if _QUIET:
+    tf.get_logger().setLevel("ERROR")  # tensornets' deprecation notes from TensorFlow's Python side
 
 # -- constants --------------------------------------------------------------------------
 
@@ -61,7 +97,7 @@ class Net:
 
 
 def visible_gpus() -> list[str]:
-    return [d.name.replace("physical_device:", "") for d in tf.config.list_physical_devices("GPU")]
+    return list(_GPUS)
 
 
 # -- preprocessing ----------------------------------------------------------------------
@@ -130,8 +166,9 @@ def build(
                 global_step = tf1.train.get_or_create_global_step()
                 optimizer = tf1.train.AdamOptimizer(learning_rate)
                 if mixed_precision:
-                    # float16 compute with float32 master weights and dynamic loss scaling (GPUs only).
-                    optimizer = tf1.mixed_precision.enable_mixed_precision_graph_rewrite(optimizer)
+                    # float16 compute with float32 master weights: loss scaling here, the float16
+                    # rewrite in the training session only (see `open_session`), never process-wide.
+                    optimizer = tf1.mixed_precision.MixedPrecisionLossScaleOptimizer(optimizer, "dynamic")
                 # GATE_NONE: no per-op barriers between gradient computations (the v1 default serialises them).
                 train_op = optimizer.minimize(
                     loss, global_step=global_step, gate_gradients=tf1.train.Optimizer.GATE_NONE
@@ -187,12 +224,20 @@ def _network(spec: ModelSpec, x: tf.Tensor, is_training: tf.Tensor) -> tuple[tf.
 # -- running ----------------------------------------------------------------------------
 
 
-def open_session(net: Net, *, xla: bool = False) -> tf1.Session:
+def session_config(*, xla: bool = False, mixed_precision: bool = False) -> tf1.ConfigProto:
+    """The float16 rewrite is on only when asked and off otherwise, whatever else the process did."""
     config = tf1.ConfigProto(allow_soft_placement=True)
     config.gpu_options.allow_growth = True
+    rewrite = rewriter_config_pb2.RewriterConfig
+    config.graph_options.rewrite_options.auto_mixed_precision = rewrite.ON if mixed_precision else rewrite.OFF
     if xla:
         config.graph_options.optimizer_options.global_jit_level = tf1.OptimizerOptions.ON_1
-    return tf1.Session(graph=net.graph, config=config)
+    return config
+
+
+def open_session(net: Net, *, xla: bool = False, mixed_precision: bool = False) -> tf1.Session:
+    """A session for `net`: evaluation sessions (the defaults) always compute in float32."""
+    return tf1.Session(graph=net.graph, config=session_config(xla=xla, mixed_precision=mixed_precision))
 
 
 def load_pretrained(session: tf1.Session, net: Net, path: str, spec: ModelSpec) -> int:

@@ -8,26 +8,10 @@ configuration, so a model can be traced back to the run that made it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import TnflowError
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What it takes to rebuild a trained model; stored in model.json."""
-
-    model: str
-    head: str
-    num_classes: int
-    image_size: int
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
-        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"])
-
+from tnflow.tasks.errors import TnflowError
 
 MODEL_JSON = "model.json"
 CHECKPOINT = "model.ckpt"
@@ -43,7 +27,7 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     meta_path = path / MODEL_JSON
     if not meta_path.is_file():
-        raise TnflowError(f"{path} is not a tnflow model directory (no {MODEL_JSON}); pass <run dir>/model")
+        raise TnflowError(f"{path} is not a tnflow model directory (no {MODEL_JSON}); pass <run dir>/model or champion")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:

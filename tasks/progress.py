@@ -1,18 +1,35 @@
-"""Progress a user can see: a log line every few seconds and a Prefect progress artifact.
+"""What a user sees of a run: progress lines and artifacts, stage timings, the run's own log.
 
 Work functions take a plain `progress(done, total)` callable so they stay testable without
-Prefect; task wrappers pass a `Progress`, which turns the counts into rate and ETA.
+Prefect; task wrappers pass a `Progress`, which turns the counts into rate and ETA. Each task
+also names `record_stage` as its completion and failure hook, so the report can list every
+stage with its wall time and whether it came from the cache (Prefect stores task states
+asynchronously, so reading them back from its API right away can miss the latest stage).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
+from typing import Any
 
+from prefect import Task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.context import TaskRunContext
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging import get_run_logger
+from prefect.states import State
 
 _SCALE = {"B": (1e6, "MB")}
+_fallback = logging.getLogger("tnflow")
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger (its lines reach the UI), or a plain logger outside a run."""
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return _fallback
+    return get_run_logger()
 
 
 class Progress:
@@ -53,3 +70,36 @@ class Progress:
         else:
             line += f" {unit} at {rate / divisor:,.1f} {unit}/s"
         self.logger.info(line)
+
+
+# -- stage timings ------------------------------------------------------------------------
+
+_STAGES: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+
+
+def record_stage(task: Task, task_run: TaskRun, state: State) -> None:
+    """Task hook: note the stage's wall time, final state and whether it was a cache hit."""
+    started = task_run.start_time or state.timestamp
+    seconds = max((state.timestamp - started).total_seconds(), 0.0) if started else 0.0
+    _STAGES[str(task_run.flow_run_id)].append(
+        {"name": task.name, "seconds": seconds, "cached": state.name == "Cached", "state": state.name}
+    )
+
+
+STAGE_HOOKS: dict[str, Any] = {"on_completion": [record_stage], "on_failure": [record_stage]}
+
+
+class _QuietHook(logging.Filter):
+    """Prefect logs two lines per hook call; for this bookkeeping hook they are only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "hook 'record_stage'" not in str(record.msg).lower()
+
+
+logging.getLogger("prefect.task_runs").addFilter(_QuietHook())
+
+
+def stages_so_far() -> list[dict[str, Any]]:
+    """Name, wall time, cache hit and final state of each stage the current flow run has called."""
+    context = FlowRunContext.get()
+    return list(_STAGES[str(context.flow_run.id)]) if context and context.flow_run else []

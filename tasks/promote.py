@@ -1,17 +1,26 @@
-"""The champion gate: a retrained model replaces the champion only when it is better.
+"""The champion gate: a retrained model replaces the champion only when it is better, measured alike.
 
 What a scheduled retrain should leave is a better model in a known place, never a silent
-regression. `<output dir>/champion` is a symlink to `champions/<run>/` (the run's model plus
-`champion.json`); promotion writes the new directory completely, then switches the link with
-one atomic rename, so a promotion interrupted at any point leaves the old champion whole.
-Models are compared only on the same test split; `champions/history.jsonl` records every
-promotion.
+regression, and never a gate that can no longer open. Champions are kept per dataset
+identity (dataset, source digest, class names):
+
+    <output dir>/champions/<dataset key>/<run>/         the run's model plus champion.json
+    <output dir>/champions/<dataset key>/current  ->    <run>
+    <output dir>/champions/<dataset key>/history.jsonl  every decision that promoted
+    <output dir>/champion -> champions/<dataset key>/<run>   the latest promotion (`tnflow predict champion`)
+
+A candidate and the champion are compared on the candidate's test split: when the champion
+was measured on another split (a smoke run's subset, an older image size), it is scored again
+on the candidate's test images first. Promotion writes the new directory completely, then
+switches the links with atomic renames, so an interrupted promotion leaves the old champion
+whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,12 +28,16 @@ from typing import Any
 
 import h5py
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from tasks.caching import retry_unless
-from tasks.errors import TnflowError
-from tasks.files import ensure_writable_dir, exclusive, link_tree, new_directory, switch_symlink
+from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.files import ensure_writable_dir, exclusive, link_tree, new_directory, switch_symlink
+from tnflow.tasks.progress import STAGE_HOOKS
+from tnflow.tasks.retries import retry_unless
+from tnflow.tasks.validate import evaluate_model
 
 CHAMPION_JSON = "champion.json"
+Rescore = Callable[[str, str], float]  # (champion model dir, candidate cache) -> accuracy on its test split
 
 
 @dataclass(frozen=True)
@@ -32,20 +45,30 @@ class Decision:
     promoted: bool
     reason: str
     test_accuracy: float
-    champion_accuracy: float | None  # the champion's accuracy before this decision
+    champion_accuracy: float | None  # the champion's accuracy on the candidate's test split, before this decision
     champion_dir: str
+    compared_on: str = ""  # the test split both were measured on
+    rescored: bool = False  # the champion was scored again on that split
+
+
+def dataset_key(cache_path: str | Path) -> str:
+    """Which champion line a model belongs to: the dataset, its source and its classes."""
+    with h5py.File(cache_path, "r") as f:
+        names = [str(n) for n in f.attrs["class_names"]]
+        blob = json.dumps([str(f.attrs["source_md5"]), names]).encode()
+        return f"{f.attrs['dataset']}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
 def split_identity(cache_path: str | Path) -> str:
-    """Identifies the test images (dataset, archive, which images): only equal keys compare."""
+    """Identifies the test images (dataset, archive, which images): only equal keys compare as they are."""
     with h5py.File(cache_path, "r") as f:
         labels = f["test/labels"][:]
         parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
     return ":".join(parts) + ":" + hashlib.sha256(labels.tobytes()).hexdigest()[:12]
 
 
-def read_champion(output_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(output_dir) / "champion" / CHAMPION_JSON
+def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
+    path = Path(output_dir) / "champions" / key / "current" / CHAMPION_JSON
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -54,63 +77,100 @@ def promote(
     *,
     run_id: str,
     test_accuracy: float,
-    test_split: str,
+    cache_path: str | Path,
     output_dir: str | Path,
+    rescore: Rescore,
     margin: float = 0.0,
 ) -> Decision:
-    """Make `model_dir` the champion if it beats the current one by more than `margin`."""
+    """Make `model_dir` the champion of its dataset if it beats the current one by more than `margin`."""
     output_dir = ensure_writable_dir(output_dir, option="--output-dir")
-    link = output_dir / "champion"
-    with exclusive(link):
-        current = read_champion(output_dir)
-        previous = current["test_accuracy"] if current else None
-        if current and current["test_split"] != test_split:
-            reason = "kept the champion: it was measured on a different test split, so the two do not compare"
-            return Decision(False, reason, test_accuracy, previous, str(link))
-        if current and not test_accuracy > previous + margin:
-            reason = f"kept the champion: {test_accuracy:.4f} does not beat {previous:.4f} by more than {margin:g}"
-            return Decision(False, reason, test_accuracy, previous, str(link))
+    key, split = dataset_key(cache_path), split_identity(cache_path)
+    line = output_dir / "champions" / key
+    line.mkdir(parents=True, exist_ok=True)
+    with exclusive(line / "current"):
+        current = read_champion(output_dir, key)
+        champion_accuracy, rescored = None, False
+        if current is not None:
+            champion_accuracy = current["test_accuracy"]
+            if current["test_split"] != split:
+                champion_accuracy, rescored = rescore(str(line / "current"), str(cache_path)), True
+            if not test_accuracy > champion_accuracy + margin:
+                reason = (
+                    f"kept the champion ({current['run_id']}): {test_accuracy:.4f} does not beat "
+                    f"{champion_accuracy:.4f} by more than {margin:g}{_on(rescored, current)}"
+                )
+                return Decision(False, reason, test_accuracy, champion_accuracy, str(line / "current"), split, rescored)
 
         record = {
             "run_id": run_id,
+            "dataset": key,
             "test_accuracy": test_accuracy,
-            "test_split": test_split,
+            "test_split": split,
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "replaced_accuracy": previous,
             "replaced_run_id": current["run_id"] if current else None,
+            "replaced_accuracy": champion_accuracy,
+            "replaced_rescored": rescored,
             "margin": margin,
         }
-        with new_directory(output_dir / "champions" / run_id) as tmp:  # itself a model directory
+        with new_directory(line / run_id) as tmp:  # itself a model directory
             link_tree(model_dir, tmp)
             (tmp / CHAMPION_JSON).write_text(json.dumps(record, indent=2))
-        switch_symlink(link, Path("champions") / run_id)
-        with open(output_dir / "champions" / "history.jsonl", "a") as history:
+        switch_symlink(line / "current", Path(run_id))
+        switch_symlink(output_dir / "champion", Path("champions") / key / run_id)
+        with open(line / "history.jsonl", "a") as history:
             history.write(json.dumps(record) + "\n")
-    reason = (
-        "first champion" if current is None else f"{test_accuracy:.4f} beats {previous:.4f} by more than {margin:g}"
+    if current is None:
+        reason = f"promoted: first champion of {key}"
+    else:
+        reason = (
+            f"promoted: {test_accuracy:.4f} beats {champion_accuracy:.4f} ({current['run_id']}) "
+            f"by more than {margin:g}{_on(rescored, current)}"
+        )
+    return Decision(True, reason, test_accuracy, champion_accuracy, str(output_dir / "champion"), split, rescored)
+
+
+def _on(rescored: bool, current: dict[str, Any]) -> str:
+    if not rescored:
+        return " on the same test split"
+    return (
+        f" on this run's test split (the champion was scored again; it had {current['test_accuracy']:.4f} "
+        f"on its own split {current['test_split']})"
     )
-    return Decision(True, f"promoted: {reason}", test_accuracy, previous, str(link))
 
 
-# -- Prefect ----------------------------------------------------------------------------
+# -- Prefect ------------------------------------------------------------------------------
 
 
-@task(name="promote", retries=1, retry_condition_fn=retry_unless(TnflowError))
+@task(
+    name="promote",
+    cache_policy=NO_CACHE,  # the champion may have changed since any earlier decision
+    retries=1,
+    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_HOOKS,
+)
 def promote_task(
-    model_dir: str, run_dir: str, test_accuracy: float, cache_path: str, output_dir: str, margin: float, enabled: bool
+    model_dir: str,
+    run_dir: str,
+    test_accuracy: float,
+    cache_path: str,
+    output_dir: str,
+    margin: float,
+    enabled: bool,
+    eval_batch_size: int,
 ) -> dict[str, Any]:
-    """The champion gate (never cached: the champion may have changed since)."""
+    """The champion gate; `enabled` is false for --no-promote and, unless asked, for runs on subsets."""
     logger = get_run_logger()
     if not enabled:
-        decision = Decision(False, "not considered (--no-promote)", test_accuracy, None, "")
+        decision = Decision(False, "not considered (--no-promote, or a run on a subset)", test_accuracy, None, "")
     else:
         decision = promote(
             model_dir,
             run_id=Path(run_dir).name,
             test_accuracy=test_accuracy,
-            test_split=split_identity(cache_path),
+            cache_path=cache_path,
             output_dir=output_dir,
             margin=margin,
+            rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["test_accuracy"],
         )
     logger.info("champion: %s", decision.reason)
     return asdict(decision)

@@ -2,15 +2,14 @@
 
 The report is what a user keeps from a run: configuration, which stages ran or came from the
 cache and how long each took, learning curves, test accuracy per class with the confusion
-matrix, the recipe's closing figure (sample test images with their top-3 predictions), and
-the machine. Stage timings are read back from Prefect, which recorded them anyway.
+matrix, the recipe's closing figure (sample test images with their top-3 predictions), what
+the champion gate compared, and the machine. Figures are drawn by `tasks.figures`.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 import platform
@@ -20,18 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
-from tasks.caching import retry_unless, stages_so_far
-from tasks.errors import TnflowError
-from tasks.files import link_tree, new_directory
-from tasks.validate import write_metrics
+from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.figures import confusion_heatmap, learning_curves, png, sample_grid
+from tnflow.tasks.files import link_tree, new_directory, write_atomic
+from tnflow.tasks.progress import STAGE_HOOKS, stages_so_far
+from tnflow.tasks.retries import retry_unless
+from tnflow.tasks.validate import write_metrics
 
 FIGURES = ("learning_curves", "confusion_matrix", "samples")
 
@@ -65,66 +63,6 @@ def machine() -> dict[str, str]:
     }
 
 
-# -- figures ----------------------------------------------------------------------------
-
-
-def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
-    epochs = [r["epoch"] for r in history]
-    fig, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for axis, metric in ((loss, "loss"), (accuracy, "accuracy")):
-        axis.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
-        axis.plot(epochs, [r[f"valid_{metric}"] for r in history], "s-", label="valid")
-        axis.set_xlabel("epoch")
-        axis.set_title(metric)
-        axis.set_xticks(epochs)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    fig.tight_layout()
-    return fig
-
-
-def confusion_heatmap(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
-    matrix = np.asarray(confusion)
-    size = max(4.0, min(14.0, 0.45 * len(class_names) + 2))
-    fig, axis = plt.subplots(figsize=(size, size * 0.85))
-    image = axis.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=axis, fraction=0.046)
-    ticks = range(len(class_names))
-    show_names = len(class_names) <= 20
-    axis.set_xticks(ticks, class_names if show_names else [], rotation=90)
-    axis.set_yticks(ticks, class_names if show_names else [])
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    if show_names:
-        for (row, col), count in np.ndenumerate(matrix):
-            color = "white" if count > matrix.max() / 2 else "black"
-            axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
-    fig.tight_layout()
-    return fig
-
-
-def sample_grid(images: np.ndarray, samples: list[dict[str, Any]], class_names: list[str]) -> plt.Figure:
-    columns = 4
-    rows = max(1, -(-len(samples) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, sample in zip(axes.ravel(), images, samples, strict=False):
-        axis.imshow(image)
-        top = "\n".join(f"{class_names[c]} {p:.0%}" for c, p in sample["top"])
-        verdict = "right" if sample["top"][0][0] == sample["label"] else "wrong"
-        axis.set_title(f"true: {class_names[sample['label']]} ({verdict})\n{top}", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _png(fig: plt.Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 # -- the report -------------------------------------------------------------------------
 
 
@@ -145,9 +83,9 @@ def write_report(
     with h5py.File(cache_path, "r") as f:
         sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
     pngs = {
-        "learning_curves": _png(learning_curves(history)),
-        "confusion_matrix": _png(confusion_heatmap(metrics["confusion_matrix"], names)),
-        "samples": _png(sample_grid(sample_images, metrics["samples"], names)),
+        "learning_curves": png(learning_curves(history)),
+        "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
+        "samples": png(sample_grid(sample_images, metrics["samples"], names)),
     }
     (run_dir / "figures").mkdir(parents=True, exist_ok=True)
     for name, data in pngs.items():
@@ -156,8 +94,8 @@ def write_report(
     sections = _sections(config, history, metrics, stages, device, promotion)
     markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
-    _write(run_dir / "report.md", markdown)
-    _write(run_dir / "report.html", page)
+    write_atomic(run_dir / "report.md", markdown)
+    write_atomic(run_dir / "report.html", page)
     return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
 
 
@@ -171,6 +109,7 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
             ("best epoch", f"{best['epoch']} (valid accuracy {best['valid_accuracy']:.4f})"),
             ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
             ("champion", promotion["reason"] if promotion else "not considered"),
+            ("compared on test split", (promotion or {}).get("compared_on") or "-"),
         ],
         "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
         "history": [
@@ -236,16 +175,10 @@ def _html(sections: dict[str, Any], images: dict[str, str]) -> str:
     return "\n".join(parts)
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # -- Prefect ----------------------------------------------------------------------------
 
 
-@task(name="report", retries=1, retry_condition_fn=retry_unless(TnflowError))
+@task(name="report", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless(TnflowError), **STAGE_HOOKS)
 def report_task(
     run_dir: str,
     model_dir: str,

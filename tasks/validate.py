@@ -2,24 +2,29 @@
 
 The recipe averaged per-batch accuracies, which weights a short last batch like a full one.
 Here every batch adds to one tally (correct count, summed loss, confusion matrix), so the
-result does not depend on the evaluation batch size.
+result does not depend on the evaluation batch size. Evaluation always computes in float32,
+whatever a training earlier in the same process asked for.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from tasks.cache import iter_batches
-from tasks.caching import BY_INPUTS_AND_SOURCE, retry_unless, run_unless_present
-from tasks.errors import TnflowError
-from tasks.model_dir import CHECKPOINT, ModelSpec, read_model_dir
+from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.files import write_atomic
+from tnflow.tasks.h5cache import iter_batches
+from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir
+from tnflow.tasks.progress import STAGE_HOOKS
+from tnflow.tasks.resize import resize_image
+from tnflow.tasks.retries import retry_unless
+from tnflow.tasks.settings import ModelSpec
 
 TOP_K = 3
 SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
@@ -70,7 +75,7 @@ class Tally:
 
 def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: int) -> dict[str, Any]:
     """Metrics of the model in `session` on every image of `split`."""
-    from tasks.model import run_split  # TensorFlow: only when evaluating
+    from tnflow.tasks.model import run_split  # TensorFlow: only when evaluating
 
     tally = Tally(num_classes)
     fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses}
@@ -79,21 +84,34 @@ def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: i
     return tally.metrics(split)
 
 
-def validate(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, out_dir: str | Path) -> dict:
-    """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
-    from tasks.model import build, open_session  # TensorFlow: only when evaluating
+def evaluate_model(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int) -> dict[str, Any]:
+    """Metrics of a saved model on every image of a split of the cache.
+
+    A cache of another image size (a champion re-scored on a newer run's test split) is
+    resized to the model's input on the way, with the kernel prediction uses.
+    """
+    from tnflow.tasks.model import build, open_session  # TensorFlow: only when evaluating
 
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
 
     def batches(split_name: bytes, epoch: int, shuffle: bool, size: int):
-        return iter_batches(cache_path, split_name.decode(), int(size))
+        for images, labels in iter_batches(cache_path, split_name.decode(), int(size)):
+            if images.shape[1] != spec.image_size:
+                images = np.stack([resize_image(image, spec.image_size) for image in images])
+            yield images, labels
 
     net = build(spec, batches)
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
         metrics = evaluate(session, net, split, batch_size, spec.num_classes)
     metrics["class_names"] = meta["class_names"]
+    return metrics
+
+
+def validate(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, out_dir: str | Path) -> dict:
+    """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
+    metrics = evaluate_model(model_dir, cache_path, split, batch_size)
     write_metrics(Path(out_dir), metrics)
     return metrics
 
@@ -104,9 +122,7 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     path = out_dir / "metrics.json"
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update(metrics)
-    tmp = path.with_name(f"metrics.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(merged, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(merged, indent=2))
     return path
 
 
@@ -115,27 +131,13 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
 
 @task(
     name="validate",
-    cache_policy=BY_INPUTS_AND_SOURCE,
-    persist_result=True,
+    cache_policy=NO_CACHE,  # it writes this run's metrics.json; its inputs include the run directory
     retries=1,
     retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_HOOKS,
 )
 def validate_task(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
     metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
     keys = (f"{split}_accuracy", f"{split}_loss", f"num_{split}")
     get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *(metrics[k] for k in keys))
     return {k: metrics[k] for k in keys}
-
-
-def validate_stage(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
-    """The validation stage as flows call it: cached, unless metrics.json has gone."""
-    present = (Path(out_dir) / "metrics.json").is_file()
-    return run_unless_present(
-        validate_task,
-        present,
-        model_dir=model_dir,
-        cache_path=cache_path,
-        split=split,
-        batch_size=batch_size,
-        out_dir=out_dir,
-    )

@@ -5,20 +5,26 @@ weights. tnflow knows every layer and shape the model needs (`PRETRAINED`) and c
 file against them when it is fetched, so a truncated or wrong file fails in seconds with the
 offending layer named, not after hours of training. `--weights none` is the one explicit way
 to start from random weights. No TensorFlow here: `tasks/model.py` loads the values.
+
+Which digest a file is checked against, local copies included: `--weights-md5` when given;
+else the published md5 when the file has the published file's name (`imagenet`, or a copy of
+that file under any directory or URL); else none, and the layer-by-layer shape check above is
+the only check (always made).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import h5py
 from prefect import get_run_logger, task
 
-from tasks.caching import BY_INPUTS_AND_SOURCE, run_unless_present
-from tasks.download import DOWNLOAD_RETRIES, ProgressFn, fetch, target_path
-from tasks.errors import DataError
-from tasks.progress import Progress
+from tnflow.tasks.cache_policy import StageCache, code_version
+from tnflow.tasks.download import DOWNLOAD_RETRIES, ProgressFn, fetch, file_md5, source_identity
+from tnflow.tasks.errors import DataError
+from tnflow.tasks.progress import STAGE_HOOKS, Progress
 
 Shapes = tuple[tuple[int, ...], ...]
 
@@ -65,6 +71,7 @@ class WeightsFile:
     path: str | None
     md5: str | None
     source: str
+    check: str = "none"  # what the file was checked against, for the log and the report
 
 
 def needed_layers(model: str, head: str) -> tuple[tuple[str, Shapes], ...]:
@@ -110,9 +117,11 @@ def resolve(weights: str, weights_md5: str | None, model: str) -> tuple[str, str
     """(url, md5) to fetch for `--weights`; None for `--weights none`."""
     if weights == "none":
         return None
+    published = PRETRAINED[model]
     if weights == "imagenet":
-        spec = PRETRAINED[model]
-        return spec.url, weights_md5 or spec.md5
+        return published.url, weights_md5 or published.md5
+    if weights_md5 is None and Path(urlsplit(weights).path).name == Path(urlsplit(published.url).path).name:
+        return weights, published.md5  # a copy of the published file must be that file
     return weights, weights_md5
 
 
@@ -132,7 +141,13 @@ def fetch_weights(
     url, md5 = source
     fetched = fetch(url, cache_dir, md5, progress=progress)
     check_weights(fetched.path, model, head)
-    return WeightsFile(path=fetched.path, md5=fetched.md5, source=url)
+    check = f"md5 {md5} and every layer's shape" if md5 else "every layer's shape (no digest known for this file)"
+    return WeightsFile(path=fetched.path, md5=fetched.md5, source=url, check=check)
+
+
+def weights_are_sound(found: WeightsFile) -> bool:
+    """A recorded weights file is reusable while it is there with its recorded md5."""
+    return found.path is None or (Path(found.path).is_file() and file_md5(found.path) == found.md5)
 
 
 # -- Prefect ----------------------------------------------------------------------------
@@ -140,28 +155,21 @@ def fetch_weights(
 
 @task(
     name="fetch-weights",
-    cache_policy=BY_INPUTS_AND_SOURCE,
+    cache_policy=StageCache(
+        code=code_version(check_weights, read_keras_layers, resolve),
+        identity=lambda inputs: source_identity(inputs["weights"]),
+        sound=weights_are_sound,
+    ),
     persist_result=True,
     **DOWNLOAD_RETRIES,
+    **STAGE_HOOKS,
 )
 def fetch_weights_task(weights: str, weights_md5: str | None, model: str, head: str, cache_dir: str) -> WeightsFile:
     logger = get_run_logger()
     progress = Progress(f"weights {Path(weights).name}", unit="B", logger=logger)
     found = fetch_weights(weights, weights_md5, model, head, cache_dir, progress=progress)
-    logger.info("weights: %s", found.path or "none (random initialisation, as asked)")
+    if found.path:
+        logger.info("weights: %s, checked against %s", found.path, found.check)
+    else:
+        logger.info("weights: none (random initialisation, as asked)")
     return found
-
-
-def weights_stage(weights: str, weights_md5: str | None, model: str, head: str, cache_dir: str) -> WeightsFile:
-    """The weights stage as flows call it: cached, unless the cached file has gone."""
-    source = resolve(weights, weights_md5, model)
-    present = source is None or target_path(source[0], cache_dir, source[1]).is_file()
-    return run_unless_present(
-        fetch_weights_task,
-        present,
-        weights=weights,
-        weights_md5=weights_md5,
-        model=model,
-        head=head,
-        cache_dir=cache_dir,
-    )

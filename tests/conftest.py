@@ -26,6 +26,13 @@ from tests.fakes import FakeCifar, make_archive
 from tests.fileserver import FileServer
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Anything that needs a Prefect server is slow (10-25 s to start one): `-m "not slow"` leaves it out."""
+    for item in items:
+        if {"prefect_api", "prefect_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """One temporary Prefect server for every flow test; yields its API URL."""

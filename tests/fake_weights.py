@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tasks.weights import PRETRAINED
+from tnflow.tasks.weights import PRETRAINED
 
 
 def write_fake_weights(path: Path, layers=None, seed: int = 0) -> str:

@@ -15,10 +15,12 @@ import h5py
 import numpy as np
 import pytest
 
-import tasks.cache as cache
-from tasks.config import CacheSpec
-from tasks.errors import DataError, TnflowError
+import tnflow.tasks.cache as cache
 from tests.fakes import cifar_members, make_archive, make_cifar, write_archive
+from tnflow.tasks import cifar, h5cache, resize
+from tnflow.tasks import splits as splitting
+from tnflow.tasks.errors import DataError, TnflowError
+from tnflow.tasks.settings import CacheSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +37,7 @@ def spec(**changes) -> CacheSpec:
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_reads_both_archive_formats_exactly(tmp_path, dataset):
     fake, _ = make_archive(tmp_path / "a.tar.gz", dataset, n_train=400, n_test=200)
-    got = cache.read_archive(tmp_path / "a.tar.gz", dataset)
+    got = cifar.read_archive(tmp_path / "a.tar.gz", dataset)
     np.testing.assert_array_equal(got.train_images, fake.train_images)
     np.testing.assert_array_equal(got.train_labels, fake.train_labels)
     np.testing.assert_array_equal(got.test_images, fake.test_images)
@@ -84,7 +86,7 @@ BROKEN = {
 def test_broken_archives_are_clear_errors(tmp_path, case):
     change, message = BROKEN[case]
     with pytest.raises(DataError, match=message) as raised:
-        cache.read_archive(_broken(tmp_path, change), "cifar10")
+        cifar.read_archive(_broken(tmp_path, change), "cifar10")
     assert "\n" not in str(raised.value)
 
 
@@ -95,13 +97,13 @@ def test_files_that_are_not_gzip_tars(tmp_path, content):
     path = tmp_path / "x.tar.gz"
     path.write_bytes(content)
     with pytest.raises(DataError, match="not a readable gzip tar"):
-        cache.read_archive(path, "cifar10")
+        cifar.read_archive(path, "cifar10")
 
 
 def test_cifar100_archive_given_as_cifar10(tmp_path):
     make_archive(tmp_path / "c100.tar.gz", "cifar100", n_train=200, n_test=100)
     with pytest.raises(DataError, match="check --dataset"):
-        cache.read_archive(tmp_path / "c100.tar.gz", "cifar10")
+        cifar.read_archive(tmp_path / "c100.tar.gz", "cifar10")
 
 
 # -- splits -----------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def test_cifar100_archive_given_as_cifar10(tmp_path):
 
 def test_stratified_subset_keeps_class_shares():
     labels = np.repeat(np.arange(4), [100, 200, 300, 400])
-    picked = cache.stratified_subset(labels, 100, np.random.default_rng(0))
+    picked = splitting.stratified_subset(labels, 100, np.random.default_rng(0))
     assert len(picked) == len(set(picked)) == 100
     assert Counter(labels[picked].tolist()) == {0: 10, 1: 20, 2: 30, 3: 40}
     assert np.all(np.diff(picked) > 0)
@@ -117,10 +119,10 @@ def test_stratified_subset_keeps_class_shares():
 
 def test_splits_are_seeded_disjoint_and_stratified(tmp_path):
     fake, _ = make_archive(tmp_path / "a.tar.gz", n_train=1000, n_test=100)
-    data = cache.read_archive(tmp_path / "a.tar.gz", "cifar10")
-    splits = cache.split_indices(data, spec(valid_size=200, limit_train=500, limit_test=50))
-    again = cache.split_indices(data, spec(valid_size=200, limit_train=500, limit_test=50))
-    other = cache.split_indices(data, spec(valid_size=200, limit_train=500, limit_test=50, seed=1))
+    data = cifar.read_archive(tmp_path / "a.tar.gz", "cifar10")
+    splits = splitting.split_indices(data, spec(valid_size=200, limit_train=500, limit_test=50))
+    again = splitting.split_indices(data, spec(valid_size=200, limit_train=500, limit_test=50))
+    other = splitting.split_indices(data, spec(valid_size=200, limit_train=500, limit_test=50, seed=1))
     assert all(np.array_equal(splits[k], again[k]) for k in splits)
     assert not np.array_equal(splits["valid"], other["valid"])
     assert not set(splits["train"]) & set(splits["valid"])
@@ -140,26 +142,34 @@ def test_splits_are_seeded_disjoint_and_stratified(tmp_path):
 )
 def test_impossible_sizes(cifar10, changes, message):
     _, path, _ = cifar10
-    data = cache.read_archive(path, "cifar10")
+    data = cifar.read_archive(path, "cifar10")
     with pytest.raises(DataError, match=message):
-        cache.split_indices(data, spec(**changes))
+        splitting.split_indices(data, spec(**changes))
 
 
 # -- resizing ---------------------------------------------------------------------------
 
 
+def reference_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """scikit-image's bilinear resize, as the recipe but without darkened borders."""
+    from skimage.transform import resize as skimage_resize
+
+    out = skimage_resize(image, (size, size), order=1, mode="edge", anti_aliasing=False, preserve_range=True)
+    return np.rint(out).astype(np.uint8)
+
+
 @pytest.mark.parametrize("size", [32, 33, 64, 100, 224])
 def test_fast_resize_agrees_with_scikit_image(size):
     images = np.random.default_rng(size).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    fast = cache.resize_batch(images, size)
-    reference = np.stack([cache.reference_resize(image, size) for image in images])
+    fast = resize.resize_batch(images, size)
+    reference = np.stack([reference_resize(image, size) for image in images])
     assert fast.shape == (6, size, size, 3) and fast.dtype == np.uint8
     assert np.abs(fast.astype(int) - reference).max() <= 1
 
 
 def test_borders_are_not_darkened():
     flat = np.full((1, 32, 32, 3), 200, dtype=np.uint8)
-    assert np.all(cache.resize_batch(flat, 224) == 200)
+    assert np.all(resize.resize_batch(flat, 224) == 200)
     # Zero padding outside the image (old scikit-image's mode='constant') fails that check:
     from scipy.ndimage import zoom
 
@@ -175,11 +185,11 @@ def test_cache_content_is_exact_at_size_32(cifar10, tmp_path):
     info = cache.build_cache(path, md5, spec(), tmp_path / "cache")
     assert info.counts == {"train": 400, "valid": 100, "test": 100}
     assert info.class_names == tuple(fake.class_names)
-    splits = cache.split_indices(cache.read_archive(path, "cifar10"), spec())
+    splits = splitting.split_indices(cifar.read_archive(path, "cifar10"), spec())
     with h5py.File(info.path, "r") as f:
         assert f.attrs["source_md5"] == md5 and f.attrs["image_size"] == 32
         assert list(f.attrs["class_names"]) == fake.class_names
-        assert "edge" in f.attrs["resize_method"] and f.attrs["format_version"] == cache.FORMAT_VERSION
+        assert "edge" in f.attrs["resize_method"] and f.attrs["format_version"] == h5cache.FORMAT_VERSION
         for split, images, labels in [
             ("train", fake.train_images, fake.train_labels),
             ("valid", fake.train_images, fake.train_labels),
@@ -188,16 +198,16 @@ def test_cache_content_is_exact_at_size_32(cifar10, tmp_path):
             np.testing.assert_array_equal(f[f"{split}/images"][:], images[splits[split]])
             np.testing.assert_array_equal(f[f"{split}/labels"][:], labels[splits[split]])
             assert f[f"{split}/images"].dtype == np.uint8 and f[f"{split}/labels"].dtype == np.int64
-        assert f["train/images"].chunks[0] == cache.CHUNK_IMAGES
+        assert f["train/images"].chunks[0] == h5cache.CHUNK_IMAGES
 
 
 def test_cache_at_larger_size_matches_the_reference(cifar10, tmp_path):
     _, path, md5 = cifar10
     small = spec(image_size=72, limit_train=40, limit_test=10, valid_size=20)
     info = cache.build_cache(path, md5, small, tmp_path)
-    data = cache.read_archive(path, "cifar10")
-    picked = cache.split_indices(data, small)["test"]
-    reference = np.stack([cache.reference_resize(data.test_images[i], 72) for i in picked])
+    data = cifar.read_archive(path, "cifar10")
+    picked = splitting.split_indices(data, small)["test"]
+    reference = np.stack([reference_resize(data.test_images[i], 72) for i in picked])
     with h5py.File(info.path, "r") as f:
         assert np.abs(f["test/images"][:].astype(int) - reference).max() <= 1
 
@@ -214,14 +224,14 @@ def test_a_truncated_cache_is_rebuilt(cifar10, tmp_path):
     info = cache.build_cache(path, md5, spec(), tmp_path)
     data = Path(info.path).read_bytes()
     Path(info.path).write_bytes(data[: len(data) // 2])
-    assert cache.inspect_cache(info.path) is None
+    assert h5cache.inspect_cache(info.path) is None
     assert cache.build_cache(path, md5, spec(), tmp_path) == info
 
 
 def test_concurrent_builds_share_one_build(cifar10, tmp_path, monkeypatch):
     _, path, md5 = cifar10
     reads = []
-    real = cache.read_archive
+    real = cifar.read_archive
     monkeypatch.setattr(cache, "read_archive", lambda *a: reads.append(1) or real(*a))
     results = []
     threads = [
@@ -237,7 +247,7 @@ def test_concurrent_builds_share_one_build(cifar10, tmp_path, monkeypatch):
 
 def test_not_enough_disk_space_fails_before_work(cifar10, tmp_path, monkeypatch):
     _, path, md5 = cifar10
-    monkeypatch.setattr("tasks.files.shutil.disk_usage", lambda directory: SimpleNamespace(free=1000))
+    monkeypatch.setattr("tnflow.tasks.files.shutil.disk_usage", lambda directory: SimpleNamespace(free=1000))
     with pytest.raises(TnflowError, match=r"has 0.0 GB free but this needs .* free some space"):
         cache.build_cache(path, md5, spec(), tmp_path / "cache")
     assert all(p.name.endswith(".lock") for p in (tmp_path / "cache").iterdir())
@@ -273,12 +283,13 @@ def test_cache_dir_that_is_not_writable(cifar10, tmp_path):
         cache.build_cache(path, md5, spec(), blocker / "cache")
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_nothing_that_looks_finished(tmp_path):
     archive = tmp_path / "big.tar.gz"
     _, md5 = make_archive(archive, n_train=3000, n_test=500)
     target = cache.cache_path(tmp_path / "cache", spec(image_size=160, valid_size=500), md5)
     script = (
-        "import sys; from tasks.cache import build_cache; from tasks.config import CacheSpec;"
+        "import sys; from tnflow.tasks.cache import build_cache; from tnflow.tasks.settings import CacheSpec;"
         "build_cache(sys.argv[1], sys.argv[2], CacheSpec('cifar10', 160, 500, None, None, 0), sys.argv[3])"
     )
     child = subprocess.Popen([sys.executable, "-c", script, str(archive), md5, str(tmp_path / "cache")], cwd=REPO)
@@ -289,7 +300,7 @@ def test_a_killed_build_leaves_nothing_that_looks_finished(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert list(target.parent.glob(target.name + ".tmp-*")), "the build should have been caught mid-write"
-    assert not target.exists() and cache.inspect_cache(target) is None
+    assert not target.exists() and h5cache.inspect_cache(target) is None
 
     info = cache.build_cache(archive, md5, spec(image_size=160, valid_size=500), tmp_path / "cache")
     assert info.counts == {"train": 2500, "valid": 500, "test": 500}

@@ -13,9 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-import tasks.download as download
-from flows.cli import main
+import tnflow.flows.prepare as prepare_flow
+import tnflow.tasks.download as download
 from tests.fakes import cifar_members, make_archive, make_cifar, write_archive
+from tnflow.flows.cli import main
 
 
 def prepare(capsys, *options: str) -> tuple[int, list[str], list[str]]:
@@ -47,7 +48,7 @@ def test_malformed_options_are_one_line(options):
 
 def test_malformed_option_message():
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "prepare", "--image-size", "big"], capture_output=True, text=True
+        [sys.executable, "-m", "tnflow.flows.cli", "prepare", "--image-size", "big"], capture_output=True, text=True
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -135,7 +136,7 @@ def test_not_found(prefect_api, capsys, file_server, tmp_path):
 
 
 def test_unreachable_host(prefect_api, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(download, "download_task", download.download_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(prepare_flow, "download_task", download.download_task.with_options(retry_delay_seconds=0))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -163,6 +164,28 @@ def test_prints_the_cache_path_last(prefect_api, capsys, cifar10, tmp_path):
     assert cache_file.is_absolute() and cache_file.parent == tmp_path / "c"
     with h5py.File(cache_file, "r") as f:
         assert f["train/images"].shape == (450, 40, 40, 3)
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_a_user_error_is_one_line_on_the_console(prefect_api, tmp_path, debug):
+    """A truncated archive (its md5 given): tnflow's line, not Prefect's traceback through its engine."""
+    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=200, n_test=50)
+    truncated = (tmp_path / "c10.tar.gz").read_bytes()[:20000]
+    (tmp_path / "cut.tar.gz").write_bytes(truncated)
+    md5 = hashlib.md5(truncated).hexdigest()
+    tnflow = str(Path(sys.executable).with_name("tnflow"))
+    command = [tnflow, "prepare", "--data-url", str(tmp_path / "cut.tar.gz"), "--data-md5", md5]
+    command += ["--image-size", "32", "--valid-size", "20", "--cache-dir", str(tmp_path / "c")]
+    command += ["--debug"] if debug else []
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_api})
+    assert done.returncode == 1 and done.stdout == ""
+    if debug:
+        assert "Traceback" in done.stderr and "DataError" in done.stderr
+    else:
+        assert "Traceback" not in done.stderr and "task_engine.py" not in done.stderr, done.stderr[-3000:]
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1].startswith("tnflow prepare: error: ") and "is not a readable gzip tar archive" in lines[-1]
+        assert sum("is not a readable gzip tar archive" in line for line in lines) == 1, "said once"
 
 
 def test_full_size_cifar10_through_the_console_script(prefect_api, tmp_path):

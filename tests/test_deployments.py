@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.serve import load_deployments, runner_deployments
-from tasks.weights import PRETRAINED
 from tests.conftest import api_get, api_post, stop_process_group
 from tests.fake_weights import write_fake_weights
 from tests.fakes import make_archive
+from tnflow.flows.serve import load_deployments, runner_deployments
+from tnflow.tasks.weights import PRETRAINED
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,11 +46,16 @@ def test_the_yaml_is_what_serve_serves():
     entries = {d["name"]: d for d in load_deployments()}
     assert set(entries) == {"retrain-weekly", "adhoc"}
     assert entries["retrain-weekly"]["schedules"][0]["cron"] == "0 3 * * 1" and "schedules" not in entries["adhoc"]
-    assert entries["adhoc"]["parameters"] == entries["retrain-weekly"]["parameters"]
-    assert entries["adhoc"]["parameters"]["epochs"] == 7 and entries["adhoc"]["work_pool"]["name"] == "tnflow"
+    assert entries["retrain-weekly"]["parameters"] == {"retrain": True} and entries["adhoc"]["parameters"] == {}
+    assert entries["adhoc"]["work_pool"]["name"] == "tnflow"
     served = {d.name: d for d in runner_deployments()}
     assert served["retrain-weekly"].schedules[0].schedule.cron == "0 3 * * 1"
-    assert served["adhoc"].parameters["learning_rate"] == 1e-5 and not served["adhoc"].schedules
+    assert served["retrain-weekly"].parameters == {"retrain": True}
+    assert not served["adhoc"].parameters and not served["adhoc"].schedules
+    schema = served["adhoc"]._parameter_openapi_schema.model_dump()["properties"]
+    assert schema["learning_rate"]["default"] == 1e-5 and schema["epochs"]["minimum"] == 1, (
+        "defaults come from the flow"
+    )
 
 
 def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
@@ -124,4 +129,6 @@ def test_tnflow_serve_registers_the_same_deployments(prefect_server, tmp_path):
             stop_process_group(server)
     found = served_deployments(api, started)
     assert found["retrain-weekly"]["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
-    assert found["adhoc"]["parameters"]["epochs"] == 7 and not found["adhoc"]["schedules"]
+    assert found["retrain-weekly"]["parameters"] == {"retrain": True}
+    assert found["adhoc"]["parameter_openapi_schema"]["properties"]["epochs"]["default"] == 7
+    assert not found["adhoc"]["schedules"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import fetch, target_path
-from tasks.errors import DownloadError, TransientDownloadError
+from tnflow.tasks.download import fetch, target_path
+from tnflow.tasks.errors import DownloadError, TransientDownloadError
 
 BODY = os.urandom(3 << 20)  # three read blocks, so a dropped connection leaves a real partial file
 MD5 = hashlib.md5(BODY).hexdigest()
@@ -142,7 +142,7 @@ def test_concurrent_fetches_download_once(served, tmp_path):
 
 def test_disk_full_keeps_the_partial_download_for_resuming(served, tmp_path, monkeypatch):
     server, url = served
-    import tasks.download as download
+    import tnflow.tasks.download as download
 
     class FullDisk:
         """A file whose disk fills up after one block."""
@@ -173,3 +173,13 @@ def test_disk_full_keeps_the_partial_download_for_resuming(served, tmp_path, mon
     monkeypatch.undo()
     assert Path(fetch(url, tmp_path, MD5).path).read_bytes() == BODY
     assert server.requests[-1][1] is not None, "the second attempt resumed"
+
+
+def test_a_local_file_edited_in_place_is_copied_again(tmp_path):
+    source = tmp_path / "weights.h5"
+    source.write_bytes(b"first version")
+    first = fetch(str(source), tmp_path / "cache")
+    source.write_bytes(b"second version, same path")
+    second = fetch(str(source), tmp_path / "cache")
+    assert Path(second.path).read_bytes() == b"second version, same path"
+    assert first.path != second.path and first.md5 != second.md5, "copies are keyed by content"

@@ -3,10 +3,11 @@
 import numpy as np
 import pytest
 
-from tasks.errors import DataError
-from tasks.model import CAFFE_MEAN_BGR, ModelSpec, build, load_pretrained, open_session, preprocess
-from tasks.weights import PRETRAINED
 from tests.fake_weights import read_fake_weights, write_fake_weights
+from tnflow.tasks.errors import DataError
+from tnflow.tasks.model import CAFFE_MEAN_BGR, build, load_pretrained, open_session, preprocess, session_config
+from tnflow.tasks.settings import ModelSpec
+from tnflow.tasks.weights import PRETRAINED
 
 VGG19 = PRETRAINED["vgg19"].layers
 
@@ -19,14 +20,16 @@ def full_weights(tmp_path_factory):
 
 
 def test_tensornets_imports_through_the_compat_module():
-    from tasks.tensornets_compat import nets
+    from tnflow.tasks.tensornets_compat import nets
 
     assert nets.VGG19 is not None
     with pytest.raises(RuntimeError, match="tnflow loads verified weights itself"):
         nets.utils.get_file("vgg19.h5", "https://example.invalid/vgg19.h5")
 
 
-@pytest.mark.parametrize("head, size", [("gap", 32), ("full", 224)], ids=["gap-32", "full-224"])
+@pytest.mark.parametrize(
+    "head, size", [("gap", 32), pytest.param("full", 224, marks=pytest.mark.slow)], ids=["gap-32", "full-224"]
+)
 def test_pretrained_values_load_exactly_and_the_head_starts_fresh(head, size, full_weights):
     spec = ModelSpec("vgg19", head, 10, size)
     net = build(spec, learning_rate=1e-5)  # optimizer slots exist: loading must not touch them
@@ -68,7 +71,7 @@ def test_truncated_file_is_an_error(tmp_path):
 def test_preprocessing_matches_the_reference():
     import tensorflow as tf
 
-    from tasks.tensornets_compat import nets
+    from tnflow.tasks.tensornets_compat import nets
 
     pixel = np.array([[[[255, 128, 0]]]], dtype=np.uint8)  # RGB
     images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
@@ -79,6 +82,7 @@ def test_preprocessing_matches_the_reference():
     np.testing.assert_allclose(got_images, nets.preprocess("vgg19", images.astype(np.float32)), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_logits_not_probabilities_feed_the_loss():
     spec = ModelSpec("vgg19", "full", 10, 224)
     net = build(spec)
@@ -95,6 +99,7 @@ def test_logits_not_probabilities_feed_the_loss():
     np.testing.assert_allclose(losses, reference, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switches", [{"mixed_precision": True}, {"xla": True}], ids=["mixed-precision", "xla"])
 def test_gpu_switches_build_and_step_on_the_cpu(switches):
     spec = ModelSpec("vgg19", "gap", 10, 32)
@@ -104,3 +109,35 @@ def test_gpu_switches_build_and_step_on_the_cpu(switches):
         session.run(net.init)
         _, loss = session.run([net.train_op, net.loss], {net.images: images, net.labels: np.arange(4)})
     assert np.isfinite(loss)
+
+
+def test_mixed_precision_stays_in_the_training_session():
+    """Evaluation (and so the champion gate) is float32 whatever trained earlier in the process."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from tensorflow.python.training.experimental import mixed_precision_global_state
+
+    net = build(ModelSpec("vgg19", "gap", 10, 32), learning_rate=1e-4, mixed_precision=True)
+    with open_session(net, mixed_precision=True) as session:
+        session.run(net.init)
+    on, off = rewriter_config_pb2.RewriterConfig.ON, rewriter_config_pb2.RewriterConfig.OFF
+    assert not mixed_precision_global_state.is_mixed_precision_graph_rewrite_enabled(), "a process-wide switch"
+    assert session_config(mixed_precision=True).graph_options.rewrite_options.auto_mixed_precision == on
+    evaluation = build(ModelSpec("vgg19", "gap", 10, 32))
+    with open_session(evaluation) as session:
+        assert session._config.graph_options.rewrite_options.auto_mixed_precision == off
+
+
+@pytest.mark.slow
+def test_tensorflow_start_up_chatter_is_hidden_unless_the_user_sets_a_level():
+    import os
+    import subprocess
+    import sys
+
+    def start(env):
+        command = [sys.executable, "-c", "import tnflow.tasks.model"]
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet, loud = start(env), start({**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert loud.returncode == 0 and loud.stderr, "the user's level wins"

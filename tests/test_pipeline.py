@@ -1,8 +1,9 @@
-"""The whole pipeline as one Prefect flow: six tasks, a complete run directory, caching, early errors."""
+"""The whole pipeline as one Prefect flow: seven tasks, a run directory, caching, recovery, the champion."""
 
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,14 +11,17 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from prefect.exceptions import ParameterTypeError
 
-from flows.cli import main
-from flows.train import transfer_learning
-from tasks.errors import ConfigError
-from tasks.weights import PRETRAINED
 from tests.fake_weights import write_fake_weights
 from tests.fakes import make_archive
 from tests.prefect_runs import task_states
+from tnflow.flows.cli import main
+from tnflow.flows.train import transfer_learning
+from tnflow.tasks.errors import ConfigError
+from tnflow.tasks.weights import PRETRAINED
+
+pytestmark = pytest.mark.slow
 
 STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "promote", "report")
 HISTORY_FIELDS = {
@@ -34,7 +38,7 @@ HISTORY_FIELDS = {
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
-    _, data_md5 = make_archive(root / "c10.tar.gz", n_train=300, n_test=60)
+    _, data_md5 = make_archive(root / "c10.tar.gz", n_train=260, n_test=60)
     weights_md5 = write_fake_weights(root / "vgg19-conv.h5", PRETRAINED["vgg19"].layers[:16])
     return {
         "data_url": (root / "c10.tar.gz").as_uri(),
@@ -97,7 +101,43 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert Path(second.result()) != run, "every run gets its own directory"
     report = (Path(second.result()) / "report.md").read_text()
     assert "| train |" in report and "| hit |" in report
-    assert "kept the champion" in report, "an equal model does not replace the champion"
+    assert "kept the champion" in report and "on the same test split" in report, "an equal model is not promoted"
+
+    # The trained model's directory deleted by hand: the next run recovers it instead of failing forever.
+    (trained,) = (tmp_path / "runs" / "training").glob("*/generation-1/models/epoch-1")
+    shutil.rmtree(trained)
+    third = transfer_learning(**params, return_state=True)
+    assert third.is_completed() and task_states(third)["train"] == "Completed"
+    assert (trained / "model.json").is_file()
+    assert task_states(transfer_learning(**params, return_state=True))["train"] == "Cached"
+
+    # A forced retrain trains again with unchanged inputs, and later runs reuse that new training.
+    retrained = transfer_learning(**params, retrain=True, return_state=True)
+    assert task_states(retrained)["train"] == "Completed"
+    assert (trained.parents[2] / "generation-2" / "models" / "epoch-1" / "model.json").is_file()
+    after = transfer_learning(**params, return_state=True)
+    assert task_states(after)["train"] == "Cached"
+    model_json = json.loads((Path(after.result()) / "model" / "model.json").read_text())
+    assert model_json["epoch"] == 1
+
+
+def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_path):
+    params = {**inputs, "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")}
+    smoke = {**params, "limit_train": 40, "limit_test": 20}
+    unasked = Path(transfer_learning(**smoke))
+    promotion = json.loads((unasked / "metrics.json").read_text())["promotion"]
+    assert not promotion["promoted"] and not (tmp_path / "runs" / "champion").exists(), "subsets do not promote"
+
+    asked = Path(transfer_learning(**smoke, promote=True))
+    assert json.loads((asked / "metrics.json").read_text())["promotion"]["promoted"]
+
+    full = Path(transfer_learning(**params))
+    promotion = json.loads((full / "metrics.json").read_text())["promotion"]
+    assert promotion["rescored"], "the smoke champion was measured on 20 images and is scored again on 60"
+    assert promotion["promoted"], promotion["reason"]
+    assert json.loads((tmp_path / "runs" / "champion" / "champion.json").read_text())["run_id"] == full.name
+    report = (full / "report.md").read_text()
+    assert "scored again" in report and promotion["compared_on"] in report
 
 
 @pytest.mark.parametrize(
@@ -121,11 +161,19 @@ def test_bad_parameters_fail_before_any_download(file_server, tmp_path, capsys, 
     assert file_server.requests == []
 
 
-@pytest.mark.parametrize("bad", [{"epochs": -1}, {"model": "resnet50"}, {"head": "full", "image_size": 64}])
-def test_the_flow_validates_its_parameters_first(prefect_api, file_server, tmp_path, bad):
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        ({"epochs": -1}, ParameterTypeError, "epochs"),  # Prefect checks the bounds the configuration declares
+        ({"model": "resnet50"}, ParameterTypeError, "model"),
+        ({"head": "full", "image_size": 64}, ConfigError, "--head full needs --image-size 224"),  # across fields
+    ],
+    ids=["bound", "choice", "across-fields"],
+)
+def test_the_flow_validates_its_parameters_first(prefect_api, file_server, tmp_path, bad, error, message):
     state = transfer_learning(data_url=file_server.url("x.tar.gz"), cache_dir=str(tmp_path), **bad, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ConfigError):
+    with pytest.raises(error, match=message):
         state.result()
     assert task_states(state) == {} and file_server.requests == []
 
@@ -145,14 +193,15 @@ def test_without_network_the_default_run_names_the_way_out(prefect_api, capsys, 
 
 
 def test_the_console_script_as_documented(prefect_api, tmp_path):
-    """The done-when command: 500 training and 200 test images at 32 px, gap head, one epoch."""
-    _, data_md5 = make_archive(tmp_path / "c10.tar.gz", n_train=5600, n_test=1000)
+    """The README's smoke line (smaller): a subset at 32 px, gap head, one epoch; quiet, and no champion."""
+    _, data_md5 = make_archive(tmp_path / "c10.tar.gz", n_train=1100, n_test=400)
     weights_md5 = write_fake_weights(tmp_path / "w.h5", PRETRAINED["vgg19"].layers[:16])
     command = [
         str(Path(sys.executable).with_name("tnflow")), "run",
         "--data-url", (tmp_path / "c10.tar.gz").as_uri(), "--data-md5", data_md5,
         "--weights", str(tmp_path / "w.h5"), "--weights-md5", weights_md5,
-        "--head", "gap", "--image-size", "32", "--epochs", "1", "--limit-train", "500", "--limit-test", "200",
+        "--head", "gap", "--image-size", "32", "--epochs", "1", "--limit-train", "100", "--limit-test", "200",
+        "--valid-size", "100",
         "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_api})
@@ -162,4 +211,7 @@ def test_the_console_script_as_documented(prefect_api, tmp_path):
         p.name for p in run.iterdir()
     }
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["num_test"] == 200 and metrics["config"]["limit_train"] == 500
+    assert metrics["num_test"] == 200 and metrics["config"]["limit_train"] == 100
+    assert not metrics["promotion"]["promoted"] and not (tmp_path / "runs" / "champion").exists()
+    for chatter in ("cuInit", "cudart", "absl::InitializeLog", "oneDNN", "Traceback"):
+        assert chatter not in done.stderr, f"TensorFlow's start-up chatter on the console: {chatter}"

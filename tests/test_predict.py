@@ -1,28 +1,29 @@
-"""`tnflow predict`: the same answers as validation, per-image errors, any image mode."""
+"""`tnflow predict`: the same answers as validation, in bounded batches, per-image errors, every image mode."""
 
 import json
 
 import numpy as np
 import pytest
-from skimage import io
+from PIL import Image
 
-from flows.cli import main
-from tasks.cache import build_cache
-from tasks.config import CacheSpec
-from tasks.model_dir import ModelSpec
-from tasks.predict import load_image
-from tasks.train import TrainSettings, train
-from tasks.validate import validate
 from tests.fakes import make_archive
+from tests.png16 import write_png16
+from tnflow.flows.cli import main
+from tnflow.tasks.cache import build_cache
+from tnflow.tasks.images import ImageError, load_rgb
+from tnflow.tasks.predict import load_image
+from tnflow.tasks.settings import CacheSpec, ModelSpec, TrainSettings
+from tnflow.tasks.train import train
+from tnflow.tasks.validate import validate
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A one-epoch gap-head model at 32 px, its validation metrics, and the test images as PNGs."""
     root = tmp_path_factory.mktemp("predict")
-    fake, md5 = make_archive(root / "c10.tar.gz", n_train=300, n_test=40)
-    cache = build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 60, None, None, 0), root / "cache")
-    settings = TrainSettings(epochs=1, batch_size=32, eval_batch_size=64, learning_rate=1e-4)
+    fake, md5 = make_archive(root / "c10.tar.gz", n_train=200, n_test=40)
+    cache = build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 40, None, None, 0), root / "cache")
+    settings = TrainSettings(epochs=1, batch_size=32, learning_rate=1e-4)
     model = train(
         cache.path, None, ModelSpec("vgg19", "gap", 10, 32), settings, root / "work", class_names=cache.class_names
     )
@@ -30,12 +31,14 @@ def trained(tmp_path_factory):
     pngs = []
     for i, image in enumerate(fake.test_images[:8]):
         pngs.append(str(root / f"test-{i}.png"))
-        io.imsave(pngs[-1], image, check_contrast=False)
+        Image.fromarray(image).save(pngs[-1])
     return {"model_dir": model.model_dir, "metrics": metrics, "pngs": pngs, "names": list(cache.class_names)}
 
 
-def test_predict_agrees_with_validation(trained, capsys):
-    assert main(["predict", trained["model_dir"], *trained["pngs"], "--json"]) == 0
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [3, 32], ids=["batches-of-3", "one-batch"])
+def test_predict_agrees_with_validation(trained, capsys, batch_size):
+    assert main(["predict", trained["model_dir"], *trained["pngs"], "--json", "--batch-size", str(batch_size)]) == 0
     results = json.loads(capsys.readouterr().out)
     expected = [trained["names"][sample["top"][0][0]] for sample in trained["metrics"]["samples"]]
     assert [r["top"][0]["class"] for r in results] == expected
@@ -44,6 +47,7 @@ def test_predict_agrees_with_validation(trained, capsys):
         assert abs(result["top"][0]["probability"] - sample["top"][0][1]) < 1e-4
 
 
+@pytest.mark.slow
 def test_prints_three_classes_per_image(trained, capsys):
     assert main(["predict", trained["model_dir"], trained["pngs"][0]]) == 0
     line = capsys.readouterr().out.strip()
@@ -52,10 +56,11 @@ def test_prints_three_classes_per_image(trained, capsys):
     assert all(name in trained["names"] and 0 <= float(p) <= 1 for name, p in (c.split() for c in classes.split(", ")))
 
 
+@pytest.mark.slow
 def test_a_bad_image_does_not_stop_the_others(trained, tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a picture")
     images = [trained["pngs"][0], str(tmp_path / "missing.png"), str(tmp_path / "broken.png"), trained["pngs"][1]]
-    code = main(["predict", trained["model_dir"], *images])
+    code = main(["predict", trained["model_dir"], *images, "--batch-size", "2"])
     out, err = capsys.readouterr()
     assert code == 1
     assert [line.split(": ")[0] for line in out.strip().splitlines()] == [trained["pngs"][0], trained["pngs"][1]]
@@ -67,13 +72,70 @@ def test_a_directory_that_is_not_a_model(tmp_path, capsys):
     assert "is not a tnflow model directory" in capsys.readouterr().err
 
 
+def test_a_bad_batch_size(tmp_path, capsys):
+    assert main(["predict", str(tmp_path), "x.png", "--batch-size", "0"]) == 2
+    assert "--batch-size must be an integer of at least 1" in capsys.readouterr().err
+
+
+# -- every image mode --------------------------------------------------------------------
+
+RED_ON_WHITE = np.array([255, 0, 0], dtype=np.uint8)
+
+
+def _save(path, array, mode=None, **params):
+    Image.fromarray(array, mode).save(path, **params) if mode else Image.fromarray(array).save(path, **params)
+    return path
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    write_png16(tmp_path / "g16.png", np.full((8, 8), 40000, np.uint16))
+    assert np.all(load_rgb(tmp_path / "g16.png") == 40000 >> 8), "16-bit grey used to come out white"
+
+
+def test_sixteen_bit_rgb(tmp_path):
+    write_png16(tmp_path / "rgb16.png", np.full((8, 8, 3), [65535, 32768, 0], np.uint16))
+    assert np.all(load_rgb(tmp_path / "rgb16.png") == [255, 128, 0])
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    image.putpixel((0, 0), 1)
+    image.info["transparency"] = 1  # colour 1 (blue) is transparent
+    image.save(tmp_path / "p.png", transparency=1)
+    rgb = load_rgb(tmp_path / "p.png")
+    assert np.all(rgb[0, 0] == 255) and np.all(rgb[1, 1] == RED_ON_WHITE)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_composited_on_white(tmp_path, mode):
+    array = np.zeros((4, 4, 4 if mode == "RGBA" else 2), np.uint8)  # fully transparent black
+    rgb = load_rgb(_save(tmp_path / "a.png", array, mode))
+    assert np.all(rgb == 255)
+
+
+def test_cmyk_jpeg_and_exif_rotation(tmp_path):
+    Image.new("CMYK", (6, 2), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    rgb = load_rgb(tmp_path / "c.jpg")
+    assert rgb.shape == (2, 6, 3) and rgb[0, 0, 0] > 200 and rgb[0, 0, 1] < 60
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    Image.new("RGB", (6, 2), (0, 0, 255)).save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").shape == (6, 2, 3)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    Image.new("L", (3000, 2000)).save(tmp_path / "big.png")
+    with pytest.raises(ImageError, match="over the limit"):
+        load_rgb(tmp_path / "big.png", max_pixels=1_000_000)
+
+
 @pytest.mark.parametrize(
     "shape", [(32, 32), (32, 32, 4), (100, 60, 3), (16, 16, 3)], ids=["grey", "rgba", "large-oblong", "small"]
 )
 def test_any_image_becomes_the_models_input(tmp_path, shape):
     image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    io.imsave(tmp_path / "x.png", image, check_contrast=False)
-    loaded = load_image(tmp_path / "x.png", 64)
+    loaded = load_image(_save(tmp_path / "x.png", image), 64)
     assert loaded.shape == (64, 64, 3) and loaded.dtype == np.uint8
     if shape == (32, 32):
         assert np.array_equal(loaded[..., 0], loaded[..., 2]), "grey stays grey"

@@ -4,23 +4,23 @@ from pathlib import Path
 
 import pytest
 
-import tasks.download as download
-from flows.prepare import prepare_data
-from tasks.cache import inspect_cache
-from tasks.errors import DownloadError
+import tnflow.flows.prepare as prepare_flow
+import tnflow.tasks.download as download
 from tests.prefect_runs import task_states
+from tnflow.tasks.errors import DownloadError
+from tnflow.tasks.h5cache import inspect_cache
 
 
 @pytest.fixture
 def no_retry_delay(monkeypatch):
     """Keep the retries, drop the backoff, so retry tests take milliseconds."""
-    monkeypatch.setattr(download, "download_task", download.download_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(prepare_flow, "download_task", download.download_task.with_options(retry_delay_seconds=0))
 
 
 def run(url, md5, cache_dir, **options):
     params = dict(data_url=url, data_md5=md5, image_size=32, valid_size=100, cache_dir=str(cache_dir))
     params.update(options)
-    return prepare_data(**params, return_state=True)
+    return prepare_flow.prepare_data(**params, return_state=True)
 
 
 def test_rerun_is_cached_and_deleted_outputs_are_rebuilt(prefect_api, file_server, cifar10, tmp_path):
@@ -48,6 +48,23 @@ def test_rerun_is_cached_and_deleted_outputs_are_rebuilt(prefect_api, file_serve
     fourth = run(url, md5, tmp_path)
     assert task_states(fourth) == {"download": "Completed", "build-cache": "Cached"}
     assert len(file_server.requests) == 2
+    assert task_states(run(url, md5, tmp_path)) == {"download": "Cached", "build-cache": "Cached"}
+
+
+def test_a_damaged_cached_download_is_fetched_again(prefect_api, file_server, cifar10, tmp_path):
+    _, archive, md5 = cifar10
+    file_server.files["c10.tar.gz"] = archive.read_bytes()
+    url = file_server.url("c10.tar.gz")
+    first = run(url, md5, tmp_path)
+    copy = Path(download.target_path(url, tmp_path, md5))
+    damaged = bytearray(copy.read_bytes())
+    damaged[1000] ^= 0xFF  # same size, one byte flipped: only the digest sees it
+    copy.write_bytes(bytes(damaged))
+
+    second = run(url, md5, tmp_path)
+    assert task_states(second) == {"download": "Completed", "build-cache": "Cached"}
+    assert copy.read_bytes() == archive.read_bytes() and len(file_server.requests) == 2
+    assert second.result() == first.result()
 
 
 def test_transient_failures_are_retried_and_resumed(prefect_api, file_server, cifar10, tmp_path, no_retry_delay):

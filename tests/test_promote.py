@@ -1,4 +1,4 @@
-"""The champion gate: better promotes, worse or equal keeps, an interrupted promotion changes nothing."""
+"""The champion gate: better promotes, worse keeps, unlike splits are re-scored, datasets never mix."""
 
 import json
 from pathlib import Path
@@ -7,9 +7,9 @@ import h5py
 import numpy as np
 import pytest
 
-import tasks.promote as promote_module
-from tasks.model_dir import read_model_dir, write_model_json
-from tasks.promote import promote, read_champion, split_identity
+import tnflow.tasks.promote as promote_module
+from tnflow.tasks.model_dir import read_model_dir, write_model_json
+from tnflow.tasks.promote import dataset_key, promote, read_champion
 
 
 def fake_model(root: Path, name: str) -> Path:
@@ -21,64 +21,108 @@ def fake_model(root: Path, name: str) -> Path:
     return model
 
 
-def fake_cache(path: Path, labels, source_md5="a" * 32) -> str:
+def fake_cache(path: Path, labels, source_md5="a" * 32, classes=("cat", "dog")) -> Path:
     with h5py.File(path, "w") as f:
         f["test/labels"] = np.asarray(labels)
-        f.attrs["dataset"], f.attrs["source_md5"] = "cifar10", source_md5
-    return split_identity(path)
+        f.attrs["dataset"], f.attrs["source_md5"], f.attrs["class_names"] = "cifar10", source_md5, list(classes)
+    return path
+
+
+class Rescore:
+    """Stands in for evaluating the champion on another test split; remembers what it was asked."""
+
+    def __init__(self, accuracy: float):
+        self.accuracy, self.calls = accuracy, []
+
+    def __call__(self, champion: str, cache: str) -> float:
+        self.calls.append((read_model_dir(champion)["tag"], Path(cache).name))
+        return self.accuracy
 
 
 @pytest.fixture
-def split(tmp_path):
-    return fake_cache(tmp_path / "cache.h5", [0, 1, 2, 3])
-
-
-def champion_tag(output: Path) -> str:
-    return read_model_dir(output / "champion")["tag"]
-
-
-def test_first_model_becomes_champion_and_better_ones_replace_it(tmp_path, split):
+def gate(tmp_path):
     out = tmp_path / "runs"
-    first = promote(fake_model(tmp_path, "a"), run_id="run-a", test_accuracy=0.80, test_split=split, output_dir=out)
-    assert first.promoted and "first champion" in first.reason and champion_tag(out) == "a"
+    full = fake_cache(tmp_path / "full.h5", [0, 1, 0, 1])
 
-    better = promote(fake_model(tmp_path, "b"), run_id="run-b", test_accuracy=0.85, test_split=split, output_dir=out)
+    def run(name, accuracy, cache=full, rescore=None, margin=0.0):
+        return promote(
+            fake_model(tmp_path, name),
+            run_id=f"run-{name}",
+            test_accuracy=accuracy,
+            cache_path=cache,
+            output_dir=out,
+            rescore=rescore or Rescore(float("nan")),
+            margin=margin,
+        )
+
+    return run, out, full
+
+
+def champion_tag(out: Path) -> str:
+    return read_model_dir(out / "champion")["tag"]
+
+
+def test_first_model_becomes_champion_and_better_ones_replace_it(gate):
+    run, out, full = gate
+    first = run("a", 0.80)
+    assert first.promoted and "first champion" in first.reason and champion_tag(out) == "a"
+    better = run("b", 0.85)
     assert better.promoted and better.champion_accuracy == 0.80 and champion_tag(out) == "b"
-    record = read_champion(out)
+    assert "on the same test split" in better.reason and not better.rescored
+    record = read_champion(out, dataset_key(full))
     assert (record["run_id"], record["test_accuracy"], record["replaced_accuracy"]) == ("run-b", 0.85, 0.80)
-    history = [json.loads(line) for line in (out / "champions" / "history.jsonl").read_text().splitlines()]
-    assert [h["run_id"] for h in history] == ["run-a", "run-b"]
+    history = (out / "champions" / dataset_key(full) / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["run_id"] for line in history] == ["run-a", "run-b"]
 
 
 @pytest.mark.parametrize(
     "accuracy, margin", [(0.80, 0.0), (0.79, 0.0), (0.805, 0.01)], ids=["equal", "worse", "in-margin"]
 )
-def test_worse_equal_or_within_margin_keeps_the_champion(tmp_path, split, accuracy, margin):
-    out = tmp_path / "runs"
-    promote(fake_model(tmp_path, "a"), run_id="run-a", test_accuracy=0.80, test_split=split, output_dir=out)
-    kept = promote(
-        fake_model(tmp_path, "b"),
-        run_id="run-b",
-        test_accuracy=accuracy,
-        test_split=split,
-        output_dir=out,
-        margin=margin,
-    )
+def test_worse_equal_or_within_margin_keeps_the_champion(gate, accuracy, margin):
+    run, out, full = gate
+    run("a", 0.80)
+    kept = run("b", accuracy, margin=margin)
     assert not kept.promoted and "kept the champion" in kept.reason and champion_tag(out) == "a"
-    assert not (out / "champions" / "run-b").exists()
+    assert not (out / "champions" / dataset_key(full) / "run-b").exists()
 
 
-def test_a_different_test_split_does_not_compare(tmp_path, split):
-    out = tmp_path / "runs"
-    other = fake_cache(tmp_path / "other.h5", [0, 1, 2])
-    promote(fake_model(tmp_path, "a"), run_id="run-a", test_accuracy=0.50, test_split=split, output_dir=out)
-    kept = promote(fake_model(tmp_path, "b"), run_id="run-b", test_accuracy=0.99, test_split=other, output_dir=out)
-    assert not kept.promoted and "different test split" in kept.reason and champion_tag(out) == "a"
+def test_a_champion_from_another_split_is_rescored_and_a_better_model_wins(gate, tmp_path):
+    """The smoke-run trap: a champion measured on a subset must not block every later run."""
+    run, out, full = gate
+    smoke = fake_cache(tmp_path / "smoke.h5", [0, 1])
+    run("smoke", 0.99, cache=smoke)  # a tiny test split makes any accuracy easy
+    rescore = Rescore(0.40)
+    better = run("full", 0.75, cache=full, rescore=rescore)
+    assert rescore.calls == [("smoke", "full.h5")], "the champion is scored on the candidate's test images"
+    assert better.promoted and better.rescored and better.champion_accuracy == 0.40 and champion_tag(out) == "full"
+    assert "scored again" in better.reason and "0.9900" in better.reason
+    history = [
+        json.loads(x) for x in (out / "champions" / dataset_key(full) / "history.jsonl").read_text().splitlines()
+    ]
+    assert history[-1]["replaced_rescored"] is True and history[-1]["replaced_accuracy"] == 0.40
 
 
-def test_an_interrupted_promotion_leaves_the_old_champion_whole(tmp_path, split, monkeypatch):
-    out = tmp_path / "runs"
-    promote(fake_model(tmp_path, "a"), run_id="run-a", test_accuracy=0.80, test_split=split, output_dir=out)
+def test_a_rescored_champion_that_is_still_better_stays(gate, tmp_path):
+    run, out, full = gate
+    run("old", 0.90, cache=fake_cache(tmp_path / "other.h5", [1, 0, 1]))
+    kept = run("new", 0.70, cache=full, rescore=Rescore(0.88))
+    assert not kept.promoted and kept.rescored and champion_tag(out) == "old"
+
+
+def test_datasets_keep_their_own_champions(gate, tmp_path):
+    run, out, full = gate
+    run("cifar", 0.90)
+    other = fake_cache(tmp_path / "mine.h5", [0, 1], source_md5="b" * 32, classes=("apple", "pear"))
+    rescore = Rescore(0.0)
+    mine = run("mine", 0.30, cache=other, rescore=rescore)
+    assert mine.promoted and "first champion" in mine.reason and rescore.calls == []
+    assert read_champion(out, dataset_key(full))["run_id"] == "run-cifar", "the other line is untouched"
+    assert champion_tag(out) == "mine", "<output>/champion is the latest promotion"
+
+
+def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatch):
+    run, out, full = gate
+    run("a", 0.80)
     before = {p.name: p.read_bytes() for p in (out / "champion").iterdir()}
 
     def killed(link, target):
@@ -86,10 +130,10 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(tmp_path, split,
 
     monkeypatch.setattr(promote_module, "switch_symlink", killed)
     with pytest.raises(KeyboardInterrupt):
-        promote(fake_model(tmp_path, "b"), run_id="run-b", test_accuracy=0.90, test_split=split, output_dir=out)
+        run("b", 0.90)
     assert {p.name: p.read_bytes() for p in (out / "champion").iterdir()} == before
-    assert champion_tag(out) == "a" and read_champion(out)["run_id"] == "run-a"
+    assert champion_tag(out) == "a" and read_champion(out, dataset_key(full))["run_id"] == "run-a"
 
     monkeypatch.undo()
-    again = promote(fake_model(tmp_path, "c"), run_id="run-c", test_accuracy=0.90, test_split=split, output_dir=out)
+    again = run("c", 0.90)
     assert again.promoted and champion_tag(out) == "c"

@@ -1,7 +1,8 @@
-"""Training on the HDF5 cache: learning, resumption after SIGKILL, learning rate 0, exact validation."""
+"""Training on the HDF5 cache: learning, resumption after SIGKILL, recovery, retraining, exact validation."""
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,34 +11,58 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tasks.train as train_module
-from tasks.cache import build_cache
-from tasks.config import CacheSpec
-from tasks.model import PREPROCESSING, ModelSpec
-from tasks.train import TrainSettings, train
-from tasks.validate import Tally, validate
+import tnflow.tasks.train as train_module
+import tnflow.tasks.workdir as workdir
 from tests.fake_weights import read_fake_weights, write_fake_weights
 from tests.fakes import make_archive
+from tnflow.tasks.cache import build_cache
+from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.model import PREPROCESSING
+from tnflow.tasks.settings import CacheSpec, ModelSpec, TrainSettings
+from tnflow.tasks.train import train
+from tnflow.tasks.validate import Tally, validate
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 GAP32 = ModelSpec("vgg19", "gap", 10, 32)
-SETTINGS = TrainSettings(epochs=3, batch_size=32, eval_batch_size=64, learning_rate=1e-4, seed=0)
+SETTINGS = TrainSettings(epochs=3, batch_size=16, learning_rate=1e-4, seed=0)
+TWO_EPOCHS = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-4, seed=0)
+ONE_EPOCH = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0)
 TIMING = ("seconds", "images_per_second")
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    """400 learnable training images (300 train + 100 valid) and 100 test images at 32 px."""
+    """200 learnable training images (160 train + 40 valid) and 50 test images at 32 px."""
     root = tmp_path_factory.mktemp("data")
-    _, md5 = make_archive(root / "c10.tar.gz", n_train=400, n_test=100)
-    return build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 100, None, None, 0), root / "cache")
+    _, md5 = make_archive(root / "c10.tar.gz", n_train=200, n_test=50)
+    return build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 40, None, None, 0), root / "cache")
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_cache, tmp_path_factory):
     """An uninterrupted three-epoch run from random weights."""
     work = tmp_path_factory.mktemp("reference")
-    return train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names)
+    return train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names, eval_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tiny_cache, tmp_path_factory):
+    """A finished one-epoch training (its best epoch is its last), to copy and break."""
+    work = tmp_path_factory.mktemp("one-epoch") / "work"
+    return train(tiny_cache.path, None, GAP32, ONE_EPOCH, work, class_names=tiny_cache.class_names)
+
+
+def copy_of(trained, tmp_path) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(trained.work_dir, work)
+    return work
+
+
+def again(cache, work, caplog, settings=ONE_EPOCH, **options):
+    with caplog.at_level(logging.INFO, logger="tnflow.train"):
+        return train(cache.path, None, GAP32, settings, work, class_names=cache.class_names, **options)
 
 
 def without_timing(history):
@@ -64,49 +89,51 @@ def test_model_dir_says_how_to_rebuild_it(reference, tiny_cache):
 
 
 def test_a_finished_training_returns_at_once(reference, tiny_cache, monkeypatch, caplog):
-    monkeypatch.setattr("tasks.model.build", lambda *a, **k: pytest.fail("a finished training was rebuilt"))
-    with caplog.at_level(logging.INFO, logger="tnflow.train"):
-        again = train(tiny_cache.path, None, GAP32, SETTINGS, reference.work_dir, class_names=tiny_cache.class_names)
-    assert again == reference and "training already finished" in caplog.text
+    monkeypatch.setattr("tnflow.tasks.model.build", lambda *a, **k: pytest.fail("a finished training was rebuilt"))
+    result = again(tiny_cache, reference.work_dir, caplog, settings=SETTINGS, eval_batch_size=64)
+    assert result == reference and "training already finished" in caplog.text
 
 
 def test_a_killed_run_resumes_at_the_next_epoch(reference, tiny_cache, tmp_path, caplog):
     work = tmp_path / "work"
     child = (
         "import os, signal, sys\n"
-        "from tasks.model import ModelSpec\n"
-        "from tasks.train import TrainSettings, train\n"
+        "from tnflow.tasks.settings import ModelSpec, TrainSettings\n"
+        "from tnflow.tasks.train import train\n"
         "kill = lambda epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"train(sys.argv[1], None, ModelSpec('vgg19', 'gap', 10, 32), {SETTINGS!r}, sys.argv[2],"
-        f" class_names={list(tiny_cache.class_names)!r}, on_epoch_end=kill)\n"
+        f"train(sys.argv[1], None, ModelSpec('vgg19', 'gap', 10, 32), {TWO_EPOCHS!r}, sys.argv[2],"
+        f" class_names={list(tiny_cache.class_names)!r}, eval_batch_size=64, on_epoch_end=kill)\n"
     )
     done = subprocess.run([sys.executable, "-c", child, tiny_cache.path, str(work)], cwd=REPO, capture_output=True)
     assert done.returncode == -9, done.stderr.decode()[-2000:]
-    state = json.loads((work / "state.json").read_text())
+    state = json.loads((work / "generation-1" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not state.get("finished")
 
-    with caplog.at_level(logging.INFO, logger="tnflow.train"):
-        resumed = train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names)
-    assert "resuming at epoch 2 of 3" in caplog.text
-    assert "epoch 1/3" not in caplog.text, "epoch 1 must not be trained again"
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    resumed = again(tiny_cache, work, caplog, settings=TWO_EPOCHS, eval_batch_size=64)
+    assert "resuming at epoch 2 of 2" in caplog.text
+    assert "epoch 1/2" not in caplog.text, "epoch 1 must not be trained again"
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert resumed.history[0] == state["history"][0]
-    # Same seeded shuffle order and restored optimizer state: the very numbers of an uninterrupted run.
-    assert without_timing(resumed.history) == without_timing(reference.history)
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["epoch-3"]
+    # Same seeded shuffle order and restored optimizer state: the very numbers of an uninterrupted run
+    # (the reference's first two epochs: a constant learning rate makes them independent of the total).
+    assert without_timing(resumed.history) == without_timing(reference.history[:2])
+    assert sorted(p.name for p in (work / "generation-1" / "checkpoints").iterdir()) == ["epoch-2"]
+    models = sorted(p.name for p in (work / "generation-1" / "models").iterdir())
+    assert models == [f"epoch-{resumed.best_epoch}"] and Path(resumed.model_dir).name == models[0]
 
 
 @pytest.mark.parametrize("head, size", [("gap", 32), ("full", 224)], ids=["gap-32", "full-224"])
 def test_learning_rate_zero_leaves_pretrained_weights_bit_identical(tmp_path, head, size):
     _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=40, n_test=10)
-    spec_cache = CacheSpec("cifar10", size, 10, 8 if size == 224 else None, 4 if size == 224 else None, 0)
+    spec_cache = CacheSpec("cifar10", size, 4, 4 if size == 224 else None, 4 if size == 224 else None, 0)
     cache = build_cache(tmp_path / "c10.tar.gz", md5, spec_cache, tmp_path / "cache")
     write_fake_weights(tmp_path / "w.h5")
-    settings = TrainSettings(epochs=1, batch_size=4, eval_batch_size=8, learning_rate=0.0)
+    settings = TrainSettings(epochs=1, batch_size=4, learning_rate=0.0)
     spec = ModelSpec("vgg19", head, 10, size)
     trained = train(
-        cache.path, str(tmp_path / "w.h5"), spec, settings, tmp_path / "work", class_names=cache.class_names
-    )
+        cache.path, str(tmp_path / "w.h5"), spec, settings, tmp_path / "work", class_names=cache.class_names,
+        eval_batch_size=8,
+    )  # fmt: skip
     reader = tf.train.load_checkpoint(str(Path(trained.model_dir) / "model.ckpt"))
     names = sorted(name for name, _ in tf.train.list_variables(str(Path(trained.model_dir) / "model.ckpt")))
     pretrained = [n for n in names if n.startswith("vgg19/") and "logits" not in n]
@@ -150,10 +177,10 @@ def test_accuracy_counts_images_not_batches():
 def test_validation_is_exact_whatever_the_batch_size(reference, tiny_cache, tmp_path):
     by_7 = validate(reference.model_dir, tiny_cache.path, "test", 7, tmp_path / "a")
     by_64 = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "b")
-    assert by_7["num_test"] == 100 and 100 % 7 and 100 % 64
+    assert by_7["num_test"] == 50 and 50 % 7 and 50 % 64
     assert by_7["test_accuracy"] == by_64["test_accuracy"]
     assert by_7["confusion_matrix"] == by_64["confusion_matrix"]
-    assert by_7["test_accuracy"] == sum(np.diag(by_7["confusion_matrix"])) / 100
+    assert by_7["test_accuracy"] == sum(np.diag(by_7["confusion_matrix"])) / 50
     assert abs(by_7["test_loss"] - by_64["test_loss"]) < 1e-6
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
     for key in ("test_accuracy", "test_loss", "per_class_accuracy", "confusion_matrix", "num_test"):
@@ -162,20 +189,92 @@ def test_validation_is_exact_whatever_the_batch_size(reference, tiny_cache, tmp_
 
 
 def test_not_a_model_dir(tmp_path, tiny_cache):
-    with pytest.raises(train_module.TnflowError, match="is not a tnflow model directory"):
+    with pytest.raises(TnflowError, match="is not a tnflow model directory"):
         validate(tmp_path, tiny_cache.path, "test", 8, tmp_path)
+
+
+# -- recovery, retraining, and what the work directory's key holds ------------------------
+
+
+def test_a_deleted_best_model_is_reexported_from_its_checkpoint(one_epoch, tiny_cache, tmp_path, caplog):
+    work = copy_of(one_epoch, tmp_path)
+    shutil.rmtree(work / "generation-1" / "models" / "epoch-1")
+    recovered = again(tiny_cache, work, caplog)
+    assert "re-exported it from its checkpoint" in caplog.text and "epoch 1/1:" not in caplog.text
+    assert recovered.model_dir == str(work / "generation-1" / "models" / "epoch-1")
+    assert json.loads((Path(recovered.model_dir) / "model.json").read_text())["epoch"] == 1
+    reader = tf.train.load_checkpoint(str(Path(recovered.model_dir) / "model.ckpt"))
+    original = tf.train.load_checkpoint(str(Path(one_epoch.model_dir) / "model.ckpt"))
+    name = "head/logits/weights"
+    assert np.array_equal(reader.get_tensor(name), original.get_tensor(name)), "the same model, not a new one"
+
+
+def test_a_deleted_best_model_without_its_checkpoint_is_trained_again(one_epoch, tiny_cache, tmp_path, caplog):
+    work = copy_of(one_epoch, tmp_path)
+    shutil.rmtree(work / "generation-1" / "models" / "epoch-1")
+    shutil.rmtree(work / "generation-1" / "checkpoints" / "epoch-1")
+    recovered = again(tiny_cache, work, caplog)
+    assert "training again from the start" in caplog.text and "epoch 1/1:" in caplog.text
+    assert Path(recovered.model_dir, "model.json").is_file()
+    assert without_timing(recovered.history) == without_timing(one_epoch.history), "deterministic on the CPU"
+
+
+def test_a_kill_between_export_and_state_leaves_a_resumable_generation(tiny_cache, tmp_path, caplog, monkeypatch):
+    def killed(directory, state):
+        raise KeyboardInterrupt("killed after the model was exported, before state.json")
+
+    monkeypatch.setattr(train_module, "write_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
+    monkeypatch.undo()
+    finished = again(tiny_cache, tmp_path / "work", caplog)
+    assert read_model_ok(finished.model_dir) and finished.best_epoch == 1
+
+
+def read_model_ok(path) -> bool:
+    return Path(path, "model.json").is_file() and Path(path, "model.ckpt.index").is_file()
+
+
+def test_pruning_keeps_exactly_what_the_state_names(tmp_path):
+    for folder, epoch in [("models", 1), ("models", 3), ("checkpoints", 2), ("checkpoints", 3)]:
+        (tmp_path / folder / f"epoch-{epoch}").mkdir(parents=True)
+    workdir.prune(tmp_path, {"best_epoch": 1, "epochs_done": 3})
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["epoch-1"], "the best model survives"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-3"]
+
+
+def test_retrain_starts_a_new_generation_and_keeps_the_old_model(one_epoch, tiny_cache, tmp_path, caplog):
+    work = copy_of(one_epoch, tmp_path)
+    retrained = again(tiny_cache, work, caplog, retrain=True)
+    assert retrained.generation == 2 and "epoch 1/1:" in caplog.text
+    assert retrained.model_dir == str(work / "generation-2" / "models" / "epoch-1")
+    assert (work / "generation-1" / "models" / "epoch-1" / "model.json").is_file(), "runs may still refer to it"
+    assert not (work / "generation-1" / "checkpoints").exists(), "resume checkpoints of old generations go"
+    caplog.clear()
+    assert again(tiny_cache, work, caplog) == retrained and "training already finished" in caplog.text
+
+
+def test_the_work_directory_key_holds_what_changes_the_model():
+    key = dict(output_dir="/o", cache_path="/c/x.h5", weights_md5=None, spec=GAP32, settings=SETTINGS, code="v1")
+    base = workdir.work_dir_for(**key)
+    assert base == workdir.work_dir_for(**key)
+    assert base != workdir.work_dir_for(**{**key, "code": "v2"}), "the code version is part of it"
+    assert base != workdir.work_dir_for(**{**key, "settings": ONE_EPOCH})
+    assert "eval_batch_size" not in TrainSettings.__dataclass_fields__, "evaluation batch size changes no weight"
 
 
 def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny_cache):
     from prefect import flow
 
-    from tasks.train import train_stage
     from tests.prefect_runs import task_states
+    from tnflow.tasks.train import train_task
 
     @flow
-    def training_only():
-        return train_stage(tiny_cache.path, None, GAP32, SETTINGS, reference.work_dir, list(tiny_cache.class_names))
+    def training_only(eval_batch_size: int):
+        work, names = reference.work_dir, list(tiny_cache.class_names)
+        return train_task(tiny_cache.path, None, GAP32, SETTINGS, work, names, eval_batch_size, False)
 
-    first, second = training_only(return_state=True), training_only(return_state=True)
+    first, second = training_only(64, return_state=True), training_only(7, return_state=True)
     assert first.result() == second.result() == reference
-    assert task_states(first) == {"train": "Completed"} and task_states(second) == {"train": "Cached"}
+    assert task_states(first) == {"train": "Completed"}
+    assert task_states(second) == {"train": "Cached"}, "the evaluation batch size is not part of the key"

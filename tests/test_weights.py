@@ -2,9 +2,9 @@
 
 import pytest
 
-from tasks.errors import DataError, DownloadError
-from tasks.weights import PRETRAINED, check_weights, fetch_weights, needed_layers
 from tests.fake_weights import write_fake_weights
+from tnflow.tasks.errors import DataError, DownloadError
+from tnflow.tasks.weights import PRETRAINED, check_weights, fetch_weights, needed_layers, resolve
 
 VGG19 = PRETRAINED["vgg19"].layers
 
@@ -55,3 +55,26 @@ def test_not_a_keras_file(tmp_path):
     (tmp_path / "w.h5").write_bytes(b"not hdf5")
     with pytest.raises(DataError, match="not a readable Keras weights file"):
         check_weights(tmp_path / "w.h5", "vgg19", "gap")
+
+
+def test_a_local_copy_under_the_published_name_must_be_the_published_file(tmp_path):
+    published = PRETRAINED["vgg19"].url.rsplit("/", 1)[1]
+    write_fake_weights(tmp_path / published, VGG19[:16])  # right layout, wrong bytes
+    assert resolve(str(tmp_path / published), None, "vgg19") == (str(tmp_path / published), PRETRAINED["vgg19"].md5)
+    with pytest.raises(DownloadError, match=f"but {PRETRAINED['vgg19'].md5} was expected"):
+        fetch_weights(str(tmp_path / published), None, "vgg19", "gap", tmp_path / "cache")
+
+
+def test_another_local_file_gets_the_shape_check_and_says_so(tmp_path):
+    write_fake_weights(tmp_path / "mine.h5", VGG19[:16])
+    found = fetch_weights(str(tmp_path / "mine.h5"), None, "vgg19", "gap", tmp_path / "cache")
+    assert found.check.startswith("every layer's shape") and "no digest" in found.check
+    write_fake_weights(tmp_path / "short.h5", VGG19[:9])
+    with pytest.raises(DataError, match="stops after 9 layers"):
+        fetch_weights(str(tmp_path / "short.h5"), None, "vgg19", "gap", tmp_path / "cache")
+
+
+def test_a_given_digest_is_checked_and_named(tmp_path):
+    md5 = write_fake_weights(tmp_path / "mine.h5", VGG19[:16])
+    found = fetch_weights(str(tmp_path / "mine.h5"), md5, "vgg19", "gap", tmp_path / "cache")
+    assert found.check == f"md5 {md5} and every layer's shape"

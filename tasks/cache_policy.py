@@ -1,0 +1,80 @@
+"""When a stage's recorded result may be reused: Prefect cache keys that see the stage's output.
+
+Prefect's `INPUTS + TASK_SOURCE` keys a record by the task's arguments and the thin task
+function's source. A record holds a path, and Prefect returns it even after the file was
+deleted or damaged, and a change to the functions that do the work (which live outside the
+task function) invalidates nothing. `StageCache` keys a record by the inputs that change the
+result, plus the version of the code that computes it, and uses a record only while the
+output it names is still sound; otherwise the run misses, rebuilds, and records the result
+under a key derived from the stale one, so the next run finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
+
+MAX_REBUILDS = 32  # stale records walked past before a key gives up on reuse
+
+
+def code_version(*parts: str | object) -> str:
+    """Digest of the source of the modules (by dotted name, not imported) or objects given."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            spec = importlib.util.find_spec(part)
+            if spec is None or spec.origin is None:
+                raise ValueError(f"no source for module {part}")
+            source = Path(spec.origin).read_text()
+        else:
+            source = inspect.getsource(part)
+        digest.update(source.encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Inputs that change the result + code version + a check that the recorded output is still sound.
+
+    `ignore` names inputs that do not change the result (an evaluation batch size);
+    `identity(inputs)` adds what the inputs only point at (a local file's size and time, the
+    training generation); `sound(result)` says whether a recorded result's output is intact.
+    """
+
+    code: str = ""
+    ignore: tuple[str, ...] = ()
+    identity: Callable[[dict[str, Any]], Any] | None = None
+    sound: Callable[[Any], bool] | None = None
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        material = {name: value for name, value in inputs.items() if name not in self.ignore}
+        extra = self.identity(inputs) if self.identity else None
+        key = hash_objects(task_ctx.task.name, material, self.code, extra, raise_on_failure=True)
+        if self.sound is None:
+            return key
+        store = task_ctx.result_store
+        for _ in range(MAX_REBUILDS):
+            if not store.exists(key):
+                return key  # nothing recorded: run and record here
+            try:
+                recorded = store.read(key).result
+            except Exception:  # noqa: BLE001 - an unreadable record is a stale one
+                recorded = "unreadable"
+            else:
+                if self.sound(recorded):
+                    return key
+            # The output this record names is gone or damaged: look where its rebuild was recorded.
+            key = hash_objects(key, "rebuilt-after", repr(recorded), raise_on_failure=True)
+        return f"{key}-{secrets.token_hex(8)}"

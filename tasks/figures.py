@@ -1,0 +1,70 @@
+"""The report's figures: learning curves, the confusion matrix, sample test images with top-3 predictions."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
+    epochs = [r["epoch"] for r in history]
+    fig, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, metric in ((loss, "loss"), (accuracy, "accuracy")):
+        axis.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train")
+        axis.plot(epochs, [r[f"valid_{metric}"] for r in history], "s-", label="valid")
+        axis.set_xlabel("epoch")
+        axis.set_title(metric)
+        axis.set_xticks(epochs)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_heatmap(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
+    matrix = np.asarray(confusion)
+    size = max(4.0, min(14.0, 0.45 * len(class_names) + 2))
+    fig, axis = plt.subplots(figsize=(size, size * 0.85))
+    image = axis.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=axis, fraction=0.046)
+    ticks = range(len(class_names))
+    show_names = len(class_names) <= 20
+    axis.set_xticks(ticks, class_names if show_names else [], rotation=90)
+    axis.set_yticks(ticks, class_names if show_names else [])
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if show_names:
+        for (row, col), count in np.ndenumerate(matrix):
+            color = "white" if count > matrix.max() / 2 else "black"
+            axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color=color)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid(images: np.ndarray, samples: list[dict[str, Any]], class_names: list[str]) -> plt.Figure:
+    columns = 4
+    rows = max(1, -(-len(samples) // columns))
+    # Constrained layout reserves room for each four-line caption, so captions never reach the row above.
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.6 * rows), squeeze=False, layout="constrained")
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, sample in zip(axes.ravel(), images, samples, strict=False):
+        axis.imshow(image)
+        top = "\n".join(f"{class_names[c]} {p:.0%}" for c, p in sample["top"])
+        verdict = "right" if sample["top"][0][0] == sample["label"] else "wrong"
+        axis.set_title(f"true: {class_names[sample['label']]} ({verdict})\n{top}", fontsize=8)
+    return fig
+
+
+def png(fig: plt.Figure) -> bytes:
+    """The figure as PNG bytes; the figure is closed (pyplot keeps every open figure alive)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,356 @@
+"""The one declared run configuration, and the small specs each stage takes from it.
+
+Every option is declared once here, as a pydantic field with its type, bounds, default and
+help text. The CLI builds its options from these fields, the flows take them as parameters
+(`flow_parameters`), and Prefect turns the same fields into the deployment's parameter
+schema, so adding an option is one edit. Values are checked before any work starts, and an
+error names the command-line option a user would change.
+
+A leaf module: it imports nothing of tnflow but the error types. Longer than 300 lines
+because every option lives here with its bounds and help text, which is the point of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tnflow.tasks.errors import ConfigError
+
+# The official archives: name -> (URL, md5, number of classes). They are the defaults of
+# --data-url and --data-md5; a mirror or local copy is the same file, so it gets the same md5.
+SOURCES: dict[str, tuple[str, str, int]] = {
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+        10,
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        100,
+    ),
+}
+MODELS = ("vgg19",)
+FULL_HEAD_SIZE = 224  # the full head's fc6 weights expect a 7x7x512 feature map
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def default_output_dir() -> str:
+    return os.environ.get("TNFLOW_OUTPUT_DIR") or os.path.abspath("runs")
+
+
+def default_cache_dir() -> str:
+    """`$TNFLOW_CACHE_DIR`, else the user's cache directory (shared by every run)."""
+    if os.environ.get("TNFLOW_CACHE_DIR"):
+        return os.environ["TNFLOW_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tnflow")
+
+
+# -- the specs each stage takes -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that determines the content of one HDF5 cache file."""
+
+    dataset: str
+    image_size: int
+    valid_size: int
+    limit_train: int | None
+    limit_test: int | None
+    seed: int
+
+    def digest(self, code: str = "") -> str:
+        """Short stable hash of the spec and the code version that builds from it."""
+        blob = json.dumps({**asdict(self), "code": code}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What it takes to rebuild a trained model; stored in model.json."""
+
+    model: str
+    head: str
+    num_classes: int
+    image_size: int
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
+        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"])
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The options that change what training produces (so the evaluation batch size is not one)."""
+
+    epochs: int = 7
+    batch_size: int = 32
+    learning_rate: float = 1e-5
+    seed: int = 0
+    mixed_precision: bool = False
+    xla: bool = False
+
+
+# -- the configuration --------------------------------------------------------------------
+
+
+def _md5(option: str, value: str | None) -> str | None:
+    if value is not None and not _MD5.match(value.lower()):
+        raise ValueError(f"{option} {value!r} is not an md5 digest (32 hex digits); compute one with `md5sum FILE`")
+    return value.lower() if value is not None else None
+
+
+def _not_blank(option: str, value: str | None, what: str) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError(f"{option} is empty; give {what}")
+    return value
+
+
+class DataConfig(BaseModel):
+    """Where the images come from and how they are cached (`tnflow prepare`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    dataset: Literal[tuple(SOURCES)] = Field("cifar10", description="dataset to train on")  # type: ignore[valid-type]
+    data_url: str | None = Field(
+        None,
+        description="archive URL, file:// URL or path (default: the dataset's official URL)",
+        json_schema_extra={"metavar": "URL"},
+    )
+    data_md5: str | None = Field(
+        None,
+        description="md5 of the archive (default: the official archive's md5, also for a local copy)",
+        json_schema_extra={"metavar": "HEX"},
+    )
+    image_size: int = Field(224, ge=32, le=512, description="resize images to SxS", json_schema_extra={"metavar": "S"})
+    valid_size: int = Field(5000, ge=1, description="training images held out for validation")
+    limit_train: int | None = Field(
+        None, ge=1, description="use a stratified subset of N training images (default: all)"
+    )
+    limit_test: int | None = Field(None, ge=1, description="use a stratified subset of N test images (default: all)")
+    cache_dir: str = Field(
+        default_factory=default_cache_dir,
+        description="where downloads and caches live (default: $TNFLOW_CACHE_DIR or ~/.cache/tnflow)",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for splits, subsets, shuffling and initialisation")
+
+    @field_validator("data_md5")
+    @classmethod
+    def _data_md5(cls, value: str | None) -> str | None:
+        return _md5("--data-md5", value)
+
+    @field_validator("data_url")
+    @classmethod
+    def _data_url(cls, value: str | None) -> str | None:
+        return _not_blank("--data-url", value, "a URL, a file:// URL or a path")
+
+    @field_validator("cache_dir", "output_dir", check_fields=False)
+    @classmethod
+    def _directory(cls, value: str, info: Any) -> str:
+        _not_blank("--" + info.field_name.replace("_", "-"), value, "a directory")
+        return str(Path(value).expanduser().absolute())
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> DataConfig:
+        """Build from flow parameters or parsed options; None means the default."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise _config_error(cls, exc) from None
+
+    @property
+    def source_url(self) -> str:
+        return self.data_url or SOURCES[self.dataset][0]
+
+    @property
+    def source_md5(self) -> str:
+        return self.data_md5 or SOURCES[self.dataset][1]
+
+    @property
+    def num_classes(self) -> int:
+        return SOURCES[self.dataset][2]
+
+    def cache_spec(self) -> CacheSpec:
+        return CacheSpec(self.dataset, self.image_size, self.valid_size, self.limit_train, self.limit_test, self.seed)
+
+
+class RunConfig(DataConfig):
+    """A whole run (`tnflow run`, the transfer-learning flow and its deployments); defaults are the recipe."""
+
+    model: Literal[MODELS] = Field("vgg19", description="network to fine-tune")  # type: ignore[valid-type]
+    weights: str = Field(
+        "imagenet",
+        description="pretrained weights: the published ImageNet file, none (random start), or a Keras .h5 path/URL",
+        json_schema_extra={"metavar": "imagenet|none|PATH_OR_URL"},
+    )
+    weights_md5: str | None = Field(
+        None,
+        description="md5 of the weights file (default: the published file's md5 for its file name, "
+        "else a check of every layer's shape)",
+        json_schema_extra={"metavar": "HEX"},
+    )
+    head: Literal["full", "gap"] | None = Field(
+        None,
+        description="full: all of VGG19, last layer replaced (224 only); gap: conv base + average pooling "
+        "(default: full at 224, gap otherwise)",
+    )
+    epochs: int = Field(7, ge=1, description="training epochs")
+    batch_size: int = Field(32, ge=1, le=4096, description="training batch size")
+    eval_batch_size: int = Field(256, ge=1, le=4096, description="validation batch size (results do not depend on it)")
+    learning_rate: float = Field(1e-5, ge=0, lt=1, allow_inf_nan=False, description="Adam learning rate")
+    mixed_precision: bool = Field(False, description="float16 training compute with loss scaling, on GPUs")
+    xla: bool = Field(False, description="compile the training step with XLA")
+    retrain: bool = Field(False, description="train again even if a finished training with these inputs exists")
+    output_dir: str = Field(
+        default_factory=default_output_dir,
+        description="where runs, training work and champions are written (default: $TNFLOW_OUTPUT_DIR or ./runs)",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    promote: bool | None = Field(
+        None,
+        description="consider the model for champion (default: yes, unless --limit-train/--limit-test is given)",
+    )
+    promote_margin: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="promote only if test accuracy beats the champion's by more than this",
+        json_schema_extra={"metavar": "ACC"},
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_head(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("head") is None:
+            size = values.get("image_size", 224)
+            values = {**values, "head": "full" if size == FULL_HEAD_SIZE else "gap"}
+        return values
+
+    @model_validator(mode="after")
+    def _head_fits_size(self) -> RunConfig:
+        if self.head == "full" and self.image_size != FULL_HEAD_SIZE:
+            raise ValueError(
+                f"--head full needs --image-size {FULL_HEAD_SIZE} (its fc6 weights expect a 7x7 feature map), "
+                f"got {self.image_size}; use --head gap for other sizes"
+            )
+        return self
+
+    @field_validator("weights_md5")
+    @classmethod
+    def _weights_md5(cls, value: str | None) -> str | None:
+        return _md5("--weights-md5", value)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        return _not_blank("--weights", value, "imagenet, none, a URL, a file:// URL or a path")
+
+    @property
+    def promotes(self) -> bool:
+        """Smoke runs on subsets do not replace the champion unless asked to."""
+        if self.promote is not None:
+            return self.promote
+        return self.limit_train is None and self.limit_test is None
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.head, self.num_classes, self.image_size)
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(
+            self.epochs, self.batch_size, self.learning_rate, self.seed, self.mixed_precision, self.xla
+        )
+
+
+def option(name: str) -> str:
+    """The command-line spelling of a field."""
+    return "--" + name.replace("_", "-")
+
+
+def _config_error(model: type[BaseModel], exc: ValidationError) -> ConfigError:
+    """The first problem as one line that names the command-line option."""
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        known = ", ".join(sorted(model.model_fields))
+        return ConfigError(f"unknown option(s): {', '.join(unknown)}; known: {known}")
+    error = errors[0]
+    if error["type"] == "value_error":
+        return ConfigError(str(error["ctx"]["error"]))
+    name = str(error["loc"][0]) if error["loc"] else ""
+    value = error.get("input")
+    field = model.model_fields.get(name)
+    annotation = str(field.annotation) if field else ""
+    if error["type"] == "literal_error":
+        return ConfigError(f"{option(name)} {value!r} is unknown; choose one of: {error['ctx']['expected']}")
+    if "bool" in annotation:
+        return ConfigError(f"{option(name)} must be true or false, got {value!r}")
+    kind = "an integer" if "int" in annotation else "a number" if "float" in annotation else "a string"
+    return ConfigError(f"{option(name)} must be {kind}{_span(field)}, got {value!r}")
+
+
+def _span(field: Any) -> str:
+    bounds = {}
+    for constraint in field.metadata if field else []:
+        for name in ("ge", "le", "lt"):
+            if hasattr(constraint, name):
+                bounds[name] = getattr(constraint, name)
+    if "le" in bounds:
+        return f" from {bounds.get('ge')} to {bounds['le']}"
+    if "lt" in bounds:
+        return f" from {bounds.get('ge')} to below {bounds['lt']}"
+    return f" of at least {bounds['ge']}" if "ge" in bounds else ""
+
+
+# -- flow parameters ----------------------------------------------------------------------
+
+R = TypeVar("R")
+
+
+def flow_parameters(model: type[DataConfig]) -> Callable[[Callable[[Any], R]], Callable[..., R]]:
+    """Give `fn(config)` the model's fields as keyword parameters, which Prefect shows and validates.
+
+    Prefect builds a flow's parameter schema (the UI form, `prefect deployment run -p`) from
+    its signature; this signature is the model's fields, with their types, bounds and help.
+    Fields whose default depends on the environment (directories) default to None there and
+    are resolved when the run starts, on the machine that runs it.
+    """
+
+    def decorate(fn: Callable[[Any], R]) -> Callable[..., R]:
+        @functools.wraps(fn)
+        def with_fields(**values: Any) -> R:
+            return fn(model.from_values(values))
+
+        parameters, documented = [], []
+        for name, field in model.model_fields.items():
+            default = None if field.default_factory is not None else field.default
+            annotation = field.annotation if default is not None or _optional(field) else field.annotation | None
+            kind = inspect.Parameter.KEYWORD_ONLY
+            if field.metadata:  # bounds: Prefect shows them and checks them before the run starts
+                annotation = Annotated[annotation, *field.metadata]
+            parameters.append(inspect.Parameter(name, kind, default=default, annotation=annotation))
+            documented.append(f"    {name}: {field.description}")
+        returns = inspect.signature(fn).return_annotation
+        with_fields.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+        with_fields.__doc__ = f"{inspect.getdoc(fn)}\n\nArgs:\n" + "\n".join(documented)  # the UI's help texts
+        return with_fields
+
+    return decorate
+
+
+def _optional(field: Any) -> bool:
+    return type(None) in getattr(field.annotation, "__args__", ())

@@ -1,0 +1,133 @@
+"""The one declared configuration: its checks, and everything pinned to it (CLI, flows, deployments)."""
+
+import inspect
+
+import pytest
+
+from tnflow.flows.cli import build_parser
+from tnflow.flows.prepare import prepare_data
+from tnflow.flows.serve import load_deployments
+from tnflow.flows.train import transfer_learning
+from tnflow.tasks.errors import ConfigError
+from tnflow.tasks.settings import SOURCES, DataConfig, RunConfig, option
+
+
+def test_defaults_are_the_recipe():
+    config = RunConfig()
+    assert (config.dataset, config.image_size, config.valid_size, config.head) == ("cifar10", 224, 5000, "full")
+    assert (config.epochs, config.batch_size, config.learning_rate, config.weights) == (7, 32, 1e-5, "imagenet")
+    assert config.source_url == SOURCES["cifar10"][0]
+    assert config.source_md5 == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_a_mirror_url_keeps_the_official_digest_unless_given_one():
+    assert DataConfig(data_url="file:///x.tgz").source_md5 == SOURCES["cifar10"][1]
+    assert DataConfig(data_url="file:///x.tgz", data_md5="A" * 32).source_md5 == "a" * 32
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"image_size": 31}, "--image-size must be an integer from 32 to 512, got 31"),
+        ({"image_size": 513}, "--image-size must be an integer from 32 to 512, got 513"),
+        ({"image_size": "64"}, "--image-size must be an integer"),
+        ({"image_size": True}, "--image-size must be an integer"),
+        ({"valid_size": 0}, "--valid-size must be an integer of at least 1, got 0"),
+        ({"limit_train": 0}, "--limit-train"),
+        ({"limit_test": -5}, "--limit-test"),
+        ({"seed": -1}, "--seed"),
+        ({"dataset": "mnist"}, "--dataset 'mnist' is unknown; choose one of"),
+        ({"data_md5": "xyz"}, "--data-md5 'xyz' is not an md5 digest"),
+        ({"data_url": " "}, "--data-url is empty"),
+        ({"cache_dir": ""}, "--cache-dir is empty"),
+        ({"epochz": 3}, "unknown option(s): epochz"),
+        ({"head": "full", "image_size": 64}, "--head full needs --image-size 224"),
+        ({"head": "dense"}, "--head 'dense' is unknown"),
+        ({"model": "resnet50"}, "--model 'resnet50' is unknown"),
+        ({"epochs": -1}, "--epochs must be an integer of at least 1"),
+        ({"batch_size": 0}, "--batch-size must be an integer from 1 to 4096"),
+        ({"eval_batch_size": 0}, "--eval-batch-size"),
+        ({"learning_rate": -1e-5}, "--learning-rate must be a number from 0 to below 1"),
+        ({"learning_rate": float("nan")}, "--learning-rate must be a number"),
+        ({"weights_md5": "abc"}, "--weights-md5"),
+        ({"xla": "yes"}, "--xla must be true or false"),
+        ({"promote_margin": 1.5}, "--promote-margin must be a number from 0 to below 1"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_bad_values_name_the_option_in_one_line(values, message):
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_values(values)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_none_means_default_and_values_are_normalised(tmp_path):
+    assert RunConfig.from_values({"image_size": None, "limit_test": None}) == RunConfig()
+    config = RunConfig(learning_rate=0, data_md5="A" * 32, cache_dir=str(tmp_path / "x" / ".." / "c"))
+    assert config.learning_rate == 0.0 and config.data_md5 == "a" * 32 and config.cache_dir.startswith("/")
+
+
+def test_head_follows_the_image_size_unless_given():
+    assert RunConfig(image_size=32).head == "gap"
+    assert RunConfig(image_size=224, head="gap").head == "gap"
+
+
+@pytest.mark.parametrize(
+    "values, promotes",
+    [({}, True), ({"limit_train": 10}, False), ({"limit_test": 10}, False), ({"limit_test": 10, "promote": True}, True),
+     ({"promote": False}, False)],
+)  # fmt: skip
+def test_runs_on_subsets_do_not_promote_unless_asked(values, promotes):
+    assert RunConfig(**values).promotes is promotes
+
+
+# -- everything else takes its parameters from the configuration --------------------------
+
+
+def _options(command: str) -> dict[str, object]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "debug")}
+
+
+@pytest.mark.parametrize("command, model", [("prepare", DataConfig), ("run", RunConfig)])
+def test_every_field_is_a_command_line_option(command, model):
+    options = _options(command)
+    assert set(options) == set(model.model_fields)
+    for name, action in options.items():
+        assert action.option_strings[0] == option(name)
+        assert action.help and model.model_fields[name].description in action.help
+
+
+@pytest.mark.parametrize("flow, model", [(prepare_data, DataConfig), (transfer_learning, RunConfig)])
+def test_every_field_is_a_flow_parameter(flow, model):
+    parameters = inspect.signature(flow.fn).parameters
+    assert list(parameters) == list(model.model_fields)
+    for name, field in model.model_fields.items():
+        expected = None if field.default_factory else field.default
+        assert parameters[name].default == expected, name
+    schema = flow.parameters.model_dump()["properties"]
+    assert schema["image_size"]["minimum"] == 32 and schema["image_size"]["maximum"] == 512
+    assert schema["image_size"]["description"] == model.model_fields["image_size"].description
+
+
+def test_deployment_parameters_are_configuration_values():
+    for deployment in load_deployments():
+        parameters = deployment.get("parameters") or {}
+        assert set(parameters) <= set(RunConfig.model_fields), deployment["name"]
+        RunConfig.from_values(parameters)  # valid values, or a ConfigError that fails the test
+    weekly = next(d for d in load_deployments() if d["name"] == "retrain-weekly")
+    assert weekly["parameters"]["retrain"] is True, "a scheduled retrain must train again, not just re-evaluate"
+
+
+def test_the_cli_parses_into_the_configuration():
+    args = build_parser().parse_args(["run", "--image-size", "64", "--retrain", "--no-promote", "--epochs", "2"])
+    values = {name: getattr(args, name) for name in RunConfig.model_fields}
+    config = RunConfig.from_values(values)
+    assert (config.image_size, config.retrain, config.promote, config.epochs, config.head) == (
+        64,
+        True,
+        False,
+        2,
+        "gap",
+    )
