@@ -130,10 +130,14 @@ def source_identity(url: str) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
+def is_intact(path: str | Path, md5: str | None) -> bool:
+    """The file is there with the md5 recorded for it."""
+    return Path(path).is_file() and file_md5(path) == md5
+
+
 def fetched_is_sound(fetched: Fetched) -> bool:
-    """A recorded copy is reusable while the file is there with its recorded md5."""
-    path = Path(fetched.path)
-    return path.is_file() and path.stat().st_size == fetched.size and file_md5(path) == fetched.md5
+    """A recorded copy is reusable while the file is there, unchanged."""
+    return is_intact(fetched.path, fetched.md5)
 
 
 def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:

@@ -148,20 +148,23 @@ class DataConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for splits, subsets, shuffling and initialisation")
 
-    @field_validator("data_md5")
+    @field_validator("data_md5", "weights_md5", check_fields=False)
     @classmethod
-    def _data_md5(cls, value: str | None) -> str | None:
-        return _md5("--data-md5", value)
+    def _digest(cls, value: str | None, info: Any) -> str | None:
+        return _md5(option(info.field_name), value)
 
-    @field_validator("data_url")
+    @field_validator("data_url", "weights", check_fields=False)
     @classmethod
-    def _data_url(cls, value: str | None) -> str | None:
-        return _not_blank("--data-url", value, "a URL, a file:// URL or a path")
+    def _source(cls, value: str | None, info: Any) -> str | None:
+        what = "a URL, a file:// URL or a path"
+        return _not_blank(
+            option(info.field_name), value, f"imagenet, none, {what}" if info.field_name == "weights" else what
+        )
 
     @field_validator("cache_dir", "output_dir", check_fields=False)
     @classmethod
     def _directory(cls, value: str, info: Any) -> str:
-        _not_blank("--" + info.field_name.replace("_", "-"), value, "a directory")
+        _not_blank(option(info.field_name), value, "a directory")
         return str(Path(value).expanduser().absolute())
 
     @classmethod
@@ -249,16 +252,6 @@ class RunConfig(DataConfig):
                 f"got {self.image_size}; use --head gap for other sizes"
             )
         return self
-
-    @field_validator("weights_md5")
-    @classmethod
-    def _weights_md5(cls, value: str | None) -> str | None:
-        return _md5("--weights-md5", value)
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, value: str) -> str:
-        return _not_blank("--weights", value, "imagenet, none, a URL, a file:// URL or a path")
 
     @property
     def promotes(self) -> bool:

@@ -22,7 +22,7 @@ import h5py
 from prefect import get_run_logger, task
 
 from tnflow.tasks.cache_policy import StageCache, code_version
-from tnflow.tasks.download import DOWNLOAD_RETRIES, ProgressFn, fetch, file_md5, source_identity
+from tnflow.tasks.download import DOWNLOAD_RETRIES, ProgressFn, fetch, is_intact, source_identity
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.progress import STAGE_HOOKS, Progress
 
@@ -147,7 +147,7 @@ def fetch_weights(
 
 def weights_are_sound(found: WeightsFile) -> bool:
     """A recorded weights file is reusable while it is there with its recorded md5."""
-    return found.path is None or (Path(found.path).is_file() and file_md5(found.path) == found.md5)
+    return found.path is None or is_intact(found.path, found.md5)
 
 
 # -- Prefect ----------------------------------------------------------------------------
