@@ -22,7 +22,7 @@ from pydantic.fields import FieldInfo
 
 from tnflow.tasks.errors import ConfigError, TnflowError
 from tnflow.tasks.files import ensure_writable_dir
-from tnflow.tasks.settings import DataConfig, RunConfig, default_output_dir, option
+from tnflow.tasks.settings import DataConfig, RunConfig, default_cache_dir, default_output_dir, option
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,13 +68,15 @@ def _help(field: FieldInfo) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tnflow", description="Transfer learning on CIFAR as a Prefect pipeline.")
+    parser = _Parser(
+        prog="tnflow", description="Transfer learning on CIFAR or your image folders as a Prefect pipeline."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     prepare = commands.add_parser(
         "prepare",
         help="download a dataset and build its resized HDF5 cache",
-        description="Download a CIFAR archive, verify it, and resize it into one HDF5 file "
-        "(train/valid/test). Prints the file's path last.",
+        description="Download a CIFAR archive (or read your image folder, --data-dir), verify it, and resize it "
+        "into one HDF5 file (train/valid/test). Prints the file's path last.",
     )
     add_config_options(prepare, DataConfig)
     prepare.set_defaults(handler=_prepare)
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the whole pipeline: data, weights, training, test, champion, report",
-        description="Fine-tune an ImageNet-pretrained VGG19 on CIFAR (the recipe's defaults, its defects fixed). "
+        description="Fine-tune an ImageNet-pretrained VGG19 on CIFAR (the recipe's defaults, its defects fixed) "
+        "or on your images (--data-dir). "
         "Prints the run directory last; it holds model/, metrics.json, report.html and report.md.",
     )
     add_config_options(run, RunConfig)
@@ -112,7 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefect-file", metavar="FILE", help="deployments file (default: deployments/prefect.yaml)")
     serve.set_defaults(handler=_serve)
 
-    for command in (prepare, run, predict, serve):
+    gc = commands.add_parser(
+        "gc",
+        help="remove versions of folder caches that no run or champion refers to",
+        description="Each version of an image folder keeps its cache file. This removes those that no run "
+        "directory or champion names and that are not the latest of their folder.",
+    )
+    gc.add_argument("--cache-dir", metavar="DIR", help="(default: $TNFLOW_CACHE_DIR or ~/.cache/tnflow)")
+    gc.add_argument("--output-dir", metavar="DIR", help="runs and champions (default: $TNFLOW_OUTPUT_DIR or ./runs)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    gc.set_defaults(handler=_gc)
+
+    for command in (prepare, run, predict, serve, gc):
         command.add_argument(
             "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
         )
@@ -164,6 +178,19 @@ def _predict(args: argparse.Namespace) -> str | None:
     if failed:
         raise TnflowError(f"{failed} of {len(args.images)} images could not be read (see above)")
     return None
+
+
+def _gc(args: argparse.Namespace) -> str:
+    from tnflow.tasks.gc import collect
+
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    if not cache_dir.is_dir():
+        raise ConfigError(f"--cache-dir {cache_dir} is not a directory")
+    removed = collect(cache_dir, args.output_dir or default_output_dir(), dry_run=args.dry_run)
+    for path, _ in removed:
+        print(path)
+    verb = "would remove" if args.dry_run else "removed"
+    return f"{verb} {len(removed)} cache file(s), {sum(size for _, size in removed) / 1e6:.1f} MB"
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""prepare_data: download -> build cache."""
+"""prepare_data: download (or read the folder) -> build cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from tnflow.tasks.settings import DataConfig, flow_parameters
 @flow(name="prepare-data")
 @flow_parameters(DataConfig)
 def prepare_data(config: DataConfig) -> str:
-    """Download a CIFAR archive and resize it into an HDF5 cache; returns the cache path."""
-    archive = download_task(config.source_url, config.cache_dir, config.source_md5)
-    cache = build_cache_task(archive.path, archive.md5, config.cache_spec(), config.cache_dir)
+    """Download a CIFAR archive (or read an image folder) and resize it into an HDF5 cache; returns its path."""
+    if config.data_dir is not None:
+        source, md5 = config.data_dir, None
+    else:
+        archive = download_task(config.source_url, config.cache_dir, config.source_md5)
+        source, md5 = archive.path, archive.md5
+    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address)
     return cache.path

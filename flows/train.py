@@ -1,4 +1,4 @@
-"""transfer_learning: download -> cache -> fetch weights -> train -> validate -> promote -> report."""
+"""transfer_learning: source -> cache -> weights -> train -> validate -> promote -> report."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prefect.runtime import flow_run
 
 from tnflow.tasks.cache import build_cache_task
 from tnflow.tasks.download import download_task
-from tnflow.tasks.promote import promote_task
+from tnflow.tasks.promote import promote_task, starting_model_task
 from tnflow.tasks.report import report_task, run_directory
 from tnflow.tasks.settings import RunConfig, flow_parameters
 from tnflow.tasks.train import CODE as TRAINING_CODE
@@ -20,23 +20,36 @@ from tnflow.tasks.workdir import work_dir_for
 @flow(name="transfer-learning")
 @flow_parameters(RunConfig)
 def transfer_learning(config: RunConfig) -> str:
-    """Fine-tune an ImageNet-pretrained model on CIFAR; returns the run directory."""
+    """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns the run directory."""
     run_dir = run_directory(config.output_dir, flow_run.name)
 
-    archive = download_task(config.source_url, config.cache_dir, config.source_md5)
-    cache = build_cache_task(archive.path, archive.md5, config.cache_spec(), config.cache_dir)
-    weights = fetch_weights_task(config.weights, config.weights_md5, config.model, config.head, config.cache_dir)
-    spec, settings = config.model_spec(), config.train_settings()
-    work_dir = work_dir_for(config.output_dir, cache.path, weights.md5, spec, settings, TRAINING_CODE)
+    if config.data_dir is not None:
+        source, md5 = config.data_dir, None
+    else:
+        archive = download_task(config.source_url, config.cache_dir, config.source_md5)
+        source, md5 = archive.path, archive.md5
+    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address)
+    classes = list(cache.class_names)
+    spec, settings = config.model_spec(len(classes)), config.train_settings()
+    start = None
+    if config.init_from:
+        start = starting_model_task(config.init_from, config.output_dir, cache.path, spec.model, spec.head, classes)
+    if start is not None:
+        start_dir, weights_path, weights_id = start[0], None, f"model:{start[1]}"
+    else:
+        weights = fetch_weights_task(config.weights, config.weights_md5, config.model, config.head, config.cache_dir)
+        start_dir, weights_path, weights_id = None, weights.path, weights.md5
+    work_dir = work_dir_for(config.output_dir, cache.path, weights_id, spec, settings, TRAINING_CODE)
     trained = train_task(
         cache.path,
-        weights.path,
+        weights_path,
         spec,
         settings,
         str(work_dir),
-        list(cache.class_names),
+        classes,
         config.eval_batch_size,
         config.retrain,
+        start_dir,
     )
     test = validate_task(trained.model_dir, cache.path, "test", config.eval_batch_size, run_dir)
     promotion = promote_task(

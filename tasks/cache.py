@@ -1,4 +1,4 @@
-"""The cache stage: a CIFAR archive -> one resized uint8 HDF5 file (see `tasks.h5cache`).
+"""The cache stage: a CIFAR archive or an image folder -> one resized uint8 HDF5 file (`tasks.h5cache`).
 
 The recipe resized every image into a list of float64 arrays (about 72 GB for CIFAR-10 at
 224). Here images stream through in chunks of `CHUNK_IMAGES`, are resized on all cores, and
@@ -6,6 +6,8 @@ land as uint8 in a temporary file that is renamed only when complete. Memory sta
 size of the 32x32 source plus a few chunks. The file's name is a function of everything that
 determines its content, the version of the code that computes it included, so a re-run
 finds it and a code change builds a new one.
+
+Image folders are built by `tasks.folder_cache`; the one task here takes either source.
 """
 
 from __future__ import annotations
@@ -20,18 +22,23 @@ from tnflow.tasks.cifar import read_archive
 from tnflow.tasks.errors import DataError, TnflowError
 from tnflow.tasks.files import (
     check_free_space,
-    disk_full_error,
     ensure_writable_dir,
     exclusive,
-    is_disk_full,
     remove_stale_temps,
-    temp_path,
+    renamed_when_complete,
 )
-from tnflow.tasks.h5cache import CHUNK_IMAGES, CacheInfo, ProgressFn, inspect_cache, write_cache
+from tnflow.tasks.folder_cache import FOLDER_CODE, build_folder_cache, folder_identity
+from tnflow.tasks.h5cache import (
+    CHUNK_IMAGES,
+    CacheInfo,
+    ProgressFn,
+    inspect_cache,
+    write_cache,
+)
 from tnflow.tasks.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.resize import RESIZE_METHOD, bilinear_matrix, resize_batch, resized_chunks
 from tnflow.tasks.retries import retry_unless
-from tnflow.tasks.settings import CacheSpec
+from tnflow.tasks.settings import CacheSpec, FolderSpec
 from tnflow.tasks.splits import split_indices
 
 # The code that decides the cache's content: a change to any of it builds a new file.
@@ -81,18 +88,8 @@ def build_cache(
             "valid_size": spec.valid_size,
             "seed": spec.seed,
         }
-        tmp = temp_path(final)
-        try:
+        with renamed_when_complete(final) as tmp:
             write_cache(tmp, attrs, contents, spec.image_size, progress)
-            os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if is_disk_full(exc):
-                raise disk_full_error(final) from None
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     info = inspect_cache(final)
     if info is None:
         raise DataError(f"{final} was written but does not read back as a complete cache; is the disk failing?")
@@ -109,15 +106,28 @@ def cache_is_sound(info: CacheInfo) -> bool:
 
 @task(
     name="build-cache",
-    cache_policy=StageCache(code=CODE, sound=cache_is_sound),
+    cache_policy=StageCache(
+        code=CODE + FOLDER_CODE,
+        ignore=("dask_address",),  # where pixels are computed does not change them
+        identity=folder_identity,  # a folder that gained, lost or changed files is a new input
+        sound=cache_is_sound,
+    ),
     persist_result=True,
     retries=1,
     retry_condition_fn=retry_unless(TnflowError),
     **STAGE_HOOKS,
 )
-def build_cache_task(archive: str, source_md5: str, spec: CacheSpec, cache_dir: str) -> CacheInfo:
+def build_cache_task(
+    source: str, source_md5: str | None, spec: CacheSpec, cache_dir: str, dask_address: str | None = None
+) -> CacheInfo:
+    """A CIFAR archive, an image folder, or an archive of one (`source_md5` given) -> its cache."""
     progress = Progress(f"resize to {spec.image_size}px", unit="img", logger=get_run_logger())
-    info = build_cache(archive, source_md5, spec, cache_dir, progress=progress)
+    if isinstance(spec, FolderSpec):
+        info = build_folder_cache(
+            source, spec, cache_dir, archive_md5=source_md5, dask_address=dask_address, progress=progress
+        )
+    else:
+        info = build_cache(source, source_md5, spec, cache_dir, progress=progress)
     progress.finish()
     get_run_logger().info("cache %s: %s", info.path, info.counts)
     return info

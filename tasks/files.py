@@ -128,6 +128,27 @@ def new_directory(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+@contextmanager
+def renamed_when_complete(final: Path, option: str = "--cache-dir") -> Iterator[Path]:
+    """A temporary name to write `final` under; renamed to `final` only if the block completes.
+
+    Whatever stops the block (an error, a full disk, Ctrl-C) removes the temporary file, so
+    nothing that looks finished is ever left half-written.
+    """
+    tmp = temp_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(final, option) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace a small text file in one rename: readers see the old or the new content."""
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
@@ -158,7 +179,10 @@ def remove_stale_temps(final: Path) -> None:
     """Delete temporaries left by killed writers of `final` (the caller holds its lock)."""
     for stale in final.parent.glob(f"{final.name}{_TMP_MARK}*"):
         run_logger().info("removing %s left by an interrupted run", stale)
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -6,12 +6,17 @@
     attrs: format_version, dataset, class_names, image_size, source_md5, resize_method,
            valid_size, seed, num_train, num_valid, num_test
 
+A folder's cache also holds, per split, `digests` (sha256 of each image's file, which lets a
+newer version of the folder take over unchanged pixels) and `paths`, and a `manifest`: the
+folder version, skipped files with their reasons, duplicates, leaked copies, counts.
+
 The num_* attributes are written last, so a file whose writer died reads as incomplete.
 Readers take batch-aligned slices, which are whole HDF5 chunks at the recipe's batch size.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,8 @@ class CacheInfo:
     class_names: tuple[str, ...]
     counts: dict[str, int]
     source_md5: str = ""
+    source_id: str = ""  # what champions are kept per: the archive's md5, or a folder's lineage
+    summary: tuple[tuple[str, int], ...] = ()  # a folder's counts: skipped, duplicates, leaked, reused, ...
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -99,12 +106,105 @@ def inspect_cache(path: str | Path) -> CacheInfo | None:
                 class_names=tuple(str(n) for n in f.attrs["class_names"]),
                 counts=counts,
                 source_md5=str(f.attrs.get("source_md5", "")),
+                source_id=str(f.attrs.get("source_id", f.attrs.get("source_md5", ""))),
+                summary=tuple(json.loads(f.attrs.get("summary", "{}")).items()),
             )
     except (OSError, KeyError, ValueError):
         return None
 
 
+class CacheWriter:
+    """Appends a folder's images split by split; what is complete is marked last (`finish`).
+
+    Images are written a whole HDF5 chunk at a time, straight to the file (the chunks are
+    uncompressed, so their bytes are the array's): 7x faster than HDF5's own write path,
+    which copies and converts, and a large share of the build on a machine with few cores.
+    """
+
+    def __init__(self, out: Path, attrs: dict[str, Any], image_size: int):
+        self.file = h5py.File(out, "w")
+        self.file.attrs["format_version"] = FORMAT_VERSION
+        self.file.attrs["image_size"] = image_size
+        for name, value in attrs.items():
+            self.file.attrs[name] = value
+        shape = (image_size, image_size, 3)
+        self.pending: dict[str, list[tuple[np.ndarray, list, list, list]]] = {split: [] for split in SPLITS}
+        for split in SPLITS:
+            group = self.file.create_group(split)
+            group.create_dataset(
+                "images", shape=(0, *shape), maxshape=(None, *shape), dtype=np.uint8, chunks=(CHUNK_IMAGES, *shape)
+            )
+            group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            group.create_dataset("digests", shape=(0,), maxshape=(None,), dtype="S64", chunks=(4096,))
+            group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
+
+    def append(self, split: str, images: np.ndarray, labels: list[int], digests: list[str], paths: list[str]) -> None:
+        self.pending[split].append((images, labels, digests, paths))
+        if sum(len(p[1]) for p in self.pending[split]) >= CHUNK_IMAGES:
+            self._write(split, whole_chunks=True)
+
+    def _write(self, split: str, whole_chunks: bool = False) -> None:
+        if not self.pending[split]:
+            return
+        images = np.concatenate([p[0] for p in self.pending[split]])
+        columns = [[value for p in self.pending[split] for value in p[k]] for k in (1, 2, 3)]
+        n = len(images) - len(images) % CHUNK_IMAGES if whole_chunks else len(images)
+        group = self.file[split]
+        start = group["labels"].shape[0]  # a multiple of CHUNK_IMAGES: only the last write is partial
+        for name, values in zip(("images", "labels", "digests", "paths"), (images, *columns), strict=True):
+            group[name].resize(start + n, axis=0)
+            if name != "images":
+                group[name][start:] = values[:n]
+        whole = n - n % CHUNK_IMAGES
+        for row in range(0, whole, CHUNK_IMAGES):
+            block = np.ascontiguousarray(images[row : row + CHUNK_IMAGES])
+            group["images"].id.write_direct_chunk((start + row, 0, 0, 0), block.tobytes())
+        if whole < n:
+            group["images"][start + whole : start + n] = images[whole:n]
+        rest = (images[n:], *(c[n:] for c in columns))
+        self.pending[split] = [rest] if len(rest[1]) else []
+
+    def labels(self, split: str) -> np.ndarray:
+        self._write(split)
+        return self.file[split]["labels"][:]
+
+    def finish(self, manifest: dict[str, Any], summary: dict[str, int]) -> None:
+        self.file.create_dataset("manifest", data=json.dumps(manifest))
+        self.file.attrs["summary"] = json.dumps(summary)
+        for split in SPLITS:
+            self._write(split)
+            self.file.attrs[f"num_{split}"] = int(self.file[split]["labels"].shape[0])
+        self.file.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """A folder cache's manifest (empty for CIFAR caches)."""
+    with h5py.File(path, "r") as f:
+        return json.loads(f["manifest"][()]) if "manifest" in f else {}
+
+
+def read_digests(path: str | Path) -> dict[str, tuple[str, int]]:
+    """Content digest -> (split, row) of every image of a folder cache."""
+    found = {}
+    with h5py.File(path, "r") as f:
+        for split in SPLITS:
+            if "digests" in f[split]:
+                for row, digest in enumerate(f[split]["digests"][:]):
+                    found[digest.decode()] = (split, row)
+    return found
+
+
 # -- reading ------------------------------------------------------------------------------
+
+
+def read_resize_mode(path: str | Path) -> str:
+    """How the cache made pictures square (CIFAR's are square already: as `crop` leaves them)."""
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("resize", "crop"))
 
 
 def read_split_size(path: str | Path, split: str) -> int:

@@ -7,6 +7,7 @@ configuration, so a model can be traced back to the run that made it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -37,3 +38,29 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
     if not (path / f"{CHECKPOINT}.index").is_file():
         raise TnflowError(f"{path} has no checkpoint {CHECKPOINT}; the model directory is incomplete")
     return meta
+
+
+def model_digest(path: str | Path) -> str:
+    """Identifies a model's weights without reading them: model.json plus the checkpoint index,
+    which holds a checksum of every tensor."""
+    path = Path(path)
+    digest = hashlib.sha256((path / MODEL_JSON).read_bytes())
+    digest.update((path / f"{CHECKPOINT}.index").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_can_start_from(path: str | Path, model: str, head: str, class_names: list[str]) -> None:
+    """A model to continue training from must have this backbone, head and class list."""
+    meta = read_model_dir(path)
+    if (meta["model"], meta["head"]) != (model, head):
+        raise TnflowError(
+            f"--init-from {path} is a {meta['model']} with the {meta['head']} head; this run trains a {model} with "
+            f"the {head} head. Use the same --model and --head, or start from --weights"
+        )
+    if list(meta["class_names"]) != list(class_names):
+        theirs, ours = set(meta["class_names"]), set(class_names)
+        diff = sorted(ours - theirs) or sorted(theirs - ours) or ["(same classes, another order)"]
+        raise TnflowError(
+            f"--init-from {path} was trained on other classes than this dataset's (differs in: "
+            f"{', '.join(diff[:5])}); start from --weights imagenet instead"
+        )

@@ -14,18 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from tnflow.tasks.images import ImageError, load_rgb
+from tnflow.tasks.images import ImageError, load_square
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir
-from tnflow.tasks.resize import resize_image
 from tnflow.tasks.settings import ModelSpec
 
 TOP_K = 3
 BATCH_SIZE = 32
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """uint8 RGB (size, size, 3) from an image file of any size and mode."""
-    return resize_image(load_rgb(path), size)
+def load_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
+    """uint8 RGB (size, size, 3) from an image file of any size and mode, squared as in training."""
+    return load_square(path, size, resize)
 
 
 def predict_files(
@@ -44,7 +43,7 @@ def predict_files(
             results, loaded = [], []
             for path in paths[start : start + batch_size]:
                 try:
-                    loaded.append((len(results), load_image(path, spec.image_size)))
+                    loaded.append((len(results), load_image(path, spec.image_size, meta.get("resize", "crop"))))
                     results.append({"image": path})
                 except (OSError, ImageError) as exc:
                     results.append({"image": path, "error": f"cannot read {path}: {exc}"})

@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import ensure_writable_dir, exclusive, link_tree, new_directory, switch_symlink
+from tnflow.tasks.model_dir import check_can_start_from, model_digest
 from tnflow.tasks.progress import STAGE_HOOKS
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.validate import evaluate_model
@@ -55,7 +57,8 @@ def dataset_key(cache_path: str | Path) -> str:
     """Which champion line a model belongs to: the dataset, its source and its classes."""
     with h5py.File(cache_path, "r") as f:
         names = [str(n) for n in f.attrs["class_names"]]
-        blob = json.dumps([str(f.attrs["source_md5"]), names]).encode()
+        source = f.attrs.get("source_id", f.attrs["source_md5"])  # a folder's line outlives its versions
+        blob = json.dumps([str(source), names]).encode()
         return f"{f.attrs['dataset']}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
@@ -63,8 +66,24 @@ def split_identity(cache_path: str | Path) -> str:
     """Identifies the test images (dataset, archive, which images): only equal keys compare as they are."""
     with h5py.File(cache_path, "r") as f:
         labels = f["test/labels"][:]
-        parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
-    return ":".join(parts) + ":" + hashlib.sha256(labels.tobytes()).hexdigest()[:12]
+        if "digests" in f["test"]:  # a folder: the test images themselves, whichever version holds them
+            parts = [str(f.attrs["dataset"]), str(f.attrs["source_id"]), str(len(labels))]
+            content = np.sort(f["test/digests"][:]).tobytes() + labels[np.argsort(f["test/digests"][:])].tobytes()
+        else:
+            parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
+            content = labels.tobytes()
+    return ":".join(parts) + ":" + hashlib.sha256(content).hexdigest()[:12]
+
+
+def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Path) -> Path | None:
+    """The model directory `--init-from` names: `champion` is the champion of this dataset's line,
+    None while there is none (a scheduled retrain's first run starts from --weights)."""
+    if init_from != "champion":
+        return Path(init_from).expanduser().absolute()
+    key = dataset_key(cache_path)
+    if read_champion(output_dir, key) is None:
+        return None
+    return (Path(output_dir) / "champions" / key / "current").resolve()
 
 
 def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
@@ -106,6 +125,7 @@ def promote(
             "dataset": key,
             "test_accuracy": test_accuracy,
             "test_split": split,
+            "cache": str(cache_path),
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "replaced_run_id": current["run_id"] if current else None,
             "replaced_accuracy": champion_accuracy,
@@ -174,3 +194,18 @@ def promote_task(
         )
     logger.info("champion: %s", decision.reason)
     return asdict(decision)
+
+
+@task(name="starting-model", cache_policy=NO_CACHE, **STAGE_HOOKS)  # the champion changes between runs
+def starting_model_task(
+    init_from: str, output_dir: str, cache_path: str, model: str, head: str, class_names: list[str]
+) -> tuple[str, str] | None:
+    """(model directory, digest of its weights) that `--init-from` names, checked against this run."""
+    path = starting_model(init_from, output_dir, cache_path)
+    if path is None:
+        get_run_logger().warning("--init-from champion: this dataset has no champion yet; starting from --weights")
+        return None
+    check_can_start_from(path, model, head, class_names)
+    digest = model_digest(path)
+    get_run_logger().info("training starts from %s (weights %s)", path, digest)
+    return str(path), digest

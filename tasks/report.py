@@ -92,6 +92,7 @@ def write_report(
         (run_dir / "figures" / f"{name}.png").write_bytes(data)
 
     sections = _sections(config, history, metrics, stages, device, promotion)
+    sections.update(data_sections(cache_path))
     markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
     write_atomic(run_dir / "report.md", markdown)
@@ -130,7 +131,30 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
     }
 
 
+SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
+
+
+def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
+    """What the model learnt from: classes with their images per split, and the files left out."""
+    with h5py.File(cache_path, "r") as f:
+        names = [str(n) for n in f.attrs["class_names"]]
+        per_split = {s: np.bincount(f[f"{s}/labels"][:], minlength=len(names)) for s in ("train", "valid", "test")}
+        summary = json.loads(f.attrs.get("summary", "{}"))
+        manifest = json.loads(f["manifest"][()]) if "manifest" in f else {}
+    counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
+    counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
+    source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
+    skipped = [(p, r) for p, r in manifest.get("skipped", [])[:SKIPPED_SHOWN]]
+    more = len(manifest.get("skipped", [])) - len(skipped)
+    if more > 0:
+        skipped.append((f"... and {more} more", "see the manifest in the cache file"))
+    return {"data": source, "class_counts": counts, "skipped": skipped or [("none", "")]}
+
+
 _TABLES = {
+    "data": ("Data", ("", "")),
+    "class_counts": ("Images per class", ("class", "train", "valid", "test")),
+    "skipped": ("Skipped files", ("file", "reason")),
     "stages": ("Stages", ("stage", "wall time", "cache", "state")),
     "history": ("Learning curves", ("epoch", "train loss", "train acc", "valid loss", "valid acc", "s", "img/s")),
     "per_class": ("Test accuracy per class", ("class", "accuracy")),
@@ -204,6 +228,8 @@ def report_task(
             "config": config,
             "timings": stages,
             "promotion": promotion,
+            "cache": cache_path,  # what `tnflow gc` keeps while this run exists
+            "data": data_sections(cache_path),
         },
     )
     paths = write_report(

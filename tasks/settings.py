@@ -41,6 +41,10 @@ SOURCES: dict[str, tuple[str, str, int]] = {
         100,
     ),
 }
+FOLDER = "folder"  # --dataset for a folder of class folders (--data-dir) or an archive of one
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+RESIZE_MODES = ("crop", "stretch", "pad")
+MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
 MODELS = ("vgg19",)
 FULL_HEAD_SIZE = 224  # the full head's fc6 weights expect a 7x7x512 feature map
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
@@ -67,7 +71,7 @@ class CacheSpec:
 
     dataset: str
     image_size: int
-    valid_size: int
+    valid_size: int | float  # a count, or a fraction when below 1
     limit_train: int | None
     limit_test: int | None
     seed: int
@@ -76,6 +80,26 @@ class CacheSpec:
         """Short stable hash of the spec and the code version that builds from it."""
         blob = json.dumps({**asdict(self), "code": code}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class FolderSpec(CacheSpec):
+    """A folder dataset's cache also depends on how its pictures are split, squared and screened."""
+
+    test_size: int | float = 0.2
+    resize: str = "crop"
+    max_pixels: int = MAX_PIXELS
+    max_bad: float = 0.01
+
+    def lineage(self, source: str, code: str = "") -> str:
+        """Caches whose pixels and splits a newer version of the same folder may take over.
+
+        Everything but what screens files (`max_bad`) and what picks subsets (the limits):
+        those change which rows a version keeps, never what a kept row holds.
+        """
+        keep = {k: v for k, v in asdict(self).items() if k not in ("max_bad", "limit_train", "limit_test")}
+        blob = json.dumps({**keep, "source": source, "code": code}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -124,7 +148,16 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    dataset: Literal[tuple(SOURCES)] = Field("cifar10", description="dataset to train on")  # type: ignore[valid-type]
+    dataset: Literal[(*SOURCES, FOLDER)] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="dataset to train on: a CIFAR archive, or folder (your images: --data-dir, or an archive of "
+        "such a folder through --data-url) (default: folder with --data-dir or a .zip, else cifar10)",
+    )
+    data_dir: str | None = Field(
+        None,
+        description="your images: DIR/<class>/<image>, or DIR/train|test|val/<class>/<image>",
+        json_schema_extra={"metavar": "DIR"},
+    )
     data_url: str | None = Field(
         None,
         description="archive URL, file:// URL or path (default: the dataset's official URL)",
@@ -136,7 +169,40 @@ class DataConfig(BaseModel):
         json_schema_extra={"metavar": "HEX"},
     )
     image_size: int = Field(224, ge=32, le=512, description="resize images to SxS", json_schema_extra={"metavar": "S"})
-    valid_size: int = Field(5000, ge=1, description="training images held out for validation")
+    valid_size: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="training images held out for validation: a count, or a fraction below 1 "
+        "(default: 5000 for CIFAR, 0.1 for folders)",
+        json_schema_extra={"metavar": "N|X"},
+    )
+    test_size: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="folders without test/ (or val/): images held out for testing, a count or a fraction "
+        "(default: 0.2)",
+        json_schema_extra={"metavar": "N|X"},
+    )
+    resize: Literal[RESIZE_MODES] = Field(  # type: ignore[valid-type]
+        "crop", description="make photos square: crop the centre, stretch, or pad (CIFAR is square already)"
+    )
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="skip images larger than this (decompression bombs)")
+    max_bad: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="fail when more than this fraction of a folder's files cannot be used",
+        json_schema_extra={"metavar": "X"},
+    )
+    dask_address: str | None = Field(
+        default_factory=lambda: os.environ.get("TNFLOW_DASK_ADDRESS") or None,
+        description="decode and resize a folder on this Dask scheduler (default: $TNFLOW_DASK_ADDRESS, "
+        "else processes on this machine)",
+        json_schema_extra={"metavar": "tcp://HOST:PORT"},
+    )
     limit_train: int | None = Field(
         None, ge=1, description="use a stratified subset of N training images (default: all)"
     )
@@ -147,6 +213,31 @@ class DataConfig(BaseModel):
         json_schema_extra={"metavar": "DIR"},
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed for splits, subsets, shuffling and initialisation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dataset(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("dataset") is None:
+            url = str(values.get("data_url") or "").lower()
+            folder = values.get("data_dir") is not None or url.endswith(".zip")
+            values = {**values, "dataset": FOLDER if folder else "cifar10"}
+        return values
+
+    @model_validator(mode="after")
+    def _source_fits_dataset(self) -> DataConfig:
+        if self.data_dir is not None and self.data_url is not None:
+            raise ValueError("give --data-dir (a folder) or --data-url (an archive), not both")
+        if self.dataset == FOLDER and self.data_dir is None and self.data_url is None:
+            raise ValueError("--dataset folder needs --data-dir DIR, or --data-url with a .zip/.tar/.tar.gz of it")
+        if self.dataset != FOLDER and self.data_dir is not None:
+            raise ValueError(f"--data-dir is for your own images; drop --dataset {self.dataset} (or use folder)")
+        if self.dataset != FOLDER and self.test_size is not None:
+            raise ValueError(f"--test-size is for folders; {self.dataset} has its official test set")
+        for name in ("valid_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value >= 1 and value != int(value):
+                raise ValueError(f"{option(name)} {value:g} is neither a count (a whole number) nor a fraction below 1")
+        return self
 
     @field_validator("data_md5", "weights_md5", check_fields=False)
     @classmethod
@@ -161,9 +252,11 @@ class DataConfig(BaseModel):
             option(info.field_name), value, f"imagenet, none, {what}" if info.field_name == "weights" else what
         )
 
-    @field_validator("cache_dir", "output_dir", check_fields=False)
+    @field_validator("cache_dir", "output_dir", "data_dir", check_fields=False)
     @classmethod
-    def _directory(cls, value: str, info: Any) -> str:
+    def _directory(cls, value: str | None, info: Any) -> str | None:
+        if value is None:
+            return None
         _not_blank(option(info.field_name), value, "a directory")
         return str(Path(value).expanduser().absolute())
 
@@ -177,18 +270,25 @@ class DataConfig(BaseModel):
 
     @property
     def source_url(self) -> str:
-        return self.data_url or SOURCES[self.dataset][0]
+        """What the download stage fetches (a folder given as --data-dir is read where it is)."""
+        return self.data_url or SOURCES.get(self.dataset, ("",))[0]
 
     @property
-    def source_md5(self) -> str:
-        return self.data_md5 or SOURCES[self.dataset][1]
-
-    @property
-    def num_classes(self) -> int:
-        return SOURCES[self.dataset][2]
+    def source_md5(self) -> str | None:
+        return self.data_md5 or SOURCES.get(self.dataset, (None, None))[1]
 
     def cache_spec(self) -> CacheSpec:
-        return CacheSpec(self.dataset, self.image_size, self.valid_size, self.limit_train, self.limit_test, self.seed)
+        valid = _count(self.valid_size if self.valid_size is not None else 0.1 if self.dataset == FOLDER else 5000)
+        common = (self.dataset, self.image_size, valid, self.limit_train, self.limit_test, self.seed)
+        if self.dataset != FOLDER:
+            return CacheSpec(*common)
+        test = _count(self.test_size if self.test_size is not None else 0.2)
+        return FolderSpec(*common, test, self.resize, self.max_pixels, self.max_bad)
+
+
+def _count(size: float) -> int | float:
+    """A whole number of images as an int (so specs, names and file attributes stay as they were)."""
+    return int(size) if size >= 1 else size
 
 
 class RunConfig(DataConfig):
@@ -210,6 +310,12 @@ class RunConfig(DataConfig):
         None,
         description="full: all of VGG19, last layer replaced (224 only); gap: conv base + average pooling "
         "(default: full at 224, gap otherwise)",
+    )
+    init_from: str | None = Field(
+        None,
+        description="start from a trained model of the same classes instead of --weights (a short weekly "
+        "retrain): champion (this dataset's, once there is one), or a model directory",
+        json_schema_extra={"metavar": "champion|MODEL_DIR"},
     )
     epochs: int = Field(7, ge=1, description="training epochs")
     batch_size: int = Field(32, ge=1, le=4096, description="training batch size")
@@ -260,8 +366,8 @@ class RunConfig(DataConfig):
             return self.promote
         return self.limit_train is None and self.limit_test is None
 
-    def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.model, self.head, self.num_classes, self.image_size)
+    def model_spec(self, num_classes: int) -> ModelSpec:
+        return ModelSpec(self.model, self.head, num_classes, self.image_size)
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(
@@ -299,13 +405,15 @@ def _config_error(model: type[BaseModel], exc: ValidationError) -> ConfigError:
 def _span(field: Any) -> str:
     bounds = {}
     for constraint in field.metadata if field else []:
-        for name in ("ge", "le", "lt"):
+        for name in ("ge", "gt", "le", "lt"):
             if hasattr(constraint, name):
                 bounds[name] = getattr(constraint, name)
     if "le" in bounds:
         return f" from {bounds.get('ge')} to {bounds['le']}"
     if "lt" in bounds:
         return f" from {bounds.get('ge')} to below {bounds['lt']}"
+    if "gt" in bounds:
+        return f" above {bounds['gt']}"
     return f" of at least {bounds['ge']}" if "ge" in bounds else ""
 
 

@@ -9,13 +9,26 @@ from tnflow.tasks.errors import DataError
 from tnflow.tasks.settings import CacheSpec
 
 
-def stratified_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of `n` items whose class shares follow `labels` (largest remainder)."""
-    classes, counts = np.unique(labels, return_counts=True)
+def _shares(counts: np.ndarray, n: int) -> np.ndarray:
+    """`n` split over classes in proportion to `counts` (largest remainder)."""
     exact = n * counts / counts.sum()
     quota = np.floor(exact).astype(np.int64)
     leftover = n - quota.sum()
     quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
+    return quota
+
+
+def class_quotas(labels: np.ndarray, size: int | float) -> dict[int, int]:
+    """Images per class for a split of `size` (a count, or a fraction below 1) of `labels`."""
+    classes, counts = np.unique(labels, return_counts=True)
+    n = int(size) if size >= 1 else round(size * counts.sum())
+    return dict(zip(classes.tolist(), _shares(counts, n).tolist(), strict=True))
+
+
+def stratified_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of `n` items whose class shares follow `labels` (largest remainder)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = _shares(counts, n)
     picked = [
         rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quota, strict=True)
     ]
@@ -25,13 +38,14 @@ def stratified_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
 def split_indices(dataset: Dataset, spec: CacheSpec) -> dict[str, np.ndarray]:
     """Indices per split: `valid` held out of the training batches, `test` in official order."""
     n_train = len(dataset.train_labels)
-    if spec.valid_size >= n_train:
+    valid_size = spec.valid_size if spec.valid_size >= 1 else round(spec.valid_size * n_train)
+    if valid_size >= n_train:
         raise DataError(
-            f"--valid-size {spec.valid_size} leaves no training images: the archive has {n_train}; "
+            f"--valid-size {spec.valid_size:g} leaves no training images: the archive has {n_train}; "
             "choose a smaller --valid-size"
         )
     rng = np.random.default_rng(spec.seed)
-    valid = stratified_subset(dataset.train_labels, spec.valid_size, rng)
+    valid = stratified_subset(dataset.train_labels, int(valid_size), rng)
     train = np.setdiff1d(np.arange(n_train), valid)
     if spec.limit_train is not None:
         if spec.limit_train > len(train):

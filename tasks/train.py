@@ -6,6 +6,9 @@ again with the same inputs resumes after the last finished epoch, replaying the 
 shuffle order, and a finished training returns at once. A finished training whose best model
 was deleted recovers: re-exported from its checkpoint when that is still there, else trained
 again.
+
+Longer than 300 lines because the epoch loop, its write order (checkpoint, best model, state,
+prune) and the recovery paths that rely on that order are one invariant, read in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from prefect import get_run_logger, task
 from tnflow.tasks.cache_policy import StageCache, code_version
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import ensure_writable_dir, exclusive, new_directory
-from tnflow.tasks.h5cache import iter_batches, read_split_size
+from tnflow.tasks.h5cache import iter_batches, read_resize_mode, read_split_size
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir, write_model_json
 from tnflow.tasks.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.retries import retry_unless
@@ -74,6 +77,7 @@ def train(
     class_names: list[str] | tuple[str, ...],
     eval_batch_size: int = 256,
     retrain: bool = False,
+    init_from: str | None = None,
     progress: Callable[..., None] | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
@@ -97,7 +101,9 @@ def train(
                 state.get("best_epoch"),
             )
             state = {}
-        job = dict(class_names=class_names, eval_batch_size=eval_batch_size, progress=progress, log=log)
+        job = dict(
+            class_names=class_names, eval_batch_size=eval_batch_size, init_from=init_from, progress=progress, log=log
+        )
         trained = _fit(cache_path, weights_path, spec, settings, directory, state, on_epoch_end=on_epoch_end, **job)
         prune_older_generations(work_dir, generation)
         return _result(work_dir, generation, trained)
@@ -113,6 +119,7 @@ def _fit(
     *,
     class_names: list[str] | tuple[str, ...],
     eval_batch_size: int,
+    init_from: str | None,
     progress: Callable[..., None] | None,
     log: logging.Logger | logging.LoggerAdapter,
     on_epoch_end: Callable[[int], None] | None,
@@ -133,6 +140,12 @@ def _fit(
         seed=settings.seed,
     )
     num_train = read_split_size(cache_path, "train")
+    origin = {  # what model.json says about where the model came from and how to feed it
+        "class_names": list(class_names),
+        "resize": read_resize_mode(cache_path),
+        "weights": weights_path or "none",
+        "init_from": init_from,
+    }
     state["device"] = net.device
     done_epochs = state.get("epochs_done", 0)
     with open_session(net, xla=settings.xla, mixed_precision=settings.mixed_precision) as session:
@@ -143,7 +156,11 @@ def _fit(
                 log.warning("the best model (epoch %d) was missing: re-exported it from its checkpoint", done_epochs)
                 record = next(r for r in state["history"] if r["epoch"] == done_epochs)
                 _export_model(
-                    session, net, directory, done_epochs, _model_meta(spec, settings, class_names, weights_path, record)
+                    session,
+                    net,
+                    directory,
+                    done_epochs,
+                    _model_meta(spec, settings, origin, record),
                 )
             if done_epochs < settings.epochs:
                 log.info(
@@ -151,7 +168,10 @@ def _fit(
                 )
         else:
             session.run(net.init)
-            if weights_path:
+            if init_from:
+                net.model_saver.restore(session, str(Path(init_from) / CHECKPOINT))
+                log.info("started from the trained model %s (every layer, the head included)", init_from)
+            elif weights_path:
                 count = load_pretrained(session, net, weights_path, spec)
                 log.info(
                     "loaded %d pretrained arrays from %s; the %s head starts fresh", count, weights_path, spec.head
@@ -194,7 +214,7 @@ def _fit(
             with new_directory(checkpoint_dir(directory, epoch)) as tmp:
                 net.saver.save(session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
             if record["valid_accuracy"] > state.get("best_valid_accuracy", -1.0):
-                meta = _model_meta(spec, settings, class_names, weights_path, record)
+                meta = _model_meta(spec, settings, origin, record)
                 _export_model(session, net, directory, epoch, meta)
                 state.update(best_epoch=epoch, best_valid_accuracy=record["valid_accuracy"])
             state["epochs_done"] = epoch
@@ -212,17 +232,16 @@ def _fit(
     return state
 
 
-def _model_meta(spec: ModelSpec, settings: TrainSettings, class_names: Any, weights: str | None, record: dict) -> dict:
+def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any], record: dict) -> dict:
     from tnflow.tasks.model import PREPROCESSING  # already imported by the training that calls this
 
     return {
         **asdict(spec),
-        "class_names": list(class_names),
+        **origin,
         "preprocessing": PREPROCESSING,
         "epoch": record["epoch"],
         "metrics": {k: v for k, v in record.items() if k != "epoch"},
         "training": asdict(settings),
-        "weights": weights or "none",
     }
 
 
@@ -260,7 +279,9 @@ def trained_is_sound(trained: Trained) -> bool:
     name="train",
     cache_policy=StageCache(
         code=CODE,
-        ignore=("eval_batch_size", "retrain"),  # the first does not change the model; the second is in the identity
+        # The first does not change the model; the second is in the identity; the third's weights
+        # are in the work directory's name (where a champion's path would not say which champion).
+        ignore=("eval_batch_size", "retrain", "init_from"),
         identity=lambda inputs: generation_for(inputs["work_dir"], inputs["retrain"]),
         sound=trained_is_sound,
     ),
@@ -278,6 +299,7 @@ def train_task(
     class_names: list[str],
     eval_batch_size: int,
     retrain: bool,
+    init_from: str | None = None,
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
@@ -290,6 +312,7 @@ def train_task(
         class_names=class_names,
         eval_batch_size=eval_batch_size,
         retrain=retrain,
+        init_from=init_from,
         progress=progress,
         log=logger,
     )

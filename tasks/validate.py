@@ -22,7 +22,7 @@ from tnflow.tasks.files import write_atomic
 from tnflow.tasks.h5cache import iter_batches
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir
 from tnflow.tasks.progress import STAGE_HOOKS
-from tnflow.tasks.resize import resize_image
+from tnflow.tasks.resize import fit_square
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.settings import ModelSpec
 
@@ -98,7 +98,7 @@ def evaluate_model(model_dir: str | Path, cache_path: str | Path, split: str, ba
     def batches(split_name: bytes, epoch: int, shuffle: bool, size: int):
         for images, labels in iter_batches(cache_path, split_name.decode(), int(size)):
             if images.shape[1] != spec.image_size:
-                images = np.stack([resize_image(image, spec.image_size) for image in images])
+                images = np.stack([fit_square(image, spec.image_size) for image in images])
             yield images, labels
 
     net = build(spec, batches)

@@ -1,5 +1,6 @@
 import errno
 import gzip
+import hashlib
 import os
 import pickle
 import signal
@@ -305,3 +306,30 @@ def test_a_killed_build_leaves_nothing_that_looks_finished(tmp_path):
     info = cache.build_cache(archive, md5, spec(image_size=160, valid_size=500), tmp_path / "cache")
     assert info.counts == {"train": 2500, "valid": 500, "test": 500}
     assert not list(target.parent.glob(target.name + ".tmp-*")), "the next build clears what the killed one left"
+
+
+def test_the_cifar_cache_is_byte_for_byte_what_it_was(tmp_path):
+    """Folders must not change CIFAR's result: the same content as main at 4eea8b5, before folders.
+
+    The digest covers every attribute and every dataset's dtype, shape, chunking and bytes; it
+    was computed by building this archive with that commit's code.
+    """
+    make_archive(tmp_path / "a.tar.gz", n_train=300, n_test=60)
+    # A fixed recorded md5: the archive's own changes with gzip's timestamp, its content does not.
+    info = cache.build_cache(tmp_path / "a.tar.gz", "5" * 32, spec(image_size=40, valid_size=50), tmp_path / "c")
+    assert content_digest(info.path) == "cb21bc77ed3a0125026392ff1c406cf2cac2ce4aeb44107b4ddd1a8cbb3e5eae"
+
+
+def content_digest(path) -> str:
+    digest = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for name in sorted(f.attrs):
+            digest.update(f"{name}={np.asarray(f.attrs[name]).tolist()!r}".encode())
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                digest.update(f"{name}:{obj.dtype}:{obj.shape}:{obj.chunks}".encode())
+                digest.update(obj[()].tobytes())
+
+        f.visititems(visit)
+    return digest.hexdigest()

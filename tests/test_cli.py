@@ -31,7 +31,7 @@ def prepare(capsys, *options: str) -> tuple[int, list[str], list[str]]:
         (["--image-size", "16"], "--image-size must be an integer from 32 to 512, got 16"),
         (["--image-size", "600"], "--image-size must be an integer from 32 to 512, got 600"),
         (["--data-md5", "not-hex"], "--data-md5 'not-hex' is not an md5 digest"),
-        (["--valid-size", "0"], "--valid-size must be an integer of at least 1"),
+        (["--valid-size", "0"], "--valid-size must be a number above 0, got 0.0"),
     ],
 )
 def test_bad_options_fail_before_any_work(capsys, options, message):

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import api_get, api_post, stop_process_group
 from tests.fake_weights import write_fake_weights
-from tests.fakes import make_archive
+from tests.folders import make_folder, make_split_folder
 from tnflow.flows.serve import load_deployments, runner_deployments
 from tnflow.tasks.weights import PRETRAINED
 
@@ -59,12 +59,23 @@ def test_the_yaml_is_what_serve_serves():
 
 
 def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
+    """adhoc on a train/ + val/ folder, then retrain-weekly after the folder gained images."""
     api = prefect_server["api"]
-    _, data_md5 = make_archive(tmp_path / "c10.tar.gz", n_train=200, n_test=40)
+    data = tmp_path / "photos"
+    make_split_folder(data, {"train": 12, "val": 4})
     weights_md5 = write_fake_weights(tmp_path / "w.h5", PRETRAINED["vgg19"].layers[:16])
 
     prefect(prefect_server, "work-pool", "create", "tnflow", "--type", "process")
     prefect(prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    params = {
+        "data_dir": str(data),
+        "weights": str(tmp_path / "w.h5"),
+        "weights_md5": weights_md5,
+        "valid_size": 6,
+        "eval_batch_size": 64,
+        "cache_dir": str(tmp_path / "cache"),
+        "output_dir": str(tmp_path / "runs"),
+    }
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", "tnflow"],
@@ -75,30 +86,32 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
             start_new_session=True,
         )
         try:
-            params = {
-                "data_url": (tmp_path / "c10.tar.gz").as_uri(),
-                "data_md5": data_md5,
-                "weights": str(tmp_path / "w.h5"),
-                "weights_md5": weights_md5,
-                "valid_size": 40,
-                "eval_batch_size": 64,
-                "cache_dir": str(tmp_path / "cache"),
-                "output_dir": str(tmp_path / "runs"),
-            }
-            done = prefect(
-                prefect_server,
-                "deployment", "run", "transfer-learning/adhoc",
-                "-p", "epochs=1", "-p", "image_size=32", "--params", json.dumps(params), "--watch",
-                timeout=600,
-            )  # fmt: skip
+            runs = []
+            for deployment, grow in (("adhoc", False), ("retrain-weekly", True)):
+                if grow:  # a week of new pictures: two more per class, in train/ and in val/
+                    for split, start in (("train", 100), ("val", 1100)):
+                        make_folder(data / split, classes=3, per_class=2, start=start)
+                done = prefect(
+                    prefect_server,
+                    "deployment", "run", f"transfer-learning/{deployment}",
+                    "-p", "epochs=1", "-p", "image_size=32", "--params", json.dumps(params), "--watch",
+                    timeout=600,
+                )  # fmt: skip
+                assert "Completed" in done.stdout, done.stdout[-2000:]
+                found = {p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file()}
+                runs += sorted(found - set(runs))
         finally:
             stop_process_group(worker)
-    assert "Completed" in done.stdout, done.stdout[-2000:]
-    runs = [p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file()]
-    assert len(runs) == 1, (tmp_path / "worker.log").read_text()[-2000:]
-    config = json.loads((runs[0] / "metrics.json").read_text())["config"]
-    assert (config["epochs"], config["image_size"], config["head"]) == (1, 32, "gap"), "the parameters reached the run"
-    assert (tmp_path / "runs" / "champion" / "champion.json").is_file(), "the first run became the champion"
+    assert len(runs) == 2, (tmp_path / "worker.log").read_text()[-2000:]
+    first, weekly_run = (json.loads((run / "metrics.json").read_text()) for run in runs)
+    assert (first["config"]["epochs"], first["config"]["image_size"], first["config"]["head"]) == (1, 32, "gap")
+    assert first["num_test"] == 12 and first["promotion"]["promoted"], "val/ is the test split; the first champion"
+    assert weekly_run["config"]["retrain"] and weekly_run["num_test"] == 18
+    data_summary = dict(weekly_run["data"]["data"])
+    assert (data_summary["decoded"], data_summary["reused"]) == (12, 48), "only the new pictures were decoded"
+    assert weekly_run["promotion"]["compared_on"].split(":")[2] == "18", "champion and candidate on the new test split"
+    assert weekly_run["promotion"]["rescored"]
+    assert (tmp_path / "runs" / "champion" / "champion.json").is_file()
 
     weekly = api_get(api, "/deployments/name/transfer-learning/retrain-weekly")
     assert weekly["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"

@@ -2,11 +2,8 @@
 
 import base64
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -190,28 +187,3 @@ def test_without_network_the_default_run_names_the_way_out(prefect_api, capsys, 
     code = main(["run", "--cache-dir", str(tmp_path / "c"), "--output-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "www.cs.toronto.edu" in err[-1] and "--data-url" in err[-1] and "--weights" in err[-1]
-
-
-def test_the_console_script_as_documented(prefect_api, tmp_path):
-    """The README's smoke line (smaller): a subset at 32 px, gap head, one epoch; quiet, and no champion."""
-    _, data_md5 = make_archive(tmp_path / "c10.tar.gz", n_train=1100, n_test=400)
-    weights_md5 = write_fake_weights(tmp_path / "w.h5", PRETRAINED["vgg19"].layers[:16])
-    command = [
-        str(Path(sys.executable).with_name("tnflow")), "run",
-        "--data-url", (tmp_path / "c10.tar.gz").as_uri(), "--data-md5", data_md5,
-        "--weights", str(tmp_path / "w.h5"), "--weights-md5", weights_md5,
-        "--head", "gap", "--image-size", "32", "--epochs", "1", "--limit-train", "100", "--limit-test", "200",
-        "--valid-size", "100",
-        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PREFECT_API_URL": prefect_api})
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = Path(done.stdout.strip().splitlines()[-1])
-    assert run.is_absolute() and {"report.html", "report.md", "metrics.json", "model"} <= {
-        p.name for p in run.iterdir()
-    }
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["num_test"] == 200 and metrics["config"]["limit_train"] == 100
-    assert not metrics["promotion"]["promoted"] and not (tmp_path / "runs" / "champion").exists()
-    for chatter in ("cuInit", "cudart", "absl::InitializeLog", "oneDNN", "Traceback"):
-        assert chatter not in done.stderr, f"TensorFlow's start-up chatter on the console: {chatter}"

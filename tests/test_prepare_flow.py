@@ -1,11 +1,15 @@
 """The prepare_data flow under a real (temporary) Prefect server: caching, rebuilds, retries."""
 
+import hashlib
+import io
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import tnflow.flows.prepare as prepare_flow
 import tnflow.tasks.download as download
+from tests.folders import make_folder
 from tests.prefect_runs import task_states
 from tnflow.tasks.errors import DownloadError
 from tnflow.tasks.h5cache import inspect_cache
@@ -83,3 +87,32 @@ def test_permanent_failures_are_not_retried(prefect_api, file_server, tmp_path, 
     with pytest.raises(DownloadError, match="HTTP 404"):
         state.result()
     assert len(file_server.requests) == 1
+
+
+def test_a_folder_is_cached_until_it_changes(prefect_api, tmp_path):
+    """The Prefect key sees the folder's files (a stat walk), so new pictures are never a stale hit."""
+    data = tmp_path / "photos"
+    make_folder(data, classes=2, per_class=10)
+    params = dict(data_dir=str(data), image_size=32, cache_dir=str(tmp_path / "cache"))
+    first = prepare_flow.prepare_data(**params, return_state=True)
+    assert task_states(first) == {"build-cache": "Completed"}
+    assert task_states(prepare_flow.prepare_data(**params, return_state=True)) == {"build-cache": "Cached"}
+    make_folder(data, classes=2, per_class=1, start=10)
+    third = prepare_flow.prepare_data(**params, return_state=True)
+    assert task_states(third) == {"build-cache": "Completed"}
+    assert sum(inspect_cache(third.result()).counts.values()) == 22
+    assert dict(inspect_cache(third.result()).summary)["decoded"] == 2
+
+
+def test_a_zip_of_a_folder_by_url(prefect_api, file_server, tmp_path):
+    make_folder(tmp_path / "photos", classes=2, per_class=10)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for path in sorted((tmp_path / "photos").rglob("*.png")):
+            zf.write(path, path.relative_to(tmp_path).as_posix())
+    file_server.files["photos.zip"] = buffer.getvalue()
+    md5 = hashlib.md5(buffer.getvalue()).hexdigest()
+    state = run(file_server.url("photos.zip"), md5, tmp_path, dataset=None, valid_size=None, test_size=4)
+    assert task_states(state) == {"download": "Completed", "build-cache": "Completed"}
+    info = inspect_cache(state.result())
+    assert info.dataset == "folder" and info.class_names == ("class-0", "class-1") and info.counts["test"] == 4

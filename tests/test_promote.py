@@ -137,3 +137,42 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatc
     monkeypatch.undo()
     again = run("c", 0.90)
     assert again.promoted and champion_tag(out) == "c"
+
+
+# -- starting from a trained model (--init-from) ------------------------------------------
+
+
+def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tmp_path):
+    from tnflow.tasks.promote import starting_model
+
+    run, _, cache = gate
+    assert starting_model("champion", tmp_path / "runs", cache) is None  # the first weekly run: --weights
+    run("a", 0.8)
+    other = fake_cache(tmp_path / "other.h5", [0, 1], source_md5="b" * 32)
+    assert starting_model("champion", tmp_path / "runs", other) is None, "another dataset's champion is not ours"
+    found = starting_model("champion", tmp_path / "runs", cache)
+    assert found.name == "run-a" and read_model_dir(found)["tag"] == "a"
+    assert starting_model(str(tmp_path / "x"), tmp_path / "runs", cache) == tmp_path / "x"
+
+
+def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
+    from tnflow.tasks.errors import TnflowError
+    from tnflow.tasks.model_dir import check_can_start_from, model_digest
+
+    model = tmp_path / "m"
+    model.mkdir()
+    write_model_json(model, {"model": "vgg19", "head": "gap", "num_classes": 2, "image_size": 32,
+                             "class_names": ["cat", "dog"]})  # fmt: skip
+    (model / "model.ckpt.index").write_bytes(b"weights")
+    check_can_start_from(model, "vgg19", "gap", ["cat", "dog"])
+    with pytest.raises(TnflowError, match=r"other classes than this dataset's \(differs in: fox\)"):
+        check_can_start_from(model, "vgg19", "gap", ["cat", "dog", "fox"])
+    with pytest.raises(TnflowError, match="another order"):
+        check_can_start_from(model, "vgg19", "gap", ["dog", "cat"])
+    with pytest.raises(TnflowError, match="the gap head; this run trains a vgg19 with the full head"):
+        check_can_start_from(model, "vgg19", "full", ["cat", "dog"])
+    with pytest.raises(TnflowError, match="not a tnflow model directory"):
+        check_can_start_from(tmp_path, "vgg19", "gap", ["cat", "dog"])
+    before = model_digest(model)
+    (model / "model.ckpt.index").write_bytes(b"other weights")
+    assert model_digest(model) != before, "the training key must see a different starting model"

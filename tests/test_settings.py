@@ -14,10 +14,27 @@ from tnflow.tasks.settings import SOURCES, DataConfig, RunConfig, option
 
 def test_defaults_are_the_recipe():
     config = RunConfig()
-    assert (config.dataset, config.image_size, config.valid_size, config.head) == ("cifar10", 224, 5000, "full")
+    assert (config.dataset, config.image_size, config.cache_spec().valid_size, config.head) == (
+        "cifar10",
+        224,
+        5000,
+        "full",
+    )
     assert (config.epochs, config.batch_size, config.learning_rate, config.weights) == (7, 32, 1e-5, "imagenet")
     assert config.source_url == SOURCES["cifar10"][0]
     assert config.source_md5 == "c58f30108f718f92721af3b95e74349a"
+
+
+def test_the_source_decides_the_dataset():
+    folder = DataConfig(data_dir="photos")
+    assert folder.dataset == "folder" and folder.data_dir.endswith("/photos") and folder.source_md5 is None
+    spec = folder.cache_spec()
+    assert (spec.valid_size, spec.test_size, spec.resize) == (0.1, 0.2, "crop")
+    assert DataConfig(data_url="https://example.org/photos.zip").dataset == "folder"
+    assert DataConfig(data_url="https://example.org/photos.tar.gz", dataset="folder").source_md5 is None
+    assert DataConfig(data_url="file:///x.tar.gz").dataset == "cifar10"
+    assert DataConfig(data_dir="p", valid_size=500.0, test_size=0.25).cache_spec().valid_size == 500  # a count
+    assert DataConfig(valid_size=0.1).cache_spec().valid_size == 0.1
 
 
 def test_a_mirror_url_keeps_the_official_digest_unless_given_one():
@@ -32,7 +49,7 @@ def test_a_mirror_url_keeps_the_official_digest_unless_given_one():
         ({"image_size": 513}, "--image-size must be an integer from 32 to 512, got 513"),
         ({"image_size": "64"}, "--image-size must be an integer"),
         ({"image_size": True}, "--image-size must be an integer"),
-        ({"valid_size": 0}, "--valid-size must be an integer of at least 1, got 0"),
+        ({"valid_size": 0}, "--valid-size must be a number above 0, got 0"),
         ({"limit_train": 0}, "--limit-train"),
         ({"limit_test": -5}, "--limit-test"),
         ({"seed": -1}, "--seed"),
@@ -52,6 +69,14 @@ def test_a_mirror_url_keeps_the_official_digest_unless_given_one():
         ({"weights_md5": "abc"}, "--weights-md5"),
         ({"xla": "yes"}, "--xla must be true or false"),
         ({"promote_margin": 1.5}, "--promote-margin must be a number from 0 to below 1"),
+        ({"data_dir": "/x", "data_url": "file:///y.zip"}, "give --data-dir (a folder) or --data-url"),
+        ({"dataset": "folder"}, "--dataset folder needs --data-dir DIR"),
+        ({"dataset": "cifar10", "data_dir": "/x"}, "--data-dir is for your own images"),
+        ({"test_size": 0.2}, "--test-size is for folders; cifar10 has its official test set"),
+        ({"data_dir": "/x", "test_size": 2.5}, "--test-size 2.5 is neither a count"),
+        ({"data_dir": "/x", "valid_size": -0.1}, "--valid-size must be a number above 0"),
+        ({"data_dir": "/x", "resize": "fit"}, "--resize 'fit' is unknown; choose one of: 'crop', 'stretch' or 'pad'"),
+        ({"data_dir": "/x", "max_bad": 2}, "--max-bad must be a number from 0 to 1"),
     ],
     ids=lambda v: str(v),
 )

@@ -1,0 +1,283 @@
+"""Image folders: layouts, bad files, duplicates, sticky splits, incremental builds, archives, Dask."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.folders import make_folder, make_split_folder, picture
+from tnflow.tasks import folder as folder_module
+from tnflow.tasks.errors import DataError
+from tnflow.tasks.folder import scan_folder
+from tnflow.tasks.folder_cache import build_folder_cache
+from tnflow.tasks.h5cache import read_manifest
+from tnflow.tasks.images import load_square
+from tnflow.tasks.settings import DataConfig
+
+
+def spec(data_dir, **options):
+    values = {"data_dir": str(data_dir), "image_size": 32, "test_size": 0.2, "valid_size": 0.2, **options}
+    return DataConfig.from_values(values).cache_spec()
+
+
+def build(data_dir, cache_dir, **options):
+    return build_folder_cache(data_dir, spec(data_dir, **options), cache_dir, workers=2)
+
+
+def digests(path, split):
+    with h5py.File(path, "r") as f:
+        return {d.decode() for d in f[f"{split}/digests"][:]}
+
+
+def summary(info):
+    return dict(info.summary)
+
+
+# -- layouts ------------------------------------------------------------------------------
+
+
+def test_class_folders_are_split_stratified_and_every_image_lands_once(tmp_path):
+    make_folder(tmp_path / "data", classes=3, per_class=20)
+    (tmp_path / "data" / "README.md").write_text("my photos")
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / "data" / "class-0" / ".thumbs").write_bytes(b"\0")
+    info = build(tmp_path / "data", tmp_path / "cache")
+    assert info.class_names == ("class-0", "class-1", "class-2")
+    assert info.counts == {"train": 36, "valid": 12, "test": 12}
+    assert summary(info)["ignored"] == 3 and summary(info)["skipped"] == 0
+    with h5py.File(info.path, "r") as f:
+        for split in ("train", "valid", "test"):
+            assert np.bincount(f[f"{split}/labels"][:]).tolist() == [info.counts[split] // 3] * 3
+        paths = [p.decode() for s in ("train", "valid", "test") for p in f[f"{s}/paths"][:]]
+        images = f["train/images"][:]
+        for row, path in enumerate(f["train/paths"][:]):  # every row is its file's picture
+            assert np.array_equal(images[row], load_square(tmp_path / "data" / path.decode(), 32)), path
+    assert sorted(paths) == sorted(str(p.relative_to(tmp_path / "data")) for p in (tmp_path / "data").rglob("img-*"))
+    assert images.shape[1:] == (32, 32, 3) and images.std() > 10
+
+
+def test_train_test_val_folders_are_taken_as_given(tmp_path):
+    make_split_folder(tmp_path / "data", {"train": 8, "test": 4, "validation": 3})
+    info = build(tmp_path / "data", tmp_path / "cache")
+    assert info.counts == {"train": 24, "valid": 9, "test": 12}
+    with h5py.File(info.path, "r") as f:
+        assert all(p.decode().startswith("test/") for p in f["test/paths"][:])
+
+
+def test_train_and_val_only_is_the_imagenet_convention(tmp_path):
+    make_split_folder(tmp_path / "data", {"train": 10, "val": 4})
+    info = build(tmp_path / "data", tmp_path / "cache", valid_size=3)
+    assert info.counts == {"train": 27, "valid": 3, "test": 12}
+    with h5py.File(info.path, "r") as f:
+        assert all(p.decode().startswith("val/") for p in f["test/paths"][:])
+        assert all(p.decode().startswith("train/") for p in f["valid/paths"][:])
+
+
+def test_a_class_missing_from_a_split_is_named(tmp_path):
+    make_split_folder(tmp_path / "data", {"train": 4, "test": 2})
+    shutil.rmtree(tmp_path / "data" / "test" / "class-1")
+    with pytest.raises(DataError, match="class 'class-1' has no folder in test/"):
+        scan_folder(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("arrange", "message"),
+    [
+        (lambda root: make_folder(root, classes=1, per_class=5), "a classifier needs at least 2"),
+        (lambda root: [(root / "a").mkdir(parents=True), (root / "b").mkdir()], "holds no readable images"),
+        (lambda root: [make_folder(root, 2, 5), *map(os.unlink, list((root / "class-1").iterdir())[1:])], "1 usable"),
+    ],
+)
+def test_nothing_to_learn_from_is_one_clear_error(tmp_path, arrange, message):
+    arrange(tmp_path / "data")
+    with pytest.raises(DataError, match=message):
+        build(tmp_path / "data", tmp_path / "cache")
+
+
+# -- bad files, duplicates, leakage ----------------------------------------------------
+
+
+def add_bad_files(root: Path) -> dict[str, str]:
+    """One file of every bad kind in class-0; returns name -> the reason's key words."""
+    folder = root / "class-0"
+    good = folder / "img-0000.png"
+    jpeg = folder / "truncated.jpg"
+    picture(0, 999, (64, 64)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "gone.png").symlink_to(folder / "missing-target.png")  # unreadable: stat fails
+    Image.new("RGB", (400, 400)).save(folder / "bomb.png")
+    assert good.exists()
+    return {
+        "truncated.jpg": "runcated",
+        "empty.png": "empty file",
+        "notes.txt": "not an image",
+        "gone.png": "unreadable",
+        "bomb.png": "over the limit",
+    }
+
+
+def test_bad_files_are_skipped_and_listed_with_their_reason(tmp_path):
+    make_folder(tmp_path / "data", classes=2, per_class=30)
+    bad = add_bad_files(tmp_path / "data")
+    info = build(tmp_path / "data", tmp_path / "cache", max_pixels=100_000, max_bad=0.1)
+    skipped = dict(read_manifest(info.path)["skipped"])
+    assert {Path(p).name for p in skipped} == set(bad)
+    for path, reason in skipped.items():
+        assert bad[Path(path).name] in reason, (path, reason)
+    assert sum(info.counts.values()) == 60 and summary(info)["skipped"] == 5
+
+
+def test_too_many_bad_files_fail_in_one_line_and_leave_no_cache(tmp_path):
+    make_folder(tmp_path / "data", classes=2, per_class=30)
+    add_bad_files(tmp_path / "data")
+    expected = r"of 65 files \(.+%\) cannot be used, more than --max-bad 0.01; the first: class-0/"
+    with pytest.raises(DataError, match=expected) as err:
+        build(tmp_path / "data", tmp_path / "cache", max_pixels=100_000)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "cache").glob("*.h5")) and not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def test_duplicates_are_kept_once_and_test_copies_leave_training(tmp_path):
+    make_split_folder(tmp_path / "data", {"train": 10, "test": 4})
+    train, test = tmp_path / "data" / "train", tmp_path / "data" / "test"
+    shutil.copy(train / "class-0" / "img-0000.png", train / "class-0" / "copy.png")
+    shutil.copy(test / "class-1" / "img-1000.png", train / "class-1" / "leaked.png")
+    info = build(tmp_path / "data", tmp_path / "cache", valid_size=3)
+    manifest = read_manifest(info.path)
+    assert manifest["duplicates"] == [["train/class-0/img-0000.png", "train/class-0/copy.png"]] or manifest[
+        "duplicates"
+    ] == [["train/class-0/copy.png", "train/class-0/img-0000.png"]]
+    assert manifest["leaked"] == ["train/class-1/leaked.png"]
+    assert summary(info)["leaked"] == 1 and summary(info)["duplicates"] == 1
+    assert not digests(info.path, "train") & digests(info.path, "test")
+    assert info.counts["train"] + info.counts["valid"] == 30
+
+
+# -- versions, incremental builds, sticky splits --------------------------------------
+
+
+def test_growing_folder_decodes_only_new_images_and_keeps_every_split(tmp_path, monkeypatch):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_folder(data, classes=3, per_class=30)
+    first = build(data, cache)
+    assert summary(first)["decoded"] == 90
+    make_folder(data, classes=3, per_class=3, start=30)  # 10% more
+    second = build(data, cache)
+    assert summary(second) | {} == summary(second) and summary(second)["decoded"] == 9
+    assert summary(second)["reused"] == 90
+    for split in ("train", "valid", "test"):
+        assert digests(first.path, split) <= digests(second.path, split), split
+    assert second.counts["test"] == 20  # the new images filled the test quota of the bigger folder
+    with h5py.File(first.path, "r") as old, h5py.File(second.path, "r") as new:
+        rows = {d: i for i, d in enumerate(new["test/digests"][:])}
+        for i, d in enumerate(old["test/digests"][:]):
+            assert np.array_equal(old["test/images"][i], new["test/images"][rows[d]])
+
+    # Removing and changing files: gone from the cache, the changed one decoded again.
+    victim = data / "class-0" / "img-0001.png"
+    victim.unlink()
+    changed = data / "class-1" / "img-0002.png"
+    picture(1, 777, (40, 40)).save(changed)
+    third = build(data, cache)
+    assert summary(third)["decoded"] == 1 and sum(third.counts.values()) == 98
+    with h5py.File(third.path, "r") as f:
+        paths = {p.decode() for s in ("train", "valid", "test") for p in f[f"{s}/paths"][:]}
+    assert "class-0/img-0001.png" not in paths and "class-1/img-0002.png" in paths
+
+    # Unchanged: the same file, found after a stat walk that reads no file.
+    monkeypatch.setattr(folder_module, "_digest", lambda path: pytest.fail(f"{path} was read again"))
+    assert build(data, cache).path == third.path
+
+
+def test_a_subset_build_does_not_unpin_the_splits(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_folder(data, classes=2, per_class=30)
+    full = build(data, cache)
+    build(data, cache, limit_train=10, limit_test=4)  # a smoke run in between
+    make_folder(data, classes=2, per_class=4, start=30)
+    grown = build(data, cache)
+    assert digests(full.path, "test") <= digests(grown.path, "test")
+    assert not digests(full.path, "test") & digests(grown.path, "train")
+
+
+def test_splits_follow_content_not_position(tmp_path):
+    make_folder(tmp_path / "a", classes=2, per_class=20)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for path in sorted((tmp_path / "b").rglob("*.png")):  # renamed and reordered
+        path.rename(path.with_name("z-" + hashlib.md5(path.name.encode()).hexdigest() + ".png"))
+    a, b = build(tmp_path / "a", tmp_path / "ca"), build(tmp_path / "b", tmp_path / "cb")
+    for split in ("train", "valid", "test"):
+        assert digests(a.path, split) == digests(b.path, split)
+
+
+def test_concurrent_builds_of_one_version_build_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    make_folder(tmp_path / "data", classes=2, per_class=12)
+    with ThreadPoolExecutor(2) as pool:
+        infos = list(pool.map(lambda _: build(tmp_path / "data", tmp_path / "cache"), range(2)))
+    assert infos[0] == infos[1] and len(list((tmp_path / "cache").glob("*.h5"))) == 1
+
+
+# -- archives -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archives_of_a_folder_unpack_safely(tmp_path, kind):
+    make_folder(tmp_path / "photos", classes=2, per_class=6)
+    archive = tmp_path / f"photos.{kind}"
+    hostile = {"../evil.png": b"x", "/tmp/abs-evil.png": b"x"}
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted((tmp_path / "photos").rglob("*.png")):
+                zf.write(path, path.relative_to(tmp_path).as_posix())
+            for name, data in hostile.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(tmp_path / "photos", "photos")
+            link = tarfile.TarInfo("photos/class-0/link.png")
+            link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(link)
+            for name, data in hostile.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                import io
+
+                tar.addfile(info, io.BytesIO(data))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    info = build_folder_cache(archive, spec(archive.parent, valid_size=2, test_size=2), cache, archive_md5=md5)
+    assert info.counts == {"train": 8, "valid": 2, "test": 2}
+    unsafe = read_manifest(info.path)["unpacked_skipped"]
+    assert set(hostile) <= set(unsafe) and (kind == "zip" or "photos/class-0/link.png" in unsafe)
+    assert not (tmp_path / "evil.png").exists() and not Path("/tmp/abs-evil.png").exists()
+    assert not list(cache.rglob("*evil*"))
+
+
+# -- Dask ---------------------------------------------------------------------------------
+
+
+def test_a_dask_cluster_builds_the_same_cache(tmp_path):
+    distributed = pytest.importorskip("distributed", exc_type=ImportError)
+    make_folder(tmp_path / "data", classes=3, per_class=12, fmt="jpg")
+    local = build(tmp_path / "data", tmp_path / "local")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = build(tmp_path / "data", tmp_path / "remote", dask_address=cluster.scheduler_address)
+    with h5py.File(local.path, "r") as a, h5py.File(remote.path, "r") as b:
+        for split in ("train", "valid", "test"):
+            for name in ("images", "labels", "digests"):
+                assert np.array_equal(a[f"{split}/{name}"][:], b[f"{split}/{name}"][:]), (split, name)
+    assert json.loads(json.dumps(local.counts)) == remote.counts
