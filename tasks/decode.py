@@ -14,12 +14,13 @@ import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from tnflow.tasks.errors import ConfigError
+from tnflow.tasks.errors import ConfigError, TnflowError
 from tnflow.tasks.images import ImageError, load_square
 
 JOB_IMAGES = 16
@@ -74,9 +75,25 @@ class Decoder:
 
 
 def _merge(future: Any, unread: list[str]) -> Decoded:
-    images, problems = future.result()
+    try:
+        images, problems = future.result()
+    except BrokenProcessPool:
+        raise TnflowError(
+            "a decoding worker process died (killed, or out of memory). If you call tnflow from a Python "
+            "script, guard its entry point with `if __name__ == '__main__':` (workers import it again)"
+        ) from None
     it = iter(problems)
     return images, [reason or next(it) for reason in unread]
+
+
+def refuse_in_a_worker() -> None:
+    """A spawned worker imports the caller's script again; an unguarded script would build
+    (and wait for the caller's lock) in every worker. Stop it at once instead."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # multiprocessing's own test for this
+        raise TnflowError(
+            "tnflow was started again inside a decoding worker: guard the calling script's entry "
+            "point with `if __name__ == '__main__':`"
+        )
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import numpy as np
 
 from tnflow.tasks.archives import skipped_members, unpack
 from tnflow.tasks.cache_policy import code_version
-from tnflow.tasks.decode import JOB_IMAGES, decoder
+from tnflow.tasks.decode import JOB_IMAGES, decoder, refuse_in_a_worker
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.files import (
     check_free_space,
@@ -76,6 +76,7 @@ def build_folder_cache(
 
     `source` is a folder, or an archive of one (`archive_md5` given), unpacked first.
     """
+    refuse_in_a_worker()
     cache_dir = ensure_writable_dir(cache_dir)
     log = run_logger()
     source = str(Path(source).absolute())

@@ -16,7 +16,6 @@ import numpy as np
 from PIL import Image
 
 RESIZE_METHOD = "bilinear, half-pixel centres, edge clamp (= skimage resize order=1 mode='edge')"
-RESIZE_MODES = ("crop", "stretch", "pad")
 # Padding colour: the ImageNet mean, which the caffe preprocessing maps to about zero, so
 # padded borders carry no signal (black would be a strong dark edge the network reacts to).
 PAD_RGB = (124, 116, 104)

@@ -42,7 +42,6 @@ SOURCES: dict[str, tuple[str, str, int]] = {
     ),
 }
 FOLDER = "folder"  # --dataset for a folder of class folders (--data-dir) or an archive of one
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 RESIZE_MODES = ("crop", "stretch", "pad")
 MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
 MODELS = ("vgg19",)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -10,7 +11,21 @@ import numpy as np
 from PIL import Image
 
 SIZES = ((40, 40), (64, 48), (48, 72), (100, 60))  # (width, height): squares, landscapes, portraits
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-sample.tar.gz"
+# The workplace's real CIFAR-10 JPEGs, never committed: beside the checkout, or at the workplace's
+# fixed path (CI may check out elsewhere), or where $TNFLOW_SAMPLE points.
+SAMPLE_PLACES = (
+    os.environ.get("TNFLOW_SAMPLE", ""),
+    str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-sample.tar.gz"),
+    "/work/shared/data/cifar10-sample.tar.gz",
+)
+
+
+def sample_archive() -> Path:
+    """The real pictures; a test that needs them fails (never skips) without them."""
+    for place in SAMPLE_PLACES:
+        if place and Path(place).is_file():
+            return Path(place)
+    raise FileNotFoundError(f"cifar10-sample.tar.gz is in none of {[p for p in SAMPLE_PLACES if p]}; set TNFLOW_SAMPLE")
 
 
 def picture(label: int, index: int, size: tuple[int, int] = (48, 48), seed: int = 0) -> Image.Image:
@@ -55,7 +70,7 @@ def make_split_folder(root: Path, splits: dict[str, int], classes: int = 3) -> N
 
 def extract_sample(target: Path, classes: tuple[str, ...] | None = None, per_class: int | None = None) -> Path:
     """The real CIFAR-10 JPEGs (../shared/data), or some of them; never committed to the repository."""
-    with tarfile.open(SAMPLE) as tar:
+    with tarfile.open(sample_archive()) as tar:
         tar.extractall(target, filter="data")
     root = target / "cifar10-sample"
     for folder in [p for p in root.iterdir() if p.is_dir()]:

@@ -281,3 +281,21 @@ def test_a_dask_cluster_builds_the_same_cache(tmp_path):
             for name in ("images", "labels", "digests"):
                 assert np.array_equal(a[f"{split}/{name}"][:], b[f"{split}/{name}"][:]), (split, name)
     assert json.loads(json.dumps(local.counts)) == remote.counts
+
+
+def test_an_unguarded_script_fails_fast_instead_of_hanging(tmp_path):
+    """Spawned workers import the calling script again; without a main guard they must not build too."""
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "data", classes=2, per_class=4)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from tnflow.tasks.folder_cache import build_folder_cache\n"
+        "from tnflow.tasks.settings import DataConfig\n"
+        f"config = DataConfig(data_dir={str(tmp_path / 'data')!r}, image_size=32, cache_dir={str(tmp_path / 'c')!r})\n"
+        "build_folder_cache(config.data_dir, config.cache_spec(), config.cache_dir, workers=1)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "guard" in done.stderr.splitlines()[-1], done.stderr[-2000:]
+    assert not list((tmp_path / "c").glob("*.h5"))
