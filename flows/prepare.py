@@ -18,5 +18,5 @@ def prepare_data(config: DataConfig) -> str:
     else:
         archive = download_task(config.source_url, config.cache_dir, config.source_md5)
         source, md5 = archive.path, archive.md5
-    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address)
+    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address, config.data_url)
     return cache.path

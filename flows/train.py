@@ -28,7 +28,7 @@ def transfer_learning(config: RunConfig) -> str:
     else:
         archive = download_task(config.source_url, config.cache_dir, config.source_md5)
         source, md5 = archive.path, archive.md5
-    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address)
+    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address, config.data_url)
     classes = list(cache.class_names)
     spec, settings = config.model_spec(len(classes)), config.train_settings()
     start = None

@@ -118,13 +118,24 @@ def cache_is_sound(info: CacheInfo) -> bool:
     **STAGE_HOOKS,
 )
 def build_cache_task(
-    source: str, source_md5: str | None, spec: CacheSpec, cache_dir: str, dask_address: str | None = None
+    source: str,
+    source_md5: str | None,
+    spec: CacheSpec,
+    cache_dir: str,
+    dask_address: str | None = None,
+    origin: str | None = None,
 ) -> CacheInfo:
-    """A CIFAR archive, an image folder, or an archive of one (`source_md5` given) -> its cache."""
+    """A CIFAR archive, an image folder, or an archive of one (`source_md5` given, fetched from `origin`)."""
     progress = Progress(f"resize to {spec.image_size}px", unit="img", logger=get_run_logger())
     if isinstance(spec, FolderSpec):
         info = build_folder_cache(
-            source, spec, cache_dir, archive_md5=source_md5, dask_address=dask_address, progress=progress
+            source,
+            spec,
+            cache_dir,
+            archive_md5=source_md5,
+            origin=origin,
+            dask_address=dask_address,
+            progress=progress,
         )
     else:
         info = build_cache(source, source_md5, spec, cache_dir, progress=progress)

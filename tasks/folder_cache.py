@@ -68,6 +68,7 @@ def build_folder_cache(
     cache_dir: str | Path,
     *,
     archive_md5: str | None = None,
+    origin: str | None = None,
     dask_address: str | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
@@ -75,13 +76,15 @@ def build_folder_cache(
     """Build (or find) the cache of the folder's current version, reusing the previous version's pixels.
 
     `source` is a folder, or an archive of one (`archive_md5` given), unpacked first.
+    `origin` is where the archive came from (its URL): successive archives from one URL are
+    versions of one folder, so they share splits, pixels and the champion line.
     """
     refuse_in_a_worker()
     cache_dir = ensure_writable_dir(cache_dir)
     log = run_logger()
     source = str(Path(source).absolute())
     root = unpack(source, archive_md5, cache_dir) if archive_md5 else Path(source)
-    identity = f"md5:{archive_md5}" if archive_md5 else source  # the champion line and the lineage follow it
+    identity = origin or (f"md5:{archive_md5}" if archive_md5 else source)  # the lineage and the champion line
     started = time.monotonic()
     scan = scan_folder(root, cache_dir / "folders" / _short(identity) / "stat-index.json")
     log.info(

@@ -104,15 +104,27 @@ def test_a_folder_is_cached_until_it_changes(prefect_api, tmp_path):
     assert dict(inspect_cache(third.result()).summary)["decoded"] == 2
 
 
-def test_a_zip_of_a_folder_by_url(prefect_api, file_server, tmp_path):
-    make_folder(tmp_path / "photos", classes=2, per_class=10)
+def zipped(folder: Path) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        for path in sorted((tmp_path / "photos").rglob("*.png")):
-            zf.write(path, path.relative_to(tmp_path).as_posix())
-    file_server.files["photos.zip"] = buffer.getvalue()
-    md5 = hashlib.md5(buffer.getvalue()).hexdigest()
+        for path in sorted(folder.rglob("*.png")):
+            zf.write(path, path.relative_to(folder.parent).as_posix())
+    return buffer.getvalue()
+
+
+def test_a_zip_of_a_folder_by_url_and_its_next_version(prefect_api, file_server, tmp_path):
+    make_folder(tmp_path / "photos", classes=2, per_class=10)
+    file_server.files["photos.zip"] = zipped(tmp_path / "photos")
+    md5 = hashlib.md5(file_server.files["photos.zip"]).hexdigest()
     state = run(file_server.url("photos.zip"), md5, tmp_path, dataset=None, valid_size=None, test_size=4)
     assert task_states(state) == {"download": "Completed", "build-cache": "Completed"}
     info = inspect_cache(state.result())
     assert info.dataset == "folder" and info.class_names == ("class-0", "class-1") and info.counts["test"] == 4
+
+    # Next week the same URL serves a bigger archive: a version of the same folder.
+    make_folder(tmp_path / "photos", classes=2, per_class=2, start=10)
+    file_server.files["photos.zip"] = zipped(tmp_path / "photos")
+    md5 = hashlib.md5(file_server.files["photos.zip"]).hexdigest()
+    grown = inspect_cache(run(file_server.url("photos.zip"), md5, tmp_path, valid_size=None, test_size=4).result())
+    assert dict(grown.summary)["decoded"] == 4 and dict(grown.summary)["reused"] == 20
+    assert grown.source_id == info.source_id, "one champion line for every version of the URL"
