@@ -15,37 +15,26 @@ import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.files import check_free_space, exclusive, new_directory, remove_stale_temps, write_atomic
 
-UNPACKED = "unpacked"
 
-
-def unpack(archive: str | Path, digest: str, cache_dir: str | Path) -> Path:
-    """The folder an archive holds, unpacked once under `cache_dir/unpacked/<digest>`."""
-    final = Path(cache_dir) / UNPACKED / digest
+def unpack(archive: str | Path, digest: str, cache_dir: str | Path) -> tuple[Path, list[str]]:
+    """The folder an archive holds, unpacked once under `cache_dir/unpacked/<digest>`, and the
+    members that were not written (unsafe names, links, devices)."""
+    final = Path(cache_dir) / "unpacked" / digest
+    listing = final.with_name(digest + ".skipped")  # beside the folder, so no scan sees it
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final):
         if not final.is_dir():
             remove_stale_temps(final)
             with new_directory(final) as tmp:
                 skipped = _unpack_into(Path(archive), tmp)
-                write_atomic(_skipped_list(final), "".join(f"{name}\n" for name in skipped))
-    return dataset_root(final)
-
-
-def _skipped_list(unpacked: Path) -> Path:
-    return unpacked.with_name(unpacked.name + ".skipped")  # beside the folder, so no scan sees it
-
-
-def skipped_members(root: Path) -> list[str]:
-    """Members of the archive `root` was unpacked from that were not written (unsafe names, links, devices)."""
-    for folder in (root, *root.parents):
-        if folder.parent.name == UNPACKED:
-            listing = _skipped_list(folder)
-            return listing.read_text().splitlines() if listing.is_file() else []
-    return []
+                write_atomic(listing, "".join(f"{name}\n" for name in skipped))
+        skipped = listing.read_text().splitlines() if listing.is_file() else []
+    return dataset_root(final), skipped
 
 
 def dataset_root(folder: Path) -> Path:
@@ -86,11 +75,10 @@ def _unzip(archive: Path, target: Path) -> list[str]:
                 skipped.append(member.filename)
                 continue
             if member.is_dir():
-                (target / name).mkdir(parents=True, exist_ok=True)
-                continue
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(member) as src, open(target / name, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+                _place(target / name, None)
+            else:
+                with zf.open(member) as source:
+                    _place(target / name, source)
     return skipped
 
 
@@ -101,17 +89,22 @@ def _untar(tar: tarfile.TarFile, target: Path) -> list[str]:
         if name is None or not (member.isfile() or member.isdir()):
             skipped.append(member.name)
             continue
-        if member.isdir():
-            (target / name).mkdir(parents=True, exist_ok=True)
-            continue
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        source = tar.extractfile(member)
-        if source is None:
+        source = None if member.isdir() else tar.extractfile(member)
+        if member.isfile() and source is None:
             skipped.append(member.name)
             continue
-        with source, open(target / name, "wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
+        _place(target / name, source)
     return skipped
+
+
+def _place(path: Path, source: IO[bytes] | None) -> None:
+    """A directory (no `source`), or a file with `source`'s bytes."""
+    if source is None:
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with source, open(path, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
 
 
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tnflow.tasks.archives import skipped_members, unpack
+from tnflow.tasks.archives import unpack
 from tnflow.tasks.cache_policy import code_version
 from tnflow.tasks.decode import JOB_IMAGES, decoder, refuse_in_a_worker
 from tnflow.tasks.errors import DataError
@@ -83,7 +83,7 @@ def build_folder_cache(
     cache_dir = ensure_writable_dir(cache_dir)
     log = run_logger()
     source = str(Path(source).absolute())
-    root = unpack(source, archive_md5, cache_dir) if archive_md5 else Path(source)
+    root, unpacked_skipped = unpack(source, archive_md5, cache_dir) if archive_md5 else (Path(source), [])
     identity = origin or (f"md5:{archive_md5}" if archive_md5 else source)  # the lineage and the champion line
     started = time.monotonic()
     scan = scan_folder(root, cache_dir / "folders" / _short(identity) / "stat-index.json")
@@ -104,13 +104,15 @@ def build_folder_cache(
             remove_stale_temps(final)
             previous = _previous(latest)
             with renamed_when_complete(final) as tmp:
-                _write_folder_cache(tmp, scan, spec, identity, previous, dask_address, workers, progress)
+                _write_folder_cache(
+                    tmp, scan, unpacked_skipped, spec, identity, previous, dask_address, workers, progress
+                )
             info = inspect_cache(final)
             if info is None:
                 raise DataError(f"{final} was written but does not read back as a complete cache; is the disk failing?")
         write_atomic(latest, final.name)
     log.info("cache %s: %s; %s", final.name, info.counts, ", ".join(f"{k} {v}" for k, v in info.summary))
-    skipped = read_manifest(final).get("skipped", [])
+    skipped = read_manifest(final)["skipped"] if dict(info.summary).get("skipped") else []
     if skipped:
         shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
         log.warning(
@@ -130,6 +132,7 @@ def _previous(latest: Path) -> Path | None:
 def _write_folder_cache(
     out: Path,
     scan: Scan,
+    unpacked_skipped: list[str],
     spec: FolderSpec,
     identity: str,
     previous: Path | None,
@@ -214,7 +217,7 @@ def _write_folder_cache(
             "duplicates": plan.duplicates,
             "leaked": plan.leaked,
             "ignored": scan.ignored,
-            "unpacked_skipped": skipped_members(scan.root),
+            "unpacked_skipped": unpacked_skipped,
             "splits": plan.assignment,
             "bad_digests": bad_digests,
         }

@@ -68,7 +68,9 @@ def split_identity(cache_path: str | Path) -> str:
         labels = f["test/labels"][:]
         if "digests" in f["test"]:  # a folder: the test images themselves, whichever version holds them
             parts = [str(f.attrs["dataset"]), str(f.attrs["source_id"]), str(len(labels))]
-            content = np.sort(f["test/digests"][:]).tobytes() + labels[np.argsort(f["test/digests"][:])].tobytes()
+            digests = f["test/digests"][:]
+            order = np.argsort(digests)
+            content = digests[order].tobytes() + labels[order].tobytes()
         else:
             parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
             content = labels.tobytes()
