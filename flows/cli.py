@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the whole pipeline: data, weights, training, test, champion, report",
-        description="Fine-tune an ImageNet-pretrained VGG19 on CIFAR (the recipe's defaults, its defects fixed) "
+        description="Fine-tune an ImageNet-pretrained network (VGG19 by default; see `tnflow models`) on CIFAR "
+        "(the recipe's defaults, its defects fixed) "
         "or on your images (--data-dir). "
         "Prints the run directory last; it holds model/, metrics.json, report.html and report.md.",
     )
@@ -126,7 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     gc.set_defaults(handler=_gc)
 
-    for command in (prepare, run, predict, serve, gc):
+    models = commands.add_parser(
+        "models",
+        help="list the backbones --model takes",
+        description="Every backbone with its default image size, parameters (1000-class network), ImageNet "
+        "top-1 (tensornets' table), preprocessing and how its pretrained file is checked.",
+    )
+    models.set_defaults(handler=_models)
+
+    for command in (prepare, run, predict, serve, gc, models):
         command.add_argument(
             "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
         )
@@ -191,6 +200,19 @@ def _gc(args: argparse.Namespace) -> str:
         print(path)
     verb = "would remove" if args.dry_run else "removed"
     return f"{verb} {len(removed)} cache file(s), {sum(size for _, size in removed) / 1e6:.1f} MB"
+
+
+def _models(args: argparse.Namespace) -> None:
+    from tnflow.tasks.backbones import BACKBONES
+
+    rows = [("model", "size", "params", "top-1", "heads", "input", "weights check")]
+    for b in BACKBONES.values():
+        heads = "gap, full" if b.full_head else "gap"
+        size = f"{b.image_size} (min {b.min_size})"
+        rows.append((b.name, size, f"{b.params / 1e6:.1f}M", f"{b.top1:.1f}%", heads, b.preprocessing, b.weights_check))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _serve(args: argparse.Namespace) -> None:

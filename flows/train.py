@@ -36,9 +36,11 @@ def transfer_learning(config: RunConfig) -> str:
         start = starting_model_task(config.init_from, config.output_dir, cache.path, spec.model, spec.head, classes)
     if start is not None:
         start_dir, weights_path, weights_id = start[0], None, f"model:{start[1]}"
+        weights_check = f"started from the trained model {start[0]}"
     else:
         weights = fetch_weights_task(config.weights, config.weights_md5, config.model, config.head, config.cache_dir)
         start_dir, weights_path, weights_id = None, weights.path, weights.md5
+        weights_check = weights.check
     work_dir = work_dir_for(config.output_dir, cache.path, weights_id, spec, settings, TRAINING_CODE)
     trained = train_task(
         cache.path,
@@ -63,6 +65,12 @@ def transfer_learning(config: RunConfig) -> str:
         config.eval_batch_size,
     )
     report_task(
-        run_dir, trained.model_dir, cache.path, config.model_dump(), list(trained.history), trained.device, promotion
+        run_dir,
+        trained.model_dir,
+        cache.path,
+        {**config.model_dump(), "weights_check": weights_check},
+        list(trained.history),
+        trained.device,
+        promotion,
     )
     return run_dir

@@ -7,7 +7,6 @@ allows numpy arrays and refuses everything else (code execution included).
 from __future__ import annotations
 
 import io
-import pickle
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tnflow.tasks.errors import DataError
+from tnflow.tasks.safe_pickle import NumpyOnlyUnpickler
 from tnflow.tasks.settings import SOURCES
 
 SOURCE_SIZE = 32
@@ -59,27 +59,6 @@ class Dataset:
     class_names: list[str]
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """The archives are pickles from the internet: allow numpy arrays and nothing else."""
-
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.numeric", "_frombuffer"),
-            ("numpy._core.numeric", "_frombuffer"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("_codecs", "encode"),
-        }
-    )
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
-
-
 def read_archive(path: str | Path, dataset: str) -> Dataset:
     """Decode a CIFAR python-format .tar.gz, checking every member the format promises."""
     layout = _LAYOUTS[dataset]
@@ -118,7 +97,7 @@ def read_archive(path: str | Path, dataset: str) -> Dataset:
 
 def _unpickle(blob: bytes, member: str, path: str | Path) -> dict:
     try:
-        value = _NumpyOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        value = NumpyOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any failure means a corrupt member
         raise DataError(f"{path}: {member} is not a valid CIFAR pickle ({exc}); re-download the archive") from None
     if not isinstance(value, dict):

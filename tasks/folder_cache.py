@@ -167,7 +167,9 @@ def _write_folder_cache(
         with decoder(workers, dask_address) as pool:
             done = 0
             for split in SPLITS:
-                entries = plan.splits[split]
+                # Rows in a seeded hash order, not class by class: training shuffles windows of
+                # neighbouring rows (h5cache.iter_batches), which must not be of one class.
+                entries = sorted(plan.splits[split], key=lambda e: _row_order(spec.seed, e.digest))
                 reused = sorted((e for e in entries if e.digest in rows), key=lambda e: rows[e.digest])
                 if reused:
                     _copy_rows(previous, reused, rows, writer, split)
@@ -224,6 +226,10 @@ def _write_folder_cache(
         writer.finish(manifest, summary)
     finally:
         writer.close()
+
+
+def _row_order(seed: int, digest: str) -> str:
+    return hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()
 
 
 def _columns(entries: list[Entry]) -> tuple[list[int], list[str], list[str]]:

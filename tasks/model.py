@@ -1,19 +1,27 @@
-"""VGG19 from tensornets with a CIFAR head: the only module that builds TensorFlow graphs.
+"""tensornets backbones with a new head: the only module that builds TensorFlow graphs.
 
 tensornets 0.4.6 builds its networks with `tf.compat.v1` layers, so the model lives in a
 `tf.Graph` of its own and runs in a v1 `Session`; the rest of the process stays eager. The
-recipe's three defects are fixed here: the loss takes the logits (tensornets' VGG19 returns
+recipe's three defects are fixed here: the loss takes the logits (tensornets' networks return
 probabilities, which the recipe softmaxed again), the input is preprocessed in the graph as
-the ImageNet weights expect (caffe style: BGR, mean-subtracted, 0-255), and accuracy is
-counted over every image (see `tasks/validate.py`).
+each backbone's ImageNet weights expect (`tasks/backbones.py`: caffe, torch or tf style), and
+accuracy is counted over every image (see `tasks/validate.py`). The accuracy levers
+(`tasks/levers.py`: augmentation, label smoothing, schedule, optimizer, decay, frozen base)
+are graph ops too, seeded by the global step, so a resumed training replays exactly what it
+would have done; test-time augmentation is part of the network built here.
+
+Longer than 300 lines because one graph holds the input pipeline, the preprocessing, the
+network, test-time augmentation and the loading and saving handles, all under one device
+scope; splitting them would pass that graph and scope between modules.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,9 +60,10 @@ with _startup_chatter_hidden():
 if _QUIET:
     del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
-from tnflow.tasks.errors import DataError  # noqa: E402 - TensorFlow first, quietly
-from tnflow.tasks.settings import ModelSpec  # noqa: E402
-from tnflow.tasks.weights import needed_layers  # noqa: E402
+from tnflow.tasks import levers  # noqa: E402 - TensorFlow first, quietly
+from tnflow.tasks.backbones import BACKBONES, PREPROCESSING  # noqa: E402
+from tnflow.tasks.settings import ModelSpec, TrainSettings  # noqa: E402
+from tnflow.tasks.tensornets_compat import batch_norm_training  # noqa: E402
 
 tf1 = tf.compat.v1
 if _QUIET:
@@ -62,10 +71,10 @@ if _QUIET:
 
 # -- constants --------------------------------------------------------------------------
 
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-PREPROCESSING = "caffe: RGB to BGR, minus ImageNet channel means B 103.939 G 116.779 R 123.68, on 0-255"
 PREFETCH_BATCHES = 4  # enough to hide one slow HDF5 read behind the steps of the others
-BACKBONES: dict[str, Callable[..., Any]] = {"vgg19": nets.VGG19}
+BN_MOMENTUM = 0.99  # of BN's moving averages, when BN trains (Keras' default)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # batches(split, epoch, shuffle, batch_size) -> (uint8 images, int64 labels); runs on tf.data's thread.
 BatchFn = Callable[[bytes, int, bool, int], Iterator[tuple[np.ndarray, np.ndarray]]]
@@ -80,20 +89,24 @@ class Net:
     images: tf.Tensor  # feed uint8 RGB (N, S, S, 3), or leave it to the input pipeline
     labels: tf.Tensor
     is_training: tf.Tensor
-    logits: tf.Tensor
+    logits: tf.Tensor  # with TTA at evaluation: the log of the averaged probabilities
     probs: tf.Tensor
-    losses: tf.Tensor  # per image, float32
+    losses: tf.Tensor  # per image, float32, plain cross-entropy (no smoothing): comparable across runs
     loss: tf.Tensor
-    pretrained: list[tf.Variable]
+    pretrained: list[tf.Variable]  # in the weight file's order, BN statistics included
     head: list[tf.Variable]
-    loaders: list[tuple[tf.Tensor, tf.Operation]]  # (value placeholder, assign) per pretrained variable
     init: tf.Operation
     saver: tf1.train.Saver  # every variable, optimizer state included: for resuming
     model_saver: tf1.train.Saver  # model variables only, under tensornets' names: for the model dir
-    train_op: tf.Operation | None = None
+    train_op: tf.Operation | None = None  # every trainable variable
+    train_head_op: tf.Operation | None = None  # the new head only (--freeze-epochs)
+    train_loss: tf.Tensor | None = None  # what the steps minimise: with label smoothing
     global_step: tf.Variable | None = None
+    learning_rate: tf.Tensor | None = None
     data_init: tf.Operation | None = None
     data_args: tuple[tf.Tensor, ...] = ()
+    loaders: list[tf.Tensor] = field(default_factory=list)  # a value placeholder per pretrained variable
+    load: tf.Operation | None = None  # assigns them all
 
 
 def visible_gpus() -> list[str]:
@@ -103,10 +116,16 @@ def visible_gpus() -> list[str]:
 # -- preprocessing ----------------------------------------------------------------------
 
 
-def preprocess(images: tf.Tensor) -> tf.Tensor:
-    """uint8 RGB in [0, 255] to what the ImageNet weights expect: BGR minus channel means."""
-    bgr = tf.reverse(tf.cast(images, tf.float32), axis=[-1])
-    return bgr - tf.constant(CAFFE_MEAN_BGR, dtype=tf.float32)
+def preprocess(images: tf.Tensor, kind: str) -> tf.Tensor:
+    """uint8 RGB in [0, 255] to what a family's ImageNet weights expect (see `PREPROCESSING`)."""
+    x = tf.cast(images, tf.float32)
+    if kind == "caffe":
+        return tf.reverse(x, axis=[-1]) - tf.constant(_CAFFE_MEAN_BGR, dtype=tf.float32)
+    if kind == "torch":
+        return (x / 255.0 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
+    if kind == "tf":
+        return (x / 255.0 - 0.5) * 2.0
+    raise ValueError(f"unknown preprocessing {kind!r}; known: {', '.join(PREPROCESSING)}")
 
 
 # -- building ---------------------------------------------------------------------------
@@ -116,17 +135,16 @@ def build(
     spec: ModelSpec,
     batches: BatchFn | None = None,
     *,
-    learning_rate: float | None = None,
-    mixed_precision: bool = False,
-    seed: int = 0,
+    settings: TrainSettings | None = None,
+    steps_per_epoch: int = 1,
 ) -> Net:
-    """A graph for `spec`: with an input pipeline when `batches` is given, an Adam step when `learning_rate` is."""
+    """A graph for `spec`: with an input pipeline when `batches` is given, a training step when `settings` is."""
     graph = tf.Graph()
     gpus = visible_gpus()
     device = gpus[0] if gpus else "/CPU:0"
     size = spec.image_size
     with graph.as_default():
-        tf1.set_random_seed(seed)
+        tf1.set_random_seed(settings.seed if settings else 0)
         data_init, data_args = None, ()
         if batches is not None:
             data_args = (
@@ -156,23 +174,36 @@ def build(
         is_training = tf1.placeholder_with_default(False, [], name="is_training")
 
         with tf.device(device):
-            logits, pretrained, head = _network(spec, preprocess(images), is_training)
-            logits = tf.cast(logits, tf.float32)
+            global_step = tf1.train.get_or_create_global_step() if settings else None
+            if settings and settings.augment != "none":
+                seed = tf.stack([tf.constant(settings.seed, tf.int64), global_step])
+                images_in = tf.cond(is_training, lambda: levers.augment(images, settings.augment, seed), lambda: images)
+            else:
+                images_in = images
+            x = preprocess(images_in, BACKBONES[spec.model].preprocessing)
+            count = tf.shape(x)[0]
+            if spec.tta == "flip":  # evaluation sees each image and its mirror, in one batch
+                x = tf.cond(is_training, lambda: x, lambda: tf.concat([x, tf.reverse(x, axis=[2])], 0))
+            bn_trains = bool(settings and settings.train_bn)
+            raw_logits, pretrained, head = _network(spec, x, is_training, bn_trains)
+            raw_logits = tf.cast(raw_logits, tf.float32)
+            if spec.tta == "flip":
+                logits = tf.cond(
+                    is_training,
+                    lambda: raw_logits,
+                    lambda: tf.math.log(
+                        (tf.nn.softmax(raw_logits[:count]) + tf.nn.softmax(raw_logits[count:])) / 2 + 1e-30
+                    ),
+                )
+            else:
+                logits = raw_logits
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
             loss = tf.reduce_mean(losses)
             probs = tf.nn.softmax(logits)
-            train_op = global_step = None
-            if learning_rate is not None:
-                global_step = tf1.train.get_or_create_global_step()
-                optimizer = tf1.train.AdamOptimizer(learning_rate)
-                if mixed_precision:
-                    # float16 compute with float32 master weights: loss scaling here, the float16
-                    # rewrite in the training session only (see `open_session`), never process-wide.
-                    optimizer = tf1.mixed_precision.MixedPrecisionLossScaleOptimizer(optimizer, "dynamic")
-                # GATE_NONE: no per-op barriers between gradient computations (the v1 default serialises them).
-                train_op = optimizer.minimize(
-                    loss, global_step=global_step, gate_gradients=tf1.train.Optimizer.GATE_NONE
-                )
+            steps = {}
+            if settings is not None:
+                steps = levers.training_steps(settings, logits, labels, pretrained, head, global_step, steps_per_epoch)
+        loading = _value_inputs(pretrained)
         net = Net(
             graph=graph,
             device=device,
@@ -185,14 +216,15 @@ def build(
             loss=loss,
             pretrained=pretrained,
             head=head,
-            loaders=[(value, variable.assign(value)) for variable, value in _value_inputs(pretrained)],
             init=tf1.global_variables_initializer(),
             saver=tf1.train.Saver(max_to_keep=None),
             model_saver=tf1.train.Saver(var_list=pretrained + head, max_to_keep=None),
-            train_op=train_op,
             global_step=global_step,
             data_init=data_init,
             data_args=data_args,
+            loaders=[value for _, value in loading],
+            load=tf.group(*[variable.assign(value) for variable, value in loading]),
+            **steps,
         )
     graph.finalize()
     return net
@@ -202,23 +234,41 @@ def _value_inputs(variables: list[tf.Variable]) -> list[tuple[tf.Variable, tf.Te
     return [(v, tf1.placeholder(v.dtype.base_dtype, v.shape, name=f"load/{v.op.name}")) for v in variables]
 
 
-def _network(spec: ModelSpec, x: tf.Tensor, is_training: tf.Tensor) -> tuple[tf.Tensor, list, list]:
-    """(logits, pretrained variables in file order, freshly initialised head variables)."""
+def _network(spec: ModelSpec, x: tf.Tensor, is_training: tf.Tensor, bn_trains: bool) -> tuple[tf.Tensor, list, list]:
+    """(logits, pretrained variables in file order, freshly initialised head variables).
+
+    BN on its stored statistics unless asked to train them; then its moving averages use
+    Keras' momentum 0.99 (tensornets' slim-style 0.999 needs thousands of steps to forget
+    where they started, so a short run evaluated on them predicts one class).
+    """
     backbone = BACKBONES[spec.model]
-    if spec.head == "full":
-        # All of VGG19, the 1000-way layer replaced by a `classes`-way one; `.logits` is before softmax.
-        out = backbone(x, is_training=is_training, classes=spec.num_classes)
+    constructor = getattr(nets, backbone.net)
+    with batch_norm_training(is_training if bn_trains else False, decay=BN_MOMENTUM if bn_trains else None):
+        if spec.head == "gap" and backbone.full_head:
+            # VGG's convolutional base, average pooling and a new `classes`-way layer.
+            features = constructor(x, is_training=is_training, stem=True)
+            pretrained = tf1.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, scope=f"{spec.model}/")
+            pooled = tf.reduce_mean(features, axis=[1, 2])
+            with tf1.variable_scope("head/logits"):
+                weights = tf1.get_variable(
+                    "weights", [pooled.shape[-1], spec.num_classes], initializer=tf1.glorot_uniform_initializer()
+                )
+                biases = tf1.get_variable("biases", [spec.num_classes], initializer=tf1.zeros_initializer())
+            return tf.matmul(pooled, weights) + biases, pretrained, [weights, biases]
+        # The network's own classifier with its 1000-way layer replaced by a `classes`-way one:
+        # VGG's fc6/fc7 (the full head), or everyone else's pooling + dense (their gap head).
+        out = constructor(x, is_training=is_training, classes=spec.num_classes)
         variables = tf1.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, scope=f"{spec.model}/")
         return out.logits, variables[:-2], variables[-2:]
-    features = backbone(x, is_training=is_training, stem=True)
-    pretrained = tf1.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, scope=f"{spec.model}/")
-    pooled = tf.reduce_mean(features, axis=[1, 2])
-    with tf1.variable_scope("head/logits"):
-        weights = tf1.get_variable(
-            "weights", [pooled.shape[-1], spec.num_classes], initializer=tf1.glorot_uniform_initializer()
-        )
-        biases = tf1.get_variable("biases", [spec.num_classes], initializer=tf1.zeros_initializer())
-    return tf.matmul(pooled, weights) + biases, pretrained, [weights, biases]
+
+
+@functools.cache
+def pretrained_shapes(model: str, head: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(variable, shape) that a weights file must provide, in order, for `model` with `head`."""
+    backbone = BACKBONES[model]
+    size = backbone.image_size if head == "full" else max(backbone.min_size, 32)
+    net = build(ModelSpec(model, head, 2, size))
+    return [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
 
 
 # -- running ----------------------------------------------------------------------------
@@ -240,25 +290,25 @@ def open_session(net: Net, *, xla: bool = False, mixed_precision: bool = False) 
     return tf1.Session(graph=net.graph, config=session_config(xla=xla, mixed_precision=mixed_precision))
 
 
-def load_pretrained(session: tf1.Session, net: Net, path: str, spec: ModelSpec) -> int:
-    """Assign the file's values to the pretrained variables; returns how many. Checks every shape."""
-    values = nets.utils.parse_keras_weights(path)
-    slots = [(layer, shape) for layer, shapes in needed_layers(spec.model, spec.head) for shape in shapes]
-    if len(slots) != len(net.pretrained):
-        raise RuntimeError(
-            f"{spec.model}: {len(net.pretrained)} pretrained variables but {len(slots)} weights expected"
-        )
-    if len(values) < len(slots):
-        raise DataError(f"{path} holds {len(values)} weight arrays; {spec.model} ({spec.head} head) needs {len(slots)}")
-    for variable, (placeholder, assign), value, (layer, _) in zip(
-        net.pretrained, net.loaders, values, slots, strict=False
-    ):
-        if tuple(variable.shape) != value.shape:
-            raise DataError(
-                f"{path}: {layer} has shape {value.shape}, {variable.op.name} needs {tuple(variable.shape)}"
-            )
-        session.run(assign, {placeholder: value})
-    return len(slots)
+def load_pretrained(session: tf1.Session, net: Net, arrays: list[np.ndarray]) -> int:
+    """Assign checked arrays (see `tasks.weights.check_weights`) to the pretrained variables, in order.
+
+    One `run` for all of them: each distinct fetch makes TensorFlow prune and plan the whole
+    graph again, which for ResNet101's 600 variables one at a time took a minute.
+    """
+    feed = {}
+    for variable, placeholder, value in zip(net.pretrained, net.loaders, arrays, strict=False):
+        if tuple(variable.shape.as_list()) != value.shape:
+            raise RuntimeError(f"{variable.op.name} needs {variable.shape}, got {value.shape}: check the file first")
+        feed[placeholder] = value
+    session.run(net.load, feed)
+    return len(net.pretrained)
+
+
+def model_arrays(session: tf1.Session, net: Net) -> list[tuple[str, np.ndarray]]:
+    """(name, value) of every model variable, in weight-file order: a trained model as a weights file."""
+    variables = net.pretrained + net.head
+    return list(zip([v.op.name for v in variables], session.run(variables), strict=True))
 
 
 def run_split(

@@ -12,6 +12,7 @@ because every option lives here with its bounds and help text, which is the poin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tnflow.tasks.backbones import BACKBONES, MODELS
 from tnflow.tasks.errors import ConfigError
 
 # The official archives: name -> (URL, md5, number of classes). They are the defaults of
@@ -44,8 +46,30 @@ SOURCES: dict[str, tuple[str, str, int]] = {
 FOLDER = "folder"  # --dataset for a folder of class folders (--data-dir) or an archive of one
 RESIZE_MODES = ("crop", "stretch", "pad")
 MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
-MODELS = ("vgg19",)
 FULL_HEAD_SIZE = 224  # the full head's fc6 weights expect a 7x7x512 feature map
+AUGMENTS = ("none", "flip", "flip-crop")
+# The levers a preset sets: the recipe's values, and `--preset strong`, the best combination
+# of benchmarks/README.md's ablation. An option given explicitly wins over its preset.
+RECIPE_LEVERS: dict[str, Any] = {
+    "augment": "none",
+    "label_smoothing": 0.0,
+    "lr_schedule": "constant",
+    "warmup_epochs": 0,
+    "freeze_epochs": 0,
+    "tta": "none",
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "recipe": RECIPE_LEVERS,
+    "strong": {
+        **RECIPE_LEVERS,
+        "augment": "flip-crop",
+        "label_smoothing": 0.1,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 1,
+        "freeze_epochs": 1,
+        "tta": "flip",
+    },
+}
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -109,10 +133,11 @@ class ModelSpec:
     head: str
     num_classes: int
     image_size: int
+    tta: str = "none"  # how it predicts: "flip" averages an image's and its mirror's probabilities
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
-        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"])
+        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"], meta.get("tta", "none"))
 
 
 @dataclass(frozen=True)
@@ -125,6 +150,16 @@ class TrainSettings:
     seed: int = 0
     mixed_precision: bool = False
     xla: bool = False
+    augment: str = "none"
+    label_smoothing: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    freeze_epochs: int = 0
+    patience: int | None = None
+    train_bn: bool = False
 
 
 # -- the configuration --------------------------------------------------------------------
@@ -293,7 +328,16 @@ def _count(size: float) -> int | float:
 class RunConfig(DataConfig):
     """A whole run (`tnflow run`, the transfer-learning flow and its deployments); defaults are the recipe."""
 
-    model: Literal[MODELS] = Field("vgg19", description="network to fine-tune")  # type: ignore[valid-type]
+    model: Literal[MODELS] = Field(  # type: ignore[valid-type]
+        "vgg19", description="network to fine-tune (`tnflow models` lists them)"
+    )
+    image_size: int | None = Field(
+        None,
+        ge=32,
+        le=512,
+        description="resize images to SxS (default: the model's ImageNet size, 224; 299 for inception3, resnet50v2)",
+        json_schema_extra={"metavar": "S"},
+    )
     weights: str = Field(
         "imagenet",
         description="pretrained weights: the published ImageNet file, none (random start), or a Keras .h5 path/URL",
@@ -307,8 +351,8 @@ class RunConfig(DataConfig):
     )
     head: Literal["full", "gap"] | None = Field(
         None,
-        description="full: all of VGG19, last layer replaced (224 only); gap: conv base + average pooling "
-        "(default: full at 224, gap otherwise)",
+        description="full: all of VGG, last layer replaced (224 only); gap: conv base + average pooling + a "
+        "new layer, which for every other model is its own classifier (default: full for VGG at 224, else gap)",
     )
     init_from: str | None = Field(
         None,
@@ -319,7 +363,61 @@ class RunConfig(DataConfig):
     epochs: int = Field(7, ge=1, description="training epochs")
     batch_size: int = Field(32, ge=1, le=4096, description="training batch size")
     eval_batch_size: int = Field(256, ge=1, le=4096, description="validation batch size (results do not depend on it)")
-    learning_rate: float = Field(1e-5, ge=0, lt=1, allow_inf_nan=False, description="Adam learning rate")
+    learning_rate: float = Field(
+        1e-5, ge=0, lt=1, allow_inf_nan=False, description="peak learning rate", json_schema_extra={"metavar": "LR"}
+    )
+    preset: Literal[tuple(PRESETS)] = Field(  # type: ignore[valid-type]
+        "recipe",
+        description="recipe: the recipe's settings; strong: the best levers of the ablation in "
+        "benchmarks/README.md (options given explicitly win)",
+    )
+    augment: Literal[AUGMENTS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="training augmentation: random horizontal flip, and a random crop after reflect-padding "
+        "(default: the preset's; none for recipe)",
+    )
+    label_smoothing: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="label smoothing (default: the preset's; 0 for recipe)",
+        json_schema_extra={"metavar": "X"},
+    )
+    lr_schedule: Literal["constant", "cosine"] | None = Field(
+        None,
+        description="learning-rate schedule after warm-up: constant, or cosine decay to zero "
+        "(default: the preset's; constant for recipe)",
+    )
+    warmup_epochs: int | None = Field(
+        None, ge=0, description="epochs of linear learning-rate warm-up from zero (default: the preset's; 0 for recipe)"
+    )
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with --momentum")
+    momentum: float = Field(0.9, ge=0, lt=1, allow_inf_nan=False, description="SGD momentum")
+    weight_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="decoupled weight decay per step, times the learning rate (as AdamW)",
+        json_schema_extra={"metavar": "X"},
+    )
+    freeze_epochs: int | None = Field(
+        None, ge=0, description="train only the new head for N epochs, then everything (default: the preset's; 0)"
+    )
+    patience: int | None = Field(
+        None, ge=1, description="stop when validation accuracy has not improved for N epochs (default: never)"
+    )
+    tta: Literal["none", "flip"] | None = Field(
+        None,
+        description="test-time augmentation at validation, test and predict: average with the mirror image "
+        "(default: the preset's; none for recipe)",
+    )
+    train_bn: bool | None = Field(
+        None,
+        description="let batch normalisation learn batch statistics (default: no, it keeps its pretrained "
+        "statistics as fine-tuning guides advise; yes with --weights none, which has no statistics to keep)",
+    )
     mixed_precision: bool = Field(False, description="float16 training compute with loss scaling, on GPUs")
     xla: bool = Field(False, description="compile the training step with XLA")
     retrain: bool = Field(False, description="train again even if a finished training with these inputs exists")
@@ -343,19 +441,43 @@ class RunConfig(DataConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_head(cls, values: Any) -> Any:
-        if isinstance(values, dict) and values.get("head") is None:
-            size = values.get("image_size", 224)
-            values = {**values, "head": "full" if size == FULL_HEAD_SIZE else "gap"}
+    def _defaults_of_model_and_preset(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        backbone = BACKBONES.get(values.get("model", "vgg19"))
+        preset = PRESETS.get(values.get("preset") or "recipe", RECIPE_LEVERS)
+        values = {**preset, **{k: v for k, v in values.items() if v is not None}}
+        if values.get("image_size") is None and backbone is not None:
+            values["image_size"] = backbone.image_size
+        if values.get("train_bn") is None:
+            values["train_bn"] = values.get("weights") == "none" and not values.get("init_from")
+        if values.get("head") is None:
+            full = backbone is not None and backbone.full_head and values.get("image_size") == FULL_HEAD_SIZE
+            values["head"] = "full" if full else "gap"
         return values
 
     @model_validator(mode="after")
-    def _head_fits_size(self) -> RunConfig:
+    def _model_fits(self) -> RunConfig:
+        backbone = BACKBONES[self.model]
+        if self.head == "full" and not backbone.full_head:
+            raise ValueError(f"--head full is for VGG's classifier layers; {self.model} takes --head gap")
         if self.head == "full" and self.image_size != FULL_HEAD_SIZE:
             raise ValueError(
                 f"--head full needs --image-size {FULL_HEAD_SIZE} (its fc6 weights expect a 7x7 feature map), "
                 f"got {self.image_size}; use --head gap for other sizes"
             )
+        if self.image_size < backbone.min_size:
+            raise ValueError(
+                f"{self.model} needs --image-size of at least {backbone.min_size} (its layers shrink smaller "
+                f"images to nothing), got {self.image_size}"
+            )
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(
+                f"--freeze-epochs {self.freeze_epochs} leaves no epoch to train the whole network "
+                f"(--epochs {self.epochs}); use fewer"
+            )
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs} is longer than --epochs {self.epochs}")
         return self
 
     @property
@@ -366,12 +488,11 @@ class RunConfig(DataConfig):
         return self.limit_train is None and self.limit_test is None
 
     def model_spec(self, num_classes: int) -> ModelSpec:
-        return ModelSpec(self.model, self.head, num_classes, self.image_size)
+        return ModelSpec(self.model, self.head, num_classes, self.image_size, self.tta)
 
     def train_settings(self) -> TrainSettings:
-        return TrainSettings(
-            self.epochs, self.batch_size, self.learning_rate, self.seed, self.mixed_precision, self.xla
-        )
+        names = [f.name for f in dataclasses.fields(TrainSettings)]
+        return TrainSettings(**{name: getattr(self, name) for name in names})
 
 
 def option(name: str) -> str:

@@ -2,10 +2,18 @@
 
 tensornets imports `decode_predictions` from `tensorflow.python.keras.applications.imagenet_utils`
 and `get_file` from `tensorflow.python.keras.utils.data_utils`; TensorFlow 2.16+ dropped the
-first module (and some builds the second). Nothing else on VGG19's path needs them, so we
-register small stand-ins before the import. `get_file` is tensornets' downloader: tnflow
+first module (and some builds the second). Nothing else needs them, so we register small
+stand-ins before the import. `get_file` is tensornets' downloader: tnflow
 fetches and verifies weights itself, so the stand-in refuses to download anything. tensornets
 also imports `distutils`, which Python 3.12 removed; the `setuptools` dependency provides it.
+
+Networks with batch normalisation build `tf.compat.v1.layers.BatchNormalization`, which
+TensorFlow 2.16+ loads from `tf_keras.legacy_tf_layers`; tf_keras 2.21 keeps that module
+under `tf_keras.src`, so it is registered under the old name too.
+
+tensornets hands one `is_training` to batch normalisation and dropout alike. Fine-tuning
+wants them apart (BN on its stored ImageNet statistics, dropout still on while training):
+`batch_norm_training(mode)` makes every tensornets BN layer built inside it take `mode`.
 
 Import `tensornets` from here (`from tasks.tensornets_compat import nets`); only
 `tasks/model.py` does.
@@ -17,6 +25,8 @@ import importlib.util
 import sys
 import types
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import tensorflow as tf  # noqa: F401 - must be importable before tensornets
 
@@ -49,6 +59,17 @@ def _exists(name: str) -> bool:
         return False
 
 
+def _legacy_keras_layers() -> None:
+    if _exists("tf_keras.legacy_tf_layers") or not _exists("tf_keras.src.legacy_tf_layers"):
+        return
+    legacy = importlib.import_module("tf_keras.src.legacy_tf_layers")
+    sys.modules["tf_keras.legacy_tf_layers"] = legacy
+    sys.modules["tf_keras.legacy_tf_layers.normalization"] = importlib.import_module(
+        "tf_keras.src.legacy_tf_layers.normalization"
+    )
+
+
+_legacy_keras_layers()
 _provide("tensorflow.python.keras.applications")
 _provide("tensorflow.python.keras.applications.imagenet_utils", decode_predictions=_decode_predictions)
 _provide("tensorflow.python.keras.utils.data_utils", get_file=_refuse_download)
@@ -61,6 +82,40 @@ with warnings.catch_warnings():
 warnings.filterwarnings("ignore", message=r".*`(layer\.apply|tf\.layers\.\w+)` is deprecated", category=UserWarning)
 
 nets.utils.get_file = _refuse_download
-nets.pretrained.get_file = _refuse_download
+sys.modules["tensornets.pretrained"].get_file = _refuse_download  # `nets.pretrained` is a function
 
-__all__ = ["nets"]
+_FOLLOW = object()  # BN follows the network's is_training, as tensornets wires it
+_bn_mode: object = _FOLLOW
+_bn_decay: float | None = None
+_tensornets_batch_norm = nets.layers.batch_norm
+
+
+def _batch_norm(*args: object, **kwargs: object) -> object:
+    if _bn_mode is not _FOLLOW:
+        kwargs["is_training"] = _bn_mode
+    if _bn_decay is not None:
+        kwargs["decay"] = _bn_decay
+    return _tensornets_batch_norm(*args, **kwargs)
+
+
+_batch_norm._key_op = _tensornets_batch_norm._key_op  # arg_scope finds its defaults under the same key
+for _module in list(sys.modules.values()):
+    if getattr(_module, "__name__", "").startswith("tensornets") and (
+        getattr(_module, "batch_norm", None) is _tensornets_batch_norm
+    ):
+        _module.batch_norm = _batch_norm
+
+
+@contextmanager
+def batch_norm_training(mode: object, decay: float | None = None) -> Iterator[None]:
+    """BN layers built inside use `mode` (False: stored statistics; a bool tensor: follow it), and `decay`."""
+    global _bn_mode, _bn_decay
+    saved = _bn_mode, _bn_decay
+    _bn_mode, _bn_decay = mode, decay
+    try:
+        yield
+    finally:
+        _bn_mode, _bn_decay = saved
+
+
+__all__ = ["batch_norm_training", "nets"]

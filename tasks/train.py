@@ -22,6 +22,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tnflow.tasks.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.cache_policy import StageCache, code_version
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import ensure_writable_dir, exclusive, new_directory
@@ -31,6 +32,7 @@ from tnflow.tasks.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.settings import ModelSpec, TrainSettings
 from tnflow.tasks.validate import evaluate
+from tnflow.tasks.weights import check_weights, read_weights
 from tnflow.tasks.workdir import (
     best_model_ok,
     can_reexport,
@@ -49,6 +51,8 @@ CODE = code_version(
     "tnflow.tasks.train",
     "tnflow.tasks.model",
     "tnflow.tasks.tensornets_compat",
+    "tnflow.tasks.backbones",
+    "tnflow.tasks.weights",
     "tnflow.tasks.h5cache",
     "tnflow.tasks.validate",
 )
@@ -132,14 +136,8 @@ def _fit(
             cache_path, split.decode(), int(batch_size), shuffle=bool(shuffle), seed=settings.seed, epoch=int(epoch)
         )
 
-    net = build(
-        spec,
-        batches,
-        learning_rate=settings.learning_rate,
-        mixed_precision=settings.mixed_precision,
-        seed=settings.seed,
-    )
     num_train = read_split_size(cache_path, "train")
+    net = build(spec, batches, settings=settings, steps_per_epoch=-(-num_train // settings.batch_size))
     origin = {  # what model.json says about where the model came from and how to feed it
         "class_names": list(class_names),
         "resize": read_resize_mode(cache_path),
@@ -172,22 +170,26 @@ def _fit(
                 net.model_saver.restore(session, str(Path(init_from) / CHECKPOINT))
                 log.info("started from the trained model %s (every layer, the head included)", init_from)
             elif weights_path:
-                count = load_pretrained(session, net, weights_path, spec)
+                arrays = read_weights(weights_path, BACKBONES[spec.model].weights_format)
+                needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
+                check_weights([(name, a.shape) for name, a in arrays], needed, weights_path, spec.model)
+                count = load_pretrained(session, net, [a for _, a in arrays])
                 log.info(
                     "loaded %d pretrained arrays from %s; the %s head starts fresh", count, weights_path, spec.head
                 )
             else:
                 log.info("no pretrained weights (--weights none): every layer starts from random values")
-        switches = (
-            f"mixed precision {'on' if settings.mixed_precision else 'off'}, XLA {'on' if settings.xla else 'off'}"
-        )
         log.info(
-            f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {net.device}: {num_train} images, "
-            f"batch {settings.batch_size}, Adam lr {settings.learning_rate:g}, {switches}"
+            f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {net.device}: {num_train} images; "
+            f"{describe_levers(settings, spec)}"
         )
         total, seen = num_train * (settings.epochs - done_epochs), 0
-        fetches = {"step": net.train_op, "losses": net.losses, "logits": net.logits, "labels": net.labels}
         for epoch in range(done_epochs + 1, settings.epochs + 1):
+            if _stopped_early(state, settings):
+                break
+            frozen = epoch <= settings.freeze_epochs
+            step = net.train_head_op if frozen else net.train_op
+            fetches = {"step": step, "losses": net.losses, "logits": net.logits, "labels": net.labels}
             started = time.monotonic()
             count, loss_sum, correct = 0, 0.0, 0
             for out in run_split(
@@ -209,6 +211,7 @@ def _fit(
                 "valid_accuracy": valid["valid_accuracy"],
                 "seconds": seconds,
                 "images_per_second": count / seconds,
+                "trained": "head" if frozen else "all",
             }
             state.setdefault("history", []).append(record)
             with new_directory(checkpoint_dir(directory, epoch)) as tmp:
@@ -227,18 +230,49 @@ def _fit(
             )
             if on_epoch_end:
                 on_epoch_end(epoch)
+    if _stopped_early(state, settings):
+        state["stopped_early"] = state["epochs_done"]
+        log.info(
+            "stopped after epoch %d: validation accuracy has not improved for %d epochs (best: epoch %d)",
+            state["epochs_done"],
+            settings.patience,
+            state["best_epoch"],
+        )
     state["finished"] = True
     write_state(directory, state)
     return state
 
 
-def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any], record: dict) -> dict:
-    from tnflow.tasks.model import PREPROCESSING  # already imported by the training that calls this
+def _stopped_early(state: dict[str, Any], settings: TrainSettings) -> bool:
+    """--patience: the last `patience` finished epochs all failed to beat the best one."""
+    done = state.get("epochs_done", 0)
+    return settings.patience is not None and done - state.get("best_epoch", done) >= settings.patience
 
+
+def describe_levers(settings: TrainSettings, spec: ModelSpec) -> str:
+    """One line of every option that shapes training, for the log and the report."""
+    optimizer = "Adam" if settings.optimizer == "adam" else f"SGD momentum {settings.momentum:g}"
+    parts = [
+        f"batch {settings.batch_size}",
+        f"{optimizer} lr {settings.learning_rate:g} ({settings.lr_schedule}, warm-up {settings.warmup_epochs} epochs)",
+        f"weight decay {settings.weight_decay:g}",
+        f"augment {settings.augment}",
+        f"label smoothing {settings.label_smoothing:g}",
+        f"frozen base for {settings.freeze_epochs} epochs",
+        f"patience {settings.patience or 'off'}",
+        f"TTA {spec.tta}",
+        f"BN {'trains' if settings.train_bn else 'keeps ImageNet statistics'}",
+        f"mixed precision {'on' if settings.mixed_precision else 'off'}",
+        f"XLA {'on' if settings.xla else 'off'}",
+    ]
+    return ", ".join(parts)
+
+
+def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any], record: dict) -> dict:
     return {
         **asdict(spec),
         **origin,
-        "preprocessing": PREPROCESSING,
+        "preprocessing": PREPROCESSING[BACKBONES[spec.model].preprocessing],
         "epoch": record["epoch"],
         "metrics": {k: v for k, v in record.items() if k != "epoch"},
         "training": asdict(settings),

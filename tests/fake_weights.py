@@ -1,49 +1,72 @@
-"""Fake pretrained weights in the Keras legacy HDF5 layout, so no test downloads 550 MB.
+"""Fake pretrained weights in each backbone's real file layout, so no test downloads 550 MB.
 
-Layout as Keras wrote VGG19's file: root attribute `layer_names` (weightless layers such as
-pools included), per layer a `weight_names` attribute and datasets `<layer>_W_1:0`,
-`<layer>_b_1:0`. Kernels are He-scaled random values so activations survive 16 layers.
+The arrays come from the model graph's own variable shapes (`pretrained_shapes`), in the
+format its published file uses (Keras HDF5 for VGG and ResNet v1, tensornets npz for the
+rest), written by `tasks.weights.write_weights`; tests check that tensornets' own readers
+read them back identically, so the layout is the real one and not just ours. Kernels are
+He-scaled so activations survive many layers; BN variances are positive.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from tnflow.tasks.weights import PRETRAINED
+from tnflow.tasks.backbones import BACKBONES
+from tnflow.tasks.weights import write_weights
+
+VGG_CONV = 32  # VGG's convolutional arrays: all that its gap head loads
 
 
-def write_fake_weights(path: Path, layers=None, seed: int = 0) -> str:
-    """Write `layers` ((name, shapes) pairs; default: all of VGG19's); returns the file's md5."""
-    layers = PRETRAINED["vgg19"].layers if layers is None else layers
+@functools.cache
+def layout_graph(model: str):
+    """A 2-class graph of the model whose pretrained variables are its published file's (VGG: full head)."""
+    from tnflow.tasks.model import build
+    from tnflow.tasks.settings import ModelSpec
+
+    backbone = BACKBONES[model]
+    full = backbone.full_head  # VGG's file has fc6 and fc7 before its 1000-way layer
+    return build(ModelSpec(model, "full" if full else "gap", 2, 224 if full else max(backbone.min_size, 32)))
+
+
+@functools.cache
+def file_layout(model: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], int]:
+    """(variable, shape) of every pretrained array in the published file, and the classifier's input width."""
+    net = layout_graph(model)
+    shapes = tuple((v.op.name, tuple(v.shape.as_list())) for v in net.pretrained)
+    return shapes, int(net.head[0].shape[0])
+
+
+def fake_arrays(model: str, seed: int = 0, *, count: int | None = None, imagenet_layer: bool = True):
+    """(variable, value) for every array the model's published file holds, the 1000-way layer included.
+
+    `count`: only the first arrays (VGG's 32 convolutional ones: what a gap head reads, 58 MB
+    instead of 550).
+    """
     rng = np.random.default_rng(seed)
-    names = []
-    with h5py.File(path, "w") as f:
-        for i, (name, shapes) in enumerate(layers):
-            if name.endswith("_conv1") and i:
-                names.append(f"block{int(name[5]) - 1}_pool")  # a weightless layer, as in Keras files
-                f.create_group(names[-1]).attrs["weight_names"] = np.array([], dtype="S1")
-            names.append(name)
-            group = f.create_group(name)
-            weight_names = [f"{name}_W_1:0", f"{name}_b_1:0"][: len(shapes)]
-            group.attrs["weight_names"] = np.array([w.encode() for w in weight_names])
-            for weight_name, shape in zip(weight_names, shapes, strict=True):
-                fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-                scale = np.sqrt(2.0 / fan_in) if len(shape) > 1 else 0.01
-                values = (rng.standard_normal(shape) * scale).astype(np.float32)
-                group.create_dataset(weight_name, data=values)
-        f.attrs["layer_names"] = np.array([n.encode() for n in names])
-    return hashlib.md5(path.read_bytes()).hexdigest()
+    shapes, features = file_layout(model)
+    arrays = []
+    for name, shape in shapes[:count]:
+        if name.endswith(("moving_variance", "gamma")):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif len(shape) > 1:
+            value = rng.standard_normal(shape) * np.sqrt(2.0 / max(int(np.prod(shape[:-1])), 1))
+        else:
+            value = rng.standard_normal(shape) * 0.01
+        arrays.append((name, value.astype(np.float32)))
+    if imagenet_layer and count is None:
+        arrays += [
+            (f"{model}/logits/weights", (rng.standard_normal((features, 1000)) * 0.01).astype(np.float32)),
+            (f"{model}/logits/biases", np.zeros(1000, np.float32)),
+        ]
+    return arrays
 
 
-def read_fake_weights(path: Path) -> list[np.ndarray]:
-    """Every weight array in file order (weightless layers skipped)."""
-    values = []
-    with h5py.File(path, "r") as f:
-        for name in f.attrs["layer_names"]:
-            group = f[name.decode()]
-            values += [group[w.decode()][:] for w in group.attrs["weight_names"]]
-    return values
+def write_fake_weights(path: Path, model: str = "vgg19", seed: int = 0, *, count: int | None = None) -> str:
+    """Write a fake published file for `model` (its first `count` arrays) at `path`; returns its md5."""
+    arrays = fake_arrays(model, seed, count=count)
+    write_weights(path, BACKBONES[model].weights_format, arrays)
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()

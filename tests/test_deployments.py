@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import api_get, api_post, stop_process_group
-from tests.fake_weights import write_fake_weights
+from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.folders import make_folder, make_split_folder
 from tnflow.flows.serve import load_deployments, runner_deployments
-from tnflow.tasks.weights import PRETRAINED
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,7 +26,7 @@ def prefect(server, *args, timeout=300, cwd=REPO) -> subprocess.CompletedProcess
     return done
 
 
-def wait_for(check, timeout=120, every=1.0):
+def wait_for(check, timeout=300, every=1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -63,7 +62,7 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
     api = prefect_server["api"]
     data = tmp_path / "photos"
     make_split_folder(data, {"train": 12, "val": 4})
-    weights_md5 = write_fake_weights(tmp_path / "w.h5", PRETRAINED["vgg19"].layers[:16])
+    weights_md5 = write_fake_weights(tmp_path / "w.h5", "vgg19", count=VGG_CONV)
 
     prefect(prefect_server, "work-pool", "create", "tnflow", "--type", "process")
     prefect(prefect_server, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")

@@ -1,22 +1,30 @@
 """tensornets' VGG19 on TensorFlow 2 through the compatibility module: build, load, preprocess."""
 
+import sys
+
 import numpy as np
 import pytest
 
-from tests.fake_weights import read_fake_weights, write_fake_weights
+from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights
 from tnflow.tasks.errors import DataError
-from tnflow.tasks.model import CAFFE_MEAN_BGR, build, load_pretrained, open_session, preprocess, session_config
-from tnflow.tasks.settings import ModelSpec
-from tnflow.tasks.weights import PRETRAINED
-
-VGG19 = PRETRAINED["vgg19"].layers
+from tnflow.tasks.model import build, load_pretrained, open_session, session_config
+from tnflow.tasks.settings import ModelSpec, TrainSettings
+from tnflow.tasks.weights import check_weights, read_weights, write_weights
 
 
 @pytest.fixture(scope="session")
 def full_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "vgg19-fake.h5"
-    write_fake_weights(path)
+    write_fake_weights(path, "vgg19")
     return path
+
+
+def checked_load(session, net, path):
+    """What training does: read, check every shape against the graph, assign."""
+    arrays = read_weights(path, "keras")
+    needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
+    check_weights([(n, a.shape) for n, a in arrays], needed, str(path), "vgg19")
+    return load_pretrained(session, net, [a for _, a in arrays])
 
 
 def test_tensornets_imports_through_the_compat_module():
@@ -25,6 +33,8 @@ def test_tensornets_imports_through_the_compat_module():
     assert nets.VGG19 is not None
     with pytest.raises(RuntimeError, match="tnflow loads verified weights itself"):
         nets.utils.get_file("vgg19.h5", "https://example.invalid/vgg19.h5")
+    with pytest.raises(RuntimeError, match="tnflow loads verified weights itself"):
+        sys.modules["tensornets.pretrained"].load_vgg19(None)
 
 
 @pytest.mark.parametrize(
@@ -32,13 +42,13 @@ def test_tensornets_imports_through_the_compat_module():
 )
 def test_pretrained_values_load_exactly_and_the_head_starts_fresh(head, size, full_weights):
     spec = ModelSpec("vgg19", head, 10, size)
-    net = build(spec, learning_rate=1e-5)  # optimizer slots exist: loading must not touch them
+    net = build(spec, settings=TrainSettings())  # optimizer slots exist: loading must not touch them
     with open_session(net) as session:
         session.run(net.init)
-        assert load_pretrained(session, net, str(full_weights), spec) == len(net.pretrained)
-        expected = read_fake_weights(full_weights)
-        for variable, value in zip(net.pretrained, expected, strict=False):
-            assert np.array_equal(session.run(variable), value), variable.op.name
+        assert checked_load(session, net, full_weights) == len(net.pretrained)
+        expected = [a for _, a in read_weights(full_weights, "keras")]
+        for variable, got, value in zip(net.pretrained, session.run(net.pretrained), expected, strict=False):
+            assert np.array_equal(got, value), variable.op.name
         weights, biases = session.run(net.head)
     assert len(net.pretrained) == (32 if head == "gap" else 36)
     assert weights.shape == (512 if head == "gap" else 4096, 10) and biases.shape == (10,)
@@ -47,39 +57,19 @@ def test_pretrained_values_load_exactly_and_the_head_starts_fresh(head, size, fu
 
 
 def test_wrong_shapes_are_errors_not_random_weights(tmp_path):
-    bad = [*VGG19[:4], ("block3_conv1", ((3, 3, 128, 7), (7,))), *VGG19[5:16]]
-    write_fake_weights(tmp_path / "bad.h5", bad)
-    spec = ModelSpec("vgg19", "gap", 10, 32)
-    net = build(spec)
-    with open_session(net) as session, pytest.raises(DataError, match="block3_conv1 has shape"):
-        session.run(net.init)
-        load_pretrained(session, net, str(tmp_path / "bad.h5"), spec)
+    arrays = fake_arrays("vgg19", count=VGG_CONV)
+    arrays[8] = (arrays[8][0], np.zeros((3, 3, 128, 7), np.float32))
+    write_weights(tmp_path / "bad.h5", "keras", arrays)
+    net = build(ModelSpec("vgg19", "gap", 10, 32))
+    with open_session(net) as session, pytest.raises(DataError, match=r"array 8 .* needs \[3, 3, 128, 256\]"):
+        checked_load(session, net, tmp_path / "bad.h5")
 
 
 def test_truncated_file_is_an_error(tmp_path):
-    write_fake_weights(tmp_path / "short.h5", VGG19[:12])
-    spec = ModelSpec("vgg19", "gap", 10, 32)
-    net = build(spec)
-    with (
-        open_session(net) as session,
-        pytest.raises(DataError, match=r"holds 24 weight arrays; vgg19 \(gap head\) needs 32"),
-    ):
-        session.run(net.init)
-        load_pretrained(session, net, str(tmp_path / "short.h5"), spec)
-
-
-def test_preprocessing_matches_the_reference():
-    import tensorflow as tf
-
-    from tnflow.tasks.tensornets_compat import nets
-
-    pixel = np.array([[[[255, 128, 0]]]], dtype=np.uint8)  # RGB
-    images = np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
-    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
-        got_pixel, got_images = session.run([preprocess(tf.constant(pixel)), preprocess(tf.constant(images))])
-    b, g, r = CAFFE_MEAN_BGR
-    np.testing.assert_allclose(got_pixel[0, 0, 0], [0 - b, 128 - g, 255 - r], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(got_images, nets.preprocess("vgg19", images.astype(np.float32)), atol=1e-4)
+    write_weights(tmp_path / "short.h5", "keras", fake_arrays("vgg19", count=24))
+    net = build(ModelSpec("vgg19", "gap", 10, 32))
+    with open_session(net) as session, pytest.raises(DataError, match=r"stops after 24 arrays; vgg19 needs"):
+        checked_load(session, net, tmp_path / "short.h5")
 
 
 @pytest.mark.slow
@@ -103,7 +93,8 @@ def test_logits_not_probabilities_feed_the_loss():
 @pytest.mark.parametrize("switches", [{"mixed_precision": True}, {"xla": True}], ids=["mixed-precision", "xla"])
 def test_gpu_switches_build_and_step_on_the_cpu(switches):
     spec = ModelSpec("vgg19", "gap", 10, 32)
-    net = build(spec, learning_rate=1e-4, mixed_precision=switches.get("mixed_precision", False))
+    settings = TrainSettings(learning_rate=1e-4, mixed_precision=switches.get("mixed_precision", False))
+    net = build(spec, settings=settings)
     images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     with open_session(net, xla=switches.get("xla", False)) as session:
         session.run(net.init)
@@ -116,7 +107,7 @@ def test_mixed_precision_stays_in_the_training_session():
     from tensorflow.core.protobuf import rewriter_config_pb2
     from tensorflow.python.training.experimental import mixed_precision_global_state
 
-    net = build(ModelSpec("vgg19", "gap", 10, 32), learning_rate=1e-4, mixed_precision=True)
+    net = build(ModelSpec("vgg19", "gap", 10, 32), settings=TrainSettings(learning_rate=1e-4, mixed_precision=True))
     with open_session(net, mixed_precision=True) as session:
         session.run(net.init)
     on, off = rewriter_config_pb2.RewriterConfig.ON, rewriter_config_pb2.RewriterConfig.OFF

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from prefect.exceptions import ParameterTypeError
 
-from tests.fake_weights import write_fake_weights
+from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
 from tests.prefect_runs import task_states
 from tnflow.flows.cli import main
 from tnflow.flows.train import transfer_learning
 from tnflow.tasks.errors import ConfigError
-from tnflow.tasks.weights import PRETRAINED
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +28,7 @@ HISTORY_FIELDS = {
     "valid_accuracy",
     "seconds",
     "images_per_second",
+    "trained",  # "head" during --freeze-epochs, else "all"
 }
 
 
@@ -36,7 +36,7 @@ HISTORY_FIELDS = {
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     _, data_md5 = make_archive(root / "c10.tar.gz", n_train=260, n_test=60)
-    weights_md5 = write_fake_weights(root / "vgg19-conv.h5", PRETRAINED["vgg19"].layers[:16])
+    weights_md5 = write_fake_weights(root / "vgg19-conv.h5", "vgg19", count=VGG_CONV)
     return {
         "data_url": (root / "c10.tar.gz").as_uri(),
         "data_md5": data_md5,
@@ -142,7 +142,7 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
     [
         (["--epochs", "-1"], "--epochs must be an integer of at least 1"),
         (["--batch-size", "0"], "--batch-size must be an integer from 1 to 4096"),
-        (["--model", "resnet50"], "invalid choice: 'resnet50'"),
+        (["--model", "resnet18"], "invalid choice: 'resnet18'"),
         (["--head", "full", "--image-size", "64"], "--head full needs --image-size 224"),
     ],
     ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64"],
@@ -162,7 +162,7 @@ def test_bad_parameters_fail_before_any_download(file_server, tmp_path, capsys, 
     "bad, error, message",
     [
         ({"epochs": -1}, ParameterTypeError, "epochs"),  # Prefect checks the bounds the configuration declares
-        ({"model": "resnet50"}, ParameterTypeError, "model"),
+        ({"model": "resnet18"}, ParameterTypeError, "model"),
         ({"head": "full", "image_size": 64}, ConfigError, "--head full needs --image-size 224"),  # across fields
     ],
     ids=["bound", "choice", "across-fields"],

@@ -60,7 +60,11 @@ def test_a_mirror_url_keeps_the_official_digest_unless_given_one():
         ({"epochz": 3}, "unknown option(s): epochz"),
         ({"head": "full", "image_size": 64}, "--head full needs --image-size 224"),
         ({"head": "dense"}, "--head 'dense' is unknown"),
-        ({"model": "resnet50"}, "--model 'resnet50' is unknown"),
+        ({"model": "resnet18"}, "--model 'resnet18' is unknown"),
+        ({"model": "inception3", "image_size": 64}, "inception3 needs --image-size of at least 75"),
+        ({"model": "mobilenet35v2", "head": "full"}, "--head full is for VGG's classifier layers"),
+        ({"epochs": 2, "freeze_epochs": 2}, "--freeze-epochs 2 leaves no epoch to train the whole network"),
+        ({"augment": "mixup"}, "--augment 'mixup' is unknown"),
         ({"epochs": -1}, "--epochs must be an integer of at least 1"),
         ({"batch_size": 0}, "--batch-size must be an integer from 1 to 4096"),
         ({"eval_batch_size": 0}, "--eval-batch-size"),
@@ -132,7 +136,8 @@ def test_every_field_is_a_flow_parameter(flow, model):
         expected = None if field.default_factory else field.default
         assert parameters[name].default == expected, name
     schema = flow.parameters.model_dump()["properties"]
-    assert schema["image_size"]["minimum"] == 32 and schema["image_size"]["maximum"] == 512
+    bounds = schema["image_size"].get("anyOf", [schema["image_size"]])[0]  # run: int or None (the model's size)
+    assert bounds["minimum"] == 32 and bounds["maximum"] == 512
     assert schema["image_size"]["description"] == model.model_fields["image_size"].description
 
 

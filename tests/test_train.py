@@ -13,14 +13,15 @@ import tensorflow as tf
 
 import tnflow.tasks.train as train_module
 import tnflow.tasks.workdir as workdir
-from tests.fake_weights import read_fake_weights, write_fake_weights
+from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
+from tnflow.tasks.backbones import PREPROCESSING
 from tnflow.tasks.cache import build_cache
 from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.model import PREPROCESSING
 from tnflow.tasks.settings import CacheSpec, ModelSpec, TrainSettings
 from tnflow.tasks.train import train
 from tnflow.tasks.validate import Tally, validate
+from tnflow.tasks.weights import read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,12 @@ GAP32 = ModelSpec("vgg19", "gap", 10, 32)
 SETTINGS = TrainSettings(epochs=3, batch_size=16, learning_rate=1e-4, seed=0)
 TWO_EPOCHS = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-4, seed=0)
 ONE_EPOCH = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0)
+# Every lever on: what a resumed training must replay at the right step.
+LEVERS = TrainSettings(
+    epochs=2, batch_size=16, learning_rate=1e-3, seed=0, augment="flip-crop", label_smoothing=0.1,
+    lr_schedule="cosine", warmup_epochs=1, optimizer="sgd", weight_decay=1e-3, freeze_epochs=1,
+)  # fmt: skip
+GAP32_TTA = ModelSpec("vgg19", "gap", 10, 32, "flip")
 TIMING = ("seconds", "images_per_second")
 
 
@@ -45,6 +52,33 @@ def reference(tiny_cache, tmp_path_factory):
     """An uninterrupted three-epoch run from random weights."""
     work = tmp_path_factory.mktemp("reference")
     return train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names, eval_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def fake_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "vgg19.h5"
+    write_fake_weights(path, "vgg19", count=VGG_CONV)
+    return path
+
+
+def base_values(work, epoch):
+    """The pretrained (base) variables in the checkpoint an epoch wrote."""
+    prefix = str(workdir.checkpoint_dir(Path(work) / "generation-1", epoch) / "ckpt")
+    reader = tf.train.load_checkpoint(prefix)
+    names = [n for n, _ in tf.train.list_variables(prefix)]
+    return {n: reader.get_tensor(n) for n in names if n.startswith("vgg19/") and "/Momentum" not in n}
+
+
+@pytest.fixture(scope="module")
+def levers_reference(tiny_cache, fake_weights, tmp_path_factory):
+    """An uninterrupted two-epoch run with every lever on, and its base variables after each epoch."""
+    work = tmp_path_factory.mktemp("levers")
+    snapshots = {}
+    trained = train(
+        tiny_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=tiny_cache.class_names,
+        eval_batch_size=64, on_epoch_end=lambda epoch: snapshots.update({epoch: base_values(work, epoch)}),
+    )  # fmt: skip
+    return trained, snapshots
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +114,7 @@ def test_training_learns(reference):
 def test_model_dir_says_how_to_rebuild_it(reference, tiny_cache):
     meta = json.loads((Path(reference.model_dir) / "model.json").read_text())
     assert (meta["model"], meta["head"], meta["image_size"], meta["num_classes"]) == ("vgg19", "gap", 32, 10)
-    assert meta["class_names"] == list(tiny_cache.class_names) and meta["preprocessing"] == PREPROCESSING
+    assert meta["class_names"] == list(tiny_cache.class_names) and meta["preprocessing"] == PREPROCESSING["caffe"]
     assert meta["epoch"] == reference.best_epoch
     assert meta["metrics"]["valid_accuracy"] == reference.valid_accuracy
     names = {name for name, _ in tf.train.list_variables(str(Path(reference.model_dir) / "model.ckpt"))}
@@ -94,32 +128,51 @@ def test_a_finished_training_returns_at_once(reference, tiny_cache, monkeypatch,
     assert result == reference and "training already finished" in caplog.text
 
 
-def test_a_killed_run_resumes_at_the_next_epoch(reference, tiny_cache, tmp_path, caplog):
+def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
+    levers_reference, tiny_cache, fake_weights, tmp_path, caplog
+):
+    reference, _ = levers_reference
     work = tmp_path / "work"
     child = (
         "import os, signal, sys\n"
         "from tnflow.tasks.settings import ModelSpec, TrainSettings\n"
         "from tnflow.tasks.train import train\n"
         "kill = lambda epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"train(sys.argv[1], None, ModelSpec('vgg19', 'gap', 10, 32), {TWO_EPOCHS!r}, sys.argv[2],"
+        f"train(sys.argv[1], sys.argv[3], {GAP32_TTA!r}, {LEVERS!r}, sys.argv[2],"
         f" class_names={list(tiny_cache.class_names)!r}, eval_batch_size=64, on_epoch_end=kill)\n"
     )
-    done = subprocess.run([sys.executable, "-c", child, tiny_cache.path, str(work)], cwd=REPO, capture_output=True)
+    done = subprocess.run(
+        [sys.executable, "-c", child, tiny_cache.path, str(work), str(fake_weights)], cwd=REPO, capture_output=True
+    )
     assert done.returncode == -9, done.stderr.decode()[-2000:]
     state = json.loads((work / "generation-1" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not state.get("finished")
 
-    resumed = again(tiny_cache, work, caplog, settings=TWO_EPOCHS, eval_batch_size=64)
+    with caplog.at_level(logging.INFO, logger="tnflow.train"):
+        resumed = train(
+            tiny_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=tiny_cache.class_names,
+            eval_batch_size=64,
+        )  # fmt: skip
     assert "resuming at epoch 2 of 2" in caplog.text
     assert "epoch 1/2" not in caplog.text, "epoch 1 must not be trained again"
     assert [r["epoch"] for r in resumed.history] == [1, 2]
     assert resumed.history[0] == state["history"][0]
-    # Same seeded shuffle order and restored optimizer state: the very numbers of an uninterrupted run
-    # (the reference's first two epochs: a constant learning rate makes them independent of the total).
-    assert without_timing(resumed.history) == without_timing(reference.history[:2])
+    # The same seeded shuffle, augmentation and schedule step, and the restored optimizer
+    # state: the very numbers of the uninterrupted run.
+    assert without_timing(resumed.history) == without_timing(reference.history)
+    assert [r["trained"] for r in resumed.history] == ["head", "all"]
     assert sorted(p.name for p in (work / "generation-1" / "checkpoints").iterdir()) == ["epoch-2"]
     models = sorted(p.name for p in (work / "generation-1" / "models").iterdir())
     assert models == [f"epoch-{resumed.best_epoch}"] and Path(resumed.model_dir).name == models[0]
+
+
+def test_a_frozen_first_epoch_leaves_the_base_bit_identical(levers_reference, fake_weights):
+    _, snapshots = levers_reference
+    names = _tensornets_order(sorted(snapshots[1]))
+    assert len(names) == 32
+    expected = dict(zip(names, [a for _, a in read_weights(fake_weights, "keras")], strict=False))
+    assert all(np.array_equal(snapshots[1][n], expected[n]) for n in names), "epoch 1 trains the head only"
+    assert all(not np.array_equal(snapshots[2][n], expected[n]) for n in names), "epoch 2 trains everything"
 
 
 @pytest.mark.parametrize("head, size", [("gap", 32), ("full", 224)], ids=["gap-32", "full-224"])
@@ -127,7 +180,7 @@ def test_learning_rate_zero_leaves_pretrained_weights_bit_identical(tmp_path, he
     _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=40, n_test=10)
     spec_cache = CacheSpec("cifar10", size, 4, 4 if size == 224 else None, 4 if size == 224 else None, 0)
     cache = build_cache(tmp_path / "c10.tar.gz", md5, spec_cache, tmp_path / "cache")
-    write_fake_weights(tmp_path / "w.h5")
+    write_fake_weights(tmp_path / "w.h5", "vgg19", count=None if head == "full" else VGG_CONV)
     settings = TrainSettings(epochs=1, batch_size=4, learning_rate=0.0)
     spec = ModelSpec("vgg19", head, 10, size)
     trained = train(
@@ -138,7 +191,7 @@ def test_learning_rate_zero_leaves_pretrained_weights_bit_identical(tmp_path, he
     names = sorted(name for name, _ in tf.train.list_variables(str(Path(trained.model_dir) / "model.ckpt")))
     pretrained = [n for n in names if n.startswith("vgg19/") and "logits" not in n]
     assert len(pretrained) == (32 if head == "gap" else 36)
-    expected = read_fake_weights(tmp_path / "w.h5")
+    expected = [a for _, a in read_weights(tmp_path / "w.h5", "keras")]
     order = _tensornets_order(pretrained)
     for name, value in zip(order, expected, strict=False):
         assert np.array_equal(reader.get_tensor(name), value), name

@@ -1,0 +1,145 @@
+"""The zoo: every backbone builds, loads its published file's layout exactly, and trains as asked.
+
+Each model is built once at a small size with a training step whose base is frozen (the
+`--freeze-epochs` step) and one that trains everything; fake weights in the model's real
+file layout come from the graph's own variable shapes.
+"""
+
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from tests.fake_weights import VGG_CONV, fake_arrays, file_layout, layout_graph, write_fake_weights
+from tnflow.tasks.backbones import BACKBONES, MODELS
+from tnflow.tasks.errors import DataError
+from tnflow.tasks.settings import ModelSpec, TrainSettings
+from tnflow.tasks.weights import check_weights, read_weights, write_weights
+
+
+def _load(session, net, path, model):
+    from tnflow.tasks.model import load_pretrained
+
+    arrays = read_weights(path, BACKBONES[model].weights_format)
+    needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
+    check_weights([(n, a.shape) for n, a in arrays], needed, str(path), model)
+    return load_pretrained(session, net, [a for _, a in arrays])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
+    from tnflow.tasks.model import build, open_session
+    from tnflow.tasks.tensornets_compat import nets
+
+    backbone = BACKBONES[model]
+    shapes, features = file_layout(model)
+    assert sum(int(np.prod(s)) for _, s in shapes) + features * 1000 + 1000 == backbone.params, "the table's count"
+    # VGG's gap head reads the convolutional arrays only: a 58 MB file instead of 550 MB
+    count = VGG_CONV if backbone.full_head else None
+    path = tmp_path / f"{model}.{'h5' if backbone.weights_format == 'keras' else 'npz'}"
+    write_fake_weights(path, model, count=count)
+    # tensornets' own reader sees the same arrays in the same order: the layout is the real one
+    parse = nets.utils.parse_keras_weights if backbone.weights_format == "keras" else nets.utils.parse_weights
+    ours = [a for _, a in read_weights(path, backbone.weights_format)]
+    theirs = list(parse(str(path)))
+    assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    # the graph the layout came from (VGG: the full head's; the gap head's conv base is its start)
+    net = layout_graph(model) if not backbone.full_head else build(ModelSpec(model, "gap", 2, 32))
+    with open_session(net) as session:
+        session.run(net.init)
+        assert _load(session, net, path, model) == len(net.pretrained)
+        loaded = session.run(net.pretrained)
+        head_values = session.run(net.head)
+    assert all(np.array_equal(v, a) for v, a in zip(loaded, ours, strict=False)), "every array, exactly"
+    assert head_values[0].shape == (features if not backbone.full_head else 512, 2) and not head_values[1].any()
+
+
+def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path):
+    from tnflow.tasks.model import build, open_session
+
+    net = build(ModelSpec("mobilenet35v2", "gap", 3, 32), settings=TrainSettings(learning_rate=1e-2))
+    path = tmp_path / "w.npz"
+    write_fake_weights(path, "mobilenet35v2")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    feed = {net.images: images, net.labels: np.array([0, 1, 2, 0]), net.is_training: True}
+    with open_session(net) as session:
+        session.run(net.init)
+        _load(session, net, path, "mobilenet35v2")
+        loaded, head = session.run(net.pretrained), session.run(net.head)
+        session.run(net.train_head_op, feed)
+        assert all(np.array_equal(a, b) for a, b in zip(session.run(net.pretrained), loaded, strict=True))
+        assert not np.array_equal(session.run(net.head)[0], head[0]), "the head trains while the base is frozen"
+        session.run(net.train_op, feed)
+        after = dict(zip([v.op.name for v in net.pretrained], session.run(net.pretrained), strict=True))
+    before = dict(zip(after, loaded, strict=True))
+    stats = [n for n in after if "moving_" in n]
+    assert stats and all(np.array_equal(after[n], before[n]) for n in stats), "BN keeps its ImageNet statistics"
+    unchanged = [n for n in after if n not in stats and np.array_equal(after[n], before[n])]
+    assert not unchanged, "every other variable trains after the frozen epochs"
+
+
+def test_batch_norm_can_train_its_statistics():
+    from tnflow.tasks.model import build, open_session
+
+    net = build(ModelSpec("mobilenet35v2", "gap", 3, 32), settings=TrainSettings(train_bn=True), steps_per_epoch=1)
+    stats = [v for v in net.pretrained if "moving_mean" in v.op.name]
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    with open_session(net) as session:
+        session.run(net.init)
+        before = session.run(stats)
+        session.run(net.train_op, {net.images: images, net.labels: np.arange(4) % 3, net.is_training: True})
+        after = session.run(stats)
+    assert all(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_preprocessing_is_tensornets_numpy_preprocess_as_graph_ops(model):
+    import tensorflow as tf
+
+    from tnflow.tasks.model import preprocess
+    from tnflow.tasks.tensornets_compat import nets  # noqa: F401 - registers tensornets.preprocess
+
+    reference = sys.modules["tensornets.preprocess"].__preprocess_dict__[model]
+    images = np.random.default_rng(1).integers(0, 256, (2, 7, 7, 3), dtype=np.uint8)
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        ours = session.run(preprocess(tf.constant(images), BACKBONES[model].preprocessing))
+    np.testing.assert_allclose(ours, reference(images.astype(np.float32)), rtol=1e-6, atol=1e-4)
+
+
+def test_a_file_that_does_not_fit_names_the_variable(tmp_path):
+    arrays = fake_arrays("mobilenet35v2", imagenet_layer=False)
+    name, value = arrays[5]
+    bad = [*arrays[:5], (name, np.zeros((*value.shape[:-1], value.shape[-1] + 1), np.float32)), *arrays[6:]]
+    write_weights(tmp_path / "bad.npz", "npz", bad)
+    found = [(n, a.shape) for n, a in read_weights(tmp_path / "bad.npz", "npz")]
+    needed = [(n, a.shape) for n, a in arrays]
+    with pytest.raises(DataError, match=re.escape(f"needs {list(value.shape)} for {name}")):
+        check_weights(found, needed, "bad.npz", "mobilenet35v2")
+    with pytest.raises(DataError, match=f"stops after 7 arrays; mobilenet35v2 needs {needed[7][0]}"):
+        check_weights(needed[:7], needed, "short.npz", "mobilenet35v2")
+
+
+def test_an_npz_that_would_run_code_is_refused(tmp_path):
+    import os
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    packed = np.empty(1, dtype=object)
+    packed[0] = Exploit()
+    np.savez(tmp_path / "evil.npz", names=np.array(["a/weights"]), values=packed)
+    with pytest.raises(DataError, match=r"refusing to load (posix|os)\.system"):
+        read_weights(tmp_path / "evil.npz", "npz")
+
+
+def test_tnflow_models_lists_the_zoo(capsys):
+    from tnflow.flows.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for backbone in BACKBONES.values():
+        line = next(line for line in out.splitlines() if line.startswith(backbone.name + " "))
+        assert str(backbone.image_size) in line and f"{backbone.top1:.1f}" in line
+        assert f"{backbone.params / 1e6:.1f}M" in line
