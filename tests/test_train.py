@@ -175,6 +175,16 @@ def test_a_frozen_first_epoch_leaves_the_base_bit_identical(levers_reference, fa
     assert all(not np.array_equal(snapshots[2][n], expected[n]) for n in names), "epoch 2 trains everything"
 
 
+def test_patience_stops_when_validation_stops_improving_and_keeps_the_best(tiny_cache, tmp_path, caplog):
+    stuck = TrainSettings(epochs=5, batch_size=16, learning_rate=0.0, seed=0, patience=2)  # nothing can improve
+    trained = again(tiny_cache, tmp_path / "work", caplog, settings=stuck, eval_batch_size=64)
+    assert [r["epoch"] for r in trained.history] == [1, 2, 3] and trained.best_epoch == 1
+    state = json.loads((tmp_path / "work" / "generation-1" / "state.json").read_text())
+    assert state["finished"] and state["stopped_early"] == 3
+    assert "stopped after epoch 3: validation accuracy has not improved for 2 epochs (best: epoch 1)" in caplog.text
+    assert again(tiny_cache, tmp_path / "work", caplog, settings=stuck).history == trained.history, "finished"
+
+
 @pytest.mark.parametrize("head, size", [("gap", 32), ("full", 224)], ids=["gap-32", "full-224"])
 def test_learning_rate_zero_leaves_pretrained_weights_bit_identical(tmp_path, head, size):
     _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=40, n_test=10)
