@@ -205,11 +205,14 @@ def _gc(args: argparse.Namespace) -> str:
 def _models(args: argparse.Namespace) -> None:
     from tnflow.tasks.backbones import BACKBONES
 
-    rows = [("model", "size", "params", "top-1", "heads", "input", "weights check")]
+    rows = [("model", "size", "params", "top-1", "heads", "input", "file", "weights check")]
     for b in BACKBONES.values():
         heads = "gap, full" if b.full_head else "gap"
         size = f"{b.image_size} (min {b.min_size})"
-        rows.append((b.name, size, f"{b.params / 1e6:.1f}M", f"{b.top1:.1f}%", heads, b.preprocessing, b.weights_check))
+        file = "Keras .h5" if b.weights_format == "keras" else "tensornets .npz"
+        rows.append(
+            (b.name, size, f"{b.params / 1e6:.1f}M", f"{b.top1:.1f}%", heads, b.preprocessing, file, b.weights_check)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

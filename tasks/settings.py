@@ -340,13 +340,14 @@ class RunConfig(DataConfig):
     )
     weights: str = Field(
         "imagenet",
-        description="pretrained weights: the published ImageNet file, none (random start), or a Keras .h5 path/URL",
+        description="pretrained weights: the model's published ImageNet file, none (random start), or a path/URL "
+        "of a file in the model's format (Keras .h5 or tensornets .npz: see `tnflow models`)",
         json_schema_extra={"metavar": "imagenet|none|PATH_OR_URL"},
     )
     weights_md5: str | None = Field(
         None,
         description="md5 of the weights file (default: the published file's md5 for its file name, "
-        "else a check of every layer's shape)",
+        "else only a check of every variable's shape)",
         json_schema_extra={"metavar": "HEX"},
     )
     head: Literal["full", "gap"] | None = Field(
