@@ -31,16 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tests.folders import sample_archive  # noqa: E402 - the real pictures, wherever the workplace keeps them
 from tnflow.tasks.backbones import BACKBONES  # noqa: E402
 from tnflow.tasks.folder_cache import build_folder_cache  # noqa: E402
-from tnflow.tasks.settings import PRESETS, RECIPE_LEVERS, FolderSpec, ModelSpec, TrainSettings  # noqa: E402
+from tnflow.tasks.settings import PRESETS, FolderSpec, ModelSpec, TrainSettings  # noqa: E402
 from tnflow.tasks.train import train  # noqa: E402
 from tnflow.tasks.validate import evaluate_model  # noqa: E402
 from tnflow.tasks.weights import write_weights  # noqa: E402
 
 SOURCE = ("airplane", "automobile", "bird", "cat", "deer")
 TARGET = ("dog", "frog", "horse", "ship", "truck")
-ARCHIVE_PLACES = (os.environ.get("TNFLOW_SAMPLE", ""), "../shared/data", "/work/shared/data")
 
 # The ablation: the recipe (levers off), each lever alone, then together (`--preset strong`).
 LEVERS: list[tuple[str, dict]] = [
@@ -53,14 +53,6 @@ LEVERS: list[tuple[str, dict]] = [
     ("tta flip", {"tta": "flip"}),
     ("all (--preset strong)", dict(PRESETS["strong"])),
 ]
-
-
-def sample_archive() -> Path:
-    for place in ARCHIVE_PLACES:
-        candidate = Path(place) / "cifar10-sample.tar.gz" if place else None
-        if candidate and candidate.is_file():
-            return candidate
-    raise SystemExit("cifar10-sample.tar.gz not found; set TNFLOW_SAMPLE to the directory that holds it")
 
 
 def class_folder(root: Path, name: str, classes: tuple[str, ...], pictures: Path) -> Path:
@@ -158,7 +150,6 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         results = {}
         for i, (name, path, levers) in enumerate(rows):
-            levers = {k: v for k, v in levers.items() if k not in RECIPE_LEVERS or v != RECIPE_LEVERS[k]}
             accuracy, seconds, best = fine_tune(
                 target, str(path) if path else None, args.model, args.size, base, levers, work / f"run-{i}"
             )

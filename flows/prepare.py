@@ -6,6 +6,7 @@ from prefect import flow
 
 from tnflow.tasks.cache import build_cache_task
 from tnflow.tasks.download import download_task
+from tnflow.tasks.h5cache import CacheInfo
 from tnflow.tasks.settings import DataConfig, flow_parameters
 
 
@@ -13,10 +14,14 @@ from tnflow.tasks.settings import DataConfig, flow_parameters
 @flow_parameters(DataConfig)
 def prepare_data(config: DataConfig) -> str:
     """Download a CIFAR archive (or read an image folder) and resize it into an HDF5 cache; returns its path."""
+    return cached_data(config).path
+
+
+def cached_data(config: DataConfig) -> CacheInfo:
+    """The source's stages, for this flow and transfer_learning: a folder is read where it is, else downloaded."""
     if config.data_dir is not None:
         source, md5 = config.data_dir, None
     else:
         archive = download_task(config.source_url, config.cache_dir, config.source_md5)
         source, md5 = archive.path, archive.md5
-    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address, config.data_url)
-    return cache.path
+    return build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address, config.data_url)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tnflow.tasks.cache import build_cache_task
-from tnflow.tasks.download import download_task
+from tnflow.flows.prepare import cached_data
 from tnflow.tasks.promote import promote_task, starting_model_task
 from tnflow.tasks.report import report_task, run_directory
 from tnflow.tasks.settings import RunConfig, flow_parameters
@@ -23,12 +22,7 @@ def transfer_learning(config: RunConfig) -> str:
     """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns the run directory."""
     run_dir = run_directory(config.output_dir, flow_run.name)
 
-    if config.data_dir is not None:
-        source, md5 = config.data_dir, None
-    else:
-        archive = download_task(config.source_url, config.cache_dir, config.source_md5)
-        source, md5 = archive.path, archive.md5
-    cache = build_cache_task(source, md5, config.cache_spec(), config.cache_dir, config.dask_address, config.data_url)
+    cache = cached_data(config)
     classes = list(cache.class_names)
     spec, settings = config.model_spec(len(classes)), config.train_settings()
     start = None

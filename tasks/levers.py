@@ -63,7 +63,12 @@ def training_steps(
     updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS) if settings.train_bn else []
     return {
         "train_op": _step(optimizer, train_loss, everything, learning_rate, settings, global_step, updates),
-        "train_head_op": _step(optimizer, train_loss, head, learning_rate, settings, global_step, []),
+        # only when asked: a second gradient graph costs seconds to build for the large networks
+        "train_head_op": (
+            _step(optimizer, train_loss, head, learning_rate, settings, global_step, [])
+            if settings.freeze_epochs
+            else None
+        ),
         "learning_rate": learning_rate,
         "train_loss": train_loss,
     }

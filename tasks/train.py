@@ -129,7 +129,7 @@ def _fit(
     on_epoch_end: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     """Run the epochs still to do in `directory`, starting from `state`; returns the final state."""
-    from tnflow.tasks.model import build, load_pretrained, open_session, run_split  # TensorFlow: only when training
+    from tnflow.tasks.model import build, open_session, run_split  # TensorFlow: only when training
 
     def batches(split: bytes, epoch: int, shuffle: bool, batch_size: int):
         return iter_batches(
@@ -170,10 +170,7 @@ def _fit(
                 net.model_saver.restore(session, str(Path(init_from) / CHECKPOINT))
                 log.info("started from the trained model %s (every layer, the head included)", init_from)
             elif weights_path:
-                arrays = read_weights(weights_path, BACKBONES[spec.model].weights_format)
-                needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
-                check_weights([(name, a.shape) for name, a in arrays], needed, weights_path, spec.model)
-                count = load_pretrained(session, net, [a for _, a in arrays])
+                count = load_weights_file(session, net, weights_path, spec.model)
                 log.info(
                     "loaded %d pretrained arrays from %s; the %s head starts fresh", count, weights_path, spec.head
                 )
@@ -241,6 +238,16 @@ def _fit(
     state["finished"] = True
     write_state(directory, state)
     return state
+
+
+def load_weights_file(session: Any, net: Any, path: str | Path, model: str) -> int:
+    """Read a weights file, check it against the graph's pretrained variables, assign; returns how many."""
+    from tnflow.tasks.model import load_pretrained  # already imported by the training that calls this
+
+    arrays = read_weights(path, BACKBONES[model].weights_format)
+    needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
+    check_weights([(name, a.shape) for name, a in arrays], needed, str(path), model)
+    return load_pretrained(session, net, [a for _, a in arrays])
 
 
 def _stopped_early(state: dict[str, Any], settings: TrainSettings) -> bool:

@@ -15,16 +15,8 @@ from tests.fake_weights import VGG_CONV, fake_arrays, file_layout, layout_graph,
 from tnflow.tasks.backbones import BACKBONES, MODELS
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.settings import ModelSpec, TrainSettings
+from tnflow.tasks.train import load_weights_file
 from tnflow.tasks.weights import check_weights, read_weights, write_weights
-
-
-def _load(session, net, path, model):
-    from tnflow.tasks.model import load_pretrained
-
-    arrays = read_weights(path, BACKBONES[model].weights_format)
-    needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
-    check_weights([(n, a.shape) for n, a in arrays], needed, str(path), model)
-    return load_pretrained(session, net, [a for _, a in arrays])
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -48,7 +40,7 @@ def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
     net = layout_graph(model) if not backbone.full_head else build(ModelSpec(model, "gap", 2, 32))
     with open_session(net) as session:
         session.run(net.init)
-        assert _load(session, net, path, model) == len(net.pretrained)
+        assert load_weights_file(session, net, path, model) == len(net.pretrained)
         loaded = session.run(net.pretrained)
         head_values = session.run(net.head)
     assert all(np.array_equal(v, a) for v, a in zip(loaded, ours, strict=False)), "every array, exactly"
@@ -58,14 +50,15 @@ def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
 def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path):
     from tnflow.tasks.model import build, open_session
 
-    net = build(ModelSpec("mobilenet35v2", "gap", 3, 32), settings=TrainSettings(learning_rate=1e-2))
+    frozen_first = TrainSettings(learning_rate=1e-2, freeze_epochs=1)
+    net = build(ModelSpec("mobilenet35v2", "gap", 3, 32), settings=frozen_first)
     path = tmp_path / "w.npz"
     write_fake_weights(path, "mobilenet35v2")
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     feed = {net.images: images, net.labels: np.array([0, 1, 2, 0]), net.is_training: True}
     with open_session(net) as session:
         session.run(net.init)
-        _load(session, net, path, "mobilenet35v2")
+        load_weights_file(session, net, path, "mobilenet35v2")
         loaded, head = session.run(net.pretrained), session.run(net.head)
         session.run(net.train_head_op, feed)
         assert all(np.array_equal(a, b) for a, b in zip(session.run(net.pretrained), loaded, strict=True))

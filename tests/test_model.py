@@ -7,9 +7,10 @@ import pytest
 
 from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights
 from tnflow.tasks.errors import DataError
-from tnflow.tasks.model import build, load_pretrained, open_session, session_config
+from tnflow.tasks.model import build, open_session, session_config
 from tnflow.tasks.settings import ModelSpec, TrainSettings
-from tnflow.tasks.weights import check_weights, read_weights, write_weights
+from tnflow.tasks.train import load_weights_file
+from tnflow.tasks.weights import read_weights, write_weights
 
 
 @pytest.fixture(scope="session")
@@ -20,11 +21,7 @@ def full_weights(tmp_path_factory):
 
 
 def checked_load(session, net, path):
-    """What training does: read, check every shape against the graph, assign."""
-    arrays = read_weights(path, "keras")
-    needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
-    check_weights([(n, a.shape) for n, a in arrays], needed, str(path), "vgg19")
-    return load_pretrained(session, net, [a for _, a in arrays])
+    return load_weights_file(session, net, path, "vgg19")  # what training does
 
 
 def test_tensornets_imports_through_the_compat_module():
