@@ -94,18 +94,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser(
         "predict",
-        help="top-3 classes for your own images",
+        help="top-3 classes for your own images, or a folder of them into a CSV",
         description="Classify images (PNG, JPEG, any size and mode) with a saved model: "
-        "a run's model/ directory, or `champion` for <output dir>/champion.",
+        "a run's model/ directory, or `champion` for <output dir>/champion. Folders are read recursively.",
     )
     predict.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
-    predict.add_argument("images", metavar="IMAGE", nargs="+")
+    predict.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
     predict.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    predict.add_argument(
+        "--out",
+        metavar="CSV",
+        help="write path, class, probability, top3 and error per file to this CSV instead of printing",
+    )
     predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored at once (default: 32)")
     predict.add_argument(
         "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
     )
     predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="export a saved model as a SavedModel, ONNX or TFLite (preprocessing inside)",
+        description="Write exports into a model directory (a run's model/, or `champion`), each checked against "
+        "the SavedModel, and refresh its model card. (`tnflow run --export` makes them for every run.)",
+    )
+    export.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
+    export.add_argument(
+        "--format",
+        default="savedmodel",
+        metavar="FORMATS",
+        help="comma-separated: savedmodel, onnx, tflite, tflite-float16 (default: savedmodel)",
+    )
+    export.add_argument("--float16", action="store_true", help="TFLite with float16 weights (half the size)")
+    export.add_argument(
+        "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
+    )
+    export.set_defaults(handler=_export)
 
     serve = commands.add_parser(
         "serve",
@@ -135,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(handler=_models)
 
-    for command in (prepare, run, predict, serve, gc, models):
+    for command in (prepare, run, predict, export, serve, gc, models):
         command.add_argument(
             "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
         )
@@ -164,16 +188,19 @@ def _run(args: argparse.Namespace) -> str:
 
 
 def _predict(args: argparse.Namespace) -> str | None:
-    from tnflow.tasks.model_dir import read_model_dir
-    from tnflow.tasks.predict import predict_files
+    from tnflow.tasks.predict import image_paths, model_directory, predict_files, score
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be an integer of at least 1, got {args.batch_size}")
-    output_dir = Path(args.output_dir or default_output_dir())
-    model_dir = output_dir / "champion" if args.model == "champion" else Path(args.model)
-    read_model_dir(model_dir)  # a clear error before TensorFlow starts
+    model_dir = model_directory(args.model, args.output_dir or default_output_dir())
+    if args.out:
+        counts = score(model_dir, args.images, args.out, args.batch_size)
+        summary = ", ".join(f"{name} {n}" for name, n in counts.most_common())
+        print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
+        return str(Path(args.out).expanduser().absolute())
+    paths = image_paths(args.images)
     failed, results = 0, []
-    for result in predict_files(model_dir, args.images, batch_size=args.batch_size):
+    for result in predict_files(model_dir, paths, batch_size=args.batch_size):
         failed += "error" in result
         if args.json:
             results.append(result)
@@ -185,8 +212,28 @@ def _predict(args: argparse.Namespace) -> str | None:
     if args.json:
         print(json.dumps(results, indent=2))
     if failed:
-        raise TnflowError(f"{failed} of {len(args.images)} images could not be read (see above)")
+        raise TnflowError(f"{failed} of {len(paths)} images could not be read (see above)")
     return None
+
+
+def _export(args: argparse.Namespace) -> str:
+    from tnflow.tasks.settings import export_formats
+
+    try:
+        formats = export_formats(args.format)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("--export", "--format")) from None
+    if args.float16:
+        formats = tuple("tflite-float16" if f == "tflite" else f for f in formats)
+    from tnflow.tasks.export import export_into_model_dir
+    from tnflow.tasks.predict import model_directory
+
+    model_dir = model_directory(args.model, args.output_dir or default_output_dir())
+    for fmt, check in export_into_model_dir(model_dir, formats).items():
+        difference = check.get("max_difference")
+        note = "" if difference is None else f" (max probability difference {difference:.1e} from the SavedModel)"
+        print(f"{fmt}: {model_dir / check['file']}{note}", file=sys.stderr)
+    return str(model_dir)
 
 
 def _gc(args: argparse.Namespace) -> str:

@@ -1,4 +1,4 @@
-"""transfer_learning: source -> cache -> weights -> train -> validate -> promote -> report."""
+"""transfer_learning: source -> cache -> weights -> train -> validate -> export -> promote -> report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tnflow.flows.prepare import cached_data
+from tnflow.tasks.export import export_task
 from tnflow.tasks.promote import promote_task, starting_model_task
 from tnflow.tasks.report import report_task, run_directory
 from tnflow.tasks.settings import RunConfig, flow_parameters
@@ -30,11 +31,11 @@ def transfer_learning(config: RunConfig) -> str:
         start = starting_model_task(config.init_from, config.output_dir, cache.path, spec.model, spec.head, classes)
     if start is not None:
         start_dir, weights_path, weights_id = start[0], None, f"model:{start[1]}"
-        weights_check = f"started from the trained model {start[0]}"
+        origin = {"source": f"the trained model {start[0]}", "md5": None, "check": "same backbone, head and classes"}
     else:
         weights = fetch_weights_task(config.weights, config.weights_md5, config.model, config.head, config.cache_dir)
         start_dir, weights_path, weights_id = None, weights.path, weights.md5
-        weights_check = weights.check
+        origin = {"source": weights.source, "md5": weights.md5, "check": weights.check}
     work_dir = work_dir_for(config.output_dir, cache.path, weights_id, spec, settings, TRAINING_CODE)
     trained = train_task(
         cache.path,
@@ -48,8 +49,12 @@ def transfer_learning(config: RunConfig) -> str:
         start_dir,
     )
     test = validate_task(trained.model_dir, cache.path, "test", config.eval_batch_size, run_dir)
+    # Exported before the gate: a promotion then links the whole directory, exports and card
+    # included, into the new champion before it switches over, so the champion's exports are
+    # never from another model than its checkpoint.
+    model_dir = export_task(trained.model_dir, run_dir, cache.path, config.export_formats, origin)
     promotion = promote_task(
-        trained.model_dir,
+        model_dir,
         run_dir,
         test["test_accuracy"],
         cache.path,
@@ -60,9 +65,9 @@ def transfer_learning(config: RunConfig) -> str:
     )
     report_task(
         run_dir,
-        trained.model_dir,
+        model_dir,
         cache.path,
-        {**config.model_dump(), "weights_check": weights_check},
+        {**config.model_dump(), "weights_check": origin["check"]},
         list(trained.history),
         trained.device,
         promotion,

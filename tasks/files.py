@@ -165,10 +165,10 @@ def switch_symlink(link: Path, target: Path) -> None:
 
 def link_tree(source: str | Path, target: Path) -> None:
     """Copy a directory as hard links (no extra space), or as copies across file systems."""
-    shutil.copytree(Path(source).resolve(), target, copy_function=_link_or_copy, dirs_exist_ok=True)
+    shutil.copytree(Path(source).resolve(), target, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
-def _link_or_copy(source: str, target: str) -> None:
+def link_or_copy(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, target)
     except OSError:

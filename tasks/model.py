@@ -60,9 +60,9 @@ with _startup_chatter_hidden():
 if _QUIET:
     del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
-from tnflow.tasks import levers  # noqa: E402 - TensorFlow first, quietly
+from tnflow.tasks import decode_graph, levers  # noqa: E402 - TensorFlow first, quietly
 from tnflow.tasks.backbones import BACKBONES, PREPROCESSING  # noqa: E402
-from tnflow.tasks.settings import ModelSpec, TrainSettings  # noqa: E402
+from tnflow.tasks.settings import MAX_PIXELS, ModelSpec, TrainSettings  # noqa: E402
 from tnflow.tasks.tensornets_compat import batch_norm_training  # noqa: E402
 
 tf1 = tf.compat.v1
@@ -78,6 +78,16 @@ _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # batches(split, epoch, shuffle, batch_size) -> (uint8 images, int64 labels); runs on tf.data's thread.
 BatchFn = Callable[[bytes, int, bool, int], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class ServingInput:
+    """How an exported graph squares encoded pictures: as the cache that trained it did."""
+
+    resize: str = "crop"
+    max_pixels: int = MAX_PIXELS
+    class_names: tuple[str, ...] = ()
+    bytes_input: bool = True  # False: uint8 images only, the plain graph converters take
 
 
 @dataclass
@@ -105,6 +115,8 @@ class Net:
     learning_rate: tf.Tensor | None = None
     data_init: tf.Operation | None = None
     data_args: tuple[tf.Tensor, ...] = ()
+    encoded: tf.Tensor | None = None  # serving: feed (N,) encoded images instead of `images`
+    outputs: dict[str, tf.Tensor] = field(default_factory=dict)  # serving: what the signatures return
     loaders: list[tf.Tensor] = field(default_factory=list)  # a value placeholder per pretrained variable
     load: tf.Operation | None = None  # assigns them all
 
@@ -137,8 +149,14 @@ def build(
     *,
     settings: TrainSettings | None = None,
     steps_per_epoch: int = 1,
+    serving: ServingInput | None = None,
 ) -> Net:
-    """A graph for `spec`: with an input pipeline when `batches` is given, a training step when `settings` is."""
+    """A graph for `spec`: with an input pipeline when `batches` is given, a training step when `settings` is.
+
+    `serving` builds the graph an export saves: inference only (no training switch left in
+    it, so converters see one plain network), and `images` can also be computed from encoded
+    bytes fed to `encoded`, decoded as the cache would have.
+    """
     graph = tf.Graph()
     gpus = visible_gpus()
     device = gpus[0] if gpus else "/CPU:0"
@@ -168,27 +186,36 @@ def build(
             next_images, next_labels = iterator.get_next()
             images = tf1.placeholder_with_default(next_images, [None, size, size, 3], name="images")
             labels = tf1.placeholder_with_default(next_labels, [None], name="labels")
+        elif serving is not None and serving.bytes_input:
+            encoded = tf1.placeholder(tf.string, [None], name="image_bytes")
+            decoded = decode_graph.decode_batch(encoded, size, serving.resize, serving.max_pixels)
+            images = tf1.placeholder_with_default(decoded, [None, size, size, 3], name="images")
+            labels = tf1.placeholder(tf.int64, [None], name="labels")
         else:
             images = tf1.placeholder(tf.uint8, [None, size, size, 3], name="images")
             labels = tf1.placeholder(tf.int64, [None], name="labels")
-        is_training = tf1.placeholder_with_default(False, [], name="is_training")
+        is_training: tf.Tensor | bool = (
+            False if serving else tf1.placeholder_with_default(False, [], name="is_training")
+        )
 
         with tf.device(device):
             global_step = tf1.train.get_or_create_global_step() if settings else None
             if settings and settings.augment != "none":
                 seed = tf.stack([tf.constant(settings.seed, tf.int64), global_step])
-                images_in = tf.cond(is_training, lambda: levers.augment(images, settings.augment, seed), lambda: images)
+                images_in = _if_training(
+                    is_training, lambda: levers.augment(images, settings.augment, seed), lambda: images
+                )
             else:
                 images_in = images
             x = preprocess(images_in, BACKBONES[spec.model].preprocessing)
             count = tf.shape(x)[0]
             if spec.tta == "flip":  # evaluation sees each image and its mirror, in one batch
-                x = tf.cond(is_training, lambda: x, lambda: tf.concat([x, tf.reverse(x, axis=[2])], 0))
+                x = _if_training(is_training, lambda: x, lambda: tf.concat([x, tf.reverse(x, axis=[2])], 0))
             bn_trains = bool(settings and settings.train_bn)
             raw_logits, pretrained, head = _network(spec, x, is_training, bn_trains)
             raw_logits = tf.cast(raw_logits, tf.float32)
             if spec.tta == "flip":
-                logits = tf.cond(
+                logits = _if_training(
                     is_training,
                     lambda: raw_logits,
                     lambda: tf.math.log(
@@ -199,7 +226,8 @@ def build(
                 logits = raw_logits
             losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
             loss = tf.reduce_mean(losses)
-            probs = tf.nn.softmax(logits)
+            probs = tf.nn.softmax(logits, name="probabilities")
+            outputs = _serving_outputs(probs, serving.class_names) if serving is not None else {}
             steps = {}
             if settings is not None:
                 steps = levers.training_steps(settings, logits, labels, pretrained, head, global_step, steps_per_epoch)
@@ -222,12 +250,36 @@ def build(
             global_step=global_step,
             data_init=data_init,
             data_args=data_args,
+            encoded=encoded if serving is not None and serving.bytes_input else None,
+            outputs=outputs,
             loaders=[value for _, value in loading],
             load=tf.group(*[variable.assign(value) for variable, value in loading]),
             **steps,
         )
-    graph.finalize()
+    if serving is None:  # an export adds its saver to the graph
+        graph.finalize()
     return net
+
+
+def _serving_outputs(probs: tf.Tensor, class_names: tuple[str, ...]) -> dict[str, tf.Tensor]:
+    """Per image: the probabilities, the class names in their order, and the top class's name.
+
+    Every output has the batch as its first dimension, as TensorFlow Serving's row format needs.
+    """
+    names = tf.constant(list(class_names), tf.string)
+    count = tf.shape(probs)[0]
+    return {
+        "probabilities": probs,
+        "classes": tf.tile(names[None, :], tf.stack([count, 1]), name="classes"),
+        "top_class": tf.gather(names, tf.argmax(probs, axis=1), name="top_class"),
+    }
+
+
+def _if_training(is_training: tf.Tensor | bool, training: Callable, evaluating: Callable) -> tf.Tensor:
+    """A `tf.cond` on the training switch, or just one branch in a serving graph, which has none."""
+    if isinstance(is_training, bool):
+        return training() if is_training else evaluating()
+    return tf.cond(is_training, training, evaluating)
 
 
 def _value_inputs(variables: list[tf.Variable]) -> list[tuple[tf.Variable, tf.Tensor]]:

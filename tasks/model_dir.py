@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.files import write_atomic
 
 MODEL_JSON = "model.json"
 CHECKPOINT = "model.ckpt"
@@ -21,6 +22,12 @@ FORMAT = "tnflow-model/1"
 
 def write_model_json(directory: Path, meta: dict[str, Any]) -> None:
     (directory / MODEL_JSON).write_text(json.dumps({"format": FORMAT, **meta, "checkpoint": CHECKPOINT}, indent=2))
+
+
+def update_model_json(directory: Path, updates: dict[str, Any]) -> None:
+    """Add to model.json by replacing the file (in a directory of hard links, the original stays as it was)."""
+    meta = json.loads((directory / MODEL_JSON).read_text())
+    write_atomic(directory / MODEL_JSON, json.dumps({**meta, **updates}, indent=2))
 
 
 def read_model_dir(path: str | Path) -> dict[str, Any]:
@@ -42,9 +49,12 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
 
 def model_digest(path: str | Path) -> str:
     """Identifies a model's weights without reading them: model.json plus the checkpoint index,
-    which holds a checksum of every tensor."""
+    which holds a checksum of every tensor. The model card (`card`) is left out: exporting a
+    champion again or recording a promotion does not make it another model."""
     path = Path(path)
-    digest = hashlib.sha256((path / MODEL_JSON).read_bytes())
+    meta = json.loads((path / MODEL_JSON).read_text())
+    meta.pop("card", None)
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     digest.update((path / f"{CHECKPOINT}.index").read_bytes())
     return digest.hexdigest()[:16]
 

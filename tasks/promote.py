@@ -4,16 +4,16 @@ What a scheduled retrain should leave is a better model in a known place, never 
 regression, and never a gate that can no longer open. Champions are kept per dataset
 identity (dataset, source digest, class names):
 
-    <output dir>/champions/<dataset key>/<run>/         the run's model plus champion.json
+    <output dir>/champions/<dataset key>/<run>/         the run's model (exports and card included) plus champion.json
     <output dir>/champions/<dataset key>/current  ->    <run>
     <output dir>/champions/<dataset key>/history.jsonl  every decision that promoted
     <output dir>/champion -> champions/<dataset key>/<run>   the latest promotion (`tnflow predict champion`)
 
 A candidate and the champion are compared on the candidate's test split: when the champion
 was measured on another split (a smoke run's subset, an older image size), it is scored again
-on the candidate's test images first. Promotion writes the new directory completely, then
-switches the links with atomic renames, so an interrupted promotion leaves the old champion
-whole.
+on the candidate's test images first. Promotion writes the new directory completely (its model
+card gains the line's champion history), then switches the links with atomic renames, so an
+interrupted promotion leaves the old champion, its exports included, whole.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import ensure_writable_dir, exclusive, link_tree, new_directory, switch_symlink
+from tnflow.tasks.model_card import add_champion_history
 from tnflow.tasks.model_dir import check_can_start_from, model_digest
 from tnflow.tasks.progress import STAGE_HOOKS
 from tnflow.tasks.retries import retry_unless
@@ -88,6 +89,12 @@ def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Pat
     return (Path(output_dir) / "champions" / key / "current").resolve()
 
 
+def read_history(line: Path) -> list[dict[str, Any]]:
+    """Every promotion of a champion line so far, oldest first."""
+    path = line / "history.jsonl"
+    return [json.loads(row) for row in path.read_text().splitlines() if row.strip()] if path.is_file() else []
+
+
 def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
     path = Path(output_dir) / "champions" / key / "current" / CHAMPION_JSON
     return json.loads(path.read_text()) if path.is_file() else None
@@ -134,9 +141,10 @@ def promote(
             "replaced_rescored": rescored,
             "margin": margin,
         }
-        with new_directory(line / run_id) as tmp:  # itself a model directory
+        with new_directory(line / run_id) as tmp:  # itself a model directory, exports and card included
             link_tree(model_dir, tmp)
             (tmp / CHAMPION_JSON).write_text(json.dumps(record, indent=2))
+            add_champion_history(tmp, [*read_history(line), record])
         switch_symlink(line / "current", Path(run_id))
         switch_symlink(output_dir / "champion", Path("champions") / key / run_id)
         with open(line / "history.jsonl", "a") as history:

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.figures import confusion_heatmap, learning_curves, png, sample_grid
-from tnflow.tasks.files import link_tree, new_directory, write_atomic
+from tnflow.tasks.files import write_atomic
 from tnflow.tasks.progress import STAGE_HOOKS, stages_so_far
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.validate import write_metrics
@@ -212,11 +212,9 @@ def report_task(
     device: str,
     promotion: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Assemble the run directory and publish the report (never cached: it describes this run)."""
+    """Write the run's report beside its model (never cached: it describes this run)."""
     logger = get_run_logger()
     run = Path(run_dir)
-    with new_directory(run / "model") as tmp:  # the run's own model: hard links, no extra space
-        link_tree(model_dir, tmp)
     metrics = json.loads((run / "metrics.json").read_text())
     stages = stages_so_far()
     best = max(history, key=lambda r: r["valid_accuracy"])

@@ -48,6 +48,9 @@ RESIZE_MODES = ("crop", "stretch", "pad")
 MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
 FULL_HEAD_SIZE = 224  # the full head's fc6 weights expect a 7x7x512 feature map
 AUGMENTS = ("none", "flip", "flip-crop")
+# What a model can leave tnflow as (tasks/export.py): TensorFlow Serving's format, ONNX (the
+# `onnx` extra), TFLite in float32 and with float16 weights.
+EXPORT_FORMATS = ("savedmodel", "onnx", "tflite", "tflite-float16")
 # The levers a preset sets: the recipe's values, and `--preset strong`, the best combination
 # of benchmarks/README.md's ablation. An option given explicitly wins over its preset.
 RECIPE_LEVERS: dict[str, Any] = {
@@ -439,6 +442,12 @@ class RunConfig(DataConfig):
         description="promote only if test accuracy beats the champion's by more than this",
         json_schema_extra={"metavar": "ACC"},
     )
+    export: str = Field(
+        "savedmodel",
+        description=f"formats the model (and a champion) is exported in, comma-separated: "
+        f"{', '.join(EXPORT_FORMATS)}; or none",
+        json_schema_extra={"metavar": "FORMATS"},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -481,6 +490,16 @@ class RunConfig(DataConfig):
             raise ValueError(f"--warmup-epochs {self.warmup_epochs} is longer than --epochs {self.epochs}")
         return self
 
+    @field_validator("export")
+    @classmethod
+    def _formats(cls, value: str) -> str:
+        export_formats(value)
+        return value
+
+    @property
+    def export_formats(self) -> tuple[str, ...]:
+        return export_formats(self.export)
+
     @property
     def promotes(self) -> bool:
         """Smoke runs on subsets do not replace the champion unless asked to."""
@@ -494,6 +513,51 @@ class RunConfig(DataConfig):
     def train_settings(self) -> TrainSettings:
         names = [f.name for f in dataclasses.fields(TrainSettings)]
         return TrainSettings(**{name: getattr(self, name) for name in names})
+
+
+def export_formats(value: str) -> tuple[str, ...]:
+    """`--export` as a tuple of known formats, in the order given (`none`: no export)."""
+    formats = tuple(dict.fromkeys(f.strip() for f in value.split(",") if f.strip()))
+    if formats == ("none",):
+        return ()
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise ValueError(
+            f"--export {value!r}: {', '.join(unknown) or 'no format'} is not a format; "
+            f"choose from {', '.join(EXPORT_FORMATS)}, comma-separated, or none"
+        )
+    return formats
+
+
+class ScoreConfig(BaseModel):
+    """Batch scoring (`tnflow predict --out`, the batch-predict flow and its deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    folder: str = Field(description="a folder of pictures (read recursively) or one picture")
+    model: str = Field(
+        "champion",
+        description="a model directory (a run's model/), or champion for the latest promoted model",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    output_dir: str = Field(
+        default_factory=default_output_dir,
+        description="where champion is looked up and predictions are written (default: $TNFLOW_OUTPUT_DIR or ./runs)",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    out: str | None = Field(
+        None,
+        description="the CSV to write (default: <output dir>/predictions/<run name>.csv)",
+        json_schema_extra={"metavar": "CSV"},
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="images scored at once")
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> ScoreConfig:
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise _config_error(cls, exc) from None
 
 
 def option(name: str) -> str:
@@ -543,7 +607,7 @@ def _span(field: Any) -> str:
 R = TypeVar("R")
 
 
-def flow_parameters(model: type[DataConfig]) -> Callable[[Callable[[Any], R]], Callable[..., R]]:
+def flow_parameters(model: type[DataConfig] | type[ScoreConfig]) -> Callable[[Callable[[Any], R]], Callable[..., R]]:
     """Give `fn(config)` the model's fields as keyword parameters, which Prefect shows and validates.
 
     Prefect builds a flow's parameter schema (the UI form, `prefect deployment run -p`) from

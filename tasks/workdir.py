@@ -118,11 +118,12 @@ def can_reexport(directory: Path, state: dict[str, Any]) -> bool:
 
 
 def prune(directory: Path, state: dict[str, Any]) -> None:
-    """Drop checkpoints and models that state.json does not name (call after writing it)."""
+    """Drop checkpoints and models that state.json does not name (call after writing it); a model's
+    exports (`epoch-N.exports-<digest>`) go with it."""
     keep = {"checkpoints": state.get("epochs_done"), "models": state.get("best_epoch")}
     for folder, epoch in keep.items():
         for old in (directory / folder).glob("epoch-*"):
-            if old.name != f"epoch-{epoch}":
+            if old.name.split(".")[0] != f"epoch-{epoch}":
                 shutil.rmtree(old, ignore_errors=True)
 
 

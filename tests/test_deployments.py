@@ -1,5 +1,6 @@
 """Deployments as users run them: a Prefect server, a process worker, `prefect deploy`, `tnflow serve`."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def scheduled_runs(api: str, deployment_id: str) -> list:
 
 def test_the_yaml_is_what_serve_serves():
     entries = {d["name"]: d for d in load_deployments()}
-    assert set(entries) == {"retrain-weekly", "adhoc"}
+    assert set(entries) == {"retrain-weekly", "adhoc", "score-folder"}
     assert entries["retrain-weekly"]["schedules"][0]["cron"] == "0 3 * * 1" and "schedules" not in entries["adhoc"]
     assert entries["retrain-weekly"]["parameters"] == {"retrain": True} and entries["adhoc"]["parameters"] == {}
     assert entries["adhoc"]["work_pool"]["name"] == "tnflow"
@@ -99,6 +100,14 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
                 assert "Completed" in done.stdout, done.stdout[-2000:]
                 found = {p for p in (tmp_path / "runs").iterdir() if (p / "metrics.json").is_file()}
                 runs += sorted(found - set(runs))
+            (data / "val" / "class-1" / "notes.txt").write_text("not a picture")
+            scored = prefect(
+                prefect_server,
+                "deployment", "run", "batch-predict/score-folder", "-p", f"folder={data / 'val'}",
+                "--params", json.dumps({"output_dir": str(tmp_path / "runs")}), "--watch",
+                timeout=600,
+            )  # fmt: skip
+            assert "Completed" in scored.stdout, scored.stdout[-2000:]
         finally:
             stop_process_group(worker)
     assert len(runs) == 2, (tmp_path / "worker.log").read_text()[-2000:]
@@ -111,6 +120,25 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
     assert weekly_run["promotion"]["compared_on"].split(":")[2] == "18", "champion and candidate on the new test split"
     assert weekly_run["promotion"]["rescored"]
     assert (tmp_path / "runs" / "champion" / "champion.json").is_file()
+
+    # Batch scoring with the champion: a CSV row per file, the unreadable one with its reason, and the artifact.
+    (csv_path,) = (tmp_path / "runs" / "predictions").glob("*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    pictures = [p for p in (data / "val").rglob("*") if p.is_file() and p.suffix == ".png"]
+    assert len(rows) == len(pictures) + 1 and {r["path"] for r in rows} >= {str(p) for p in pictures}
+    (bad,) = [r for r in rows if r["error"]]
+    assert bad["path"].endswith("notes.txt") and "not an image" in bad["error"] and not bad["class"]
+    assert all(
+        r["class"] in {"class-0", "class-1", "class-2"} and len(r["top3"].split("; ")) == 3
+        for r in rows
+        if r is not bad
+    )
+    (artifact,) = api_post(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tnflow-batch-predict"]}}})
+    table = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
+    assert sum(row["images"] for row in table) == len(rows) and {"class": "(unreadable)", "images": 1} in [
+        {k: row[k] for k in ("class", "images")} for row in table
+    ]
+    assert csv_path.as_uri() in artifact["description"]
 
     weekly = api_get(api, "/deployments/name/transfer-learning/retrain-weekly")
     assert weekly["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"

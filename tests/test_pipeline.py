@@ -19,7 +19,7 @@ from tnflow.tasks.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "promote", "report")
+STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "export", "promote", "report")
 HISTORY_FIELDS = {
     "epoch",
     "train_loss",
@@ -72,6 +72,14 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert {"model", "metrics.json", "report.html", "report.md"} <= {p.name for p in run.iterdir()}
     model_json = json.loads((run / "model" / "model.json").read_text())
     assert model_json["head"] == "gap" and (run / "model" / "model.ckpt.index").is_file()
+    assert (run / "model" / "saved_model" / "saved_model.pb").is_file(), "--export savedmodel is the default"
+    assert model_json["card"]["test"]["images"] == 60 and model_json["card"]["data"]["images"]["test"] == 60
+    card = (run / "model" / "model_card.md").read_text()
+    assert "## Champion history" in card and "Not a champion" in card
+    champion = (tmp_path / "runs" / "champion").resolve()
+    assert (champion / "saved_model" / "saved_model.pb").is_file(), "the champion carries its exports"
+    assert "first champion" not in (champion / "model_card.md").read_text()
+    assert json.loads((champion / "model.json").read_text())["card"]["champion_history"][0]["run_id"] == run.name
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["num_test"] == 60 and 0 <= metrics["test_accuracy"] <= 1
@@ -80,6 +88,10 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert set(metrics["history"][0]) == HISTORY_FIELDS
     assert metrics["config"]["epochs"] == 1 and metrics["config"]["head"] == "gap"
     assert metrics["promotion"]["promoted"] and "first champion" in metrics["promotion"]["reason"]
+    low, high = model_json["card"]["test"]["ci95"]
+    assert low < metrics["test_accuracy"] < high or metrics["test_accuracy"] in (0.0, 1.0)
+    assert f"on 60 images (95% confidence interval {low:.4f} to {high:.4f}, Wilson)" in card
+    assert all(f"| {name} | " in card for name in metrics["class_names"]), "a row per class: counts and accuracy"
     assert [t["name"] for t in metrics["timings"]][:5] == list(STAGES[:5])
 
     page = _Images()
@@ -94,7 +106,11 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     second = transfer_learning(**params, return_state=True)
     states = task_states(second)
     assert [states[s] for s in STAGES[:4]] == ["Cached"] * 4
-    assert states["validate"] == states["promote"] == states["report"] == "Completed"
+    assert states["validate"] == states["export"] == states["promote"] == states["report"] == "Completed"
+    exported = Path(second.result()) / "model" / "saved_model" / "variables" / "variables.index"
+    assert exported.stat().st_ino == (run / "model" / "saved_model" / "variables" / "variables.index").stat().st_ino, (
+        "a second run of the same model links the exports made once"
+    )
     assert Path(second.result()) != run, "every run gets its own directory"
     report = (Path(second.result()) / "report.md").read_text()
     assert "| train |" in report and "| hit |" in report

@@ -1,6 +1,8 @@
 """`tnflow predict`: the same answers as validation, in bounded batches, per-image errors, every image mode."""
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +67,52 @@ def test_a_bad_image_does_not_stop_the_others(trained, tmp_path, capsys):
     assert code == 1
     assert [line.split(": ")[0] for line in out.strip().splitlines()] == [trained["pngs"][0], trained["pngs"][1]]
     assert "missing.png" in err and "broken.png" in err and "2 of 4 images could not be read" in err.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_folder_is_scored_recursively_into_a_csv(trained, tmp_path, capsys):
+    folder = tmp_path / "inbox"
+    (folder / "2026" / "nov").mkdir(parents=True)
+    (folder / ".cache").mkdir()
+    for i, png in enumerate(trained["pngs"][:5]):
+        (folder / ("2026/nov" if i % 2 else "") / f"p{i}.png").write_bytes(Path(png).read_bytes())
+    (folder / "2026" / "readme.txt").write_text("not a picture")
+    (folder / ".cache" / "p9.png").write_bytes(Path(trained["pngs"][5]).read_bytes())  # hidden: not scored
+    out = tmp_path / "scores" / "predictions.csv"
+    assert main(["predict", trained["model_dir"], str(folder), "--out", str(out), "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == str(out)
+    rows = list(csv.DictReader(out.open()))
+    names = [Path(r["path"]).name for r in rows]
+    assert names == ["p0.png", "p2.png", "p4.png", "readme.txt", "p1.png", "p3.png"], (
+        "a folder's files, then its folders"
+    )
+    bad = rows.pop(3)
+    assert bad["error"].startswith("cannot read") and "not an image" in bad["error"] and not bad["class"]
+    expected = {f"p{i}.png": trained["names"][s["top"][0][0]] for i, s in enumerate(trained["metrics"]["samples"])}
+    for row in rows:
+        top3 = [part.rsplit(" ", 1) for part in row["top3"].split("; ")]
+        assert row["class"] == top3[0][0] == expected[Path(row["path"]).name] and len(top3) == 3
+        assert float(row["probability"]) == pytest.approx(float(top3[0][1]), abs=1e-4)
+    assert "(unreadable) 1" in captured.err
+    assert not list(out.parent.glob("*.tmp-*")), "no temporary file is left"
+
+
+def test_scoring_a_path_that_does_not_exist(trained, tmp_path, capsys):
+    assert main(["predict", trained["model_dir"], str(tmp_path / "nowhere"), "--out", str(tmp_path / "p.csv")]) == 1
+    assert "nowhere does not exist; give image files or folders of them" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_an_empty_folder_gives_a_csv_with_its_header_only(trained, tmp_path, capsys):
+    (tmp_path / "inbox").mkdir()
+    assert main(["predict", trained["model_dir"], str(tmp_path / "inbox"), "--out", str(tmp_path / "p.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text().strip() == "path,class,probability,top3,error"
+
+
+def test_no_champion_yet(tmp_path, capsys):
+    assert main(["predict", "champion", "x.png", "--output-dir", str(tmp_path)]) == 1
+    assert "there is no champion in" in capsys.readouterr().err
 
 
 def test_a_directory_that_is_not_a_model(tmp_path, capsys):

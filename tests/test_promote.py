@@ -15,10 +15,19 @@ from tnflow.tasks.promote import dataset_key, promote, read_champion
 def fake_model(root: Path, name: str) -> Path:
     model = root / name
     model.mkdir(parents=True)
-    write_model_json(model, {"model": "vgg19", "head": "gap", "num_classes": 10, "image_size": 32, "tag": name})
+    meta = {"model": "vgg19", "head": "gap", "num_classes": 2, "class_names": ["cat", "dog"], "image_size": 32}
+    write_model_json(model, {**meta, "tag": name})
     (model / "model.ckpt.index").write_bytes(name.encode())
     (model / "model.ckpt.data-00000-of-00001").write_bytes(name.encode() * 10)
+    (model / "saved_model" / "variables").mkdir(parents=True)  # what the export stage adds
+    (model / "saved_model" / "saved_model.pb").write_bytes(name.encode() * 3)
+    (model / "saved_model" / "variables" / "variables.index").write_bytes(name.encode() * 4)
+    (model / "model.onnx").write_bytes(name.encode() * 5)
     return model
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def fake_cache(path: Path, labels, source_md5="a" * 32, classes=("cat", "dog")) -> Path:
@@ -123,7 +132,8 @@ def test_datasets_keep_their_own_champions(gate, tmp_path):
 def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatch):
     run, out, full = gate
     run("a", 0.80)
-    before = {p.name: p.read_bytes() for p in (out / "champion").iterdir()}
+    before = tree(out / "champion")
+    assert {"saved_model/saved_model.pb", "model.onnx", "model_card.md"} <= set(before)
 
     def killed(link, target):
         raise KeyboardInterrupt("process stopped before the switch")
@@ -131,12 +141,16 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatc
     monkeypatch.setattr(promote_module, "switch_symlink", killed)
     with pytest.raises(KeyboardInterrupt):
         run("b", 0.90)
-    assert {p.name: p.read_bytes() for p in (out / "champion").iterdir()} == before
+    assert tree(out / "champion") == before, "the old champion's checkpoint, exports and card, all as they were"
     assert champion_tag(out) == "a" and read_champion(out, dataset_key(full))["run_id"] == "run-a"
 
     monkeypatch.undo()
     again = run("c", 0.90)
     assert again.promoted and champion_tag(out) == "c"
+    after = tree(out / "champion")
+    assert after["saved_model/saved_model.pb"] == b"ccc" and after["model.onnx"] == b"c" * 5
+    card = after["model_card.md"].decode()
+    assert "| run-a |" in card and "| run-c |" in card, "the champion's card lists the line's promotions"
 
 
 # -- starting from a trained model (--init-from) ------------------------------------------
@@ -157,6 +171,7 @@ def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tm
 
 def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
     from tnflow.tasks.errors import TnflowError
+    from tnflow.tasks.model_card import add_champion_history
     from tnflow.tasks.model_dir import check_can_start_from, model_digest
 
     model = tmp_path / "m"
@@ -174,5 +189,7 @@ def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
     with pytest.raises(TnflowError, match="not a tnflow model directory"):
         check_can_start_from(tmp_path, "vgg19", "gap", ["cat", "dog"])
     before = model_digest(model)
+    add_champion_history(model, [{"run_id": "r", "promoted_at": "now", "test_accuracy": 0.5}])
+    assert model_digest(model) == before, "a card that gained a promotion is the same starting model"
     (model / "model.ckpt.index").write_bytes(b"other weights")
     assert model_digest(model) != before, "the training key must see a different starting model"

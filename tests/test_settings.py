@@ -9,7 +9,7 @@ from tnflow.flows.prepare import prepare_data
 from tnflow.flows.serve import load_deployments
 from tnflow.flows.train import transfer_learning
 from tnflow.tasks.errors import ConfigError
-from tnflow.tasks.settings import SOURCES, DataConfig, RunConfig, option
+from tnflow.tasks.settings import SOURCES, DataConfig, RunConfig, ScoreConfig, option
 
 
 def test_defaults_are_the_recipe():
@@ -142,10 +142,15 @@ def test_every_field_is_a_flow_parameter(flow, model):
 
 
 def test_deployment_parameters_are_configuration_values():
+    configurations = {"flows/train.py:transfer_learning": RunConfig, "flows/predict.py:batch_predict": ScoreConfig}
     for deployment in load_deployments():
         parameters = deployment.get("parameters") or {}
-        assert set(parameters) <= set(RunConfig.model_fields), deployment["name"]
-        RunConfig.from_values(parameters)  # valid values, or a ConfigError that fails the test
+        config = configurations[deployment["entrypoint"]]
+        assert set(parameters) <= set(config.model_fields), deployment["name"]
+        if config is RunConfig:
+            RunConfig.from_values(parameters)  # valid values, or a ConfigError that fails the test
+        else:  # the folder is given per run
+            ScoreConfig.from_values({"folder": "/data/inbox", **parameters})
     weekly = next(d for d in load_deployments() if d["name"] == "retrain-weekly")
     assert weekly["parameters"]["retrain"] is True, "a scheduled retrain must train again, not just re-evaluate"
 
