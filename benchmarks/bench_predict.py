@@ -37,7 +37,8 @@ import tensorflow as tf  # noqa: E402
 
 from tests.folders import sample_archive  # noqa: E402
 from tnflow.tasks.backbones import BACKBONES  # noqa: E402
-from tnflow.tasks.export import export, saved_model_probabilities, tflite_runner  # noqa: E402
+from tnflow.tasks.converters import saved_model_probabilities, tflite_runner  # noqa: E402
+from tnflow.tasks.export import export  # noqa: E402
 from tnflow.tasks.images import load_square  # noqa: E402
 from tnflow.tasks.model import build, open_session  # noqa: E402
 from tnflow.tasks.model_dir import CHECKPOINT, write_model_json  # noqa: E402

@@ -6,11 +6,12 @@ one measured. So this mirrors them op for op rather than calling `tf.image.resiz
 - a large JPEG is decoded at the DCT scale Pillow's draft mode picks (`decode_jpeg(ratio=)`
   runs the same libjpeg scaling);
 - PNG transparency is composited on white;
-- resizing is Pillow's separable filters written as two weight matrices per image: the box
-  filter when both sides shrink, the (anti-aliased) triangle filter otherwise, which for an
-  enlargement is exactly the cache's bilinear kernel.
-The tests hold it within one grey level of the cache. Not mirrored: EXIF orientation (send
-upright pictures) and 16-bit grey scaling beyond what `decode_png` does.
+- a small square is enlarged with the cache's own float32 bilinear kernel; anything else is
+  resized as Pillow does it (box filter when both sides shrink, its anti-aliased bilinear
+  otherwise), written as two integer coefficient matrices in Pillow's fixed-point arithmetic.
+The tests hold it within one grey level of the cache; most pictures come out identical. Not
+mirrored: EXIF orientation (send upright pictures), and 16-bit PNGs are scaled by /257
+where the cache shifts by 8 bits (at most one level apart).
 
 Hostile input: the pixel count is read from the header (JPEG, PNG, GIF, BMP) and checked
 before anything is decoded. Only `tasks/model.py` calls this module.
@@ -127,7 +128,12 @@ def _decode_other(contents: tf.Tensor) -> tf.Tensor:
 
 
 def _square(image: tf.Tensor, size: int, resize: str) -> tf.Tensor:
-    """`resize.fit_square` as ops: crop, pad or stretch, then Pillow's filter for the scale."""
+    """`resize.fit_square` as ops: crop, pad or stretch, then the kernel `fit_square` would use.
+
+    A square no larger than `size` is enlarged with the cache's own float32 kernel
+    (`resize.resize_batch`); anything else goes through Pillow's resampling (box filter when
+    both sides shrink, else its anti-aliased bilinear), in Pillow's fixed-point arithmetic.
+    """
     shape = tf.shape(image, out_type=tf.int64)
     height, width = shape[0], shape[1]
     offsets = (tf.constant(0, tf.int64), tf.constant(0, tf.int64))
@@ -144,24 +150,64 @@ def _square(image: tf.Tensor, size: int, resize: str) -> tf.Tensor:
         padded = tf.pad(shifted, [[top, side - height - top], [left, side - width - left], [0, 0]])
         image = tf.cast(padded + tf.constant(PAD_RGB, tf.int32), tf.uint8)
         height = width = side
-    shrink = tf.logical_and(width >= size, height >= size)
-    rows = _weights(height, size, shrink, offsets[0])
-    cols = _weights(width, size, shrink, offsets[1])
-    pixels = tf.cast(image, tf.float32)
-    out = tf.einsum("ih,hwc->iwc", rows, pixels)
-    out = tf.einsum("jw,iwc->ijc", cols, out)
+    small_square = tf.logical_and(tf.equal(height, width), width <= size)
+    return tf.cond(
+        small_square,
+        lambda: _enlarge_like_the_cache(image, height, size),
+        lambda: _resample_like_pillow(image, height, width, size, offsets),
+    )
+
+
+def _enlarge_like_the_cache(image: tf.Tensor, side: tf.Tensor, size: int) -> tf.Tensor:
+    """`resize.resize_batch`: `bilinear_matrix` weights in float32, rows then columns, then rint."""
+    position = tf.clip_by_value(
+        (tf.range(size, dtype=tf.float64) + 0.5) * (tf.cast(side, tf.float64) / size) - 0.5,
+        0.0,
+        tf.cast(side - 1, tf.float64),
+    )
+    left = tf.floor(position)
+    right = tf.minimum(left + 1, tf.cast(side - 1, tf.float64))
+    frac = position - left
+    columns = tf.range(tf.cast(side, tf.float64), dtype=tf.float64)[None, :]
+    weights = tf.where(tf.equal(columns, left[:, None]), (1 - frac)[:, None], 0.0)
+    weights += tf.where(tf.equal(columns, right[:, None]), frac[:, None], 0.0)
+    weights = tf.cast(weights, tf.float32)
+    out = tf.einsum("ih,hwc->iwc", weights, tf.cast(image, tf.float32))
+    out = tf.einsum("jw,iwc->ijc", weights, out)
     return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
 
 
-def _weights(src: tf.Tensor, dst: int, box: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
-    """(dst, src) weights of Pillow's resampling: box filter when `box`, else triangle (bilinear).
+_PRECISION_BITS = 22  # Pillow's fixed-point coefficients for 8-bit images (32 - 8 - 2)
+
+
+def _resample_like_pillow(
+    image: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size: int, offsets: tuple[tf.Tensor, tf.Tensor]
+) -> tf.Tensor:
+    """Pillow's `ImagingResample` for 8-bit RGB: the horizontal pass, rounded to 8 bits, then the vertical.
+
+    Integer coefficients and int32 sums as in `Resample.c`, so the result is Pillow's to the bit.
+    """
+    box = tf.logical_and(width >= size, height >= size)
+    columns = _coefficients(width, size, box, offsets[1])
+    rows = _coefficients(height, size, box, offsets[0])
+    pixels = tf.cast(image, tf.int32)
+    half = 1 << (_PRECISION_BITS - 1)
+    across = tf.einsum("jw,hwc->hjc", columns, pixels) + half
+    across = tf.clip_by_value(tf.bitwise.right_shift(across, _PRECISION_BITS), 0, 255)
+    down = tf.einsum("ih,hjc->ijc", rows, across) + half
+    return tf.cast(tf.clip_by_value(tf.bitwise.right_shift(down, _PRECISION_BITS), 0, 255), tf.uint8)
+
+
+def _coefficients(src: tf.Tensor, dst: int, box: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+    """(dst, src) int32 coefficients of Pillow's resampling: box filter when `box`, else triangle (bilinear).
 
     Pillow (`Resample.c`, `precompute_coeffs`) evaluates the filter at each source pixel's
     distance from the output pixel's centre, widened by the scale when shrinking, inside a
-    window it truncates to integers, and normalises each row. The box filter's edges fall
-    exactly on pixel centres at many scales (300 to 224 among them), so this repeats Pillow's
-    float64 arithmetic in its order: one ulp the other way moves a whole pixel in or out. A
-    crop is resized as Pillow's `box=`, in the coordinates of the uncropped image (`offset`).
+    window it truncates to integers, normalises each row, and rounds to 22-bit fixed point.
+    The box filter's edges fall exactly on pixel centres at many scales (300 to 224 among
+    them), so this repeats Pillow's float64 arithmetic in its order: one ulp the other way
+    moves a whole pixel in or out. A crop is resized as Pillow's `box=`, in the coordinates of
+    the uncropped image (`offset`).
     """
     src_f = tf.cast(src, tf.float64)
     scale = src_f / dst
@@ -177,4 +223,5 @@ def _weights(src: tf.Tensor, dst: int, box: tf.Tensor, offset: tf.Tensor) -> tf.
     triangle = tf.maximum(1.0 - tf.abs(distance), 0.0)
     inside = tf.cast(tf.logical_and(pixels >= low, pixels < high), tf.float64)
     weights = tf.where(box, boxed, triangle) * inside
-    return tf.cast(weights / tf.reduce_sum(weights, axis=1, keepdims=True), tf.float32)
+    normalised = weights / tf.reduce_sum(weights, axis=1, keepdims=True)
+    return tf.cast(tf.floor(0.5 + normalised * (1 << _PRECISION_BITS)), tf.int32)

@@ -10,9 +10,10 @@ accuracy is counted over every image (see `tasks/validate.py`). The accuracy lev
 are graph ops too, seeded by the global step, so a resumed training replays exactly what it
 would have done; test-time augmentation is part of the network built here.
 
-Longer than 300 lines because one graph holds the input pipeline, the preprocessing, the
-network, test-time augmentation and the loading and saving handles, all under one device
-scope; splitting them would pass that graph and scope between modules.
+Longer than 300 lines because one graph holds the input pipeline (or, for an export, the
+decoding of encoded pictures and the named outputs serving signatures return), the
+preprocessing, the network, test-time augmentation and the loading and saving handles, all
+under one device scope; splitting them would pass that graph and scope between modules.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Net:
     device: str
     images: tf.Tensor  # feed uint8 RGB (N, S, S, 3), or leave it to the input pipeline
     labels: tf.Tensor
-    is_training: tf.Tensor
+    is_training: tf.Tensor | bool  # a plain False in serving graphs
     logits: tf.Tensor  # with TTA at evaluation: the log of the averaged probabilities
     probs: tf.Tensor
     losses: tf.Tensor  # per image, float32, plain cross-entropy (no smoothing): comparable across runs
@@ -163,7 +164,7 @@ def build(
     size = spec.image_size
     with graph.as_default():
         tf1.set_random_seed(settings.seed if settings else 0)
-        data_init, data_args = None, ()
+        data_init, data_args, encoded = None, (), None
         if batches is not None:
             data_args = (
                 tf1.placeholder(tf.string, [], name="split"),
@@ -250,7 +251,7 @@ def build(
             global_step=global_step,
             data_init=data_init,
             data_args=data_args,
-            encoded=encoded if serving is not None and serving.bytes_input else None,
+            encoded=encoded,
             outputs=outputs,
             loaders=[value for _, value in loading],
             load=tf.group(*[variable.assign(value) for variable, value in loading]),

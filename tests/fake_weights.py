@@ -52,8 +52,9 @@ def fake_arrays(model: str, seed: int = 0, *, count: int | None = None, imagenet
     for name, shape in shapes[:count]:
         if name.endswith(("moving_variance", "gamma")):
             value = rng.uniform(0.5, 1.5, shape)
-        elif len(shape) > 1:
-            value = rng.standard_normal(shape) * np.sqrt(2.0 / max(int(np.prod(shape[:-1])), 1))
+        elif len(shape) > 1:  # He initialisation: the signal keeps its scale through the network
+            fan_in = shape[0] * shape[1] if name.endswith("depthwise_weights") else np.prod(shape[:-1])
+            value = rng.standard_normal(shape) * np.sqrt(2.0 / max(int(fan_in), 1))
         else:
             value = rng.standard_normal(shape) * 0.01
         arrays.append((name, value.astype(np.float32)))

@@ -15,8 +15,14 @@ MODULES = {
     for path in sorted((REPO / folder).glob("*.py"))
     if path.stem != "__init__"
 }
-# Only the model module (and the compatibility module it alone imports) may load TensorFlow.
-TF_MODULES = {"tnflow.tasks.model", "tnflow.tasks.levers", "tnflow.tasks.tensornets_compat"}
+# Only the model module (and the modules it alone imports: graph pieces, the compatibility
+# module) may load TensorFlow.
+TF_MODULES = {
+    "tnflow.tasks.model",
+    "tnflow.tasks.levers",
+    "tnflow.tasks.decode_graph",
+    "tnflow.tasks.tensornets_compat",
+}
 
 
 @pytest.mark.slow
