@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
-from prefect.runtime import flow_run
 
 from tnflow.tasks.predict import score_folder_task
 from tnflow.tasks.settings import ScoreConfig, flow_parameters
@@ -15,6 +12,5 @@ from tnflow.tasks.settings import ScoreConfig, flow_parameters
 @flow_parameters(ScoreConfig)
 def batch_predict(config: ScoreConfig) -> str:
     """Score every picture under a folder; returns the CSV's path (its class counts are an artifact)."""
-    out = config.out or str(Path(config.output_dir) / "predictions" / f"{flow_run.name or 'predictions'}.csv")
-    scored = score_folder_task(config.model, config.folder, config.output_dir, out, config.batch_size)
+    scored = score_folder_task(config.model, config.folder, config.output_dir, config.out, config.batch_size)
     return scored["csv"]

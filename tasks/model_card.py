@@ -9,7 +9,6 @@ to the champion history); `model_card.md` is that data as a page.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -249,7 +248,3 @@ def _loading(meta: dict[str, Any], directory: Path, exports: dict[str, Any]) -> 
     if differences:
         lines.append(f"Largest probability difference from the SavedModel on probe images: {', '.join(differences)}.")
     return lines
-
-
-def card_json(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / "model.json").read_text()).get("card", {})

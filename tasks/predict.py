@@ -21,6 +21,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import exclusive, renamed_when_complete
@@ -130,9 +131,11 @@ def score(model_dir: str | Path, sources: list[str], out: str | Path, batch_size
     retry_condition_fn=retry_unless(TnflowError),
     **STAGE_HOOKS,
 )
-def score_folder_task(model: str, folder: str, output_dir: str, out: str, batch_size: int) -> dict[str, Any]:
-    """Score a folder into a CSV and publish the class counts, with a link to the CSV, as a table artifact."""
+def score_folder_task(model: str, folder: str, output_dir: str, out: str | None, batch_size: int) -> dict[str, Any]:
+    """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv) and publish
+    the class counts, with a link to the CSV, as a table artifact."""
     logger = get_run_logger()
+    out = out or str(Path(output_dir) / "predictions" / f"{flow_run.name or 'predictions'}.csv")
     model_dir = model_directory(model, output_dir)
     logger.info("scoring %s with %s", folder, model_dir)
     counts = score(model_dir, [folder], out, batch_size)

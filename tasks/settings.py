@@ -623,7 +623,10 @@ def flow_parameters(model: type[DataConfig] | type[ScoreConfig]) -> Callable[[Ca
 
         parameters, documented = [], []
         for name, field in model.model_fields.items():
-            default = None if field.default_factory is not None else field.default
+            if field.is_required():  # no default: Prefect asks for it (the folder to score)
+                default = inspect.Parameter.empty
+            else:
+                default = None if field.default_factory is not None else field.default
             annotation = field.annotation if default is not None or _optional(field) else field.annotation | None
             kind = inspect.Parameter.KEYWORD_ONLY
             if field.metadata:  # bounds: Prefect shows them and checks them before the run starts

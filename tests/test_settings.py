@@ -166,3 +166,17 @@ def test_the_cli_parses_into_the_configuration():
         2,
         "gap",
     )
+
+
+def test_the_batch_predict_flow_asks_for_a_folder_and_nothing_else():
+    from prefect.utilities.callables import parameter_schema
+
+    from tnflow.flows.predict import batch_predict
+
+    schema = parameter_schema(batch_predict.fn).model_dump()
+    assert schema["required"] == ["folder"]
+    assert (
+        schema["properties"]["model"]["default"] == "champion" and schema["properties"]["batch_size"]["maximum"] == 4096
+    )
+    with pytest.raises(ConfigError, match="--batch-size must be an integer from 1 to 4096, got 0"):
+        ScoreConfig.from_values({"folder": "/data/inbox", "batch_size": 0})
