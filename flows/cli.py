@@ -107,9 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write path, class, probability, top3 and error per file to this CSV instead of printing",
     )
     predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored at once (default: 32)")
-    predict.add_argument(
-        "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
-    )
+    _champion_option(predict)
     predict.set_defaults(handler=_predict)
 
     export = commands.add_parser(
@@ -126,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: savedmodel, onnx, tflite, tflite-float16 (default: savedmodel)",
     )
     export.add_argument("--float16", action="store_true", help="TFLite with float16 weights (half the size)")
-    export.add_argument(
-        "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
-    )
+    _champion_option(export)
     export.set_defaults(handler=_export)
 
     serve = commands.add_parser(
@@ -164,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
         )
     return parser
+
+
+def _champion_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
+    )
 
 
 def _values(args: argparse.Namespace, model: type[DataConfig]) -> dict[str, Any]:
@@ -225,14 +227,12 @@ def _export(args: argparse.Namespace) -> str:
         raise ConfigError(str(exc).replace("--export", "--format")) from None
     if args.float16:
         formats = tuple("tflite-float16" if f == "tflite" else f for f in formats)
-    from tnflow.tasks.export import export_into_model_dir
+    from tnflow.tasks.export import describe, export_into_model_dir
     from tnflow.tasks.predict import model_directory
 
     model_dir = model_directory(args.model, args.output_dir or default_output_dir())
     for fmt, check in export_into_model_dir(model_dir, formats).items():
-        difference = check.get("max_difference")
-        note = "" if difference is None else f" (max probability difference {difference:.1e} from the SavedModel)"
-        print(f"{fmt}: {model_dir / check['file']}{note}", file=sys.stderr)
+        print(describe(fmt, check, model_dir), file=sys.stderr)
     return str(model_dir)
 
 

@@ -159,7 +159,12 @@ def export_task(
     card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), weights)
     final, checks = publish_model(model_dir, run_dir, formats, card)
     for fmt, check in checks.items():
-        difference = check.get("max_difference")
-        note = "" if difference is None else f" (max probability difference {difference:.1e} from the SavedModel)"
-        logger.info("exported %s: %s%s", fmt, final / check["file"], note)
+        logger.info("exported %s", describe(fmt, check, final))
     return str(final)
+
+
+def describe(fmt: str, check: dict[str, Any], directory: Path) -> str:
+    """One line per export for the log and the CLI: where it is and how far it is from the SavedModel."""
+    difference = check.get("max_difference")
+    note = "" if difference is None else f" (max probability difference {difference:.1e} from the SavedModel)"
+    return f"{fmt}: {directory / check['file']}{note}"

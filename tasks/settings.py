@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -180,7 +180,19 @@ def _not_blank(option: str, value: str | None, what: str) -> str | None:
     return value
 
 
-class DataConfig(BaseModel):
+class Configuration(BaseModel):
+    """What every configuration shares: built from flow parameters or parsed options in one way."""
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Self:
+        """Build from flow parameters or parsed options; None means the default."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise _config_error(cls, exc) from None
+
+
+class DataConfig(Configuration):
     """Where the images come from and how they are cached (`tnflow prepare`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -296,14 +308,6 @@ class DataConfig(BaseModel):
             return None
         _not_blank(option(info.field_name), value, "a directory")
         return str(Path(value).expanduser().absolute())
-
-    @classmethod
-    def from_values(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from flow parameters or parsed options; None means the default."""
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as exc:
-            raise _config_error(cls, exc) from None
 
     @property
     def source_url(self) -> str:
@@ -529,7 +533,7 @@ def export_formats(value: str) -> tuple[str, ...]:
     return formats
 
 
-class ScoreConfig(BaseModel):
+class ScoreConfig(Configuration):
     """Batch scoring (`tnflow predict --out`, the batch-predict flow and its deployment)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -551,13 +555,6 @@ class ScoreConfig(BaseModel):
         json_schema_extra={"metavar": "CSV"},
     )
     batch_size: int = Field(32, ge=1, le=4096, description="images scored at once")
-
-    @classmethod
-    def from_values(cls, values: dict[str, Any]) -> ScoreConfig:
-        try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
-        except ValidationError as exc:
-            raise _config_error(cls, exc) from None
 
 
 def option(name: str) -> str:
@@ -607,7 +604,7 @@ def _span(field: Any) -> str:
 R = TypeVar("R")
 
 
-def flow_parameters(model: type[DataConfig] | type[ScoreConfig]) -> Callable[[Callable[[Any], R]], Callable[..., R]]:
+def flow_parameters(model: type[Configuration]) -> Callable[[Callable[[Any], R]], Callable[..., R]]:
     """Give `fn(config)` the model's fields as keyword parameters, which Prefect shows and validates.
 
     Prefect builds a flow's parameter schema (the UI form, `prefect deployment run -p`) from
