@@ -10,6 +10,15 @@ prescribes and which runs them in inference mode). Reported as images/s and tnfl
 
     python benchmarks/bench_train.py --model vgg19 --size 224 --batch 16
     python benchmarks/bench_train.py --model all --size 96 --batch 16
+
+`--stage` compares, in one run, the bare step (one batch fed from host memory, nothing else)
+with tnflow's whole train stage on a cache of random pictures: `tasks.train.train` (input
+pipeline, shuffled reads, per-step fetches, checkpoints; its epochs' own images/s) and the
+same inside a Prefect flow (`train_task`, its progress reports and a temporary Prefect
+server on the same cores), and Keras' VGG19 step as the peer:
+
+    python benchmarks/bench_train.py --stage --size 64 --batch 16 --steps 40
+    python benchmarks/bench_train.py --stage --size 224 --batch 16 --steps 12
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
 
 import tensorflow as tf  # noqa: E402
 
@@ -92,6 +102,47 @@ def bench_keras(model: str, size: int, batch: int, head: str, steps: int, images
     return batch / train, batch / infer
 
 
+def bench_stage(size: int, batch: int, steps: int, images, labels) -> None:
+    """Bare step, train stage, train stage in a Prefect flow, Keras: training images/s at `size`."""
+    import tempfile
+
+    import psutil
+    from prefect import flow
+
+    from benchmarks.bench_feed import write_test_cache
+    from tnflow.tasks.train import train, train_task
+
+    spec = ModelSpec("vgg19", "gap", 10, size)
+    settings = TrainSettings(epochs=2, batch_size=batch, learning_rate=1e-5)
+    classes = [str(i) for i in range(10)]
+    rates = {"bare step (feed from memory)": bench_tnflow("vgg19", size, batch, "gap", steps, images, labels)[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache.h5"
+        write_test_cache(cache, steps * batch, size)
+        trained = train(cache, None, spec, settings, Path(tmp) / "plain", class_names=classes, eval_batch_size=64)
+        rates["train stage (tasks.train.train)"] = max(r["images_per_second"] for r in trained.history)
+
+        @flow(name="bench-train-stage")
+        def stage_in_a_flow():
+            return train_task(str(cache), None, spec, settings, str(Path(tmp) / "flow"), classes, 64, False)
+
+        started = time.perf_counter()
+        trained = stage_in_a_flow()
+        wall = time.perf_counter() - started
+        rates["train stage in a Prefect flow"] = max(r["images_per_second"] for r in trained.history)
+        server = sum(sum(child.cpu_times()[:2]) for child in psutil.Process().children(recursive=True))
+    rates["keras.applications.VGG19 step"] = bench_keras("vgg19", size, batch, "gap", steps, images, labels)[0]
+    bare = rates["bare step (feed from memory)"]
+    print(f"VGG19 gap head at {size}x{size}, batch {batch}, {steps} steps per epoch, CPU ({os.cpu_count()} cores)")
+    print(f"{'training':40} {'images/s':>9} {'x bare step':>12}")
+    for name, rate in rates.items():
+        print(f"{name:40} {rate:>9.2f} {rate / bare:>12.3f}")
+    print(
+        f"the temporary Prefect server's CPU during the flow: {server:.1f} s in {wall:.0f} s "
+        f"({server / wall:.1%} of one core; its start-up included)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vgg19", choices=[*BACKBONES, "all"])
@@ -99,11 +150,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--head", choices=["full", "gap"], default=None, help="default: full for VGG at 224, else gap")
+    parser.add_argument("--stage", action="store_true", help="VGG19's train stage against its bare step")
     args = parser.parse_args()
     models = list(BACKBONES) if args.model == "all" else [args.model]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.batch)
+    if args.stage:
+        bench_stage(args.size, args.batch, args.steps, images, labels)
+        return
     device = "GPU" if tf.config.list_physical_devices("GPU") else f"CPU ({os.cpu_count()} cores)"
     print(f"{args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps, {device}, TF {tf.__version__}")
     print(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tnflow.flows.prepare import cached_data
 from tnflow.tasks.export import export_task
+from tnflow.tasks.gpu_slot import gpu_slot
 from tnflow.tasks.promote import promote_task, starting_model_task
 from tnflow.tasks.report import report_task, run_directory
 from tnflow.tasks.settings import RunConfig, flow_parameters
@@ -37,18 +38,19 @@ def transfer_learning(config: RunConfig) -> str:
         start_dir, weights_path, weights_id = None, weights.path, weights.md5
         origin = {"source": weights.source, "md5": weights.md5, "check": weights.check}
     work_dir = work_dir_for(config.output_dir, cache.path, weights_id, spec, settings, TRAINING_CODE)
-    trained = train_task(
-        cache.path,
-        weights_path,
-        spec,
-        settings,
-        str(work_dir),
-        classes,
-        config.eval_batch_size,
-        config.retrain,
-        start_dir,
-    )
-    test = validate_task(trained.model_dir, cache.path, "test", config.eval_batch_size, run_dir)
+    with gpu_slot(config.gpu_slot, get_run_logger()):  # runs sharing a GPU take turns
+        trained = train_task(
+            cache.path,
+            weights_path,
+            spec,
+            settings,
+            str(work_dir),
+            classes,
+            config.eval_batch_size,
+            config.retrain,
+            start_dir,
+        )
+        test = validate_task(trained.model_dir, cache.path, "test", config.eval_batch_size, run_dir)
     # Exported before the gate: a promotion then links the whole directory, exports and card
     # included, into the new champion before it switches over, so the champion's exports are
     # never from another model than its checkpoint.

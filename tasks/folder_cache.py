@@ -167,8 +167,8 @@ def _write_folder_cache(
         with decoder(workers, dask_address) as pool:
             done = 0
             for split in SPLITS:
-                # Rows in a seeded hash order, not class by class: training shuffles windows of
-                # neighbouring rows (h5cache.iter_batches), which must not be of one class.
+                # Rows in a seeded hash order, not class by class: an unshuffled read of a split
+                # (evaluation batches, a sample of the first rows) sees every class.
                 entries = sorted(plan.splits[split], key=lambda e: _row_order(spec.seed, e.digest))
                 reused = sorted((e for e in entries if e.digest in rows), key=lambda e: rows[e.digest])
                 if reused:

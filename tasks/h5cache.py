@@ -11,13 +11,14 @@ newer version of the folder take over unchanged pixels) and `paths`, and a `mani
 folder version, skipped files with their reasons, duplicates, leaked copies, counts.
 
 The num_* attributes are written last, so a file whose writer died reads as incomplete.
-Readers take batch-aligned slices, which are whole HDF5 chunks at the recipe's batch size.
+Images are stored in uncompressed chunks, which `tasks.cache_reader` reads straight from the
+file's bytes (`image_offsets`); a file laid out otherwise does not count as a cache.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,8 @@ ProgressFn = Callable[[int, int | None], None]
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
-# 32 images per HDF5 chunk: one chunk is one training batch at the recipe's batch size,
-# 4.8 MB at 224 (large enough for fast sequential I/O, small enough to shuffle by chunk).
+# 32 images per HDF5 chunk: 4.8 MB at 224, large enough for fast sequential writes.
 CHUNK_IMAGES = 32
-SHUFFLE_WINDOW = 8  # batches read, then mixed together: varies batch make-up between epochs
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,8 @@ def inspect_cache(path: str | Path) -> CacheInfo | None:
                 if images.shape[1:] != (size, size, 3) or labels.shape != (images.shape[0],):
                     return None
                 counts[split] = int(images.shape[0])
+                if image_offsets(images) is None:
+                    return None
             if counts != {s: int(f.attrs[f"num_{s}"]) for s in SPLITS}:
                 return None
             return CacheInfo(
@@ -207,39 +208,30 @@ def read_resize_mode(path: str | Path) -> str:
         return str(f.attrs.get("resize", "crop"))
 
 
+def image_offsets(images: h5py.Dataset) -> np.ndarray | None:
+    """The byte offset in the file of every image of an (N, S, S, 3) uint8 dataset, or None.
+
+    None unless every image is stored as its own raw bytes: uncompressed, unfiltered chunks
+    of whole images, all of them written.
+    """
+    count, image_bytes = images.shape[0], int(np.prod(images.shape[1:]))
+    if images.dtype != np.uint8 or images.chunks is None or images.chunks[1:] != images.shape[1:]:
+        return None
+    if images.id.get_create_plist().get_nfilters():
+        return None
+    per_chunk = images.chunks[0]
+    starts = np.full(-(-count // per_chunk), -1, np.int64)
+    for i in range(images.id.get_num_chunks()):
+        info = images.id.get_chunk_info(i)
+        if info.filter_mask or info.size != per_chunk * image_bytes:
+            return None
+        starts[info.chunk_offset[0] // per_chunk] = info.byte_offset
+    if (starts < 0).any():
+        return None
+    rows = np.arange(count)
+    return starts[rows // per_chunk] + (rows % per_chunk) * image_bytes
+
+
 def read_split_size(path: str | Path, split: str) -> int:
     with h5py.File(path, "r") as f:
         return int(f[f"{split}/labels"].shape[0])
-
-
-def _epoch_windows(num_images: int, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(slice starts, permutation of their images) per window; a function of (seed, epoch) only."""
-    rng = np.random.default_rng([seed, epoch])
-    starts = rng.permutation(np.arange(0, num_images, batch_size))
-    for w in range(0, len(starts), SHUFFLE_WINDOW):
-        group = starts[w : w + SHUFFLE_WINDOW]
-        count = sum(min(batch_size, num_images - int(s)) for s in group)
-        yield group, rng.permutation(count)
-
-
-def iter_batches(
-    path: str | Path, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 images, int64 labels) batches of `split`; in file order unless `shuffle`.
-
-    Shuffled epochs read batch-aligned slices (whole HDF5 chunks at the default batch size)
-    in a seeded order and mix each window of `SHUFFLE_WINDOW` slices, so reads stay large
-    while batches differ from epoch to epoch, and a resumed run replays the same order.
-    """
-    with h5py.File(path, "r") as f:
-        images, labels = f[f"{split}/images"], f[f"{split}/labels"][:]
-        n = len(labels)
-        if not shuffle:
-            for start in range(0, n, batch_size):
-                yield images[start : start + batch_size], labels[start : start + batch_size]
-            return
-        for group, perm in _epoch_windows(n, batch_size, seed, epoch):
-            block = np.concatenate([images[s : s + batch_size] for s in group])[perm]
-            index = np.concatenate([np.arange(s, min(s + batch_size, n)) for s in group])[perm]
-            for b in range(0, len(index), batch_size):
-                yield block[b : b + batch_size], labels[index[b : b + batch_size]]

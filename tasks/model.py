@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,7 +57,7 @@ with _startup_chatter_hidden():
 
     from tnflow.tasks.tensornets_compat import nets
 
-    _GPUS = [d.name.replace("physical_device:", "") for d in tf.config.list_physical_devices("GPU")]
+    _GPUS = tf.config.list_physical_devices("GPU")  # from the CUDA runtime: no nvidia-smi needed
 if _QUIET:
     del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
@@ -72,13 +72,21 @@ if _QUIET:
 
 # -- constants --------------------------------------------------------------------------
 
-PREFETCH_BATCHES = 4  # enough to hide one slow HDF5 read behind the steps of the others
+PREFETCH_BATCHES = 4  # batches ready ahead of the step: enough to hide a slow read behind the others
+READ_THREADS = 2  # batches read at once (each read copies from the page cache and releases the GIL)
 BN_MOMENTUM = 0.99  # of BN's moving averages, when BN trains (Keras' default)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# batches(split, epoch, shuffle, batch_size) -> (uint8 images, int64 labels); runs on tf.data's thread.
-BatchFn = Callable[[bytes, int, bool, int], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+class Feed(Protocol):
+    """Where the input pipeline gets its batches (`tasks.cache_reader.CacheFeed`); called from tf.data's threads."""
+
+    def num_batches(self, split: str, batch_size: int) -> int: ...
+
+    def batch(
+        self, split: str, epoch: int, shuffle: bool, batch_size: int, index: int
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,38 @@ class Net:
 
 
 def visible_gpus() -> list[str]:
-    return list(_GPUS)
+    return [d.name.replace("physical_device:", "") for d in _GPUS]
+
+
+def gpu_details() -> list[dict[str, Any]]:
+    """What TensorFlow knows of each GPU: its name and compute capability."""
+    return [tf.config.experimental.get_device_details(d) for d in _GPUS]
+
+
+FAST_FLOAT16 = (7, 0)  # compute capability from which float16 has tensor cores (Volta)
+
+
+def describe_devices(details: list[dict[str, Any]], *, mixed_precision: bool, xla: bool) -> tuple[str, list[str]]:
+    """One line of what runs where, and warnings about switches that will not pay on this device."""
+    target = "the GPU, cast there" if details else "the CPU"
+    ahead = f"{READ_THREADS} reader threads, {PREFETCH_BATCHES} batches ahead"
+    pipeline = f"input pipeline on the CPU ({ahead}, uint8 to {target})"
+    precision = "float16 compute for training (validation and export in float32)" if mixed_precision else "float32"
+    switches = f"{pipeline}; {precision}; {'XLA for training' if xla else 'no XLA'}"
+    if not details:
+        return f"device: CPU (no GPU visible to TensorFlow); {switches}", []
+    first = details[0]
+    capability = tuple(first.get("compute_capability") or (0, 0))
+    name = first.get("device_name", "GPU")
+    others = f"; {len(details)} GPUs visible, tnflow uses the first" if len(details) > 1 else ""
+    line = f"device: /GPU:0 ({name}, compute capability {capability[0]}.{capability[1]}{others}); {switches}"
+    warnings = []
+    if mixed_precision and capability < FAST_FLOAT16:
+        warnings.append(
+            f"--mixed-precision: {name} (compute capability {capability[0]}.{capability[1]}) has no fast float16 "
+            f"(from {FAST_FLOAT16[0]}.{FAST_FLOAT16[1]}, Volta, on); TensorFlow's rewrite will leave it in float32"
+        )
+    return line, warnings
 
 
 # -- preprocessing ----------------------------------------------------------------------
@@ -146,47 +185,31 @@ def preprocess(images: tf.Tensor, kind: str) -> tf.Tensor:
 
 def build(
     spec: ModelSpec,
-    batches: BatchFn | None = None,
+    feed: Feed | None = None,
     *,
     settings: TrainSettings | None = None,
     steps_per_epoch: int = 1,
     serving: ServingInput | None = None,
+    device: str | None = None,
 ) -> Net:
-    """A graph for `spec`: with an input pipeline when `batches` is given, a training step when `settings` is.
+    """A graph for `spec`: with an input pipeline when `feed` is given, a training step when `settings` is.
 
     `serving` builds the graph an export saves: inference only (no training switch left in
     it, so converters see one plain network), and `images` can also be computed from encoded
-    bytes fed to `encoded`, decoded as the cache would have.
+    bytes fed to `encoded`, decoded as the cache would have. `device` places the graph
+    elsewhere than on the first GPU found (or the CPU): a GPU graph can be built, and
+    checked, on a machine without one.
     """
     graph = tf.Graph()
     gpus = visible_gpus()
-    device = gpus[0] if gpus else "/CPU:0"
+    device = device or (gpus[0] if gpus else "/CPU:0")
+    on_gpu = "GPU" in device.upper()
     size = spec.image_size
     with graph.as_default():
         tf1.set_random_seed(settings.seed if settings else 0)
         data_init, data_args, encoded = None, (), None
-        if batches is not None:
-            data_args = (
-                tf1.placeholder(tf.string, [], name="split"),
-                tf1.placeholder(tf.int64, [], name="epoch"),
-                tf1.placeholder(tf.bool, [], name="shuffle"),
-                tf1.placeholder(tf.int64, [], name="batch_size"),
-            )
-            dataset = tf.data.Dataset.from_generator(
-                batches,
-                args=data_args,
-                output_signature=(
-                    tf.TensorSpec([None, size, size, 3], tf.uint8),
-                    tf.TensorSpec([None], tf.int64),
-                ),
-            ).prefetch(PREFETCH_BATCHES)
-            if gpus:
-                dataset = dataset.apply(tf.data.experimental.prefetch_to_device(device))
-            iterator = tf1.data.make_initializable_iterator(dataset)
-            data_init = iterator.initializer
-            next_images, next_labels = iterator.get_next()
-            images = tf1.placeholder_with_default(next_images, [None, size, size, 3], name="images")
-            labels = tf1.placeholder_with_default(next_labels, [None], name="labels")
+        if feed is not None:
+            data_args, data_init, images, labels = input_pipeline(feed, size, device if on_gpu else None)
         elif serving is not None and serving.bytes_input:
             encoded = tf1.placeholder(tf.string, [None], name="image_bytes")
             decoded = decode_graph.decode_batch(encoded, size, serving.resize, serving.max_pixels)
@@ -260,6 +283,42 @@ def build(
     if serving is None:  # an export adds its saver to the graph
         graph.finalize()
     return net
+
+
+def input_pipeline(feed: Feed, size: int, gpu: str | None) -> tuple[tuple[tf.Tensor, ...], tf.Operation, Any, Any]:
+    """(its arguments, initializer, images, labels): batches read `READ_THREADS` at a time, in order.
+
+    The batch stays uint8 until it is on the device (a quarter of float32's host-to-device
+    traffic); `preprocess` casts it there. Each batch is a function of its index, so reading
+    several at once changes nothing but the speed.
+    """
+    args = (
+        tf1.placeholder(tf.string, [], name="split"),
+        tf1.placeholder(tf.int64, [], name="epoch"),
+        tf1.placeholder(tf.bool, [], name="shuffle"),
+        tf1.placeholder(tf.int64, [], name="batch_size"),
+    )
+
+    def count(split: bytes, batch_size: np.int64) -> np.int64:
+        return np.int64(feed.num_batches(split.decode(), int(batch_size)))
+
+    def read(split: bytes, epoch: np.int64, shuffle: np.bool_, batch_size: np.int64, index: np.int64):
+        return feed.batch(split.decode(), int(epoch), bool(shuffle), int(batch_size), int(index))
+
+    def batch(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = tf.numpy_function(read, [*args, index], (tf.uint8, tf.int64), stateful=False)
+        return tf.ensure_shape(images, [None, size, size, 3]), tf.ensure_shape(labels, [None])
+
+    batches = tf.reshape(tf.numpy_function(count, [args[0], args[3]], tf.int64, stateful=False), [])
+    dataset = tf.data.Dataset.range(batches).map(batch, num_parallel_calls=READ_THREADS, deterministic=True)
+    dataset = dataset.prefetch(PREFETCH_BATCHES)
+    if gpu:
+        dataset = dataset.apply(tf.data.experimental.prefetch_to_device(gpu))
+    iterator = tf1.data.make_initializable_iterator(dataset)
+    next_images, next_labels = iterator.get_next()
+    images = tf1.placeholder_with_default(next_images, [None, size, size, 3], name="images")
+    labels = tf1.placeholder_with_default(next_labels, [None], name="labels")
+    return args, iterator.initializer, images, labels
 
 
 def _serving_outputs(probs: tf.Tensor, class_names: tuple[str, ...]) -> dict[str, tf.Tensor]:

@@ -428,6 +428,14 @@ class RunConfig(DataConfig):
     )
     mixed_precision: bool = Field(False, description="float16 training compute with loss scaling, on GPUs")
     xla: bool = Field(False, description="compile the training step with XLA")
+    gpu_slot: str = Field(
+        "tnflow-gpu",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Prefect global concurrency limit that training and validation hold, so runs sharing a GPU "
+        "take turns (created with 1 slot if missing; name one per machine if several share a server; "
+        "none: take no slot)",
+        json_schema_extra={"metavar": "NAME"},
+    )
     retrain: bool = Field(False, description="train again even if a finished training with these inputs exists")
     output_dir: str = Field(
         default_factory=default_output_dir,
@@ -578,6 +586,8 @@ def _config_error(model: type[BaseModel], exc: ValidationError) -> ConfigError:
     annotation = str(field.annotation) if field else ""
     if error["type"] == "literal_error":
         return ConfigError(f"{option(name)} {value!r} is unknown; choose one of: {error['ctx']['expected']}")
+    if error["type"] == "string_pattern_mismatch":  # names Prefect takes
+        return ConfigError(f"{option(name)} {value!r} may only hold letters, digits, '-' and '_'")
     if "bool" in annotation:
         return ConfigError(f"{option(name)} must be true or false, got {value!r}")
     kind = "an integer" if "int" in annotation else "a number" if "float" in annotation else "a string"

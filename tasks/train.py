@@ -13,6 +13,7 @@ prune) and the recovery paths that rely on that order are one invariant, read in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,9 +25,10 @@ from prefect import get_run_logger, task
 
 from tnflow.tasks.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.cache_policy import StageCache, code_version
+from tnflow.tasks.cache_reader import CacheFeed
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import ensure_writable_dir, exclusive, new_directory
-from tnflow.tasks.h5cache import iter_batches, read_resize_mode, read_split_size
+from tnflow.tasks.h5cache import read_resize_mode, read_split_size
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir, write_model_json
 from tnflow.tasks.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.retries import retry_unless
@@ -54,6 +56,7 @@ CODE = code_version(
     "tnflow.tasks.backbones",
     "tnflow.tasks.weights",
     "tnflow.tasks.h5cache",
+    "tnflow.tasks.cache_reader",
     "tnflow.tasks.validate",
 )
 
@@ -129,15 +132,15 @@ def _fit(
     on_epoch_end: Callable[[int], None] | None,
 ) -> dict[str, Any]:
     """Run the epochs still to do in `directory`, starting from `state`; returns the final state."""
-    from tnflow.tasks.model import build, open_session, run_split  # TensorFlow: only when training
-
-    def batches(split: bytes, epoch: int, shuffle: bool, batch_size: int):
-        return iter_batches(
-            cache_path, split.decode(), int(batch_size), shuffle=bool(shuffle), seed=settings.seed, epoch=int(epoch)
-        )
+    from tnflow.tasks.model import build, describe_devices, gpu_details, open_session, run_split  # TensorFlow
 
     num_train = read_split_size(cache_path, "train")
-    net = build(spec, batches, settings=settings, steps_per_epoch=-(-num_train // settings.batch_size))
+    net = build(
+        spec,
+        CacheFeed(cache_path, seed=settings.seed),
+        settings=settings,
+        steps_per_epoch=-(-num_train // settings.batch_size),
+    )
     origin = {  # what model.json says about where the model came from and how to feed it
         "class_names": list(class_names),
         "resize": read_resize_mode(cache_path),
@@ -146,7 +149,18 @@ def _fit(
     }
     state["device"] = net.device
     done_epochs = state.get("epochs_done", 0)
-    with open_session(net, xla=settings.xla, mixed_precision=settings.mixed_precision) as session:
+    devices, warnings = describe_devices(gpu_details(), mixed_precision=settings.mixed_precision, xla=settings.xla)
+    log.info(devices)
+    for warning in warnings:
+        log.warning(warning)
+    # Each epoch's validation runs in a plain float32 session, restored from the epoch's
+    # checkpoint, whenever the training session rewrites or compiles the graph: the best epoch
+    # is chosen on the numbers the validate stage would compute.
+    rewritten = settings.mixed_precision or settings.xla
+    with (
+        open_session(net, xla=settings.xla, mixed_precision=settings.mixed_precision) as session,
+        open_session(net) if rewritten else contextlib.nullcontext(session) as eval_session,
+    ):
         if done_epochs:
             net.saver.restore(session, str(checkpoint_dir(directory, done_epochs) / "ckpt"))
             if not best_model_ok(directory, state):
@@ -199,7 +213,11 @@ def _fit(
                 if progress:
                     progress(seen, total, detail=f"epoch {epoch}/{settings.epochs}, loss {out['losses'].mean():.4f}")
             seconds = time.monotonic() - started
-            valid = evaluate(session, net, "valid", eval_batch_size, spec.num_classes)
+            with new_directory(checkpoint_dir(directory, epoch)) as tmp:
+                net.saver.save(session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
+            if eval_session is not session:
+                net.model_saver.restore(eval_session, str(checkpoint_dir(directory, epoch) / "ckpt"))
+            valid = evaluate(eval_session, net, "valid", eval_batch_size, spec.num_classes)
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / count,
@@ -211,8 +229,6 @@ def _fit(
                 "trained": "head" if frozen else "all",
             }
             state.setdefault("history", []).append(record)
-            with new_directory(checkpoint_dir(directory, epoch)) as tmp:
-                net.saver.save(session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
             if record["valid_accuracy"] > state.get("best_valid_accuracy", -1.0):
                 meta = _model_meta(spec, settings, origin, record)
                 _export_model(session, net, directory, epoch, meta)
@@ -223,7 +239,7 @@ def _fit(
             log.info(
                 f"epoch {epoch}/{settings.epochs}: train loss {record['train_loss']:.4f} acc "
                 f"{record['train_accuracy']:.4f} | valid loss {record['valid_loss']:.4f} acc "
-                f"{record['valid_accuracy']:.4f} | {record['images_per_second']:.0f} img/s"
+                f"{record['valid_accuracy']:.4f} | {record['images_per_second']:.1f} img/s"
             )
             if on_epoch_end:
                 on_epoch_end(epoch)

@@ -17,12 +17,11 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.cache_reader import CacheFeed
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import write_atomic
-from tnflow.tasks.h5cache import iter_batches
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir
 from tnflow.tasks.progress import STAGE_HOOKS
-from tnflow.tasks.resize import fit_square
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.settings import ModelSpec
 
@@ -95,13 +94,7 @@ def evaluate_model(model_dir: str | Path, cache_path: str | Path, split: str, ba
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
 
-    def batches(split_name: bytes, epoch: int, shuffle: bool, size: int):
-        for images, labels in iter_batches(cache_path, split_name.decode(), int(size)):
-            if images.shape[1] != spec.image_size:
-                images = np.stack([fit_square(image, spec.image_size) for image in images])
-            yield images, labels
-
-    net = build(spec, batches)
+    net = build(spec, CacheFeed(cache_path, image_size=spec.image_size))
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
         metrics = evaluate(session, net, split, batch_size, spec.num_classes)

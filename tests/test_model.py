@@ -129,3 +129,90 @@ def test_tensorflow_start_up_chatter_is_hidden_unless_the_user_sets_a_level():
     quiet, loud = start(env), start({**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert loud.returncode == 0 and loud.stderr, "the user's level wins"
+
+
+# -- the GPU path, checked in the graph (this machine has no GPU) -------------------------
+
+
+class NoFeed:
+    """A feed the graph is built around but never reads from."""
+
+    def num_batches(self, split, batch_size):
+        return 0
+
+    def batch(self, split, epoch, shuffle, batch_size, index):
+        raise AssertionError("not read")
+
+
+def gpu_training_graph(mixed_precision=False):
+    settings = TrainSettings(learning_rate=1e-4, mixed_precision=mixed_precision)
+    return build(ModelSpec("vgg19", "gap", 10, 32), NoFeed(), settings=settings, device="/GPU:0")
+
+
+def test_a_gpu_graph_takes_uint8_batches_to_the_gpu_and_casts_there():
+    import tensorflow as tf
+
+    ops = gpu_training_graph().graph.get_operations()
+    (get_next,) = [op for op in ops if op.type == "IteratorGetNext"]
+    assert "GPU:0" in get_next.device, "prefetched to the device by the pipeline itself"
+    assert get_next.outputs[0].dtype == tf.uint8, "a quarter of float32's host-to-device bytes"
+    casts = [op for op in ops if op.type == "Cast" and op.inputs[0].dtype == tf.uint8]
+    assert casts and all("GPU:0" in op.device and op.outputs[0].dtype == tf.float32 for op in casts)
+    reads = [op for op in ops if op.type == "ParallelMapDatasetV2"]
+    assert reads and not any("GPU" in op.device for op in reads), "the reading stays on the CPU"
+
+
+def optimized_types(net, fetch, config) -> dict[str, set[str]]:
+    """Op type -> dtypes after Grappler rewrites the graph for `fetch` as on an A100 (a virtual device)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import meta_graph_pb2
+    from tensorflow.core.protobuf.device_properties_pb2 import DeviceProperties, NamedDevice
+    from tensorflow.python.grappler import cluster, tf_optimizer
+
+    meta = meta_graph_pb2.MetaGraphDef(graph_def=net.graph.as_graph_def())
+    meta.collection_def["train_op"].node_list.value.append(fetch.name.split(":")[0])
+    config.graph_options.rewrite_options.min_graph_nodes = -1
+    a100 = DeviceProperties(type="GPU", environment={"architecture": "8.0"}, num_cores=108, frequency=1410)
+    device = NamedDevice(name="/job:localhost/replica:0/task:0/device:GPU:0", properties=a100)
+    graph = tf_optimizer.OptimizeGraph(config, meta, cluster=cluster.Cluster(devices=[device]))
+    found: dict[str, set[str]] = {}
+    for node in graph.node:
+        if "T" in node.attr:
+            found.setdefault(node.op, set()).add(tf.dtypes.as_dtype(node.attr["T"].type).name)
+    return found
+
+
+@pytest.mark.slow
+def test_mixed_precision_rewrites_the_training_step_only():
+    net = gpu_training_graph(mixed_precision=True)
+    training = optimized_types(net, net.train_op, session_config(mixed_precision=True))
+    convolutions = training.get("Conv2D", set()) | training.get("_FusedConv2D", set())  # fused with their bias
+    assert convolutions == {"float16"} and training["Conv2DBackpropFilter"] == {"float16"}
+    assert training["ResourceApplyAdam"] == {"float32"}, "the weights and their updates stay float32"
+    evaluation = optimized_types(net, net.probs, session_config())
+    convolutions = evaluation.get("Conv2D", set()) | evaluation.get("_FusedConv2D", set())
+    assert convolutions == {"float32"}, "validation and export sessions stay float32"
+
+
+def test_xla_compiles_training_sessions_only():
+    from tensorflow.core.protobuf import config_pb2
+
+    on = config_pb2.OptimizerOptions.ON_1
+    assert session_config(xla=True).graph_options.optimizer_options.global_jit_level == on
+    assert session_config().graph_options.optimizer_options.global_jit_level != on
+
+
+def test_the_log_says_what_runs_where():
+    from tnflow.tasks.model import describe_devices
+
+    line, warnings = describe_devices([], mixed_precision=False, xla=False)
+    assert line.startswith("device: CPU (no GPU visible to TensorFlow)") and not warnings
+    a100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
+    line, warnings = describe_devices([a100, a100], mixed_precision=True, xla=True)
+    assert "/GPU:0 (NVIDIA A100-SXM4-40GB, compute capability 8.0; 2 GPUs visible, tnflow uses the first)" in line
+    assert "uint8 to the GPU, cast there" in line and "float16 compute for training" in line and "XLA" in line
+    assert not warnings
+    _, warnings = describe_devices(
+        [{"device_name": "Tesla P100", "compute_capability": (6, 0)}], mixed_precision=True, xla=False
+    )
+    assert len(warnings) == 1 and "no fast float16" in warnings[0]

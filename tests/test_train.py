@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 GAP32 = ModelSpec("vgg19", "gap", 10, 32)
-SETTINGS = TrainSettings(epochs=3, batch_size=16, learning_rate=1e-4, seed=0)
+SETTINGS = TrainSettings(epochs=4, batch_size=16, learning_rate=1e-4, seed=0)
 TWO_EPOCHS = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-4, seed=0)
 ONE_EPOCH = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0)
 # Every lever on: what a resumed training must replay at the right step.
@@ -49,7 +49,7 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_cache, tmp_path_factory):
-    """An uninterrupted three-epoch run from random weights."""
+    """An uninterrupted four-epoch run from random weights."""
     work = tmp_path_factory.mktemp("reference")
     return train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names, eval_batch_size=64)
 
@@ -105,7 +105,7 @@ def without_timing(history):
 
 def test_training_learns(reference):
     history = reference.history
-    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     assert history[-1]["valid_accuracy"] > 0.5, "chance is 0.1"
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert reference.best_epoch == max(history, key=lambda r: r["valid_accuracy"])["epoch"]
@@ -341,3 +341,23 @@ def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny
     assert first.result() == second.result() == reference
     assert task_states(first) == {"train": "Completed"}
     assert task_states(second) == {"train": "Cached"}, "the evaluation batch size is not part of the key"
+
+
+def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cache, tmp_path, monkeypatch):
+    """The float16 rewrite is for the training step; the best epoch is chosen on float32 numbers."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    rewrites = []
+
+    def spy(session, *args, **kwargs):
+        rewrites.append(session._config.graph_options.rewrite_options.auto_mixed_precision)
+        return evaluate(session, *args, **kwargs)
+
+    evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-4, seed=0, mixed_precision=True)
+    trained = train(tiny_cache.path, None, GAP32, settings, tmp_path / "work", class_names=tiny_cache.class_names)
+    assert rewrites == [rewriter_config_pb2.RewriterConfig.OFF] * 2, "one plain session, restored every epoch"
+    final = validate(trained.model_dir, tiny_cache.path, "valid", 64, tmp_path / "out")
+    best = trained.history[trained.best_epoch - 1]
+    assert (final["valid_accuracy"], final["valid_loss"]) == pytest.approx((best["valid_accuracy"], best["valid_loss"]))

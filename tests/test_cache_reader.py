@@ -1,0 +1,116 @@
+"""The cache reader: the right pixels from a memory map, every image once per epoch, reproducible orders."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tnflow.tasks.cache_reader import ALIGNMENT, CacheFeed, SplitReader, iter_batches
+from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.h5cache import inspect_cache, write_cache
+
+COUNT, SIZE = 70, 8  # three chunks of 32 images, the last one partial
+
+
+def numbered(count: int, first: int = 0) -> np.ndarray:
+    """Images whose pixels say which image they are (and differ within an image)."""
+    index = np.arange(first, first + count)[:, None, None, None]
+    return ((index * 7 + np.arange(SIZE * SIZE * 3).reshape(1, SIZE, SIZE, 3)) % 251).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reader") / "cache.h5"
+    images = numbered(COUNT)
+
+    def chunks(start, n, step=24):  # written in pieces that do not line up with the chunks
+        for offset in range(0, n, step):
+            yield offset, images[start + offset : start + min(offset + step, n)]
+
+    labels = np.arange(COUNT) % 10
+    splits = {
+        "train": (labels, chunks(0, COUNT)),
+        "valid": (labels[:20], chunks(0, 20)),
+        "test": (labels[:5], chunks(0, 5)),
+    }
+    write_cache(path, {"dataset": "t", "class_names": [str(i) for i in range(10)]}, splits, SIZE)
+    return path
+
+
+def test_batches_hold_the_images_and_labels_of_the_file(cache):
+    with h5py.File(cache) as f:
+        stored, labels = f["train/images"][:], f["train/labels"][:]
+    reader = SplitReader(cache, "train")
+    order = np.array([69, 0, 31, 32, 64, 5])
+    images, got_labels = reader.read(order)
+    np.testing.assert_array_equal(images, stored[order])
+    np.testing.assert_array_equal(got_labels, labels[order])
+    assert images.ctypes.data % ALIGNMENT == 0, "aligned, so TensorFlow takes it without a copy"
+
+
+def test_unshuffled_batches_are_the_file_in_order(cache):
+    batches = list(iter_batches(cache, "train", 32))
+    assert [len(labels) for _, labels in batches] == [32, 32, 6]
+    np.testing.assert_array_equal(np.concatenate([images for images, _ in batches]), numbered(COUNT))
+
+
+def test_a_shuffled_epoch_sees_every_image_once_in_an_order_of_its_own(cache):
+    def seen(epoch, seed=0):
+        return np.concatenate(
+            [images[:, 0, 0, 0] for images, _ in iter_batches(cache, "train", 16, shuffle=True, seed=seed, epoch=epoch)]
+        )
+
+    first, again, second, other_seed = seen(1), seen(1), seen(2), seen(1, seed=1)
+    ids = numbered(COUNT)[:, 0, 0, 0]
+    assert sorted(first.tolist()) == sorted(ids.tolist()), "every image exactly once"
+    np.testing.assert_array_equal(first, again)  # a resumed epoch replays the same order
+    assert not np.array_equal(first, second) and not np.array_equal(first, other_seed)
+    assert not np.array_equal(first, ids), "shuffled"
+    # Images, not chunks, are shuffled: the first batch mixes images from every chunk.
+    positions = [int(np.flatnonzero(ids == pixel)[0]) for pixel in first[:16]]
+    assert {p // 32 for p in positions} == {0, 1, 2}
+
+
+def test_a_feed_resizes_to_the_model_size(cache):
+    images, _ = CacheFeed(cache, image_size=16).batch("valid", 0, False, 8, 0)
+    assert images.shape == (8, 16, 16, 3)
+
+
+def test_a_cache_not_stored_as_plain_chunks_is_not_a_cache(cache, tmp_path):
+    compressed = tmp_path / "compressed.h5"
+    with h5py.File(cache) as source, h5py.File(compressed, "w") as f:
+        for name, value in source.attrs.items():
+            f.attrs[name] = value
+        for split in ("train", "valid", "test"):
+            images = source[f"{split}/images"]
+            f.create_dataset(f"{split}/images", data=images[:], chunks=images.chunks, compression="gzip")
+            f.create_dataset(f"{split}/labels", data=source[f"{split}/labels"][:])
+    assert inspect_cache(cache) is not None and inspect_cache(compressed) is None, "so the cache stage rebuilds it"
+    with pytest.raises(TnflowError, match=r"not plain uncompressed chunks.*tnflow prepare"):
+        SplitReader(compressed, "train")
+
+
+def test_the_graph_reads_the_feeds_batches_in_order_with_several_threads(cache):
+    import tensorflow as tf
+
+    from tnflow.tasks.model import READ_THREADS, input_pipeline
+
+    assert READ_THREADS > 1, "otherwise order is trivially kept"
+    graph = tf.Graph()
+    with graph.as_default():
+        args, init, images, labels = input_pipeline(CacheFeed(cache, seed=3), SIZE, None)
+    with tf.compat.v1.Session(graph=graph) as session:
+        for epoch in (1, 2):
+            session.run(init, dict(zip(args, ("train", epoch, True, 16), strict=True)))
+            got = []
+            while True:
+                try:
+                    got.append(session.run([images, labels]))
+                except tf.errors.OutOfRangeError:
+                    break
+            expected = list(iter_batches(cache, "train", 16, shuffle=True, seed=3, epoch=epoch))
+            assert len(got) == len(expected) == 5
+            for (got_images, got_labels), (images_, labels_) in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(got_images, images_)
+                np.testing.assert_array_equal(got_labels, labels_)

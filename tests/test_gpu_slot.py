@@ -1,0 +1,106 @@
+"""One GPU shared safely: two trainings started together against one Prefect server take turns."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import api_get, api_post, stop_process_group
+from tests.fake_weights import VGG_CONV, write_fake_weights
+from tests.fakes import make_archive
+from tnflow.tasks.gpu_slot import gpu_slot
+
+
+def stage_times(api: str, flow_run_id: str) -> dict[str, tuple[datetime, datetime]]:
+    runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    return {
+        run["name"].rsplit("-", 1)[0]: (
+            datetime.fromisoformat(run["start_time"]),
+            datetime.fromisoformat(run["end_time"]),
+        )
+        for run in runs
+        if run["start_time"] and run["end_time"]
+    }
+
+
+def flow_run_id(log: str) -> str:
+    found = re.search(r"/runs/flow-run/([0-9a-f-]{36})", log)
+    assert found, log[-3000:]
+    return found.group(1)
+
+
+def test_two_trainings_at_once_take_turns_on_the_gpu_slot(prefect_server, tmp_path):
+    api = prefect_server["api"]
+    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=100, n_test=20)
+    weights_md5 = write_fake_weights(tmp_path / "vgg19.h5", "vgg19", count=VGG_CONV)
+    slot = f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"  # the server is shared with other tests
+    tnflow = str(Path(sys.executable).with_name("tnflow"))
+    command = [tnflow, "run", "--data-url", str(tmp_path / "c10.tar.gz"), "--data-md5", md5]
+    command += ["--weights", str(tmp_path / "vgg19.h5"), "--weights-md5", weights_md5, "--image-size", "32"]
+    command += ["--head", "gap", "--valid-size", "20", "--epochs", "1", "--learning-rate", "1e-4"]
+    command += ["--eval-batch-size", "64", "--export", "none", "--cache-dir", str(tmp_path / "cache")]
+    command += ["--gpu-slot", slot]
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+
+    processes: list[subprocess.Popen] = []
+
+    @flow(name="gpu-slot-holder")
+    def hold_the_slot_until_both_wait() -> str:
+        """Takes the slot, then starts both trainings: both must wait, so no race decides the test."""
+        from prefect.runtime import flow_run
+
+        with gpu_slot(slot, get_run_logger()):
+            for name, log in zip("ab", logs, strict=True):
+                with open(log, "wb") as out:
+                    processes.append(
+                        subprocess.Popen(
+                            [*command, "--output-dir", str(tmp_path / name)],
+                            env=prefect_server["env"],
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+            deadline = time.monotonic() + 400
+            while not all("waiting for a GPU slot held by run" in log.read_text() for log in logs):
+                failed = [p.returncode for p in processes if p.poll() is not None]
+                assert not failed and time.monotonic() < deadline, [log.read_text()[-3000:] for log in logs]
+                time.sleep(0.5)
+        return flow_run.name
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            holder = hold_the_slot_until_both_wait()
+        for process in processes:
+            process.wait(timeout=600)
+    finally:
+        for process in processes:
+            stop_process_group(process)
+    texts = [log.read_text() for log in logs]
+    assert [p.returncode for p in processes] == [0, 0], [text[-3000:] for text in texts]
+    assert all(f"waiting for a GPU slot held by run {holder!r}" in text for text in texts), "it says for whom"
+
+    (a_train, a_valid), (b_train, b_valid) = (
+        (times["train"], times["validate"]) for times in (stage_times(api, flow_run_id(text)) for text in texts)
+    )
+    a_span, b_span = (a_train[0], a_valid[1]), (b_train[0], b_valid[1])
+    assert a_span[1] <= b_span[0] or b_span[1] <= a_span[0], f"training and validation overlapped: {a_span} {b_span}"
+    limit = api_get(api, f"/v2/concurrency_limits/{slot}")
+    assert limit["limit"] == 1 and limit["active_slots"] == 0, "created with one slot, and free again"
+
+
+@pytest.mark.parametrize("name", ["tnflow gpu", "gpu/0", ""])
+def test_a_slot_name_prefect_cannot_take_is_refused_up_front(name, capsys):
+    from tnflow.flows.cli import main
+
+    assert main(["run", "--gpu-slot", name, "--epochs", "1"]) != 0
+    assert f"--gpu-slot {name!r} may only hold letters, digits" in capsys.readouterr().err
