@@ -40,7 +40,7 @@ def flow_run_id(log: str) -> str:
 
 def test_two_trainings_at_once_take_turns_on_the_gpu_slot(prefect_server, tmp_path):
     api = prefect_server["api"]
-    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=100, n_test=20)
+    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=60, n_test=20)
     weights_md5 = write_fake_weights(tmp_path / "vgg19.h5", "vgg19", count=VGG_CONV)
     slot = f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"  # the server is shared with other tests
     tnflow = str(Path(sys.executable).with_name("tnflow"))

@@ -355,9 +355,9 @@ def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cac
 
     evaluate = train_module.evaluate
     monkeypatch.setattr(train_module, "evaluate", spy)
-    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-4, seed=0, mixed_precision=True)
+    settings = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0, mixed_precision=True)
     trained = train(tiny_cache.path, None, GAP32, settings, tmp_path / "work", class_names=tiny_cache.class_names)
-    assert rewrites == [rewriter_config_pb2.RewriterConfig.OFF] * 2, "one plain session, restored every epoch"
+    assert rewrites == [rewriter_config_pb2.RewriterConfig.OFF], "a plain session, restored from the epoch"
     final = validate(trained.model_dir, tiny_cache.path, "valid", 64, tmp_path / "out")
     best = trained.history[trained.best_epoch - 1]
     assert (final["valid_accuracy"], final["valid_loss"]) == pytest.approx((best["valid_accuracy"], best["valid_loss"]))
