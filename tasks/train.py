@@ -1,6 +1,6 @@
 """Fine-tuning on the HDF5 cache: epochs, checkpoints, resumption, the best model.
 
-After every epoch training validates, writes a full checkpoint (optimizer state included)
+After every epoch training writes a full checkpoint (optimizer state included), validates
 and exports the model if it is the best so far; `tasks.workdir` keeps that state, so running
 again with the same inputs resumes after the last finished epoch, replaying the same seeded
 shuffle order, and a finished training returns at once. A finished training whose best model
