@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
@@ -38,22 +39,16 @@ def holder_variable(name: str) -> str:
     return f"{name}-holder"
 
 
-def ensure_limit(name: str) -> int:
-    """The limit's number of slots; creates it with one slot if it does not exist (a user's own stays)."""
+def ensure_limit(name: str) -> GlobalConcurrencyLimitResponse:
+    """The limit as it is now; created with one slot if it does not exist (a user's own stays)."""
     with get_client(sync_client=True) as client:
         try:
-            return client.read_global_concurrency_limit_by_name(name).limit
+            return client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             pass
         with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        return client.read_global_concurrency_limit_by_name(name).limit
-
-
-def slot_is_free(name: str) -> bool:
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(name)
-    return limit.active_slots < limit.limit
+        return client.read_global_concurrency_limit_by_name(name)
 
 
 def current_holder(name: str) -> str:
@@ -70,8 +65,9 @@ def gpu_slot(name: str, log: logging.Logger | logging.LoggerAdapter) -> Iterator
     if name == NO_SLOT:
         yield
         return
-    slots = ensure_limit(name)
-    if not slot_is_free(name):
+    limit = ensure_limit(name)
+    slots = limit.limit
+    if limit.active_slots >= slots:
         log.info(
             "waiting for a GPU slot held by %s (concurrency limit %r, %d slot%s; a killed run's slot frees "
             "itself within %d s)",
