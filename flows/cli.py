@@ -14,7 +14,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -271,13 +271,21 @@ def _serve(args: argparse.Namespace) -> None:
     serve_deployments(args.prefect_file or PREFECT_FILE)
 
 
+SERVER_COMMANDS = ("prepare", "run", "serve")  # the commands that run flows, and so talk to a Prefect API
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tnflow.flows.console import user_errors_in_one_line
+    from tnflow.tasks.processes import Interrupted, stop_on_signals
 
     with user_errors_in_one_line(enabled=not args.debug):
         try:
-            result = args.handler(args)
+            with stop_on_signals(lambda stopped: _interrupted(args.command, stopped)) as stop:
+                result = _call(args, stop)
+        except Interrupted as stopped:
+            print(_interrupted(args.command, stopped), file=sys.stderr)
+            return stopped.code
         except TnflowError as exc:
             if args.debug:
                 raise
@@ -286,6 +294,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         print(result)
     return 0
+
+
+def _call(args: argparse.Namespace, stop: Callable[[str], None]) -> Any:
+    """Run the command; a flow command gets a Prefect API for exactly as long as it runs, and a watch on it."""
+    if args.command not in SERVER_COMMANDS:
+        return args.handler(args)
+    from tnflow.tasks.prefect_server import prefect_api, watch
+
+    with prefect_api() as url, watch(url, stop):
+        return args.handler(args)
+
+
+def _interrupted(command: str, stopped: BaseException) -> str:
+    """The one line an interrupted command ends with: what stopped, and how to go on."""
+    from tnflow.tasks.processes import Interrupted
+    from tnflow.tasks.progress import running_stage
+
+    reason = stopped.reason if isinstance(stopped, Interrupted) else type(stopped).__name__
+    if reason.startswith("lost the Prefect server"):
+        return f"tnflow {command}: error: {reason}"
+    stage = running_stage()
+    return (
+        f"tnflow {command}: interrupted by {reason}{f' during {stage}' if stage else ''}; finished work is kept "
+        "(downloads, caches, finished epochs): run the same command again to resume"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from tnflow.tasks.errors import ConfigError, TnflowError
 from tnflow.tasks.images import ImageError, load_square
+from tnflow.tasks.processes import die_with_parent_kill
 
 JOB_IMAGES = 16
 IN_FLIGHT_PER_WORKER = 2
@@ -115,5 +116,10 @@ def decoder(workers: int | None = None, dask_address: str | None = None) -> Iter
             client.close()
         return
     workers = workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=die_with_parent_kill,  # a killed caller leaves no worker behind
+        initargs=(os.getpid(),),
+    ) as pool:
         yield Decoder(pool, workers, remote=False)

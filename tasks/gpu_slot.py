@@ -1,42 +1,73 @@
-"""One GPU shared by the runs on its machine: a Prefect global concurrency slot around training.
+"""One GPU shared by the runs on its machine, and no run, however it dies, keeps it.
 
 A scheduled retrain and an ad-hoc run that start together would both load a model onto the
-GPU and one would fail out of memory. Runs that train hold a slot of a global concurrency
-limit (`--gpu-slot`, default `tnflow-gpu`, created with one slot if missing) while they train
-and validate, so the second waits, and says for whom, instead of failing.
+GPU and one would fail out of memory. Runs that train hold a GPU slot while they train and
+validate, so the second waits, and says for whom, instead of failing. A slot is two locks:
 
-The slot is a Prefect lease: a run killed while holding it frees it when the lease runs out
-(`LEASE_SECONDS` without renewal), so nobody has to reset anything by hand. Prefect does not
-say who holds a lease, so the holder names itself in a Prefect variable beside the limit;
-that is only for the message.
+- On this host, a file lock (`flock`) per slot under `lock_dir()`. The kernel releases it
+  when its process dies, whatever kills it, so a killed run never keeps the GPU.
+- On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created
+  with one slot if missing; a user's own limit stays): the UI counts it, and runs of other
+  hosts on the same server take turns. It is a lease renewed from a background thread, so
+  neither a slow nor a lost server stalls training.
 
-Without a Prefect server (no PREFECT_API_URL) each process runs its own temporary one and
-the slot only orders the runs inside that process.
+The holder writes its lease into its lock file and clears it when it lets go. A lease still
+written there when the next run takes the lock is a dead run's: its process was killed,
+and its lease died with a temporary server's memory, or with a restarted server. That slot
+is released, with a warning. A dead holder on another host is freed by its lease expiring
+(`LEASE_SECONDS`), which needs the server to keep its leases (README: leases that survive a
+restart).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from uuid import UUID
 
+import httpx
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
-from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.variables import Variable
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 NO_SLOT = "none"
-LEASE_SECONDS = 300  # a killed holder's slot is free again after this long
+LEASE_SECONDS = 300  # a holder on another host that died frees its slot after this long
+RENEW_SECONDS = LEASE_SECONDS / 4
+WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
+POLL_SECONDS = 0.5
+GONE = 410  # the server no longer knows a lease
+
+Log = logging.Logger | logging.LoggerAdapter
 
 
-def holder_variable(name: str) -> str:
-    return f"{name}-holder"
+def lock_dir() -> Path:
+    """Where the host's slot locks live: every tnflow run on the machine must see the same place."""
+    return Path(os.environ.get("TNFLOW_LOCK_DIR") or Path.home() / ".cache" / "tnflow" / "locks")
+
+
+def backend() -> str:
+    """Which Prefect database counts the slots: a server's URL, or the home of temporary servers."""
+    from tnflow.tasks.prefect_server import is_temporary
+
+    url = PREFECT_API_URL.value()
+    return url if url and not is_temporary(url) else f"temporary servers of {PREFECT_HOME.value()}"
 
 
 def ensure_limit(name: str) -> GlobalConcurrencyLimitResponse:
@@ -51,40 +82,254 @@ def ensure_limit(name: str) -> GlobalConcurrencyLimitResponse:
         return client.read_global_concurrency_limit_by_name(name)
 
 
-def current_holder(name: str) -> str:
-    """Who last took the slot, as "run 'NAME' (ID)", for the waiting message."""
-    value = Variable.get(holder_variable(name), default=None)
-    if not isinstance(value, dict):
-        return "another run"
-    return f"run {value.get('run_name')!r} ({value.get('run_id')})"
-
-
 @contextmanager
-def gpu_slot(name: str, log: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+def gpu_slot(name: str, log: Log) -> Iterator[None]:
     """Hold one slot of the limit `name` (`NO_SLOT`: none) for the duration of the block."""
     if name == NO_SLOT:
         yield
         return
     limit = ensure_limit(name)
-    slots = limit.limit
-    if limit.active_slots >= slots:
-        log.info(
-            "waiting for a GPU slot held by %s (concurrency limit %r, %d slot%s; a killed run's slot frees "
-            "itself within %d s)",
-            current_holder(name),
-            name,
-            slots,
-            "" if slots == 1 else "s",
-            LEASE_SECONDS,
-        )
-    run_id = flow_run.id
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None
-    with concurrency(name, occupy=1, lease_duration=LEASE_SECONDS, strict=True, holder=holder):
-        me = {"run_id": run_id, "run_name": flow_run.name, "since": datetime.now(UTC).isoformat()}
-        Variable.set(holder_variable(name), me, overwrite=True)
+    me = {
+        "run": flow_run.name,
+        "run_id": str(flow_run.id) if flow_run.id else None,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.now(UTC).isoformat(),
+    }
+    with _host_slot(name, limit.limit, me, log) as journal:
+        lease = _server_slot(name, limit.limit, me, journal, log)
+        renewer = _Renewer(lease, log)
         log.info("holding the GPU slot %r (released after validation)", name)
         try:
             yield
         finally:
-            if (Variable.get(holder_variable(name), default=None) or {}).get("run_id") == run_id:
-                Variable.unset(holder_variable(name))
+            renewer.stop()
+            if _best_effort(lambda: _release(lease), seconds=5.0):
+                journal.write(None)
+            # else the lease stays in the journal, and the next run on this host gives it back
+
+
+# -- the host's lock ----------------------------------------------------------------------
+
+
+class _Journal:
+    """A slot's lock file: who holds it, and the server leases to give back if that holder dies."""
+
+    def __init__(self, handle: IO[bytes], me: dict[str, Any]):
+        self.handle, self.me = handle, me
+        self.left_by = _read_record(handle)  # leases left here are a dead holder's
+        self.left = [UUID(lease) for lease in self.left_by.get("leases") or []]
+
+    def write(self, leases: list[UUID] | None) -> None:
+        """Record the leases this holder owns (None: it let go cleanly)."""
+        record = {} if leases is None else {**self.me, "leases": [str(lease) for lease in leases]}
+        self.handle.seek(0)
+        self.handle.truncate(0)
+        self.handle.write(json.dumps(record).encode())
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+
+def _read_record(handle: IO[bytes]) -> dict[str, Any]:
+    handle.seek(0)
+    try:
+        record = json.loads(handle.read() or b"{}")
+    except ValueError:  # torn by a crash mid-write: nothing to release
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+@contextmanager
+def _host_slot(name: str, slots: int, me: dict[str, Any], log: Log) -> Iterator[_Journal]:
+    """Take one of the `slots` lock files of this limit on this host, waiting (and saying why) if all are held."""
+    directory = lock_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(backend().encode()).hexdigest()[:8]
+    paths = [directory / f"{name}-{key}-{i}.lock" for i in range(slots)]
+    started, next_report = time.monotonic(), 0.0
+    while True:
+        for path in paths:
+            handle = open(path, "a+b")  # noqa: SIM115 - held for the block, closed below
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                journal = _Journal(handle, me)
+                journal.write(journal.left)  # still owed if this run dies before giving them back
+                yield journal
+            finally:
+                handle.close()  # closing releases the lock
+            return
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + WAIT_REPORT_SECONDS
+            holders = [_holder_of(path) for path in paths]
+            frees = "that run's training and validation end, or at once if its process dies"
+            _say_waiting(log, name, slots, started, holders, frees)
+        time.sleep(POLL_SECONDS)
+
+
+def _holder_of(path: Path) -> str:
+    try:
+        record = json.loads(path.read_bytes() or b"{}")
+    except (OSError, ValueError):
+        record = {}
+    return _describe(record) if isinstance(record, dict) else "another run"
+
+
+def _describe(record: dict[str, Any]) -> str:
+    if not record.get("run_id") and not record.get("pid"):
+        return "another run"
+    where = f"process {record.get('pid', '?')} on {record.get('host', '?')}"
+    if record.get("run"):
+        return f"run {record['run']!r} ({record['run_id']}, {where})"
+    return f"another run ({where})"
+
+
+def _say_waiting(log: Log, name: str, slots: int, started: float, holders: list[str], frees: str) -> None:
+    waited = time.monotonic() - started
+    log.info(
+        "waiting for a GPU slot held by %s (concurrency limit %r, %d slot%s; waited %.0f s): it frees when %s",
+        ", ".join(dict.fromkeys(holders)),
+        name,
+        slots,
+        "" if slots == 1 else "s",
+        waited,
+        frees,
+    )
+
+
+# -- the server's slot --------------------------------------------------------------------
+
+
+def _server_slot(name: str, slots: int, me: dict[str, Any], journal: _Journal, log: Log) -> UUID:
+    """Take a slot of the Prefect limit; first free the one a dead run on this host left behind."""
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
+    gone = sum(_release_dead(name, lease, journal.left_by, log) for lease in journal.left)
+    journal.write([])
+    started, next_report = time.monotonic(), 0.0
+    while True:
+        with get_client(sync_client=True) as client:
+            lease = _try_increment(client, name, holder)
+            if lease is None and gone:
+                # A dead run's lease died with its server, which never took its slot back.
+                client.release_concurrency_slots([name], 1, occupancy_seconds=1.0)
+                gone -= 1
+                continue
+        if lease is not None:
+            journal.write([lease])
+            with contextlib.suppress(Exception):  # only for other runs' waiting messages
+                _set_holder(name, me)
+            return lease
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + WAIT_REPORT_SECONDS
+            frees = (
+                f"that run's training and validation end, or within {LEASE_SECONDS} s of its process dying "
+                f"(`prefect gcl inspect {name}` shows the count)"
+            )
+            _say_waiting(log, name, slots, started, [_server_holder(name)], frees)
+        time.sleep(POLL_SECONDS * 4)
+
+
+def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None) -> UUID | None:
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
+        )
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 423:  # every slot is taken
+            return None
+        raise
+    return UUID(response.json()["lease_id"])
+
+
+def _release_dead(name: str, lease: UUID, record: dict[str, Any], log: Log) -> bool:
+    """Release a dead holder's lease; True when the server no longer knew it (its slot still counts)."""
+    log.warning("%s died while holding the GPU slot %r: releasing it (nothing to do by hand)", _describe(record), name)
+    with get_client(sync_client=True) as client:
+        try:
+            # The shortest renewal tells whether the lease still exists without keeping it alive.
+            client.renew_concurrency_lease(lease, lease_duration=60)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != GONE:
+                raise
+            return True
+        client.release_concurrency_slots_with_lease(lease)
+    return False
+
+
+def _release(lease: UUID) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease)
+
+
+def _holder_variable(name: str) -> str:
+    return f"{name.lower()}-holder"
+
+
+def _set_holder(name: str, me: dict[str, Any]) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(_holder_variable(name), me, overwrite=True)
+
+
+def _server_holder(name: str) -> str:
+    """Who last took the server's slot, for runs that wait for a run on another host."""
+    from prefect.variables import Variable
+
+    with contextlib.suppress(Exception):
+        value = Variable.get(_holder_variable(name), default=None)
+        if isinstance(value, dict):
+            return _describe(value)
+    return "another run"
+
+
+class _Renewer:
+    """Renews the lease from its own thread: the training step never waits on the server."""
+
+    def __init__(self, lease: UUID, log: Log):
+        self.lease, self.log, self.stopped = lease, log, threading.Event()
+        _in_thread(self._run, "tnflow-gpu-slot-lease")
+
+    def _run(self) -> None:
+        warned = False
+        while not self.stopped.wait(RENEW_SECONDS):
+            try:
+                with get_client(sync_client=True) as client:
+                    client.renew_concurrency_lease(self.lease, lease_duration=LEASE_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - the host lock still guards the GPU; say so once
+                if not warned:
+                    warned = True
+                    self.log.warning(
+                        "could not renew the GPU slot's lease on the Prefect server (%s); training goes on, "
+                        "this host's lock still guards the GPU",
+                        _short_error(exc),
+                    )
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def _best_effort(call: Any, seconds: float) -> bool:
+    """Run `call` for at most `seconds` (a lost server must not hold up the end of a run); True if it succeeded."""
+    done = threading.Event()
+
+    def attempt() -> None:
+        with contextlib.suppress(Exception):
+            call()
+            done.set()
+
+    _in_thread(attempt, "tnflow-gpu-slot-release")
+    return done.wait(seconds)
+
+
+def _in_thread(work: Any, name: str) -> None:
+    """Start `work` in a daemon thread that sees this run's Prefect settings (its API URL)."""
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(work,), name=name, daemon=True).start()

@@ -9,7 +9,11 @@ asynchronously, so reading them back from its API right away can miss the latest
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import queue
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -39,9 +43,10 @@ class Progress:
         self.label, self.unit, self.logger, self.interval = label, unit, logger, interval
         self.start = self.last_report = time.monotonic()
         self.done, self.total, self.detail = 0, None, ""
-        self.artifact_id = None
+        self.artifact_id, self.artifact_updates = None, None
         if TaskRunContext.get() is not None:
             self.artifact_id = create_progress_artifact(progress=0.0, description=label)
+            self.artifact_updates = _ArtifactUpdates(self.artifact_id)
 
     def __call__(self, done: int, total: int | None, detail: str = "") -> None:
         self.done, self.total, self.detail = done, total, detail
@@ -65,11 +70,35 @@ class Progress:
             line += (
                 f"/{self.total / divisor:{fmt}} {unit} ({share:.0%}) at {rate / divisor:,.1f} {unit}/s, ETA {eta:,.0f}s"
             )
-            if self.artifact_id is not None:
-                update_progress_artifact(self.artifact_id, progress=100.0 * share)
+            if self.artifact_updates is not None:
+                self.artifact_updates.send(100.0 * share)
         else:
             line += f" {unit} at {rate / divisor:,.1f} {unit}/s"
         self.logger.info(line)
+
+
+class _ArtifactUpdates:
+    """Sends progress to the UI from a thread of its own: a slow or lost server never holds up the work.
+
+    Only the latest value matters, so a value still waiting is replaced, never queued behind.
+    """
+
+    def __init__(self, artifact_id: Any):
+        self.artifact_id, self.latest = artifact_id, queue.Queue(maxsize=1)
+        context = contextvars.copy_context()  # the run's Prefect settings and client
+        threading.Thread(target=context.run, args=(self._send_forever,), name="tnflow-progress", daemon=True).start()
+
+    def send(self, progress: float) -> None:
+        with contextlib.suppress(queue.Empty):
+            self.latest.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self.latest.put_nowait(progress)
+
+    def _send_forever(self) -> None:
+        while True:
+            progress = self.latest.get()
+            with contextlib.suppress(Exception):  # the UI's bar is not worth failing a run for
+                update_progress_artifact(self.artifact_id, progress=progress)
 
 
 # -- stage timings ------------------------------------------------------------------------
@@ -86,14 +115,31 @@ def record_stage(task: Task, task_run: TaskRun, state: State) -> None:
     )
 
 
-STAGE_HOOKS: dict[str, Any] = {"on_completion": [record_stage], "on_failure": [record_stage]}
+_RUNNING: list[str] = []  # the stage running now, for a line that says what an interruption stopped
+
+
+def note_running(task: Task, task_run: TaskRun, state: State) -> None:
+    """Task hook: remember which stage runs, so an interruption can say what it stopped."""
+    _RUNNING[:] = [task.name]
+
+
+def running_stage() -> str | None:
+    return _RUNNING[0] if _RUNNING else None
+
+
+STAGE_HOOKS: dict[str, Any] = {
+    "on_running": [note_running],
+    "on_completion": [record_stage],
+    "on_failure": [record_stage],
+}
 
 
 class _QuietHook(logging.Filter):
     """Prefect logs two lines per hook call; for this bookkeeping hook they are only noise."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "hook 'record_stage'" not in str(record.msg).lower()
+        message = str(record.msg).lower()
+        return "hook 'record_stage'" not in message and "hook 'note_running'" not in message
 
 
 logging.getLogger("prefect.task_runs").addFilter(_QuietHook())

@@ -1,0 +1,107 @@
+"""Processes tnflow starts end with it, and a signal ends a run within seconds.
+
+A killed parent (OOM killer, `kill -9`, a node going away) runs no cleanup, so each child
+asks the kernel to signal it when its parent dies (`PR_SET_PDEATHSIG`, Linux). A scheduler's
+SIGTERM or a user's Ctrl-C turn into `Interrupted` in the main thread; whatever is still
+running `GRACE_SECONDS` later (a step, a call to a lost server) is cut short by a hard exit.
+Finished work is on disk by then: every stage writes under temporary names and renames.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+_PR_SET_PDEATHSIG = 1
+GRACE_SECONDS = 8.0  # SIGTERM to exit: schedulers allow 10 s or more
+
+
+def die_with_parent(parent: int, signum: int = signal.SIGTERM) -> None:
+    """In a child: ask the kernel for `signum` when the parent dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def die_with_parent_kill(parent: int) -> None:
+    """Worker initializer: a worker holds nothing worth a graceful end."""
+    die_with_parent(parent, signal.SIGKILL)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT (or a lost server) asked the run to stop."""
+
+    def __init__(self, reason: str, code: int):
+        super().__init__(reason)
+        self.reason, self.code = reason, code
+
+
+@contextmanager
+def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callable[[str], None]]:
+    """SIGTERM/SIGINT raise `Interrupted` in the main thread, and the process ends `GRACE_SECONDS` later at most.
+
+    The grace timer starts from a thread that sees every signal as it arrives (Python's wakeup
+    fd), so it runs even while the main thread is inside a long step, or inside Prefect's own
+    SIGTERM handling that reports to a lost server. `last_words(interruption)` is the line
+    printed on a hard exit. Yields `stop(reason)`, which another thread calls to interrupt the
+    run the same way (a lost server).
+    """
+    first: list[Interrupted] = []
+    lock = threading.Lock()
+
+    def interruption(signum: int) -> Interrupted:
+        with lock:
+            if not first:
+                first.append(Interrupted(signal.Signals(signum).name, 128 + signum))
+            return first[0]
+
+    def hard_exit(reason: Interrupted) -> None:
+        print(last_words(reason), file=sys.stderr, flush=True)
+        os._exit(reason.code)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise interruption(signum)
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+
+    def watch_signals() -> None:
+        seen = 0
+        while data := os.read(read_end, 64):
+            for signum in data:
+                if signum not in (signal.SIGTERM, signal.SIGINT):
+                    continue
+                seen += 1
+                reason = interruption(signum)
+                if seen == 1:
+                    timer = threading.Timer(GRACE_SECONDS, hard_exit, args=(reason,))
+                    timer.daemon = True
+                    timer.start()
+                else:  # a second signal: stop now
+                    hard_exit(reason)
+        os.close(read_end)
+
+    def stop(reason: str) -> None:
+        with lock:
+            if not first:
+                first.append(Interrupted(reason, 1))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    threading.Thread(target=watch_signals, name="tnflow-signals", daemon=True).start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        os.close(write_end)  # ends the watcher
