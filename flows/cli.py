@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from pydantic.fields import FieldInfo
 
 from tnflow.tasks.errors import ConfigError, TnflowError
-from tnflow.tasks.files import ensure_writable_dir
+from tnflow.tasks.files import disk_full_error, ensure_writable_dir, is_disk_full
 from tnflow.tasks.settings import DataConfig, RunConfig, default_cache_dir, default_output_dir, option
 
 
@@ -201,6 +201,8 @@ def _predict(args: argparse.Namespace) -> str | None:
         print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
         return str(Path(args.out).expanduser().absolute())
     paths = image_paths(args.images)
+    if not paths:
+        raise TnflowError(f"no files in {' '.join(args.images)}; give image files, or folders that hold some")
     failed, results = 0, []
     for result in predict_files(model_dir, paths, batch_size=args.batch_size):
         failed += "error" in result
@@ -291,6 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
             return 2 if isinstance(exc, ConfigError) else 1
+        except Exception as exc:
+            if args.debug or not is_disk_full(exc):
+                raise
+            from tnflow.tasks.progress import running_stage
+
+            where = getattr(exc, "filename", None) or "the disk"
+            full = disk_full_error(where, running_stage() or args.command)
+            print(f"tnflow {args.command}: error: {full}", file=sys.stderr)
+            return 1
     if result is not None:
         print(result)
     return 0

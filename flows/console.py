@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.files import is_disk_full
 
 
 class _DropUserErrors(logging.Filter):
@@ -21,7 +22,7 @@ class _DropUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, TnflowError):
+        if isinstance(error, TnflowError) or (error is not None and is_disk_full(error)):
             return False
         message = str(record.msg)
         return not (

@@ -20,6 +20,9 @@ from typing import IO
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.files import check_free_space, exclusive, new_directory, remove_stale_temps, write_atomic
 
+# Why a member is in the manifest's `unpacked_skipped`: it would have been written outside the folder.
+UNSAFE_MEMBER = "not unpacked from the archive (an absolute path, '..' or a link)"
+
 
 def unpack(archive: str | Path, digest: str, cache_dir: str | Path) -> tuple[Path, list[str]]:
     """The folder an archive holds, unpacked once under `cache_dir/unpacked/<digest>`, and the

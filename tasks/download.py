@@ -28,7 +28,7 @@ from prefect.tasks import exponential_backoff
 
 from tnflow.tasks.cache_policy import StageCache
 from tnflow.tasks.errors import DownloadError, TransientDownloadError
-from tnflow.tasks.files import ensure_writable_dir, exclusive, is_disk_full
+from tnflow.tasks.files import disk_full_error, ensure_writable_dir, exclusive, is_disk_full
 from tnflow.tasks.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.retries import retry_on
 
@@ -152,9 +152,7 @@ def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:
                     progress(done, total)
     except OSError as exc:
         if is_disk_full(exc):
-            raise DownloadError(
-                f"disk full while copying to {part}; free some space or choose another --cache-dir"
-            ) from None
+            raise disk_full_error(part, "copying the download") from None
         raise DownloadError(f"cannot copy {source}: {exc.strerror or exc}") from None
 
 
@@ -203,10 +201,7 @@ def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | Non
                     out.write(block)
                 except OSError as exc:
                     if is_disk_full(exc):
-                        raise DownloadError(
-                            f"disk full while downloading to {part}; free some space or choose another "
-                            "--cache-dir (the partial download is kept and will resume)"
-                        ) from None
+                        raise disk_full_error(part, "downloading (the partial file is kept and resumes)") from None
                     raise
                 done += len(block)
                 if progress:

@@ -24,3 +24,7 @@ class TransientDownloadError(DownloadError):
 
 class DataError(TnflowError):
     """An archive or cache file does not hold what the dataset format promises."""
+
+
+class DiskFullError(TnflowError):
+    """A disk filled up while a stage wrote; retrying cannot free space, so it is never retried."""

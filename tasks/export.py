@@ -33,6 +33,7 @@ from tnflow.tasks.converters import FILES, WRITERS, Source
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import (
     exclusive,
+    full_disk_ends,
     link_or_copy,
     link_tree,
     new_directory,
@@ -157,7 +158,8 @@ def export_task(
     logger = get_run_logger()
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), weights)
-    final, checks = publish_model(model_dir, run_dir, formats, card)
+    with full_disk_ends("exporting the model", run_dir):
+        final, checks = publish_model(model_dir, run_dir, formats, card)
     for fmt, check in checks.items():
         logger.info("exported %s", describe(fmt, check, final))
     return str(final)

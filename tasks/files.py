@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.errors import DiskFullError, TnflowError
 from tnflow.tasks.progress import run_logger
 
 _TMP_MARK = ".tmp-"
@@ -129,7 +129,7 @@ def new_directory(final: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def renamed_when_complete(final: Path, option: str = "--cache-dir") -> Iterator[Path]:
+def renamed_when_complete(final: Path, stage: str = "building the cache") -> Iterator[Path]:
     """A temporary name to write `final` under; renamed to `final` only if the block completes.
 
     Whatever stops the block (an error, a full disk, Ctrl-C) removes the temporary file, so
@@ -142,7 +142,7 @@ def renamed_when_complete(final: Path, option: str = "--cache-dir") -> Iterator[
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if is_disk_full(exc):
-            raise disk_full_error(final, option) from None
+            raise disk_full_error(final, stage) from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -199,11 +199,21 @@ def check_free_space(directory: Path, needed: int, option: str = "--cache-dir") 
         )
 
 
-def disk_full_error(path: Path, option: str = "--cache-dir") -> TnflowError:
-    return TnflowError(
-        f"disk full while writing {path}; free some space or choose another {option} "
-        "(nothing finished was lost; the next run starts this stage again)"
-    )
+def disk_full_error(path: str | Path, stage: str) -> DiskFullError:
+    return DiskFullError(f"no space left on {path} while {stage}; free space and run again (finished work is kept)")
+
+
+@contextmanager
+def full_disk_ends(stage: str, where: str | Path) -> Iterator[None]:
+    """A full disk while `stage` writes under `where` ends the run in one line (a retry cannot free space)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(getattr(exc, "filename", None) or where, stage) from None
 
 
 def _gb(n: int) -> str:

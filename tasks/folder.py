@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.files import write_atomic
+from tnflow.tasks.progress import run_logger
 
 SPLIT_DIRS = {"train": "train", "test": "test", "val": "valid", "valid": "valid", "validation": "valid"}
 _READ_BYTES = 1 << 20
@@ -101,7 +102,20 @@ def scan_folder(root: str | Path, index_path: Path | None = None) -> Scan:
 
 
 def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
+    """The path as recorded: valid UTF-8 always (undecodable bytes shown as \\xNN), so any file name can be listed."""
+    return shown_name(path.relative_to(root).as_posix())
+
+
+def shown_name(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8 (surrogate escapes)
+        return False
+    return True
 
 
 def _subdirs(folder: Path, ignored: list[str], root: Path) -> list[Path]:
@@ -109,6 +123,8 @@ def _subdirs(folder: Path, ignored: list[str], root: Path) -> list[Path]:
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith(".") or entry.name == "__MACOSX" or not entry.is_dir():
             ignored.append(_rel(Path(entry.path), root))
+        elif not is_utf8(entry.name):
+            ignored.append(f"{_rel(Path(entry.path), root)}/ (a folder name that is not UTF-8 cannot name a class)")
         else:
             found.append(Path(entry.path))
     return found
@@ -116,7 +132,9 @@ def _subdirs(folder: Path, ignored: list[str], root: Path) -> list[Path]:
 
 def _files(folder: Path, ignored: list[str], root: Path) -> Iterable[Path]:
     for current, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        links = [d for d in dirs if os.path.islink(os.path.join(current, d))]
+        ignored += [f"{_rel(Path(current) / d, root)}/ (a linked folder, not followed)" for d in links]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
         for name in sorted(names):
             path = Path(current) / name
             if name.startswith("."):
@@ -133,6 +151,9 @@ def _fingerprint(files: list[tuple[str, int, Path]], root: Path, index_path: Pat
     out: list[Entry | None] = []
     for pool, label, path in files:
         rel = _rel(path, root)
+        if not is_utf8(path.relative_to(root).as_posix()):
+            out.append(Entry(rel, label, pool, 0, "", "file name is not valid UTF-8; rename it"))
+            continue
         try:
             st = path.stat()
         except OSError as exc:
@@ -175,8 +196,14 @@ def _digest(path: Path) -> tuple[str, str]:
 
 
 def _read_index(path: Path | None) -> dict[str, list]:
-    try:
-        data = json.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
+    """The stat index; a damaged one is rebuilt (every file is read again once) and says so."""
+    if path is None or not path.is_file():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and all(isinstance(v, list) and len(v) == 3 for v in data.values()):
+        return data
+    run_logger().warning("the stat index %s is damaged: every file is read again once to rebuild it", path)
+    return {}

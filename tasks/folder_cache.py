@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tnflow.tasks.archives import unpack
+from tnflow.tasks.archives import UNSAFE_MEMBER, unpack
 from tnflow.tasks.cache_policy import code_version
 from tnflow.tasks.decode import JOB_IMAGES, decoder, refuse_in_a_worker
 from tnflow.tasks.errors import DataError
@@ -112,12 +112,16 @@ def build_folder_cache(
                 raise DataError(f"{final} was written but does not read back as a complete cache; is the disk failing?")
         write_atomic(latest, final.name)
     log.info("cache %s: %s; %s", final.name, info.counts, ", ".join(f"{k} {v}" for k, v in info.summary))
-    skipped = read_manifest(final)["skipped"] if dict(info.summary).get("skipped") else []
+    manifest = read_manifest(final)
+    skipped = manifest.get("skipped", [])
     if skipped:
         shown = "; ".join(f"{path}: {reason}" for path, reason in skipped[:3])
         log.warning(
             "%d file(s) skipped (all are listed in the cache's manifest and the report): %s", len(skipped), shown
         )
+    unsafe = manifest.get("unpacked_skipped", [])
+    if unsafe:
+        log.warning("%d archive member(s) %s: %s", len(unsafe), UNSAFE_MEMBER, "; ".join(unsafe[:3]))
     return info
 
 
@@ -200,7 +204,7 @@ def _write_folder_cache(
                     check()
                     if progress:
                         progress(done + counts["reused"], n_images)
-        check()
+        check(final=True)
         _every_class_trains(writer, scan.class_names)
         summary = {
             "files": total_files,
@@ -250,12 +254,13 @@ def _copy_rows(previous: Path, entries: list[Entry], rows: dict, writer: CacheWr
             writer.append(split, np.concatenate(images), *_columns(ordered))
 
 
-def _bad_ratio_check(total: int, max_bad: float, skipped: list[tuple[str, str]]) -> Callable[[], None]:
-    def check() -> None:
+def _bad_ratio_check(total: int, max_bad: float, skipped: list[tuple[str, str]]) -> Callable[..., None]:
+    def check(final: bool = False) -> None:
         if skipped and len(skipped) > max_bad * total:
             path, reason = skipped[0]
+            count = f"{len(skipped)}" if final else f"at least {len(skipped)} (the build stopped there)"
             raise DataError(
-                f"{len(skipped)} of {total} files ({len(skipped) / total:.1%}) cannot be used, more than --max-bad "
+                f"{count} of {total} files ({len(skipped) / total:.1%}) cannot be used, more than --max-bad "
                 f"{max_bad:g}; the first: {path}: {reason}. Fix or remove them, or raise --max-bad"
             )
 

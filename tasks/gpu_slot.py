@@ -246,7 +246,11 @@ def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None
 
 def _release_dead(name: str, lease: UUID, record: dict[str, Any], log: Log) -> bool:
     """Release a dead holder's lease; True when the server no longer knew it (its slot still counts)."""
-    log.warning("%s died while holding the GPU slot %r: releasing it (nothing to do by hand)", _describe(record), name)
+    log.warning(
+        "%s did not give back the GPU slot %r (killed, or cut off from its server): releasing it now",
+        _describe(record),
+        name,
+    )
     with get_client(sync_client=True) as client:
         try:
             # The shortest renewal tells whether the lease still exists without keeping it alive.

@@ -183,9 +183,24 @@ class CacheWriter:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """A folder cache's manifest (empty for CIFAR caches)."""
+    """A folder cache's manifest (empty for CIFAR caches); a damaged one is rebuilt from the pictures' digests.
+
+    The digests say each kept picture's split, which is what the next version must keep; the
+    list of skipped files is lost (they are looked at again).
+    """
     with h5py.File(path, "r") as f:
-        return json.loads(f["manifest"][()]) if "manifest" in f else {}
+        if "manifest" not in f:
+            return {}
+        try:
+            manifest = json.loads(f["manifest"][()])
+        except (ValueError, TypeError):
+            manifest = None
+    if isinstance(manifest, dict):
+        return manifest
+    from tnflow.tasks.progress import run_logger
+
+    run_logger().warning("the manifest of %s is damaged: rebuilt from its pictures' digests (splits kept)", path)
+    return {"splits": {digest: split for digest, (split, _) in read_digests(path).items()}}
 
 
 def read_digests(path: str | Path) -> dict[str, tuple[str, int]]:

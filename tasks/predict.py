@@ -97,7 +97,11 @@ def write_predictions(results: Iterable[dict[str, Any]], out: str | Path) -> Cou
     out = Path(out).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
-    with exclusive(out), renamed_when_complete(out, option="--out") as tmp, open(tmp, "w", newline="") as handle:
+    with (
+        exclusive(out),
+        renamed_when_complete(out, stage="writing the --out CSV") as tmp,
+        open(tmp, "w", newline="") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for result in results:

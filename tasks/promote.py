@@ -18,8 +18,10 @@ interrupted promotion leaves the old champion, its exports included, whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -32,10 +34,18 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.files import ensure_writable_dir, exclusive, link_tree, new_directory, switch_symlink
+from tnflow.tasks.files import (
+    ensure_writable_dir,
+    exclusive,
+    full_disk_ends,
+    link_tree,
+    new_directory,
+    switch_symlink,
+    write_atomic,
+)
 from tnflow.tasks.model_card import add_champion_history
 from tnflow.tasks.model_dir import check_can_start_from, model_digest
-from tnflow.tasks.progress import STAGE_HOOKS
+from tnflow.tasks.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.validate import evaluate_model
 
@@ -90,14 +100,43 @@ def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Pat
 
 
 def read_history(line: Path) -> list[dict[str, Any]]:
-    """Every promotion of a champion line so far, oldest first."""
+    """Every promotion of a champion line so far, oldest first (a row torn by a crash is left out)."""
     path = line / "history.jsonl"
-    return [json.loads(row) for row in path.read_text().splitlines() if row.strip()] if path.is_file() else []
+    rows = path.read_text().splitlines() if path.is_file() else []
+    records = [record for record in map(_json_object, rows) if record is not None]
+    if len(records) < sum(1 for row in rows if row.strip()):
+        run_logger().warning("%s has damaged lines; they are left out of the champion's history", path)
+    return records
 
 
 def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
-    path = Path(output_dir) / "champions" / key / "current" / CHAMPION_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The champion's record; a damaged one is rebuilt from the line's history, or set aside (no champion)."""
+    line = Path(output_dir) / "champions" / key
+    path = line / "current" / CHAMPION_JSON
+    if not path.is_file():
+        return None
+    record = _json_object(path.read_text(errors="replace"))
+    if record is not None and "test_accuracy" in record and "test_split" in record:
+        return record
+    run_id = path.parent.resolve().name
+    recorded = [r for r in read_history(line) if r.get("run_id") == run_id]
+    aside = path.with_name(f"{CHAMPION_JSON}.damaged")
+    with contextlib.suppress(FileNotFoundError):  # another run set it aside first
+        os.replace(path, aside)
+    if recorded:
+        write_atomic(path, json.dumps(recorded[-1], indent=2))
+        run_logger().warning("%s was damaged (kept as %s): rebuilt from history.jsonl", path, aside.name)
+        return recorded[-1]
+    run_logger().warning("%s was damaged (kept as %s) and is not in history.jsonl: no champion", path, aside.name)
+    return None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def promote(
@@ -193,15 +232,18 @@ def promote_task(
     if not enabled:
         decision = Decision(False, "not considered (--no-promote, or a run on a subset)", test_accuracy, None, "")
     else:
-        decision = promote(
-            model_dir,
-            run_id=Path(run_dir).name,
-            test_accuracy=test_accuracy,
-            cache_path=cache_path,
-            output_dir=output_dir,
-            margin=margin,
-            rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["test_accuracy"],
-        )
+        with full_disk_ends("promoting the champion", output_dir):
+            decision = promote(
+                model_dir,
+                run_id=Path(run_dir).name,
+                test_accuracy=test_accuracy,
+                cache_path=cache_path,
+                output_dir=output_dir,
+                margin=margin,
+                rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)[
+                    "test_accuracy"
+                ],
+            )
     logger.info("champion: %s", decision.reason)
     return asdict(decision)
 

@@ -24,9 +24,11 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.archives import UNSAFE_MEMBER
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.figures import confusion_heatmap, learning_curves, png, sample_grid
-from tnflow.tasks.files import write_atomic
+from tnflow.tasks.files import full_disk_ends, write_atomic
+from tnflow.tasks.h5cache import read_manifest
 from tnflow.tasks.progress import STAGE_HOOKS, stages_so_far
 from tnflow.tasks.retries import retry_unless
 from tnflow.tasks.validate import write_metrics
@@ -140,12 +142,13 @@ def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
         names = [str(n) for n in f.attrs["class_names"]]
         per_split = {s: np.bincount(f[f"{s}/labels"][:], minlength=len(names)) for s in ("train", "valid", "test")}
         summary = json.loads(f.attrs.get("summary", "{}"))
-        manifest = json.loads(f["manifest"][()]) if "manifest" in f else {}
+    manifest = read_manifest(cache_path)
     counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
     counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
     source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
-    skipped = [(p, r) for p, r in manifest.get("skipped", [])[:SKIPPED_SHOWN]]
-    more = len(manifest.get("skipped", [])) - len(skipped)
+    left_out = [*manifest.get("skipped", []), *((m, UNSAFE_MEMBER) for m in manifest.get("unpacked_skipped", []))]
+    skipped = [(p, r) for p, r in left_out[:SKIPPED_SHOWN]]
+    more = len(left_out) - len(skipped)
     if more > 0:
         skipped.append((f"... and {more} more", "see the manifest in the cache file"))
     return {"data": source, "class_counts": counts, "skipped": skipped or [("none", "")]}
@@ -230,16 +233,17 @@ def report_task(
             "data": data_sections(cache_path),
         },
     )
-    paths = write_report(
-        run,
-        config=config,
-        history=history,
-        metrics=metrics,
-        stages=stages,
-        cache_path=cache_path,
-        device=device,
-        promotion=promotion,
-    )
+    with full_disk_ends("writing the report", run):
+        paths = write_report(
+            run,
+            config=config,
+            history=history,
+            metrics=metrics,
+            stages=stages,
+            cache_path=cache_path,
+            device=device,
+            promotion=promotion,
+        )
     markdown = (run / "report.md").read_text()
     create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")
     create_table_artifact(

@@ -8,17 +8,29 @@ from prefect import Task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from tnflow.tasks.files import is_disk_full
+
 RetryCondition = Callable[[Task, TaskRun, State], bool]
 
 
 def retry_on(*transient: type[BaseException]) -> RetryCondition:
     """Retry only failures of the given types (a flaky network), fail fast on the rest."""
-    return lambda task, task_run, state: isinstance(_exception(state), transient)
+
+    def condition(task: Task, task_run: TaskRun, state: State) -> bool:
+        error = _exception(state)
+        return isinstance(error, transient) and not is_disk_full(error)
+
+    return condition
 
 
 def retry_unless(*permanent: type[BaseException]) -> RetryCondition:
-    """Retry anything unexpected, but not failures retrying cannot fix (bad input)."""
-    return lambda task, task_run, state: not isinstance(_exception(state), permanent)
+    """Retry anything unexpected, but not failures retrying cannot fix (bad input, a full disk)."""
+
+    def condition(task: Task, task_run: TaskRun, state: State) -> bool:
+        error = _exception(state)
+        return not isinstance(error, permanent) and not is_disk_full(error)
+
+    return condition
 
 
 def _exception(state: State) -> BaseException | None:

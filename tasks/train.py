@@ -27,7 +27,7 @@ from tnflow.tasks.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.cache_policy import StageCache, code_version
 from tnflow.tasks.cache_reader import CacheFeed
 from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.files import ensure_writable_dir, exclusive, new_directory
+from tnflow.tasks.files import ensure_writable_dir, exclusive, full_disk_ends, new_directory
 from tnflow.tasks.h5cache import read_resize_mode, read_split_size
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir, write_model_json
 from tnflow.tasks.progress import STAGE_HOOKS, Progress
@@ -360,19 +360,20 @@ def train_task(
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
-    trained = train(
-        cache_path,
-        weights_path,
-        spec,
-        settings,
-        work_dir,
-        class_names=class_names,
-        eval_batch_size=eval_batch_size,
-        retrain=retrain,
-        init_from=init_from,
-        progress=progress,
-        log=logger,
-    )
+    with full_disk_ends("saving training checkpoints", work_dir):
+        trained = train(
+            cache_path,
+            weights_path,
+            spec,
+            settings,
+            work_dir,
+            class_names=class_names,
+            eval_batch_size=eval_batch_size,
+            retrain=retrain,
+            init_from=init_from,
+            progress=progress,
+            log=logger,
+        )
     logger.info(
         "best epoch %d: valid accuracy %.4f (%s)", trained.best_epoch, trained.valid_accuracy, trained.model_dir
     )

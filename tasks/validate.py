@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.cache_reader import CacheFeed
 from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.files import write_atomic
+from tnflow.tasks.files import full_disk_ends, write_atomic
 from tnflow.tasks.model_dir import CHECKPOINT, read_model_dir
 from tnflow.tasks.progress import STAGE_HOOKS
 from tnflow.tasks.retries import retry_unless
@@ -130,7 +130,8 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     **STAGE_HOOKS,
 )
 def validate_task(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
-    metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
+    with full_disk_ends("writing the test metrics", out_dir):
+        metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
     keys = (f"{split}_accuracy", f"{split}_loss", f"num_{split}")
     get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *(metrics[k] for k in keys))
     return {k: metrics[k] for k in keys}

@@ -27,6 +27,7 @@ from typing import Any
 from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.files import write_atomic
 from tnflow.tasks.model_dir import read_model_dir
+from tnflow.tasks.progress import run_logger
 from tnflow.tasks.settings import ModelSpec, TrainSettings
 
 STATE = "state.json"
@@ -78,15 +79,45 @@ def generation_dir(work_dir: str | Path, generation: int) -> Path:
 
 
 def read_state(directory: Path) -> dict[str, Any]:
-    """The generation's state; an unreadable one starts the generation over (it is only a cache of work)."""
+    """The generation's state; a damaged one is rebuilt from the checkpoints and models it would name."""
     path = directory / STATE
     if not path.is_file():
         return {}
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+        state = None
+    return state if isinstance(state, dict) else rebuilt_state(directory)
+
+
+def rebuilt_state(directory: Path) -> dict[str, Any]:
+    """What a damaged state.json said, read back from the files it names: resume after the last checkpoint."""
+    done = max((e for e, p in _epochs(directory / "checkpoints") if (p / "ckpt.index").is_file()), default=0)
+    state: dict[str, Any] = {"epochs_done": done} if done else {}
+    for best in sorted((e for e, _ in _epochs(directory / "models")), reverse=True):
+        try:
+            meta = read_model_dir(model_dir(directory, best))
+        except TnflowError:
+            continue
+        record = {"epoch": best, **meta.get("metrics", {})}
+        state.update(best_epoch=best, best_valid_accuracy=record.get("valid_accuracy", 0.0), history=[record])
+        break
+    if str(directory) not in _WARNED:
+        _WARNED.add(str(directory))
+        run_logger().warning(
+            "%s was damaged: rebuilt from its files (%s; the learning curve before it is lost)",
+            directory / STATE,
+            f"resuming after epoch {done}" if done else "no finished epoch, starting over",
+        )
+    return state
+
+
+_WARNED: set[str] = set()  # say it once per process, however often the state is read
+
+
+def _epochs(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of the finished `epoch-N` directories (a temporary name holds a dot)."""
+    return [(int(p.name.removeprefix("epoch-")), p) for p in folder.glob("epoch-*") if p.name[6:].isdigit()]
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:

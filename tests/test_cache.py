@@ -20,7 +20,7 @@ import tnflow.tasks.cache as cache
 from tests.fakes import cifar_members, make_archive, make_cifar, write_archive
 from tnflow.tasks import cifar, h5cache, resize
 from tnflow.tasks import splits as splitting
-from tnflow.tasks.errors import DataError, TnflowError
+from tnflow.tasks.errors import DataError, DiskFullError, TnflowError
 from tnflow.tasks.settings import CacheSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def test_disk_full_mid_write_keeps_the_earlier_cache(cifar10, tmp_path, monkeypa
 
     real_setitem = h5py.Dataset.__setitem__
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full_disk)
-    with pytest.raises(TnflowError, match="disk full while writing") as raised:
+    with pytest.raises(DiskFullError, match=r"no space left on .* while building the cache; free space") as raised:
         cache.build_cache(path, md5, spec(image_size=48), tmp_path)
     assert "\n" not in str(raised.value)
     assert Path(earlier.path).read_bytes() == before

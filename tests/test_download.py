@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tnflow.tasks.download import fetch, target_path
-from tnflow.tasks.errors import DownloadError, TransientDownloadError
+from tnflow.tasks.errors import DiskFullError, DownloadError, TransientDownloadError
 
 BODY = os.urandom(3 << 20)  # three read blocks, so a dropped connection leaves a real partial file
 MD5 = hashlib.md5(BODY).hexdigest()
@@ -164,7 +164,7 @@ def test_disk_full_keeps_the_partial_download_for_resuming(served, tmp_path, mon
 
     wrap = lambda path, mode: FullDisk(open(path, mode))  # noqa: E731, SIM115 - FullDisk closes it
     monkeypatch.setattr(download, "open", wrap, raising=False)
-    with pytest.raises(DownloadError, match="disk full while downloading") as raised:
+    with pytest.raises(DiskFullError, match=r"no space left on .*\.part while downloading .*free space") as raised:
         fetch(url, tmp_path, MD5)
     assert not isinstance(raised.value, TransientDownloadError), "retrying cannot free the disk"
     final = target_path(url, tmp_path, MD5)
