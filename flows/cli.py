@@ -4,7 +4,12 @@ Options are made from the configuration's fields (`tasks.settings`), so their na
 choices, defaults and help cannot drift from what the flows and deployments take. The last
 line of standard output is always the result's absolute path, so scripts can use
 `path=$(tnflow prepare ... | tail -n 1)`. Errors are one line on standard error with a
-non-zero exit: 2 for bad options, 1 for a failed run; `--debug` adds the traceback.
+non-zero exit: 2 for bad options, 1 for a failed run; `--debug` adds the traceback. A flow
+command gets a Prefect API for exactly as long as it runs (`tasks.prefect_server`), and
+SIGTERM or Ctrl-C end it within seconds with one line (`tasks.processes`).
+
+Longer than 300 lines because it is the declaration of every command, one block each, plus
+the one `main` that gives all of them the same console, signals and exit codes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, NoReturn
 from pydantic.fields import FieldInfo
 
 from tnflow.tasks.errors import ConfigError, TnflowError
-from tnflow.tasks.files import disk_full_error, ensure_writable_dir, is_disk_full
+from tnflow.tasks.files import ensure_writable_dir, is_disk_full
 from tnflow.tasks.settings import DataConfig, RunConfig, default_cache_dir, default_output_dir, option
 
 
@@ -278,29 +283,25 @@ SERVER_COMMANDS = ("prepare", "run", "serve")  # the commands that run flows, an
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tnflow.flows.console import user_errors_in_one_line
+    from tnflow.flows.console import disk_full_line, interrupted_line, user_errors_in_one_line
     from tnflow.tasks.processes import Interrupted, stop_on_signals
 
     with user_errors_in_one_line(enabled=not args.debug):
         try:
-            with stop_on_signals(lambda stopped: _interrupted(args.command, stopped)) as stop:
+            with stop_on_signals(lambda stopped: interrupted_line(args.command, stopped)) as stop:
                 result = _call(args, stop)
         except Interrupted as stopped:
-            print(_interrupted(args.command, stopped), file=sys.stderr)
+            print(interrupted_line(args.command, stopped), file=sys.stderr)
             return stopped.code
         except TnflowError as exc:
             if args.debug:
                 raise
             print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
             return 2 if isinstance(exc, ConfigError) else 1
-        except Exception as exc:
+        except Exception as exc:  # a full disk that no stage turned into its one line
             if args.debug or not is_disk_full(exc):
                 raise
-            from tnflow.tasks.progress import running_stage
-
-            where = getattr(exc, "filename", None) or "the disk"
-            full = disk_full_error(where, running_stage() or args.command)
-            print(f"tnflow {args.command}: error: {full}", file=sys.stderr)
+            print(disk_full_line(args.command, exc), file=sys.stderr)
             return 1
     if result is not None:
         print(result)
@@ -315,21 +316,6 @@ def _call(args: argparse.Namespace, stop: Callable[[str], None]) -> Any:
 
     with prefect_api() as url, watch(url, stop):
         return args.handler(args)
-
-
-def _interrupted(command: str, stopped: BaseException) -> str:
-    """The one line an interrupted command ends with: what stopped, and how to go on."""
-    from tnflow.tasks.processes import Interrupted
-    from tnflow.tasks.progress import running_stage
-
-    reason = stopped.reason if isinstance(stopped, Interrupted) else type(stopped).__name__
-    if reason.startswith("lost the Prefect server"):
-        return f"tnflow {command}: error: {reason}"
-    stage = running_stage()
-    return (
-        f"tnflow {command}: interrupted by {reason}{f' during {stage}' if stage else ''}; finished work is kept "
-        "(downloads, caches, finished epochs): run the same command again to resume"
-    )
 
 
 if __name__ == "__main__":

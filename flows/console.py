@@ -56,3 +56,27 @@ def user_errors_in_one_line(enabled: bool = True) -> Iterator[None]:
 
 def _sends_to_api(handler: logging.Handler) -> bool:
     return "APILogHandler" in type(handler).__name__
+
+
+def interrupted_line(command: str, stopped: BaseException) -> str:
+    """The one line an interrupted command ends with: what stopped, and how to go on."""
+    from tnflow.tasks.processes import Interrupted
+    from tnflow.tasks.progress import running_stage
+
+    reason = stopped.reason if isinstance(stopped, Interrupted) else type(stopped).__name__
+    if reason.startswith("lost the Prefect server"):
+        return f"tnflow {command}: error: {reason}"
+    stage = running_stage()
+    return (
+        f"tnflow {command}: interrupted by {reason}{f' during {stage}' if stage else ''}; finished work is kept "
+        "(downloads, caches, finished epochs): run the same command again to resume"
+    )
+
+
+def disk_full_line(command: str, exc: BaseException) -> str:
+    """The one line for a full disk that reached the command unconverted."""
+    from tnflow.tasks.files import disk_full_error
+    from tnflow.tasks.progress import running_stage
+
+    full = disk_full_error(getattr(exc, "filename", None) or "the disk", running_stage() or command)
+    return f"tnflow {command}: error: {full}"

@@ -4,8 +4,8 @@ A scheduled retrain and an ad-hoc run that start together would both load a mode
 GPU and one would fail out of memory. Runs that train hold a GPU slot while they train and
 validate, so the second waits, and says for whom, instead of failing. A slot is two locks:
 
-- On this host, a file lock (`flock`) per slot under `lock_dir()`. The kernel releases it
-  when its process dies, whatever kills it, so a killed run never keeps the GPU.
+- On this host, a file lock per slot (`tasks.host_slots`). The kernel releases it when its
+  process dies, whatever kills it, so a killed run never keeps the GPU.
 - On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created
   with one slot if missing; a user's own limit stays): the UI counts it, and runs of other
   hosts on the same server take turns. It is a lease renewed from a background thread, so
@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import hashlib
-import json
-import logging
 import os
 import socket
 import threading
@@ -34,8 +31,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from uuid import UUID
 
 import httpx
@@ -47,19 +43,13 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
+from tnflow.tasks.host_slots import WAIT_REPORT_SECONDS, Journal, Log, describe, host_slot, lock_dir
+
 NO_SLOT = "none"
 LEASE_SECONDS = 300  # a holder on another host that died frees its slot after this long
 RENEW_SECONDS = LEASE_SECONDS / 4
-WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
-POLL_SECONDS = 0.5
 GONE = 410  # the server no longer knows a lease
-
-Log = logging.Logger | logging.LoggerAdapter
-
-
-def lock_dir() -> Path:
-    """Where the host's slot locks live: every tnflow run on the machine must see the same place."""
-    return Path(os.environ.get("TNFLOW_LOCK_DIR") or Path.home() / ".cache" / "tnflow" / "locks")
+LOCKED = 423  # every slot of the limit is taken
 
 
 def backend() -> str:
@@ -96,7 +86,10 @@ def gpu_slot(name: str, log: Log) -> Iterator[None]:
         "host": socket.gethostname(),
         "since": datetime.now(UTC).isoformat(),
     }
-    with _host_slot(name, limit.limit, me, log) as journal:
+    key = hashlib.sha256(backend().encode()).hexdigest()[:8]  # the slots of one Prefect database
+    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(limit.limit)]
+    waiting = _waiting(name, limit.limit, "that run's training and validation end, or at once if its process dies")
+    with host_slot(paths, me, log, waiting) as journal:
         lease = _server_slot(name, limit.limit, me, journal, log)
         renewer = _Renewer(lease, log)
         log.info("holding the GPU slot %r (released after validation)", name)
@@ -109,105 +102,29 @@ def gpu_slot(name: str, log: Log) -> Iterator[None]:
             # else the lease stays in the journal, and the next run on this host gives it back
 
 
-# -- the host's lock ----------------------------------------------------------------------
-
-
-class _Journal:
-    """A slot's lock file: who holds it, and the server leases to give back if that holder dies."""
-
-    def __init__(self, handle: IO[bytes], me: dict[str, Any]):
-        self.handle, self.me = handle, me
-        self.left_by = _read_record(handle)  # leases left here are a dead holder's
-        self.left = [UUID(lease) for lease in self.left_by.get("leases") or []]
-
-    def write(self, leases: list[UUID] | None) -> None:
-        """Record the leases this holder owns (None: it let go cleanly)."""
-        record = {} if leases is None else {**self.me, "leases": [str(lease) for lease in leases]}
-        self.handle.seek(0)
-        self.handle.truncate(0)
-        self.handle.write(json.dumps(record).encode())
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-
-
-def _read_record(handle: IO[bytes]) -> dict[str, Any]:
-    handle.seek(0)
-    try:
-        record = json.loads(handle.read() or b"{}")
-    except ValueError:  # torn by a crash mid-write: nothing to release
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-@contextmanager
-def _host_slot(name: str, slots: int, me: dict[str, Any], log: Log) -> Iterator[_Journal]:
-    """Take one of the `slots` lock files of this limit on this host, waiting (and saying why) if all are held."""
-    directory = lock_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(backend().encode()).hexdigest()[:8]
-    paths = [directory / f"{name}-{key}-{i}.lock" for i in range(slots)]
-    started, next_report = time.monotonic(), 0.0
-    while True:
-        for path in paths:
-            handle = open(path, "a+b")  # noqa: SIM115 - held for the block, closed below
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            try:
-                journal = _Journal(handle, me)
-                journal.write(journal.left)  # still owed if this run dies before giving them back
-                yield journal
-            finally:
-                handle.close()  # closing releases the lock
-            return
-        if time.monotonic() >= next_report:
-            next_report = time.monotonic() + WAIT_REPORT_SECONDS
-            holders = [_holder_of(path) for path in paths]
-            frees = "that run's training and validation end, or at once if its process dies"
-            _say_waiting(log, name, slots, started, holders, frees)
-        time.sleep(POLL_SECONDS)
-
-
-def _holder_of(path: Path) -> str:
-    try:
-        record = json.loads(path.read_bytes() or b"{}")
-    except (OSError, ValueError):
-        record = {}
-    return _describe(record) if isinstance(record, dict) else "another run"
-
-
-def _describe(record: dict[str, Any]) -> str:
-    if not record.get("run_id") and not record.get("pid"):
-        return "another run"
-    where = f"process {record.get('pid', '?')} on {record.get('host', '?')}"
-    if record.get("run"):
-        return f"run {record['run']!r} ({record['run_id']}, {where})"
-    return f"another run ({where})"
-
-
-def _say_waiting(log: Log, name: str, slots: int, started: float, holders: list[str], frees: str) -> None:
-    waited = time.monotonic() - started
-    log.info(
-        "waiting for a GPU slot held by %s (concurrency limit %r, %d slot%s; waited %.0f s): it frees when %s",
-        ", ".join(dict.fromkeys(holders)),
-        name,
-        slots,
-        "" if slots == 1 else "s",
-        waited,
-        frees,
+def _waiting(name: str, slots: int, frees: str) -> str:
+    """The waiting line, with `{holders}` and `{waited}` to fill in."""
+    plural = "" if slots == 1 else "s"
+    return (
+        f"waiting for a GPU slot held by {{holders}} (concurrency limit {name!r}, {slots} slot{plural}; "
+        f"waited {{waited:.0f}} s): it frees when {frees}"
     )
 
 
 # -- the server's slot --------------------------------------------------------------------
 
 
-def _server_slot(name: str, slots: int, me: dict[str, Any], journal: _Journal, log: Log) -> UUID:
+def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, log: Log) -> UUID:
     """Take a slot of the Prefect limit; first free the one a dead run on this host left behind."""
     holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
-    gone = sum(_release_dead(name, lease, journal.left_by, log) for lease in journal.left)
+    gone = sum(_release_dead(name, UUID(lease), journal.left_by, log) for lease in journal.left)
     journal.write([])
+    waiting = _waiting(
+        name,
+        slots,
+        f"that run's training and validation end, or within {LEASE_SECONDS} s of its process dying "
+        f"(`prefect gcl inspect {name}` shows the count)",
+    )
     started, next_report = time.monotonic(), 0.0
     while True:
         with get_client(sync_client=True) as client:
@@ -218,18 +135,14 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journal: _Journal, l
                 gone -= 1
                 continue
         if lease is not None:
-            journal.write([lease])
+            journal.write([str(lease)])
             with contextlib.suppress(Exception):  # only for other runs' waiting messages
                 _set_holder(name, me)
             return lease
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + WAIT_REPORT_SECONDS
-            frees = (
-                f"that run's training and validation end, or within {LEASE_SECONDS} s of its process dying "
-                f"(`prefect gcl inspect {name}` shows the count)"
-            )
-            _say_waiting(log, name, slots, started, [_server_holder(name)], frees)
-        time.sleep(POLL_SECONDS * 4)
+            log.info(waiting.format(holders=_server_holder(name), waited=time.monotonic() - started))
+        time.sleep(2.0)
 
 
 def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None) -> UUID | None:
@@ -238,7 +151,7 @@ def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None
             names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
         )
     except httpx.HTTPStatusError as exc:
-        if exc.response.status_code == 423:  # every slot is taken
+        if exc.response.status_code == LOCKED:
             return None
         raise
     return UUID(response.json()["lease_id"])
@@ -248,7 +161,7 @@ def _release_dead(name: str, lease: UUID, record: dict[str, Any], log: Log) -> b
     """Release a dead holder's lease; True when the server no longer knew it (its slot still counts)."""
     log.warning(
         "%s did not give back the GPU slot %r (killed, or cut off from its server): releasing it now",
-        _describe(record),
+        describe(record),
         name,
     )
     with get_client(sync_client=True) as client:
@@ -285,7 +198,7 @@ def _server_holder(name: str) -> str:
     with contextlib.suppress(Exception):
         value = Variable.get(_holder_variable(name), default=None)
         if isinstance(value, dict):
-            return _describe(value)
+            return describe(value)
     return "another run"
 
 

@@ -1,0 +1,106 @@
+"""Slots on this host that the kernel frees when their holder dies: `flock`ed files with a journal.
+
+A lock file per slot: holding its `flock` is holding the slot, and the kernel drops the lock
+when the process ends, however it ends. The file's content is a journal: who holds the slot
+(for the messages of runs that wait) and what that holder still owes elsewhere (the Prefect
+lease it took). A holder that lets go cleanly empties it; what the next holder finds written
+there was left by a holder that died.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
+POLL_SECONDS = 0.5
+
+Log = logging.Logger | logging.LoggerAdapter
+
+
+def lock_dir() -> Path:
+    """Where the host's slot locks live: every tnflow run on the machine must see the same place."""
+    return Path(os.environ.get("TNFLOW_LOCK_DIR") or Path.home() / ".cache" / "tnflow" / "locks")
+
+
+class Journal:
+    """A held slot's lock file: who holds it, and what to give back if that holder dies."""
+
+    def __init__(self, handle: IO[bytes], me: dict[str, Any]):
+        self.handle, self.me = handle, me
+        self.left_by = _read_record(handle)  # what the previous holder left: owed, unless it let go
+        self.left: list[str] = list(self.left_by.get("owes") or [])
+
+    def write(self, owes: list[str] | None) -> None:
+        """Record what this holder owes (None: it let go cleanly, nothing is owed)."""
+        record = {} if owes is None else {**self.me, "owes": owes}
+        self.handle.seek(0)
+        self.handle.truncate(0)
+        self.handle.write(json.dumps(record).encode())
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+
+def _read_record(handle: IO[bytes]) -> dict[str, Any]:
+    handle.seek(0)
+    try:
+        record = json.loads(handle.read() or b"{}")
+    except ValueError:  # torn by a crash mid-write: nothing to give back
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+@contextmanager
+def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str) -> Iterator[Journal]:
+    """Hold the first free lock of `paths`; while all are held, log `waiting` with the holders and the time waited.
+
+    `waiting` is a format string with `{holders}` and `{waited}`.
+    """
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    started, next_report = time.monotonic(), 0.0
+    while True:
+        for path in paths:
+            handle = open(path, "a+b")  # noqa: SIM115 - held for the block, closed below
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                journal = Journal(handle, me)
+                journal.write(journal.left)  # still owed if this holder dies before paying it back
+                yield journal
+            finally:
+                handle.close()  # closing releases the lock
+            return
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + WAIT_REPORT_SECONDS
+            holders = ", ".join(dict.fromkeys(_holder_of(path) for path in paths))
+            log.info(waiting.format(holders=holders, waited=time.monotonic() - started))
+        time.sleep(POLL_SECONDS)
+
+
+def _holder_of(path: Path) -> str:
+    try:
+        record = json.loads(path.read_bytes() or b"{}")
+    except (OSError, ValueError):
+        record = {}
+    return describe(record) if isinstance(record, dict) else "another run"
+
+
+def describe(record: dict[str, Any]) -> str:
+    """A holder as the messages name it: run name and id, process and host."""
+    if not record.get("run_id") and not record.get("pid"):
+        return "another run"
+    where = f"process {record.get('pid', '?')} on {record.get('host', '?')}"
+    if record.get("run"):
+        return f"run {record['run']!r} ({record['run_id']}, {where})"
+    return f"another run ({where})"
