@@ -177,12 +177,20 @@ def _values(args: argparse.Namespace, model: type[DataConfig]) -> dict[str, Any]
     return {name: getattr(args, name) for name in model.model_fields}
 
 
+def _with_prefect(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
+    """Run a flow once its options are valid: a Prefect API for exactly as long, and a watch on it."""
+    from tnflow.tasks.prefect_server import prefect_api, watch
+
+    with prefect_api() as url, watch(url, args.stop):
+        return call()
+
+
 def _prepare(args: argparse.Namespace) -> str:
     config = DataConfig.from_values(_values(args, DataConfig))
     ensure_writable_dir(config.cache_dir)
     from tnflow.flows.prepare import prepare_data  # imports Prefect's engine: only once options are valid
 
-    return prepare_data(**config.model_dump())
+    return _with_prefect(args, lambda: prepare_data(**config.model_dump()))
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -191,7 +199,7 @@ def _run(args: argparse.Namespace) -> str:
     ensure_writable_dir(config.output_dir, option="--output-dir")
     from tnflow.flows.train import transfer_learning
 
-    return transfer_learning(**config.model_dump())
+    return _with_prefect(args, lambda: transfer_learning(**config.model_dump()))
 
 
 def _predict(args: argparse.Namespace) -> str | None:
@@ -275,10 +283,7 @@ def _models(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from tnflow.flows.serve import PREFECT_FILE, serve_deployments
 
-    serve_deployments(args.prefect_file or PREFECT_FILE)
-
-
-SERVER_COMMANDS = ("prepare", "run", "serve")  # the commands that run flows, and so talk to a Prefect API
+    _with_prefect(args, lambda: serve_deployments(args.prefect_file or PREFECT_FILE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with user_errors_in_one_line(enabled=not args.debug):
         try:
             with stop_on_signals(lambda stopped: interrupted_line(args.command, stopped)) as stop:
-                result = _call(args, stop)
+                args.stop = stop
+                result = args.handler(args)
         except Interrupted as stopped:
             print(interrupted_line(args.command, stopped), file=sys.stderr)
             return stopped.code
@@ -306,16 +312,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result is not None:
         print(result)
     return 0
-
-
-def _call(args: argparse.Namespace, stop: Callable[[str], None]) -> Any:
-    """Run the command; a flow command gets a Prefect API for exactly as long as it runs, and a watch on it."""
-    if args.command not in SERVER_COMMANDS:
-        return args.handler(args)
-    from tnflow.tasks.prefect_server import prefect_api, watch
-
-    with prefect_api() as url, watch(url, stop):
-        return args.handler(args)
 
 
 if __name__ == "__main__":

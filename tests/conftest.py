@@ -89,39 +89,63 @@ def stop_process_group(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class PrefectServer:
+    """`prefect server start` on a loopback port, its UI told where the API is; can be stopped and restarted."""
+
+    def __init__(self, home: Path, port: int):
+        self.home, self.port = home, port
+        self.api, self.ui = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_UI_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> PrefectServer:
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        with open(self.home / "server.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if api_get(self.api, "/health") is True:
+                    return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not start: {(self.home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Gone at once, as a crashed or restarted server is."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def start_prefect_server(home: Path, port: int) -> PrefectServer:
+    return PrefectServer(home, port).start()
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port, its UI told where the API is; stopped afterwards."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    with open(home / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if api_get(api, "/health") is True:
-                        break
-                except OSError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield {"api": api, "ui": f"http://127.0.0.1:{port}", "env": env, "home": home}
-        finally:
-            stop_process_group(server)
+    """A real server shared by the tests that need one; stopped afterwards."""
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server-home"), free_port())
+    try:
+        yield {"api": server.api, "ui": server.ui, "env": server.env, "home": server.home}
+    finally:
+        if server.process is not None:
+            stop_process_group(server.process)

@@ -1,0 +1,301 @@
+"""Never stuck after a crash: killed runs free their GPU slot and leave no process, signals end runs promptly.
+
+The scenario tests run `tnflow run` as a user would, on the smallest model that trains
+(MobileNet v2 0.35 at 32 px from random weights, a few hundred fake CIFAR images), and kill
+it the way machines and schedulers do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import api_get, free_port, start_prefect_server, stop_process_group
+from tests.fakes import make_archive
+from tests.folders import sample_archive
+from tnflow.tasks import host_slots
+from tnflow.tasks.host_slots import host_slot
+
+REPO = Path(__file__).resolve().parents[1]
+TNFLOW = str(Path(sys.executable).with_name("tnflow"))
+
+
+# -- the mechanisms, in seconds -----------------------------------------------------------
+
+
+def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(tmp_path):
+    """Like Prefect reporting a crash to a lost server: the handler ran, then cleanup blocks."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        import tnflow.tasks.processes as processes
+        processes.GRACE_SECONDS = 1.0
+        with processes.stop_on_signals(lambda stopped: f"last words: {stopped.reason}"):
+            print("ready", flush=True)
+            try:
+                time.sleep(60)
+            except processes.Interrupted:
+                time.sleep(60)  # a cleanup that never returns
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=20)
+    assert time.monotonic() - started < 5, "the grace is 1 s"
+    assert child.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "last words: SIGTERM"
+
+
+def test_children_die_with_a_sigkilled_parent(tmp_path):
+    """A temporary server and decoding workers are started this way; nothing outlives the parent."""
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys, time
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
+        from tnflow.tasks.processes import die_with_parent, die_with_parent_kill
+        if __name__ == "__main__":
+            parent = os.getpid()
+            server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                      preexec_fn=lambda: die_with_parent(parent))
+            pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=die_with_parent_kill, initargs=(parent,))
+            list(pool.map(time.sleep, [0.3, 0.3]))  # both workers started
+            print(server.pid, flush=True)
+            time.sleep(120)
+        """
+    )
+    (tmp_path / "parent.py").write_text(script)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True)
+    parent.stdout.readline()
+    children = psutil.Process(parent.pid).children(recursive=True)
+    assert len(children) >= 3, "a server, two workers (and multiprocessing's resource tracker)"
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+WAITING = "held by {holders}, {waited:.1f}"
+
+
+def test_a_waiting_run_says_every_few_seconds_for_whom_and_how_long(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(host_slots, "WAIT_REPORT_SECONDS", 0.3)
+    paths = [tmp_path / "slot-0.lock"]
+    taken, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with host_slot(paths, {"run": "first", "run_id": "1", "pid": 1, "host": "h"}, logging.getLogger(), "x"):
+            taken.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    taken.wait(10)
+    threading.Timer(1.5, release.set).start()
+    log = logging.getLogger("tnflow.test")
+    with caplog.at_level(logging.INFO, logger="tnflow.test"), host_slot(paths, {}, log, WAITING):
+        pass
+    thread.join()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("held by")]
+    assert len(lines) >= 3, lines
+    assert all("run 'first' (1, process 1 on h)" in line for line in lines)
+    waited = [float(line.rsplit(", ", 1)[1]) for line in lines]
+    assert waited == sorted(waited) and waited[-1] >= 0.9
+
+
+def test_what_a_killed_holder_owed_is_handed_to_the_next(tmp_path):
+    paths = [tmp_path / "slot-0.lock"]
+    script = textwrap.dedent(
+        f"""
+        import logging, os, signal
+        from pathlib import Path
+        from tnflow.tasks.host_slots import host_slot
+        me = {{"run": "doomed", "pid": os.getpid()}}
+        with host_slot([Path({str(paths[0])!r})], me, logging.getLogger(), "") as j:
+            j.write(["lease-1"])
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=False)
+    with host_slot(paths, {"run": "next"}, logging.getLogger(), "") as journal:
+        assert journal.left == ["lease-1"] and journal.left_by["run"] == "doomed"
+        assert json.loads(paths[0].read_text())["owes"] == ["lease-1"], "still owed until it is paid"
+        journal.write(None)
+    with host_slot(paths, {"run": "after"}, logging.getLogger(), "") as journal:
+        assert journal.left == [], "a clean release owes nothing"
+
+
+# -- as a user kills runs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash-data")
+    _, md5 = make_archive(root / "c10.tar.gz", n_train=200, n_test=40)
+    return root / "c10.tar.gz", md5
+
+
+EPOCHS = 150  # long enough to kill in training, short enough to finish after a resume
+
+
+def run_command(cifar, out: Path, cache: Path, slot: str, epochs: int = EPOCHS) -> list[str]:
+    archive, md5 = cifar
+    command = [TNFLOW, "run", "--data-url", str(archive), "--data-md5", md5, "--model", "mobilenet35v2"]
+    command += ["--weights", "none", "--image-size", "32", "--valid-size", "40", "--epochs", str(epochs)]
+    command += ["--export", "none", "--no-promote", "--cache-dir", str(cache), "--output-dir", str(out)]
+    return [*command, "--gpu-slot", slot]
+
+
+def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(log: Path, pattern: str, process: subprocess.Popen, seconds: float = 240) -> re.Match:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = re.search(pattern, log.read_text(errors="replace"))
+        if found:
+            return found
+        assert process.poll() is None, f"exited {process.returncode} before {pattern!r}: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} in {seconds} s: {log.read_text()[-3000:]}")
+
+
+def finish(process: subprocess.Popen, log: Path, seconds: float = 300) -> str:
+    try:
+        process.wait(timeout=seconds)
+    finally:
+        stop_process_group(process)
+    return log.read_text(errors="replace")
+
+
+def sigkill_leaving_nothing(process: subprocess.Popen) -> None:
+    """SIGKILL the tnflow process alone (not its group): its children must go by themselves."""
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert children, "a temporary server or workers were running"
+    process.kill()
+    process.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+
+
+def busy_cores() -> list[subprocess.Popen]:
+    """Two processes that keep both cores busy, as another job on the machine would."""
+    burn = "import time\nend = time.monotonic() + 300\nwhile time.monotonic() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_with_temporary_servers_a_killed_run_frees_everything_and_sigterm_stops_in_seconds(cifar, tmp_path):
+    """First run on a fresh machine under load; SIGKILL in training; SIGTERM in training; each next run resumes."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "fresh-prefect-home"), "TNFLOW_LOCK_DIR": str(tmp_path)}
+    env.pop("PREFECT_API_URL", None)
+    command = run_command(cifar, tmp_path / "runs", tmp_path / "cache", f"gpu-{uuid.uuid4().hex[:8]}")
+    logs = [tmp_path / f"run-{i}.log" for i in range(3)]
+
+    burners = busy_cores()
+    try:
+        first = start(command, logs[0], env)  # creates and migrates the database on busy cores
+        wait_for(logs[0], rf"epoch 3/{EPOCHS}:", first)
+    finally:
+        for burner in burners:
+            burner.kill()
+    sigkill_leaving_nothing(first)
+
+    second = start(command, logs[1], env)
+    wait_for(logs[1], rf"resuming at epoch \d+ of {EPOCHS}", second)
+    wait_for(logs[1], rf"epoch \d+/{EPOCHS}:", second)
+    second.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    second.wait(timeout=30)
+    assert time.monotonic() - stopped < 10, "a scheduler's SIGTERM ends the run within 10 s"
+    text = logs[1].read_text()
+    assert second.returncode == 128 + signal.SIGTERM
+    assert re.search(r"run '[\w-]+' \([0-9a-f-]+, process \d+ on .+\) did not give back the GPU slot", text), text
+    assert (
+        text.strip()
+        .splitlines()[-1]
+        .startswith("tnflow run: interrupted by SIGTERM during train; finished work is kept")
+    ), text[-2000:]
+    done = int(re.findall(rf"epoch (\d+)/{EPOCHS}:", text)[-1])
+
+    third = start(command, logs[2], env)
+    third_text = finish(third, logs[2])
+    assert third.returncode == 0, third_text[-3000:]
+    resumed = int(re.search(rf"resuming at epoch (\d+) of {EPOCHS}", third_text).group(1))
+    assert resumed >= done + 1, "the run resumes after the last finished epoch"
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_leaves_no_decoding_worker(tmp_path):
+    subprocess.run(["tar", "xzf", str(sample_archive()), "-C", str(tmp_path)], check=True)
+    env = {**os.environ, "TNFLOW_LOCK_DIR": str(tmp_path)}
+    env.pop("PREFECT_API_URL", None)
+    command = [TNFLOW, "prepare", "--data-dir", str(tmp_path / "cifar10-sample"), "--image-size", "224"]
+    prepare = start([*command, "--cache-dir", str(tmp_path / "cache")], tmp_path / "prepare.log", env)
+    deadline = time.monotonic() + 120
+    while not any("spawn_main" in " ".join(p.cmdline()) for p in psutil.Process(prepare.pid).children(True)):
+        assert prepare.poll() is None and time.monotonic() < deadline, (tmp_path / "prepare.log").read_text()
+        time.sleep(0.2)
+    sigkill_leaving_nothing(prepare)
+
+
+@pytest.mark.slow
+def test_a_real_server_restarted_under_a_killed_run_then_lost_under_a_live_one(cifar, tmp_path):
+    """The dead run's slot is given back after the restart; a server gone for good stops the run in one line."""
+    port, home = free_port(), tmp_path / "server-home"
+    home.mkdir()
+    server = start_prefect_server(home, port)
+    api = server.api
+    env = {**server.env, "PREFECT_HOME": str(tmp_path / "client-home"), "TNFLOW_LOCK_DIR": str(tmp_path)}
+    env["TNFLOW_SERVER_LOST_SECONDS"] = "10"
+    slot = f"gpu-{uuid.uuid4().hex[:8]}"
+    command = run_command(cifar, tmp_path / "runs", tmp_path / "cache", slot)
+    logs = [tmp_path / f"run-{i}.log" for i in range(3)]
+    try:
+        first = start(command, logs[0], env)
+        wait_for(logs[0], rf"epoch 2/{EPOCHS}:", first)
+        first.kill()
+        first.wait()
+        assert api_get(api, f"/v2/concurrency_limits/{slot}")["active_slots"] == 1, "the dead run's slot"
+        server.restart()  # the lease lived in the old server's memory
+
+        second = start(command, logs[1], env)
+        wait_for(logs[1], r"did not give back the GPU slot", second)
+        wait_for(logs[1], rf"resuming at epoch \d+ of {EPOCHS}", second)
+        wait_for(logs[1], rf"epoch \d+/{EPOCHS}:", second)
+        server.stop()
+        lost = time.monotonic()
+        text = finish(second, logs[1], seconds=90)
+        assert time.monotonic() - lost < 10 + 5 + 8 + 10, "bounded: the lost limit, a poll, the grace"
+        assert second.returncode == 1
+        assert text.strip().splitlines()[-1] == (
+            f"tnflow run: error: lost the Prefect server at {api} (no answer for 10 s); finished work is kept: "
+            "start the server again and run the same command to resume"
+        )
+
+        server.restart()
+        third = start(run_command(cifar, tmp_path / "runs", tmp_path / "cache", slot), logs[2], env)
+        third_text = finish(third, logs[2])
+        assert third.returncode == 0, third_text[-3000:]
+        assert "resuming at epoch" in third_text
+        assert api_get(api, f"/v2/concurrency_limits/{slot}")["active_slots"] == 0, "every slot given back"
+    finally:
+        server.stop()
