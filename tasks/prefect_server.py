@@ -12,6 +12,7 @@ While a command runs, `watch` polls the API's health from a thread; a server gon
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from tnflow.tasks.processes import die_with_parent
 STARTUP_SECONDS = 120.0  # a fresh database's migration on a busy 2-core machine fits in this
 HEALTH_EVERY_SECONDS = 5.0
 LOST_SECONDS = 60.0  # a server restart fits in this; longer, and the run stops
+DRAIN_SECONDS = 10.0  # the last logs and events of a run, sent before its temporary server stops
 _TEMPORARY: set[str] = set()
 
 
@@ -89,12 +91,28 @@ def _temporary_server() -> Iterator[str]:
         yield url
     finally:
         _TEMPORARY.discard(url)
+        _drain_prefect_workers(DRAIN_SECONDS)
         server.terminate()
         try:
             server.wait(timeout=5)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _drain_prefect_workers(seconds: float) -> None:
+    """Send the run's last logs and events before the server stops; else Prefect retries them at exit for a minute."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    def drain() -> None:
+        for worker in (APILogWorker, EventsWorker):
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=seconds)
+
+    thread = threading.Thread(target=drain, name="tnflow-drain", daemon=True)
+    thread.start()
+    thread.join(seconds)
 
 
 def _wait_until_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:

@@ -108,6 +108,7 @@ _STAGES: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
 
 def record_stage(task: Task, task_run: TaskRun, state: State) -> None:
     """Task hook: note the stage's wall time, final state and whether it was a cache hit."""
+    _RUNNING.clear()
     started = task_run.start_time or state.timestamp
     seconds = max((state.timestamp - started).total_seconds(), 0.0) if started else 0.0
     _STAGES[str(task_run.flow_run_id)].append(

@@ -131,6 +131,16 @@ def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
     return None
 
 
+def _append_line(path: Path, text: str) -> None:
+    """Append a row; a row torn by a crash is ended first, so it cannot swallow this one."""
+    with open(path, "a+b") as handle:
+        torn = False
+        if handle.seek(0, os.SEEK_END) > 0:
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + text + "\n").encode())
+
+
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text) if text.strip() else None
@@ -186,8 +196,7 @@ def promote(
             add_champion_history(tmp, [*read_history(line), record])
         switch_symlink(line / "current", Path(run_id))
         switch_symlink(output_dir / "champion", Path("champions") / key / run_id)
-        with open(line / "history.jsonl", "a") as history:
-            history.write(json.dumps(record) + "\n")
+        _append_line(line / "history.jsonl", json.dumps(record))
     if current is None:
         reason = f"promoted: first champion of {key}"
     else:

@@ -94,7 +94,7 @@ def train(
     work_dir = ensure_writable_dir(work_dir, option="--output-dir")
     # Chosen before waiting for the lock: two retrains started together share one new generation.
     generation = generation_for(work_dir, retrain)
-    with exclusive(work_dir / "training"):
+    with full_disk_ends("saving training checkpoints", work_dir), exclusive(work_dir / "training"):
         directory = generation_dir(work_dir, generation)
         directory.mkdir(exist_ok=True)
         state = read_state(directory)
@@ -360,20 +360,19 @@ def train_task(
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
-    with full_disk_ends("saving training checkpoints", work_dir):
-        trained = train(
-            cache_path,
-            weights_path,
-            spec,
-            settings,
-            work_dir,
-            class_names=class_names,
-            eval_batch_size=eval_batch_size,
-            retrain=retrain,
-            init_from=init_from,
-            progress=progress,
-            log=logger,
-        )
+    trained = train(
+        cache_path,
+        weights_path,
+        spec,
+        settings,
+        work_dir,
+        class_names=class_names,
+        eval_batch_size=eval_batch_size,
+        retrain=retrain,
+        init_from=init_from,
+        progress=progress,
+        log=logger,
+    )
     logger.info(
         "best epoch %d: valid accuracy %.4f (%s)", trained.best_epoch, trained.valid_accuracy, trained.model_dir
     )

@@ -18,20 +18,14 @@ import textwrap
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import api_get, free_port, start_prefect_server, stop_process_group
-from tests.fakes import make_archive
 from tests.folders import sample_archive
+from tests.killing import EPOCHS, TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
 from tnflow.tasks import host_slots
 from tnflow.tasks.host_slots import host_slot
-
-REPO = Path(__file__).resolve().parents[1]
-TNFLOW = str(Path(sys.executable).with_name("tnflow"))
-
 
 # -- the mechanisms, in seconds -----------------------------------------------------------
 
@@ -146,54 +140,7 @@ def test_what_a_killed_holder_owed_is_handed_to_the_next(tmp_path):
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crash-data")
-    _, md5 = make_archive(root / "c10.tar.gz", n_train=200, n_test=40)
-    return root / "c10.tar.gz", md5
-
-
-EPOCHS = 150  # long enough to kill in training, short enough to finish after a resume
-
-
-def run_command(cifar, out: Path, cache: Path, slot: str, epochs: int = EPOCHS) -> list[str]:
-    archive, md5 = cifar
-    command = [TNFLOW, "run", "--data-url", str(archive), "--data-md5", md5, "--model", "mobilenet35v2"]
-    command += ["--weights", "none", "--image-size", "32", "--valid-size", "40", "--epochs", str(epochs)]
-    command += ["--export", "none", "--no-promote", "--cache-dir", str(cache), "--output-dir", str(out)]
-    return [*command, "--gpu-slot", slot]
-
-
-def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for(log: Path, pattern: str, process: subprocess.Popen, seconds: float = 240) -> re.Match:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = re.search(pattern, log.read_text(errors="replace"))
-        if found:
-            return found
-        assert process.poll() is None, f"exited {process.returncode} before {pattern!r}: {log.read_text()[-3000:]}"
-        time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} in {seconds} s: {log.read_text()[-3000:]}")
-
-
-def finish(process: subprocess.Popen, log: Path, seconds: float = 300) -> str:
-    try:
-        process.wait(timeout=seconds)
-    finally:
-        stop_process_group(process)
-    return log.read_text(errors="replace")
-
-
-def sigkill_leaving_nothing(process: subprocess.Popen) -> None:
-    """SIGKILL the tnflow process alone (not its group): its children must go by themselves."""
-    children = psutil.Process(process.pid).children(recursive=True)
-    assert children, "a temporary server or workers were running"
-    process.kill()
-    process.wait()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
+    return small_cifar(tmp_path_factory.mktemp("crash-data"))
 
 
 def busy_cores() -> list[subprocess.Popen]:
@@ -255,47 +202,3 @@ def test_a_killed_prepare_leaves_no_decoding_worker(tmp_path):
         assert prepare.poll() is None and time.monotonic() < deadline, (tmp_path / "prepare.log").read_text()
         time.sleep(0.2)
     sigkill_leaving_nothing(prepare)
-
-
-@pytest.mark.slow
-def test_a_real_server_restarted_under_a_killed_run_then_lost_under_a_live_one(cifar, tmp_path):
-    """The dead run's slot is given back after the restart; a server gone for good stops the run in one line."""
-    port, home = free_port(), tmp_path / "server-home"
-    home.mkdir()
-    server = start_prefect_server(home, port)
-    api = server.api
-    env = {**server.env, "PREFECT_HOME": str(tmp_path / "client-home"), "TNFLOW_LOCK_DIR": str(tmp_path)}
-    env["TNFLOW_SERVER_LOST_SECONDS"] = "10"
-    slot = f"gpu-{uuid.uuid4().hex[:8]}"
-    command = run_command(cifar, tmp_path / "runs", tmp_path / "cache", slot)
-    logs = [tmp_path / f"run-{i}.log" for i in range(3)]
-    try:
-        first = start(command, logs[0], env)
-        wait_for(logs[0], rf"epoch 2/{EPOCHS}:", first)
-        first.kill()
-        first.wait()
-        assert api_get(api, f"/v2/concurrency_limits/{slot}")["active_slots"] == 1, "the dead run's slot"
-        server.restart()  # the lease lived in the old server's memory
-
-        second = start(command, logs[1], env)
-        wait_for(logs[1], r"did not give back the GPU slot", second)
-        wait_for(logs[1], rf"resuming at epoch \d+ of {EPOCHS}", second)
-        wait_for(logs[1], rf"epoch \d+/{EPOCHS}:", second)
-        server.stop()
-        lost = time.monotonic()
-        text = finish(second, logs[1], seconds=90)
-        assert time.monotonic() - lost < 10 + 5 + 8 + 10, "bounded: the lost limit, a poll, the grace"
-        assert second.returncode == 1
-        assert text.strip().splitlines()[-1] == (
-            f"tnflow run: error: lost the Prefect server at {api} (no answer for 10 s); finished work is kept: "
-            "start the server again and run the same command to resume"
-        )
-
-        server.restart()
-        third = start(run_command(cifar, tmp_path / "runs", tmp_path / "cache", slot), logs[2], env)
-        third_text = finish(third, logs[2])
-        assert third.returncode == 0, third_text[-3000:]
-        assert "resuming at epoch" in third_text
-        assert api_get(api, f"/v2/concurrency_limits/{slot}")["active_slots"] == 0, "every slot given back"
-    finally:
-        server.stop()

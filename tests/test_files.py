@@ -1,14 +1,19 @@
-"""Shared file mechanics: a run that waits for another run's lock says so in its own run log."""
+"""Shared file mechanics: a waiting run says for whom; a full disk is one line, never retried."""
 
+import errno
 import logging
 import threading
 
 import pytest
 from prefect import flow, task
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 import tnflow.tasks.files as files
+from tnflow.flows.cli import main
+from tnflow.tasks.errors import DataError, DiskFullError
 from tnflow.tasks.files import exclusive, write_atomic
+from tnflow.tasks.retries import retry_on, retry_unless
 
 
 @pytest.mark.slow
@@ -62,3 +67,42 @@ def test_write_atomic_replaces_whole(tmp_path):
     write_atomic(path, "one")
     write_atomic(path, "two")
     assert path.read_text() == "two" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+# -- a full disk ends a stage in one line and is never retried ------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device", "/data/runs/x/ckpt.data"), RuntimeError("write: No space left")],
+    ids=["oserror", "library-message"],
+)
+def test_a_full_disk_is_one_line_naming_where_and_what(error, tmp_path):
+    with pytest.raises(DiskFullError) as raised, files.full_disk_ends("saving training checkpoints", tmp_path):
+        raise error
+    where = getattr(error, "filename", None) or tmp_path
+    assert str(raised.value) == (
+        f"no space left on {where} while saving training checkpoints; free space and run again (finished work is kept)"
+    )
+
+
+def test_a_full_disk_is_not_retried_but_a_flaky_failure_is():
+    for condition in (retry_unless(DataError), retry_on(OSError)):
+        assert condition(None, None, Failed(data=OSError(errno.ENOSPC, "No space left on device"))) is False
+    assert retry_unless(DataError)(None, None, Failed(data=OSError(errno.EIO, "I/O error"))) is True
+    assert retry_on(OSError)(None, None, Failed(data=ConnectionResetError("reset"))) is True
+    assert retry_unless(DataError)(None, None, Failed(data=DataError("bad archive"))) is False
+
+
+def test_a_full_disk_reaching_a_command_is_one_line(tmp_path, capsys, monkeypatch):
+    import tnflow.tasks.gc as gc
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.h5"))
+
+    monkeypatch.setattr(gc, "collect", full)
+    assert main(["gc", "--cache-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tnflow gc: error: no space left on {tmp_path / 'cache' / 'x.h5'} while gc; free space and run again "
+        "(finished work is kept)"
+    ]

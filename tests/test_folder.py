@@ -299,3 +299,56 @@ def test_an_unguarded_script_fails_fast_instead_of_hanging(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "guard" in done.stderr.splitlines()[-1], done.stderr[-2000:]
     assert not list((tmp_path / "c").glob("*.h5"))
+
+
+# -- names and state files that would once have stopped a build ---------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
+    make_folder(tmp_path / "data", classes=2, per_class=20)
+    odd = os.path.join(os.fsencode(tmp_path / "data" / "class-0"), b"bad\xff\xfename.png")
+    with open(odd, "wb") as handle:
+        picture(0, 500).save(handle, format="PNG")
+    info = build(tmp_path / "data", tmp_path / "cache", max_bad=0.1)
+    skipped = dict(read_manifest(info.path)["skipped"])
+    assert skipped == {"class-0/bad\\xff\\xfename.png": "file name is not valid UTF-8; rename it"}
+    assert sum(info.counts.values()) == 40
+
+
+def test_a_linked_folder_is_counted_as_ignored_not_dropped(tmp_path):
+    make_folder(tmp_path / "data", classes=2, per_class=20)
+    make_folder(tmp_path / "elsewhere", classes=1, per_class=3)
+    os.symlink(tmp_path / "elsewhere" / "class-0", tmp_path / "data" / "class-1" / "more")
+    info = build(tmp_path / "data", tmp_path / "cache")
+    assert "class-1/more/ (a linked folder, not followed)" in read_manifest(info.path)["ignored"]
+    assert summary(info)["ignored"] == 1 and sum(info.counts.values()) == 40
+
+
+def test_too_many_bad_files_found_early_say_at_least(tmp_path):
+    make_folder(tmp_path / "data", classes=2, per_class=30)
+    add_bad_files(tmp_path / "data")
+    with pytest.raises(DataError, match=r"^at least \d \(the build stopped there\) of 65 files"):
+        build(tmp_path / "data", tmp_path / "cache", max_pixels=100_000)
+
+
+def test_a_damaged_manifest_is_rebuilt_and_the_splits_stay(tmp_path, caplog):
+    make_folder(tmp_path / "data", classes=2, per_class=20)
+    first = build(tmp_path / "data", tmp_path / "cache")
+    with h5py.File(first.path, "r+") as f:
+        del f["manifest"]
+        f["manifest"] = '{"version": "trunc'
+    make_folder(tmp_path / "data", classes=2, per_class=5, start=20)  # five new pictures per class
+    second = build(tmp_path / "data", tmp_path / "cache")
+    assert "the manifest of" in caplog.text and "is damaged: rebuilt from its pictures' digests" in caplog.text
+    for split in ("train", "valid", "test"):
+        assert digests(first.path, split) <= digests(second.path, split), f"{split} kept its pictures"
+
+
+def test_a_damaged_stat_index_is_rebuilt_and_says_so(tmp_path, caplog):
+    make_folder(tmp_path / "data", classes=2, per_class=20)
+    first = build(tmp_path / "data", tmp_path / "cache")
+    (index,) = (tmp_path / "cache").rglob("stat-index.json")
+    index.write_text('{"class-0/img-0000.png": [12')
+    second = build(tmp_path / "data", tmp_path / "cache")
+    assert f"the stat index {index} is damaged" in caplog.text
+    assert second.path == first.path and json.loads(index.read_text()), "the same version, a sound index again"

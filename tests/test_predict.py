@@ -110,6 +110,15 @@ def test_an_empty_folder_gives_a_csv_with_its_header_only(trained, tmp_path, cap
     assert (tmp_path / "p.csv").read_text().strip() == "path,class,probability,top3,error"
 
 
+def test_printing_the_classes_of_an_empty_folder_fails_in_one_line(trained, tmp_path, capsys):
+    (tmp_path / "inbox").mkdir()
+    assert main(["predict", trained["model_dir"], str(tmp_path / "inbox")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"tnflow predict: error: no files in {tmp_path / 'inbox'}; give image files, or folders that hold some"
+    ]
+
+
 def test_no_champion_yet(tmp_path, capsys):
     assert main(["predict", "champion", "x.png", "--output-dir", str(tmp_path)]) == 1
     assert "there is no champion in" in capsys.readouterr().err

@@ -193,3 +193,43 @@ def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
     assert model_digest(model) == before, "a card that gained a promotion is the same starting model"
     (model / "model.ckpt.index").write_bytes(b"other weights")
     assert model_digest(model) != before, "the training key must see a different starting model"
+
+
+# -- a damaged champion record heals --------------------------------------------------------
+
+
+def test_a_damaged_champion_json_is_rebuilt_from_the_history(gate, caplog):
+    run, out, full = gate
+    run("a", 0.80)
+    record = out / "champions" / dataset_key(full) / "current" / "champion.json"
+    whole = record.read_text()
+    record.write_text(whole[: len(whole) // 2])  # truncated by a crash or a full disk
+    kept = run("b", 0.79)
+    assert not kept.promoted and kept.champion_accuracy == 0.80, "the champion is still the champion"
+    assert "champion.json was damaged (kept as champion.json.damaged): rebuilt from history.jsonl" in caplog.text
+    assert json.loads(record.read_text()) == json.loads(whole)
+    assert record.with_name("champion.json.damaged").read_text() == whole[: len(whole) // 2]
+
+
+def test_a_damaged_champion_json_with_no_history_leaves_no_champion(gate, caplog):
+    run, out, full = gate
+    run("a", 0.80)
+    line = out / "champions" / dataset_key(full)
+    (line / "current" / "champion.json").write_text("{")
+    (line / "history.jsonl").write_text("")
+    fresh = run("b", 0.50)
+    assert fresh.promoted and "first champion" in fresh.reason and champion_tag(out) == "b"
+    assert "and is not in history.jsonl: no champion" in caplog.text
+    assert (line / "run-a" / "champion.json.damaged").read_text() == "{"
+
+
+def test_a_torn_history_line_is_left_out_with_a_warning(gate, caplog):
+    run, out, full = gate
+    run("a", 0.80)
+    history = out / "champions" / dataset_key(full) / "history.jsonl"
+    with open(history, "a") as torn:
+        torn.write('{"run_id": "run-x", "test_accu')
+    assert run("b", 0.90).promoted
+    assert "history.jsonl has damaged lines" in caplog.text
+    rows = [json.loads(row) for row in history.read_text().splitlines() if row.endswith("}")]
+    assert [r["run_id"] for r in rows] == ["run-a", "run-b"]

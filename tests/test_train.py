@@ -361,3 +361,32 @@ def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cac
     final = validate(trained.model_dir, tiny_cache.path, "valid", 64, tmp_path / "out")
     best = trained.history[trained.best_epoch - 1]
     assert (final["valid_accuracy"], final["valid_loss"]) == pytest.approx((best["valid_accuracy"], best["valid_loss"]))
+
+
+def test_a_damaged_state_json_resumes_after_its_last_checkpoint(one_epoch, tiny_cache, tmp_path, caplog):
+    work = copy_of(one_epoch, tmp_path)
+    state = work / "generation-1" / "state.json"
+    state.write_text(state.read_text()[:40])  # torn by a crash or a full disk
+    with caplog.at_level(logging.INFO, logger="tnflow"):
+        recovered = again(tiny_cache, work, caplog)
+    assert f"{state} was damaged: rebuilt from its files (resuming after epoch 1" in caplog.text
+    assert "epoch 1/1:" not in caplog.text, "the finished epoch is not trained again"
+    assert recovered.model_dir == one_epoch.model_dir.replace(str(Path(one_epoch.work_dir)), str(work))
+    assert json.loads(state.read_text())["finished"] is True, "a sound state.json again"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_next_run_finishes(tiny_cache, tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "tmp/ckpt.data-00000-of-00001; No space left on device")
+
+    monkeypatch.setattr(tf.compat.v1.train.Saver, "save", no_space)
+    with pytest.raises(TnflowError) as raised:
+        train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
+    assert str(raised.value) == (
+        f"no space left on {tmp_path / 'work'} while saving training checkpoints; free space and run again "
+        "(finished work is kept)"
+    )
+    assert not list((tmp_path / "work").rglob("*.tmp-*")), "nothing half-written is left"
+    monkeypatch.undo()
+    finished = train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
+    assert read_model_ok(finished.model_dir)
