@@ -115,7 +115,7 @@ def publish_model(
     """<run dir>/model: the trained model, its exports and its card, put in place in one rename."""
     shared, checks = exports_of(model_dir, formats) if formats else (None, {})
     final = Path(run_dir) / "model"
-    with new_directory(final) as tmp:  # hard links: no extra space
+    with full_disk_ends("exporting the model", run_dir), new_directory(final) as tmp:  # hard links: no extra space
         link_tree(model_dir, tmp)
         for check in checks.values():
             source = shared / check["file"]
@@ -158,8 +158,7 @@ def export_task(
     logger = get_run_logger()
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), weights)
-    with full_disk_ends("exporting the model", run_dir):
-        final, checks = publish_model(model_dir, run_dir, formats, card)
+    final, checks = publish_model(model_dir, run_dir, formats, card)
     for fmt, check in checks.items():
         logger.info("exported %s", describe(fmt, check, final))
     return str(final)

@@ -164,7 +164,7 @@ def promote(
     key, split = dataset_key(cache_path), split_identity(cache_path)
     line = output_dir / "champions" / key
     line.mkdir(parents=True, exist_ok=True)
-    with exclusive(line / "current"):
+    with full_disk_ends("promoting the champion", output_dir), exclusive(line / "current"):
         current = read_champion(output_dir, key)
         champion_accuracy, rescored = None, False
         if current is not None:
@@ -241,18 +241,15 @@ def promote_task(
     if not enabled:
         decision = Decision(False, "not considered (--no-promote, or a run on a subset)", test_accuracy, None, "")
     else:
-        with full_disk_ends("promoting the champion", output_dir):
-            decision = promote(
-                model_dir,
-                run_id=Path(run_dir).name,
-                test_accuracy=test_accuracy,
-                cache_path=cache_path,
-                output_dir=output_dir,
-                margin=margin,
-                rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)[
-                    "test_accuracy"
-                ],
-            )
+        decision = promote(
+            model_dir,
+            run_id=Path(run_dir).name,
+            test_accuracy=test_accuracy,
+            cache_path=cache_path,
+            output_dir=output_dir,
+            margin=margin,
+            rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["test_accuracy"],
+        )
     logger.info("champion: %s", decision.reason)
     return asdict(decision)
 

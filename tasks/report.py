@@ -80,6 +80,11 @@ def write_report(
     promotion: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write figures, report.md and report.html into `run_dir`; returns their paths."""
+    with full_disk_ends("writing the report", run_dir):
+        return _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion)
+
+
+def _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion) -> dict[str, str]:
     run_dir = Path(run_dir)
     names = list(metrics["class_names"])
     with h5py.File(cache_path, "r") as f:
@@ -233,17 +238,16 @@ def report_task(
             "data": data_sections(cache_path),
         },
     )
-    with full_disk_ends("writing the report", run):
-        paths = write_report(
-            run,
-            config=config,
-            history=history,
-            metrics=metrics,
-            stages=stages,
-            cache_path=cache_path,
-            device=device,
-            promotion=promotion,
-        )
+    paths = write_report(
+        run,
+        config=config,
+        history=history,
+        metrics=metrics,
+        stages=stages,
+        cache_path=cache_path,
+        device=device,
+        promotion=promotion,
+    )
     markdown = (run / "report.md").read_text()
     create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")
     create_table_artifact(

@@ -38,8 +38,8 @@ def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(tmp_pa
         import tnflow.tasks.processes as processes
         processes.GRACE_SECONDS = 1.0
         with processes.stop_on_signals(lambda stopped: f"last words: {stopped.reason}"):
-            print("ready", flush=True)
             try:
+                print("ready", flush=True)
                 time.sleep(60)
             except processes.Interrupted:
                 time.sleep(60)  # a cleanup that never returns

@@ -267,3 +267,19 @@ def test_the_confidence_interval_is_wilsons():
     low, high = wilson_interval(100, 100)
     assert high == 1.0 and round(low, 4) == 0.963
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_a_full_disk_while_publishing_the_model_is_one_line_and_leaves_no_model(tmp_path, monkeypatch):
+    import errno
+
+    import tnflow.tasks.export as export_module
+    from tests.test_promote import fake_model
+    from tnflow.tasks.errors import DiskFullError
+
+    def no_space(directory):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model_card.md"))
+
+    monkeypatch.setattr(export_module, "write_card", no_space)
+    with pytest.raises(DiskFullError, match=r"^no space left on .*model_card.md while exporting the model; free space"):
+        export_module.publish_model(fake_model(tmp_path, "m"), tmp_path / "run", (), {"data": {}})
+    assert not (tmp_path / "run" / "model").exists() and not list((tmp_path / "run").glob("model.tmp-*"))

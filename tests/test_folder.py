@@ -17,11 +17,13 @@ from PIL import Image
 
 from tests.folders import make_folder, make_split_folder, picture
 from tnflow.tasks import folder as folder_module
+from tnflow.tasks.archives import UNSAFE_MEMBER
 from tnflow.tasks.errors import DataError
 from tnflow.tasks.folder import scan_folder
 from tnflow.tasks.folder_cache import build_folder_cache
 from tnflow.tasks.h5cache import read_manifest
 from tnflow.tasks.images import load_square
+from tnflow.tasks.report import data_sections
 from tnflow.tasks.settings import DataConfig
 
 
@@ -235,7 +237,7 @@ def test_concurrent_builds_of_one_version_build_once(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
-def test_archives_of_a_folder_unpack_safely(tmp_path, kind):
+def test_archives_of_a_folder_unpack_safely(tmp_path, kind, caplog):
     make_folder(tmp_path / "photos", classes=2, per_class=6)
     archive = tmp_path / f"photos.{kind}"
     hostile = {"../evil.png": b"x", "/tmp/abs-evil.png": b"x"}
@@ -263,6 +265,8 @@ def test_archives_of_a_folder_unpack_safely(tmp_path, kind):
     assert info.counts == {"train": 8, "valid": 2, "test": 2}
     unsafe = read_manifest(info.path)["unpacked_skipped"]
     assert set(hostile) <= set(unsafe) and (kind == "zip" or "photos/class-0/link.png" in unsafe)
+    assert f"{len(unsafe)} archive member(s) not unpacked from the archive" in caplog.text, "said, not only listed"
+    assert {(m, UNSAFE_MEMBER) for m in unsafe} <= set(data_sections(info.path)["skipped"]), "and in the report"
     assert not (tmp_path / "evil.png").exists() and not Path("/tmp/abs-evil.png").exists()
     assert not list(cache.rglob("*evil*"))
 

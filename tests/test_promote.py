@@ -1,5 +1,6 @@
 """The champion gate: better promotes, worse keeps, unlike splits are re-scored, datasets never mix."""
 
+import errno
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import tnflow.tasks.promote as promote_module
+from tnflow.tasks.errors import DiskFullError
 from tnflow.tasks.model_dir import read_model_dir, write_model_json
 from tnflow.tasks.promote import dataset_key, promote, read_champion
 
@@ -233,3 +235,19 @@ def test_a_torn_history_line_is_left_out_with_a_warning(gate, caplog):
     assert "history.jsonl has damaged lines" in caplog.text
     rows = [json.loads(row) for row in history.read_text().splitlines() if row.endswith("}")]
     assert [r["run_id"] for r in rows] == ["run-a", "run-b"]
+
+
+def test_a_full_disk_while_promoting_is_one_line_and_the_champion_stays_whole(gate, monkeypatch):
+    run, out, _ = gate
+    run("a", 0.80)
+    before = tree(out / "champion")
+
+    def no_space(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(promote_module, "link_tree", no_space)
+    with pytest.raises(DiskFullError, match=r"^no space left on .*run-b.* while promoting the champion; free space"):
+        run("b", 0.90)
+    monkeypatch.undo()
+    assert tree(out / "champion") == before and champion_tag(out) == "a"
+    assert run("c", 0.90).promoted, "the next run promotes as if nothing happened"
