@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -68,10 +69,9 @@ def startup_seconds() -> float:
 @contextmanager
 def _temporary_server() -> Iterator[str]:
     import prefect
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
 
-    port = SubprocessASGIServer().find_available_port()
+    port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -98,6 +98,12 @@ def _temporary_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _drain_prefect_workers(seconds: float) -> None:

@@ -21,10 +21,12 @@ import uuid
 
 import psutil
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.folders import sample_archive
 from tests.killing import EPOCHS, TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
-from tnflow.tasks import host_slots
+from tnflow.tasks import host_slots, prefect_server
+from tnflow.tasks.errors import TnflowError
 from tnflow.tasks.host_slots import host_slot
 
 # -- the mechanisms, in seconds -----------------------------------------------------------
@@ -202,3 +204,25 @@ def test_a_killed_prepare_leaves_no_decoding_worker(tmp_path):
         assert prepare.poll() is None and time.monotonic() < deadline, (tmp_path / "prepare.log").read_text()
         time.sleep(0.2)
     sigkill_leaving_nothing(prepare)
+
+
+def test_the_temporary_server_gets_time_for_a_first_run_unless_the_user_says_otherwise(monkeypatch):
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
+    assert prefect_server.startup_seconds() == 120
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "45")
+    assert prefect_server.startup_seconds() == 45
+
+
+def test_a_temporary_server_that_does_not_start_is_one_line_naming_the_way_out(monkeypatch):
+    monkeypatch.setattr(prefect_server, "startup_seconds", lambda: 0.2)  # no server answers that fast
+    with (
+        temporary_settings(updates={PREFECT_API_URL: None}),
+        pytest.raises(TnflowError) as raised,
+        prefect_server.prefect_api(),
+    ):
+        pass
+    assert str(raised.value) == (
+        "the temporary Prefect server did not start (no answer in 0 s); run one that stays: "
+        "`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
+        "(or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+    )
