@@ -32,7 +32,8 @@ from tnflow.tasks.host_slots import host_slot
 # -- the mechanisms, in seconds -----------------------------------------------------------
 
 
-def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(signum):
     """Like Prefect reporting a crash to a lost server: the handler ran, then cleanup blocks."""
     script = textwrap.dedent(
         """
@@ -50,11 +51,11 @@ def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(tmp_pa
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     started = time.monotonic()
-    child.send_signal(signal.SIGTERM)
+    child.send_signal(signum)
     _, err = child.communicate(timeout=20)
     assert time.monotonic() - started < 5, "the grace is 1 s"
-    assert child.returncode == 128 + signal.SIGTERM
-    assert err.strip().splitlines()[-1] == "last words: SIGTERM"
+    assert child.returncode == 128 + signum
+    assert err.strip().splitlines()[-1] == f"last words: {signum.name}"
 
 
 def test_children_die_with_a_sigkilled_parent(tmp_path):
