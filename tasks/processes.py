@@ -54,6 +54,9 @@ def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callab
     printed on a hard exit. Yields `stop(reason)`, which another thread calls to interrupt the
     run the same way (a lost server).
     """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield lambda reason: None
+        return
     first: list[Interrupted] = []
     lock = threading.Lock()
 
