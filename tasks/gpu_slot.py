@@ -49,6 +49,7 @@ NO_SLOT = "none"
 LEASE_SECONDS = 300  # a holder on another host that died frees its slot after this long
 RENEW_SECONDS = LEASE_SECONDS / 4
 GONE = 410  # the server no longer knows a lease
+PENDING = "pending"  # in the journal while the server is asked for a slot
 LOCKED = 423  # every slot of the limit is taken
 
 
@@ -117,8 +118,9 @@ def _waiting(name: str, slots: int, frees: str) -> str:
 def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, log: Log) -> UUID:
     """Take a slot of the Prefect limit; first free the one a dead run on this host left behind."""
     holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
-    gone = sum(_release_dead(name, UUID(lease), journal.left_by, log) for lease in journal.left)
-    journal.write([])
+    # Slots a dead holder may still count that the server knows no lease for: taken back only
+    # if they block this run, and kept in the journal until then (a kill here loses none).
+    gone = sum(_release_dead(name, lease, journal.left_by, log) for lease in journal.left)
     waiting = _waiting(
         name,
         slots,
@@ -128,9 +130,9 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, lo
     started, next_report = time.monotonic(), 0.0
     while True:
         with get_client(sync_client=True) as client:
+            journal.write([PENDING] * (gone + 1))  # a kill while the server answers still leaves a trace
             lease = _try_increment(client, name, holder)
             if lease is None and gone:
-                # A dead run's lease died with its server, which never took its slot back.
                 client.release_concurrency_slots([name], 1, occupancy_seconds=1.0)
                 gone -= 1
                 continue
@@ -139,6 +141,7 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, lo
             with contextlib.suppress(Exception):  # only for other runs' waiting messages
                 _set_holder(name, me)
             return lease
+        journal.write([PENDING] * gone)
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + WAIT_REPORT_SECONDS
             log.info(waiting.format(holders=_server_holder(name), waited=time.monotonic() - started))
@@ -157,22 +160,24 @@ def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None
     return UUID(response.json()["lease_id"])
 
 
-def _release_dead(name: str, lease: UUID, record: dict[str, Any], log: Log) -> bool:
-    """Release a dead holder's lease; True when the server no longer knew it (its slot still counts)."""
+def _release_dead(name: str, lease: str, record: dict[str, Any], log: Log) -> bool:
+    """Release a dead holder's lease; True when the server does not know it (its slot may still count)."""
     log.warning(
         "%s did not give back the GPU slot %r (killed, or cut off from its server): releasing it now",
         describe(record),
         name,
     )
+    if lease == PENDING:  # killed while asking for it: whether the server counted it is unknown
+        return True
     with get_client(sync_client=True) as client:
         try:
             # The shortest renewal tells whether the lease still exists without keeping it alive.
-            client.renew_concurrency_lease(lease, lease_duration=60)
+            client.renew_concurrency_lease(UUID(lease), lease_duration=60)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != GONE:
                 raise
             return True
-        client.release_concurrency_slots_with_lease(lease)
+        client.release_concurrency_slots_with_lease(UUID(lease))
     return False
 
 
