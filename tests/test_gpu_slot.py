@@ -9,6 +9,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prefect import flow, get_run_logger
@@ -104,3 +105,32 @@ def test_a_slot_name_prefect_cannot_take_is_refused_up_front(name, capsys):
 
     assert main(["run", "--gpu-slot", name, "--epochs", "1"]) != 0
     assert f"--gpu-slot {name!r} may only hold letters, digits" in capsys.readouterr().err
+
+
+def test_a_run_killed_while_asking_for_the_slot_does_not_keep_it(prefect_server, tmp_path, monkeypatch, caplog):
+    """Killed between the server counting its slot and its journal naming the lease: the next run takes it back."""
+    import hashlib
+    import json
+    import logging
+
+    from tnflow.tasks import gpu_slot as slot_module
+
+    api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("TNFLOW_LOCK_DIR", str(tmp_path))
+
+    def waits(seconds):
+        raise AssertionError("the run waits: the dead run's slot was not taken back")
+
+    monkeypatch.setattr(slot_module, "time", SimpleNamespace(monotonic=time.monotonic, sleep=waits))
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        slot_module.ensure_limit(name)
+        api_post(api, "/v2/concurrency_limits/increment", {"names": [name], "slots": 1, "mode": "concurrency"})
+        key = hashlib.sha256(slot_module.backend().encode()).hexdigest()[:8]
+        dead = {"run": "killed-mid-request", "run_id": str(uuid.uuid4()), "pid": 1, "host": "h", "owes": ["pending"]}
+        (tmp_path / f"{name}-{key}-0.lock").write_text(json.dumps(dead))
+        log = logging.getLogger("tnflow.test")
+        with caplog.at_level(logging.INFO, logger="tnflow.test"), slot_module.gpu_slot(name, log):
+            assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 1, "its own, not the dead one's"
+    assert "run 'killed-mid-request'" in caplog.text and "did not give back the GPU slot" in caplog.text
+    assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 0
+    assert json.loads((tmp_path / f"{name}-{key}-0.lock").read_text() or "{}") == {}, "nothing owed after a clean end"
