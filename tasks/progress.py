@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import queue
 import threading
 import time
 from collections import defaultdict
@@ -80,25 +79,39 @@ class Progress:
 class _ArtifactUpdates:
     """Sends progress to the UI from a thread of its own: a slow or lost server never holds up the work.
 
-    Only the latest value matters, so a value still waiting is replaced, never queued behind.
+    Only the latest value matters, so a newer one replaces one not yet sent. The thread ends
+    after `IDLE_SECONDS` without news and starts again with the next value.
     """
 
+    IDLE_SECONDS = 30.0
+
     def __init__(self, artifact_id: Any):
-        self.artifact_id, self.latest = artifact_id, queue.Queue(maxsize=1)
-        context = contextvars.copy_context()  # the run's Prefect settings and client
-        threading.Thread(target=context.run, args=(self._send_forever,), name="tnflow-progress", daemon=True).start()
+        self.artifact_id, self.latest = artifact_id, None
+        self.context = contextvars.copy_context()  # the run's Prefect settings and client
+        self.lock, self.wake, self.thread = threading.Lock(), threading.Event(), None
 
     def send(self, progress: float) -> None:
-        with contextlib.suppress(queue.Empty):
-            self.latest.get_nowait()
-        with contextlib.suppress(queue.Full):
-            self.latest.put_nowait(progress)
+        with self.lock:
+            self.latest = progress
+            self.wake.set()
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self.context.copy().run, args=(self._drain,), name="tnflow-progress", daemon=True
+                )
+                self.thread.start()
 
-    def _send_forever(self) -> None:
+    def _drain(self) -> None:
         while True:
-            progress = self.latest.get()
-            with contextlib.suppress(Exception):  # the UI's bar is not worth failing a run for
-                update_progress_artifact(self.artifact_id, progress=progress)
+            self.wake.wait(self.IDLE_SECONDS)
+            with self.lock:
+                if not self.wake.is_set():
+                    self.thread = None
+                    return
+                self.wake.clear()
+                progress, self.latest = self.latest, None
+            if progress is not None:
+                with contextlib.suppress(Exception):  # the UI's bar is not worth failing a run for
+                    update_progress_artifact(self.artifact_id, progress=progress)
 
 
 # -- stage timings ------------------------------------------------------------------------

@@ -227,3 +227,25 @@ def test_a_temporary_server_that_does_not_start_is_one_line_naming_the_way_out(m
         "`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
         "(or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
     )
+
+
+def test_progress_for_the_ui_never_waits_on_the_server_and_its_last_value_arrives(monkeypatch):
+    import tnflow.tasks.progress as progress
+
+    sent, server_answers = [], threading.Event()
+
+    def slow_server(artifact_id, progress):
+        server_answers.wait(10)  # a lost server: every call hangs until it is back
+        sent.append(progress)
+
+    monkeypatch.setattr(progress, "update_progress_artifact", slow_server)
+    updates = progress._ArtifactUpdates("artifact")
+    started = time.monotonic()
+    for share in range(101):
+        updates.send(float(share))
+    assert time.monotonic() - started < 0.5, "the training step never waits for the UI"
+    server_answers.set()
+    deadline = time.monotonic() + 10
+    while (not sent or sent[-1] != 100.0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sent[-1] == 100.0 and len(sent) <= 3, f"only the latest values are sent: {sent}"
