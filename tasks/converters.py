@@ -12,9 +12,11 @@ when a format is written.
 from __future__ import annotations
 
 import functools
+import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,25 @@ def _write_saved_model(source: Source, tmp: Path) -> dict[str, Any]:
     return {"file": FILES["savedmodel"], "signatures": sorted(signatures)}
 
 
+@contextmanager
+def _environment_kept(name: str) -> Iterator[None]:
+    """tf2onnx sets TF_CPP_MIN_LOG_LEVEL for the whole process; every later child would inherit it."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _write_onnx(source: Source, tmp: Path) -> dict[str, Any]:
+    with _environment_kept("TF_CPP_MIN_LOG_LEVEL"):
+        return _convert_to_onnx(source, tmp)
+
+
+def _convert_to_onnx(source: Source, tmp: Path) -> dict[str, Any]:
     try:
         import onnxruntime
         import tf2onnx

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -119,7 +120,9 @@ def test_the_saved_model_needs_tensorflow_alone_and_agrees_with_tnflow_predict(m
 
 @pytest.mark.slow
 def test_onnx_and_tflite_agree_with_the_saved_model(model):
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     checks = export(model["dir"], ("onnx", "tflite", "tflite-float16"), model["exports"])
+    assert os.environ.get("TF_CPP_MIN_LOG_LEVEL") == level, "tf2onnx's log level must not reach later children"
     assert checks["onnx"]["max_difference"] <= 1e-4 and checks["tflite"]["max_difference"] <= 1e-4
     import onnxruntime
 
@@ -138,7 +141,8 @@ def test_onnx_and_tflite_agree_with_the_saved_model(model):
 
 @pytest.mark.slow
 def test_a_format_that_cannot_express_the_model_says_so_and_leaves_nothing(model, tmp_path, monkeypatch):
-    import tf2onnx
+    with converters._environment_kept("TF_CPP_MIN_LOG_LEVEL"):
+        import tf2onnx
 
     def refuses(*args, **kwargs):
         raise ValueError("Unsupported ops: Relu6Grad\nmore detail")
