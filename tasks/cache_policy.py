@@ -11,10 +11,12 @@ under a key derived from the stale one, so the next run finds it.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import inspect
 import secrets
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +29,44 @@ from prefect.utilities.hashing import hash_objects
 MAX_REBUILDS = 32  # stale records walked past before a key gives up on reuse
 
 
+KEYED: list[str | object] = []  # every module and object whose code feeds a key (for the tests)
+
+
 def code_version(*parts: str | object) -> str:
-    """Digest of the source of the modules (by dotted name, not imported) or objects given."""
+    """Digest of what the modules (by dotted name, not imported) or objects given do.
+
+    A key changes when a result can: the digest is of the syntax tree without docstrings
+    (comments never reach it), so an upgrade that only rewords them retrains nothing and
+    rebuilds no cache. A change to any expression, name or constant changes it.
+    """
     digest = hashlib.sha256()
     for part in parts:
-        if isinstance(part, str):
-            spec = importlib.util.find_spec(part)
-            if spec is None or spec.origin is None:
-                raise ValueError(f"no source for module {part}")
-            source = Path(spec.origin).read_text()
-        else:
-            source = inspect.getsource(part)
-        digest.update(source.encode())
+        KEYED.append(part)
+        digest.update(meaning(source_of(part)).encode())
     return digest.hexdigest()[:16]
+
+
+def source_of(part: str | object) -> str:
+    if isinstance(part, str):
+        spec = importlib.util.find_spec(part)
+        if spec is None or spec.origin is None:
+            raise ValueError(f"no source for module {part}")
+        return Path(spec.origin).read_text()
+    return textwrap.dedent(inspect.getsource(part))
+
+
+def meaning(source: str) -> str:
+    """The syntax tree of `source` without docstrings or positions: what the code does, not how it reads."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and _docstring(node):
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+
+def _docstring(node: ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    first = node.body[0] if node.body else None
+    return isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
 
 
 @dataclass
