@@ -6,6 +6,7 @@ the same prefect.yaml that `prefect deploy` reads, so there is one place to chan
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,7 @@ from prefect.schedules import Cron
 
 from tnflow.tasks.errors import TnflowError
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+PREFECT_FILE = Path(str(resources.files("tnflow.deployments") / "prefect.yaml"))  # package data, any install
 
 
 def load_deployments(path: str | Path = PREFECT_FILE) -> list[dict[str, Any]]:
@@ -37,8 +37,7 @@ def runner_deployments(path: str | Path = PREFECT_FILE) -> list[RunnerDeployment
     """One RunnerDeployment per entry, with its parameters, tags and schedules."""
     built = []
     for entry in load_deployments(path):
-        file, _, function = entry["entrypoint"].partition(":")
-        flow = load_flow_from_entrypoint(f"{REPO / file}:{function}")
+        flow = load_flow_from_entrypoint(module_entrypoint(entry["entrypoint"]))
         schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in entry.get("schedules") or []]
         built.append(
             flow.to_deployment(
@@ -50,6 +49,16 @@ def runner_deployments(path: str | Path = PREFECT_FILE) -> list[RunnerDeployment
             )
         )
     return built
+
+
+def module_entrypoint(entrypoint: str) -> str:
+    """`flows/train.py:transfer_learning` (a path in the repository, as `prefect deploy` reads it) as
+    `tnflow.flows.train:transfer_learning`, which imports from wherever tnflow is installed."""
+    file, _, function = entrypoint.partition(":")
+    path = Path(file)
+    if path.suffix != ".py" or path.parts[0] != "flows":
+        raise TnflowError(f"deployment entrypoint {entrypoint!r} is not a tnflow flow (flows/<module>.py:<flow>)")
+    return f"tnflow.{'.'.join(path.with_suffix('').parts)}:{function}"
 
 
 def serve_deployments(path: str | Path = PREFECT_FILE) -> None:

@@ -2,8 +2,10 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,3 +174,37 @@ def test_tnflow_serve_registers_the_same_deployments(prefect_server, tmp_path):
     assert found["retrain-weekly"]["parameters"] == {"retrain": True}
     assert found["adhoc"]["parameter_openapi_schema"]["properties"]["epochs"]["default"] == 7
     assert not found["adhoc"]["schedules"]
+
+
+@pytest.mark.slow
+def test_serve_finds_the_deployments_from_a_wheel_install(tmp_path):
+    """`pip install .` (not editable): no repository beside the code, and still the same deployments."""
+    source = tmp_path / "source"  # built from a copy: the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    for name in ("flows", "tasks", "deployments"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)]
+    subprocess.run([*pip, *build], check=True)
+    (wheel,) = (tmp_path / "wheel").glob("tnflow-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # only the wheel's copy
+        sys.path[:] = [{str(site)!r}] + [p for p in sys.path if "editable" not in p.lower()]
+        from tnflow.flows import serve
+        from tnflow.flows.cli import main
+        assert serve.__file__.startswith({str(site)!r}), serve.__file__
+        print([d.name for d in serve.runner_deployments()], flush=True)
+        main(["serve", "--help"])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, *rest = done.stdout.splitlines()
+    assert first == str([entry["name"] for entry in load_deployments()]), "the shipped file is the repository's"
+    assert rest[0].startswith("usage: tnflow serve")
