@@ -42,10 +42,9 @@ class Progress:
         self.label, self.unit, self.logger, self.interval = label, unit, logger, interval
         self.start = self.last_report = time.monotonic()
         self.done, self.total, self.detail = 0, None, ""
-        self.artifact_id, self.artifact_updates = None, None
+        self.artifact_updates = None
         if TaskRunContext.get() is not None:
-            self.artifact_id = create_progress_artifact(progress=0.0, description=label)
-            self.artifact_updates = _ArtifactUpdates(self.artifact_id)
+            self.artifact_updates = _ArtifactUpdates(create_progress_artifact(progress=0.0, description=label))
 
     def __call__(self, done: int, total: int | None, detail: str = "") -> None:
         self.done, self.total, self.detail = done, total, detail
