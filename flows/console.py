@@ -64,7 +64,7 @@ def interrupted_line(command: str, stopped: BaseException) -> str:
     from tnflow.tasks.progress import running_stage
 
     reason = stopped.reason if isinstance(stopped, Interrupted) else type(stopped).__name__
-    if reason.startswith("lost the Prefect server"):
+    if isinstance(stopped, Interrupted) and not stopped.signalled:  # tnflow stopped it, and says why
         return f"tnflow {command}: error: {reason}"
     stage = running_stage()
     return (

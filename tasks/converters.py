@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tnflow.tasks.errors import TnflowError
+from tnflow.tasks.errors import TnflowError, first_line
 from tnflow.tasks.model_dir import CHECKPOINT
 from tnflow.tasks.settings import EXPORT_FORMATS, ModelSpec
 
@@ -123,7 +123,7 @@ def _convert_to_onnx(source: Source, tmp: Path) -> dict[str, Any]:
         )
     except Exception as exc:  # noqa: BLE001 - any converter failure means: this backbone cannot go to ONNX
         raise TnflowError(
-            f"ONNX cannot express {meta['model']}: {_first_line(exc)}; leave onnx out of --export"
+            f"ONNX cannot express {meta['model']}: {first_line(exc)}; leave onnx out of --export"
         ) from None
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -159,7 +159,7 @@ def _write_tflite(source: Source, tmp: Path, float16: bool = False) -> dict[str,
             tmp.write_bytes(converter.convert())
         except Exception as exc:  # noqa: BLE001 - any converter failure means: this backbone cannot go to TFLite
             raise TnflowError(
-                f"TFLite cannot express {meta['model']}: {_first_line(exc)}; leave tflite out of --export"
+                f"TFLite cannot express {meta['model']}: {first_line(exc)}; leave tflite out of --export"
             ) from None
     fmt = "tflite-float16" if float16 else "tflite"
     return _compare(fmt, tflite_runner(tmp), source, exact=not float16)
@@ -232,8 +232,3 @@ def _compare(fmt: str, run: Callable[[np.ndarray], np.ndarray], source: Source, 
             f"(over {TOLERANCE:g}); it was not written. Please report this with the model's model.json"
         )
     return {"file": FILES[fmt], "max_difference": difference, "same_top1": same_top1, "probes": len(want)}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -6,6 +6,12 @@ traceback; anything else is a bug and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as part of a one-line message: its first line, or its type when it says nothing."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__
+
+
 class TnflowError(Exception):
     """A failure the user can fix; the message says how."""
 

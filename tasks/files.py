@@ -53,7 +53,7 @@ def exclusive(final: Path) -> Iterator[None]:
         _acquire(handle, lock_path, final)
         try:
             handle.truncate(0)
-            handle.write(json.dumps(_whoami()).encode())
+            handle.write(json.dumps(whoami()).encode())
             handle.flush()
             yield
         finally:
@@ -84,7 +84,8 @@ def _try_lock(handle: IO[bytes]) -> bool:
     return True
 
 
-def _whoami() -> dict[str, object]:
+def whoami() -> dict[str, object]:
+    """This process as lock files and journals name it: its run (if any), process and host."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()

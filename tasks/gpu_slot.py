@@ -22,10 +22,7 @@ restart).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -40,10 +37,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
+from tnflow.tasks.errors import first_line
+from tnflow.tasks.files import whoami
 from tnflow.tasks.host_slots import WAIT_REPORT_SECONDS, Journal, Log, describe, host_slot, lock_dir
+from tnflow.tasks.processes import best_effort, in_background
 
 NO_SLOT = "none"
 LEASE_SECONDS = 300  # a holder on another host that died frees its slot after this long
@@ -80,13 +79,7 @@ def gpu_slot(name: str, log: Log) -> Iterator[None]:
         yield
         return
     limit = ensure_limit(name)
-    me = {
-        "run": flow_run.name,
-        "run_id": str(flow_run.id) if flow_run.id else None,
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "since": datetime.now(UTC).isoformat(),
-    }
+    me = {**whoami(), "since": datetime.now(UTC).isoformat()}
     key = hashlib.sha256(backend().encode()).hexdigest()[:8]  # the slots of one Prefect database
     paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(limit.limit)]
     waiting = _waiting(name, limit.limit, "that run's training and validation end, or at once if its process dies")
@@ -98,7 +91,7 @@ def gpu_slot(name: str, log: Log) -> Iterator[None]:
             yield
         finally:
             renewer.stop()
-            if _best_effort(lambda: _release(lease), seconds=5.0):
+            if best_effort(lambda: _release(lease), 5.0, "tnflow-gpu-slot-release"):
                 journal.write(None)
             # else the lease stays in the journal, and the next run on this host gives it back
 
@@ -212,7 +205,7 @@ class _Renewer:
 
     def __init__(self, lease: UUID, log: Log):
         self.lease, self.log, self.stopped = lease, log, threading.Event()
-        _in_thread(self._run, "tnflow-gpu-slot-lease")
+        in_background(self._run, "tnflow-gpu-slot-lease")
 
     def _run(self) -> None:
         warned = False
@@ -226,32 +219,8 @@ class _Renewer:
                     self.log.warning(
                         "could not renew the GPU slot's lease on the Prefect server (%s); training goes on, "
                         "this host's lock still guards the GPU",
-                        _short_error(exc),
+                        first_line(exc),
                     )
 
     def stop(self) -> None:
         self.stopped.set()
-
-
-def _short_error(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
-
-
-def _best_effort(call: Any, seconds: float) -> bool:
-    """Run `call` for at most `seconds` (a lost server must not hold up the end of a run); True if it succeeded."""
-    done = threading.Event()
-
-    def attempt() -> None:
-        with contextlib.suppress(Exception):
-            call()
-            done.set()
-
-    _in_thread(attempt, "tnflow-gpu-slot-release")
-    return done.wait(seconds)
-
-
-def _in_thread(work: Any, name: str) -> None:
-    """Start `work` in a daemon thread that sees this run's Prefect settings (its API URL)."""
-    context = contextvars.copy_context()
-    threading.Thread(target=context.run, args=(work,), name=name, daemon=True).start()

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.processes import die_with_parent
+from tnflow.tasks.processes import best_effort, die_with_parent
 
 STARTUP_SECONDS = 120.0  # a fresh database's migration on a busy 2-core machine fits in this
 HEALTH_EVERY_SECONDS = 5.0
@@ -116,9 +116,7 @@ def _drain_prefect_workers(seconds: float) -> None:
             with contextlib.suppress(Exception):
                 worker.drain_all(timeout=seconds)
 
-    thread = threading.Thread(target=drain, name="tnflow-drain", daemon=True)
-    thread.start()
-    thread.join(seconds)
+    best_effort(drain, seconds, "tnflow-drain")
 
 
 def _wait_until_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:

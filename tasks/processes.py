@@ -9,6 +9,8 @@ Finished work is on disk by then: every stage writes under temporary names and r
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import os
 import signal
@@ -36,12 +38,37 @@ def die_with_parent_kill(parent: int) -> None:
     die_with_parent(parent, signal.SIGKILL)
 
 
+def in_background(work: Callable[[], None], name: str) -> threading.Thread:
+    """Start `work` in a daemon thread that sees the caller's context (the run's Prefect settings, its API URL)."""
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(work,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def best_effort(call: Callable[[], object], seconds: float, name: str) -> bool:
+    """Run `call` for at most `seconds` (a lost server must not hold up the end of a run); True if it succeeded."""
+    done = threading.Event()
+
+    def attempt() -> None:
+        with contextlib.suppress(Exception):
+            call()
+            done.set()
+
+    in_background(attempt, name)
+    return done.wait(seconds)
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT (or a lost server) asked the run to stop."""
 
     def __init__(self, reason: str, code: int):
         super().__init__(reason)
         self.reason, self.code = reason, code
+
+    @property
+    def signalled(self) -> bool:
+        """A signal stopped the run (exit code 128 + its number); else tnflow stopped it (a lost server)."""
+        return self.code > 128
 
 
 @contextmanager

@@ -10,7 +10,6 @@ asynchronously, so reading them back from its API right away can miss the latest
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import threading
 import time
@@ -23,6 +22,8 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.states import State
+
+from tnflow.tasks.processes import in_background
 
 _SCALE = {"B": (1e6, "MB")}
 _fallback = logging.getLogger("tnflow")
@@ -86,18 +87,14 @@ class _ArtifactUpdates:
 
     def __init__(self, artifact_id: Any):
         self.artifact_id, self.latest = artifact_id, None
-        self.context = contextvars.copy_context()  # the run's Prefect settings and client
         self.lock, self.wake, self.thread = threading.Lock(), threading.Event(), None
 
     def send(self, progress: float) -> None:
         with self.lock:
             self.latest = progress
             self.wake.set()
-            if self.thread is None:
-                self.thread = threading.Thread(
-                    target=self.context.copy().run, args=(self._drain,), name="tnflow-progress", daemon=True
-                )
-                self.thread.start()
+            if self.thread is None:  # started from the task, so it sees the run's Prefect settings and client
+                self.thread = in_background(self._drain, "tnflow-progress")
 
     def _drain(self) -> None:
         while True:
