@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.fakes import make_archive  # noqa: E402
-from tnflow.tasks.cache import build_cache  # noqa: E402
-from tnflow.tasks.cifar import read_archive  # noqa: E402
-from tnflow.tasks.settings import CacheSpec  # noqa: E402
+from tnflow.tasks.cache.stage import build_cache  # noqa: E402
+from tnflow.tasks.config.specs import CacheSpec  # noqa: E402
+from tnflow.tasks.sources.cifar import read_archive  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -32,8 +32,8 @@ server.stop()
 """,
     "tnflow": """
 import json, time
-from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.prefect_server import prefect_api
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.prefect_server import prefect_api
 started = time.monotonic()
 try:
     with prefect_api():

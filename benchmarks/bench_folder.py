@@ -74,8 +74,8 @@ def peak_rss_mb() -> tuple[float, float]:
 
 
 def run_tnflow(root: str, size: int, out: str) -> dict:
-    from tnflow.tasks.folder_cache import build_folder_cache
-    from tnflow.tasks.settings import DataConfig
+    from tnflow.tasks.cache.folder_cache import build_folder_cache
+    from tnflow.tasks.config.options import DataConfig
 
     spec = DataConfig.from_values({"data_dir": root, "image_size": size, "valid_size": 0.1}).cache_spec()
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def measure(method: str, root: Path, size: int, scratch: Path, loop_images: int)
 
 
 def bench_scan(n: int, scratch: Path) -> None:
-    from tnflow.tasks.folder import scan_folder
+    from tnflow.tasks.sources.folder import scan_folder
 
     root = scratch / "many"
     blob = bytes(2000)  # small files: the scan's cost is per file, not per byte

@@ -36,14 +36,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from tests.folders import sample_archive  # noqa: E402
-from tnflow.tasks.backbones import BACKBONES  # noqa: E402
-from tnflow.tasks.converters import saved_model_probabilities, tflite_runner  # noqa: E402
-from tnflow.tasks.export import export  # noqa: E402
-from tnflow.tasks.images import load_square  # noqa: E402
-from tnflow.tasks.model import build, open_session  # noqa: E402
-from tnflow.tasks.model_dir import CHECKPOINT, write_model_json  # noqa: E402
-from tnflow.tasks.predict import predict_files  # noqa: E402
-from tnflow.tasks.settings import ModelSpec  # noqa: E402
+from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
+from tnflow.tasks.config.specs import ModelSpec  # noqa: E402
+from tnflow.tasks.release.export import export  # noqa: E402
+from tnflow.tasks.release.predict import predict_files  # noqa: E402
+from tnflow.tasks.sources.images import load_square  # noqa: E402
+from tnflow.tasks.tf.converters import saved_model_probabilities, tflite_runner  # noqa: E402
+from tnflow.tasks.tf.graph import build  # noqa: E402
+from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json  # noqa: E402
+from tnflow.tasks.tf.sessions import open_session  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -106,7 +107,7 @@ def main() -> None:
 
         def tnflow_predict() -> Callable[[list[str]], np.ndarray]:
             """What `predict_files` does per batch, with its graph built and restored once."""
-            from tnflow.tasks.model import predict
+            from tnflow.tasks.tf.sessions import predict
 
             net = build(ModelSpec(args.model, "gap", len(CLASSES), args.size))
             session = open_session(net)

@@ -12,7 +12,7 @@ prescribes and which runs them in inference mode). Reported as images/s and tnfl
     python benchmarks/bench_train.py --model all --size 96 --batch 16
 
 `--stage` compares, in one run, the bare step (one batch fed from host memory, nothing else)
-with tnflow's whole train stage on a cache of random pictures: `tasks.train.train` (input
+with tnflow's whole train stage on a cache of random pictures: `tasks.training.train.train` (input
 pipeline, shuffled reads, per-step fetches, checkpoints; its epochs' own images/s) and the
 same inside a Prefect flow (`train_task`, its progress reports and a temporary Prefect
 server on the same cores), and Keras' VGG19 step as the peer:
@@ -38,9 +38,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network
 
 import tensorflow as tf  # noqa: E402
 
-from tnflow.tasks.backbones import BACKBONES  # noqa: E402
-from tnflow.tasks.model import build, open_session, preprocess  # noqa: E402
-from tnflow.tasks.settings import ModelSpec, TrainSettings  # noqa: E402
+from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings  # noqa: E402
+from tnflow.tasks.tf.graph import build, preprocess  # noqa: E402
+from tnflow.tasks.tf.sessions import open_session  # noqa: E402
 
 # tnflow model -> (keras.applications constructor, its extra arguments)
 KERAS = {
@@ -71,7 +72,7 @@ def bench_tnflow(model: str, size: int, batch: int, head: str, steps: int, image
     with open_session(net) as session:
         session.run(net.init)
         feed = {net.images: images, net.labels: labels, net.is_training: True}
-        train = timed(lambda: session.run(net.train_op, feed), steps)
+        train = timed(lambda: session.run(net.steps.train_op, feed), steps)
         infer = timed(lambda: session.run(net.probs, {net.images: images}), steps)
     return batch / train, batch / infer
 
@@ -110,7 +111,7 @@ def bench_stage(size: int, batch: int, steps: int, images, labels) -> None:
     from prefect import flow
 
     from benchmarks.bench_feed import write_test_cache
-    from tnflow.tasks.train import train, train_task
+    from tnflow.tasks.training.train import train, train_task
 
     spec = ModelSpec("vgg19", "gap", 10, size)
     settings = TrainSettings(epochs=2, batch_size=batch, learning_rate=1e-5)
@@ -120,7 +121,7 @@ def bench_stage(size: int, batch: int, steps: int, images, labels) -> None:
         cache = Path(tmp) / "cache.h5"
         write_test_cache(cache, steps * batch, size)
         trained = train(cache, None, spec, settings, Path(tmp) / "plain", class_names=classes, eval_batch_size=64)
-        rates["train stage (tasks.train.train)"] = max(r["images_per_second"] for r in trained.history)
+        rates["train stage (tasks.training.train.train)"] = max(r["images_per_second"] for r in trained.history)
 
         @flow(name="bench-train-stage")
         def stage_in_a_flow():

@@ -32,12 +32,13 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tests.folders import sample_archive  # noqa: E402 - the real pictures, wherever the workplace keeps them
-from tnflow.tasks.backbones import BACKBONES  # noqa: E402
-from tnflow.tasks.folder_cache import build_folder_cache  # noqa: E402
-from tnflow.tasks.settings import PRESETS, FolderSpec, ModelSpec, TrainSettings  # noqa: E402
-from tnflow.tasks.train import train  # noqa: E402
-from tnflow.tasks.validate import evaluate_model  # noqa: E402
-from tnflow.tasks.weights import write_weights  # noqa: E402
+from tnflow.tasks.cache.folder_cache import build_folder_cache  # noqa: E402
+from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
+from tnflow.tasks.config.options import PRESETS  # noqa: E402
+from tnflow.tasks.config.specs import FolderSpec, ModelSpec, TrainSettings  # noqa: E402
+from tnflow.tasks.training.train import train  # noqa: E402
+from tnflow.tasks.training.validate import evaluate_model  # noqa: E402
+from tnflow.tasks.training.weights import write_weights  # noqa: E402
 
 SOURCE = ("airplane", "automobile", "bird", "cat", "deer")
 TARGET = ("dog", "frog", "horse", "ship", "truck")
@@ -67,8 +68,9 @@ def class_folder(root: Path, name: str, classes: tuple[str, ...], pictures: Path
 
 def export_weights(model_dir: str, spec: ModelSpec, path: Path) -> None:
     """A trained model as the backbone's pretrained-weights file (what `--weights PATH` reads)."""
-    from tnflow.tasks.model import build, model_arrays, open_session
-    from tnflow.tasks.model_dir import CHECKPOINT
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.model_dir import CHECKPOINT
+    from tnflow.tasks.tf.sessions import model_arrays, open_session
 
     net = build(spec)
     with open_session(net) as session:

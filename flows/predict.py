@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tnflow.tasks.predict import score_folder_task
-from tnflow.tasks.settings import ScoreConfig, flow_parameters
+from tnflow.tasks.config.options import ScoreConfig
+from tnflow.tasks.config.parameters import flow_parameters
+from tnflow.tasks.release.predict import score_folder_task
 
 
 @flow(name="batch-predict")

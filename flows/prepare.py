@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tnflow.tasks.cache import build_cache_task
-from tnflow.tasks.download import download_task
-from tnflow.tasks.h5cache import CacheInfo
-from tnflow.tasks.settings import DataConfig, flow_parameters
+from tnflow.tasks.cache.h5cache import CacheInfo
+from tnflow.tasks.cache.stage import build_cache_task
+from tnflow.tasks.config.options import DataConfig
+from tnflow.tasks.config.parameters import flow_parameters
+from tnflow.tasks.sources.download import download_task
 
 
 @flow(name="prepare-data")

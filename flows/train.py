@@ -6,16 +6,17 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tnflow.flows.prepare import cached_data
-from tnflow.tasks.export import export_task
-from tnflow.tasks.gpu_slot import gpu_slot
-from tnflow.tasks.promote import promote_task, starting_model_task
-from tnflow.tasks.report import report_task, run_directory
-from tnflow.tasks.settings import RunConfig, flow_parameters
-from tnflow.tasks.train import CODE as TRAINING_CODE
-from tnflow.tasks.train import train_task
-from tnflow.tasks.validate import validate_task
-from tnflow.tasks.weights import fetch_weights_task
-from tnflow.tasks.workdir import work_dir_for
+from tnflow.tasks.config.options import RunConfig
+from tnflow.tasks.config.parameters import flow_parameters
+from tnflow.tasks.core.gpu_slot import gpu_slot
+from tnflow.tasks.release.export import export_task
+from tnflow.tasks.release.promote import promote_task, starting_model_task
+from tnflow.tasks.release.report import report_task, run_directory
+from tnflow.tasks.training.train import CODE as TRAINING_CODE
+from tnflow.tasks.training.train import train_task
+from tnflow.tasks.training.validate import validate_task
+from tnflow.tasks.training.weights import fetch_weights_task
+from tnflow.tasks.training.workdir import work_dir_for
 
 
 @flow(name="transfer-learning")

@@ -2,7 +2,7 @@
 
 The arrays come from the model graph's own variable shapes (`pretrained_shapes`), in the
 format its published file uses (Keras HDF5 for VGG and ResNet v1, tensornets npz for the
-rest), written by `tasks.weights.write_weights`; tests check that tensornets' own readers
+rest), written by `tasks.training.weights.write_weights`; tests check that tensornets' own readers
 read them back identically, so the layout is the real one and not just ours. Kernels are
 He-scaled so activations survive many layers; BN variances are positive.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tnflow.tasks.backbones import BACKBONES
-from tnflow.tasks.weights import write_weights
+from tnflow.tasks.config.backbones import BACKBONES
+from tnflow.tasks.training.weights import write_weights
 
 VGG_CONV = 32  # VGG's convolutional arrays: all that its gap head loads
 
@@ -24,8 +24,8 @@ VGG_CONV = 32  # VGG's convolutional arrays: all that its gap head loads
 @functools.cache
 def layout_graph(model: str):
     """A 2-class graph of the model whose pretrained variables are its published file's (VGG: full head)."""
-    from tnflow.tasks.model import build
-    from tnflow.tasks.settings import ModelSpec
+    from tnflow.tasks.config.specs import ModelSpec
+    from tnflow.tasks.tf.graph import build
 
     backbone = BACKBONES[model]
     full = backbone.full_head  # VGG's file has fc6 and fc7 before its 1000-way layer

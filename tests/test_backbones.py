@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 
 from tests.fake_weights import VGG_CONV, fake_arrays, file_layout, layout_graph, write_fake_weights
-from tnflow.tasks.backbones import BACKBONES, MODELS
-from tnflow.tasks.errors import DataError
-from tnflow.tasks.settings import ModelSpec, TrainSettings
-from tnflow.tasks.train import load_weights_file
-from tnflow.tasks.weights import check_weights, read_weights, write_weights
+from tnflow.tasks.config.backbones import BACKBONES, MODELS
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.core.errors import DataError
+from tnflow.tasks.training.train import load_weights_file
+from tnflow.tasks.training.weights import check_weights, read_weights, write_weights
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
-    from tnflow.tasks.model import build, open_session
-    from tnflow.tasks.tensornets_compat import nets
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.sessions import open_session
+    from tnflow.tasks.tf.tensornets_compat import nets
 
     backbone = BACKBONES[model]
     shapes, features = file_layout(model)
@@ -48,7 +49,8 @@ def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
 
 
 def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path):
-    from tnflow.tasks.model import build, open_session
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.sessions import open_session
 
     frozen_first = TrainSettings(learning_rate=1e-2, freeze_epochs=1)
     net = build(ModelSpec("mobilenet35v2", "gap", 3, 32), settings=frozen_first)
@@ -60,10 +62,10 @@ def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path
         session.run(net.init)
         load_weights_file(session, net, path, "mobilenet35v2")
         loaded, head = session.run(net.pretrained), session.run(net.head)
-        session.run(net.train_head_op, feed)
+        session.run(net.steps.train_head_op, feed)
         assert all(np.array_equal(a, b) for a, b in zip(session.run(net.pretrained), loaded, strict=True))
         assert not np.array_equal(session.run(net.head)[0], head[0]), "the head trains while the base is frozen"
-        session.run(net.train_op, feed)
+        session.run(net.steps.train_op, feed)
         after = dict(zip([v.op.name for v in net.pretrained], session.run(net.pretrained), strict=True))
     before = dict(zip(after, loaded, strict=True))
     stats = [n for n in after if "moving_" in n]
@@ -73,7 +75,8 @@ def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path
 
 
 def test_batch_norm_can_train_its_statistics():
-    from tnflow.tasks.model import build, open_session
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.sessions import open_session
 
     net = build(ModelSpec("mobilenet35v2", "gap", 3, 32), settings=TrainSettings(train_bn=True), steps_per_epoch=1)
     stats = [v for v in net.pretrained if "moving_mean" in v.op.name]
@@ -81,7 +84,7 @@ def test_batch_norm_can_train_its_statistics():
     with open_session(net) as session:
         session.run(net.init)
         before = session.run(stats)
-        session.run(net.train_op, {net.images: images, net.labels: np.arange(4) % 3, net.is_training: True})
+        session.run(net.steps.train_op, {net.images: images, net.labels: np.arange(4) % 3, net.is_training: True})
         after = session.run(stats)
     assert all(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
 
@@ -90,8 +93,8 @@ def test_batch_norm_can_train_its_statistics():
 def test_preprocessing_is_tensornets_numpy_preprocess_as_graph_ops(model):
     import tensorflow as tf
 
-    from tnflow.tasks.model import preprocess
-    from tnflow.tasks.tensornets_compat import nets  # noqa: F401 - registers tensornets.preprocess
+    from tnflow.tasks.tf.graph import preprocess
+    from tnflow.tasks.tf.tensornets_compat import nets  # noqa: F401 - registers tensornets.preprocess
 
     reference = sys.modules["tensornets.preprocess"].__preprocess_dict__[model]
     images = np.random.default_rng(1).integers(0, 256, (2, 7, 7, 3), dtype=np.uint8)
@@ -128,7 +131,7 @@ def test_an_npz_that_would_run_code_is_refused(tmp_path):
 
 
 def test_tnflow_models_lists_the_zoo(capsys):
-    from tnflow.flows.cli import main
+    from tnflow.flows.cli.main import main
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out

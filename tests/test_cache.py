@@ -16,12 +16,13 @@ import h5py
 import numpy as np
 import pytest
 
-import tnflow.tasks.cache as cache
+import tnflow.tasks.cache.stage as cache
 from tests.fakes import cifar_members, make_archive, make_cifar, write_archive
-from tnflow.tasks import cifar, h5cache, resize
-from tnflow.tasks import splits as splitting
-from tnflow.tasks.errors import DataError, DiskFullError, TnflowError
-from tnflow.tasks.settings import CacheSpec
+from tnflow.tasks.cache import h5cache
+from tnflow.tasks.config.specs import CacheSpec
+from tnflow.tasks.core.errors import DataError, DiskFullError, TnflowError
+from tnflow.tasks.sources import cifar, resize
+from tnflow.tasks.sources import splits as splitting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -248,7 +249,7 @@ def test_concurrent_builds_share_one_build(cifar10, tmp_path, monkeypatch):
 
 def test_not_enough_disk_space_fails_before_work(cifar10, tmp_path, monkeypatch):
     _, path, md5 = cifar10
-    monkeypatch.setattr("tnflow.tasks.files.shutil.disk_usage", lambda directory: SimpleNamespace(free=1000))
+    monkeypatch.setattr("tnflow.tasks.core.files.shutil.disk_usage", lambda directory: SimpleNamespace(free=1000))
     with pytest.raises(TnflowError, match=r"has 0.0 GB free but this needs .* free some space"):
         cache.build_cache(path, md5, spec(), tmp_path / "cache")
     assert all(p.name.endswith(".lock") for p in (tmp_path / "cache").iterdir())
@@ -290,7 +291,7 @@ def test_a_killed_build_leaves_nothing_that_looks_finished(tmp_path):
     _, md5 = make_archive(archive, n_train=3000, n_test=500)
     target = cache.cache_path(tmp_path / "cache", spec(image_size=160, valid_size=500), md5)
     script = (
-        "import sys; from tnflow.tasks.cache import build_cache; from tnflow.tasks.settings import CacheSpec;"
+        "import sys; from tnflow.tasks.cache.stage import build_cache; from tnflow.tasks.config.specs import CacheSpec;"
         "build_cache(sys.argv[1], sys.argv[2], CacheSpec('cifar10', 160, 500, None, None, 0), sys.argv[3])"
     )
     child = subprocess.Popen([sys.executable, "-c", script, str(archive), md5, str(tmp_path / "cache")], cwd=REPO)

@@ -6,7 +6,7 @@ import pytest
 from prefect import flow, task
 
 from tests.prefect_runs import task_states
-from tnflow.tasks.cache_policy import StageCache, code_version
+from tnflow.tasks.core.cache_policy import StageCache, code_version
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_code_and_identity_are_part_of_the_key(prefect_api, tmp_path):
 
 
 def test_code_version_reads_sources():
-    version = code_version("tnflow.tasks.model")
-    assert len(version) == 16 and version == code_version("tnflow.tasks.model")
-    assert code_version("tnflow.tasks.model") != code_version("tnflow.tasks.train")
+    version = code_version("tnflow.tasks.tf.graph")
+    assert len(version) == 16 and version == code_version("tnflow.tasks.tf.graph")
+    assert code_version("tnflow.tasks.tf.graph") != code_version("tnflow.tasks.training.train")
     assert code_version(made) != code_version(policy)

@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
-from tnflow.tasks.cache_reader import ALIGNMENT, CacheFeed, SplitReader, iter_batches
-from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.h5cache import inspect_cache, write_cache
+from tnflow.tasks.cache.cache_reader import ALIGNMENT, CacheFeed, SplitReader, iter_batches
+from tnflow.tasks.cache.h5cache import inspect_cache, write_cache
+from tnflow.tasks.core.errors import TnflowError
 
 COUNT, SIZE = 70, 8  # three chunks of 32 images, the last one partial
 
@@ -94,7 +94,7 @@ def test_a_cache_not_stored_as_plain_chunks_is_not_a_cache(cache, tmp_path):
 def test_the_graph_reads_the_feeds_batches_in_order_with_several_threads(cache):
     import tensorflow as tf
 
-    from tnflow.tasks.model import READ_THREADS, input_pipeline
+    from tnflow.tasks.tf.inputs import READ_THREADS, input_pipeline
 
     assert READ_THREADS > 1, "otherwise order is trivially kept"
     graph = tf.Graph()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import tnflow.flows.prepare as prepare_flow
-import tnflow.tasks.download as download
+import tnflow.tasks.sources.download as download
 from tests.fakes import cifar_members, make_archive, make_cifar, write_archive
-from tnflow.flows.cli import main
+from tnflow.flows.cli.main import main
 
 
 def prepare(capsys, *options: str) -> tuple[int, list[str], list[str]]:
@@ -48,7 +48,9 @@ def test_malformed_options_are_one_line(options):
 
 def test_malformed_option_message():
     done = subprocess.run(
-        [sys.executable, "-m", "tnflow.flows.cli", "prepare", "--image-size", "big"], capture_output=True, text=True
+        [sys.executable, "-m", "tnflow.flows.cli.main", "prepare", "--image-size", "big"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

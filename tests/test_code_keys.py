@@ -7,11 +7,11 @@ import pytest
 
 def keyed_sources() -> dict[str, str]:
     """Every module and object whose code feeds a stage's key, by name."""
-    import tnflow.tasks.cache
-    import tnflow.tasks.folder_cache
-    import tnflow.tasks.train
-    import tnflow.tasks.weights  # noqa: F401 - importing them declares their keys
-    from tnflow.tasks.cache_policy import KEYED, source_of
+    import tnflow.tasks.cache.folder_cache
+    import tnflow.tasks.cache.stage
+    import tnflow.tasks.training.train
+    import tnflow.tasks.training.weights  # noqa: F401 - importing them declares their keys
+    from tnflow.tasks.core.cache_policy import KEYED, source_of
 
     return {part if isinstance(part, str) else part.__qualname__: source_of(part) for part in KEYED}
 
@@ -36,13 +36,18 @@ def reworded(source: str) -> str:
 
 def test_the_keyed_code_is_everything_that_makes_a_stages_result():
     names = set(keyed_sources())
-    assert {"tnflow.tasks.train", "tnflow.tasks.model", "tnflow.tasks.cifar", "tnflow.tasks.folder"} <= names
+    assert {
+        "tnflow.tasks.training.train",
+        "tnflow.tasks.tf.graph",
+        "tnflow.tasks.sources.cifar",
+        "tnflow.tasks.sources.folder",
+    } <= names
     assert {"CacheWriter", "check_weights", "resize_batch"} <= names
 
 
 @pytest.mark.parametrize("name", sorted(keyed_sources()))
 def test_a_docstring_or_comment_edit_leaves_the_key_and_an_expression_edit_changes_it(name):
-    from tnflow.tasks.cache_policy import meaning
+    from tnflow.tasks.core.cache_policy import meaning
 
     source = keyed_sources()[name]
     edited = reworded(source)

@@ -25,9 +25,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.folders import sample_archive
 from tests.killing import EPOCHS, TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
-from tnflow.tasks import host_slots, prefect_server
-from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.host_slots import host_slot
+from tnflow.tasks.core import host_slots, prefect_server
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.host_slots import host_slot
 
 # -- the mechanisms, in seconds -----------------------------------------------------------
 
@@ -38,7 +38,7 @@ def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(signum
     script = textwrap.dedent(
         """
         import sys, time
-        import tnflow.tasks.processes as processes
+        import tnflow.tasks.core.processes as processes
         processes.GRACE_SECONDS = 1.0
         with processes.stop_on_signals(lambda stopped: f"last words: {stopped.reason}"):
             try:
@@ -65,7 +65,7 @@ def test_children_die_with_a_sigkilled_parent(tmp_path):
         import os, subprocess, sys, time
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing
-        from tnflow.tasks.processes import die_with_parent, die_with_parent_kill
+        from tnflow.tasks.core.processes import die_with_parent, die_with_parent_kill
         if __name__ == "__main__":
             parent = os.getpid()
             server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
@@ -122,7 +122,7 @@ def test_what_a_killed_holder_owed_is_handed_to_the_next(tmp_path):
         f"""
         import logging, os, signal
         from pathlib import Path
-        from tnflow.tasks.host_slots import host_slot
+        from tnflow.tasks.core.host_slots import host_slot
         me = {{"run": "doomed", "pid": os.getpid()}}
         with host_slot([Path({str(paths[0])!r})], me, logging.getLogger(), "") as j:
             j.write(["lease-1"])
@@ -230,7 +230,7 @@ def test_a_temporary_server_that_does_not_start_is_one_line_naming_the_way_out(m
 
 
 def test_progress_for_the_ui_never_waits_on_the_server_and_its_last_value_arrives(monkeypatch):
-    import tnflow.tasks.progress as progress
+    import tnflow.tasks.core.progress as progress
 
     sent, server_answers = [], threading.Event()
 

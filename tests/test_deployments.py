@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import api_get, api_post, stop_process_group
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.folders import make_folder, make_split_folder
-from tnflow.flows.serve import load_deployments, runner_deployments
+from tnflow.flows.cli.serve import load_deployments, runner_deployments
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -196,8 +196,8 @@ def test_serve_finds_the_deployments_from_a_wheel_install(tmp_path):
         import sys
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]  # only the wheel's copy
         sys.path[:] = [{str(site)!r}] + [p for p in sys.path if "editable" not in p.lower()]
-        from tnflow.flows import serve
-        from tnflow.flows.cli import main
+        from tnflow.flows.cli import serve
+        from tnflow.flows.cli.main import main
         assert serve.__file__.startswith({str(site)!r}), serve.__file__
         print([d.name for d in serve.runner_deployments()], flush=True)
         main(["serve", "--help"])

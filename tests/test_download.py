@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tnflow.tasks.download import fetch, target_path
-from tnflow.tasks.errors import DiskFullError, DownloadError, TransientDownloadError
+from tnflow.tasks.core.errors import DiskFullError, DownloadError, TransientDownloadError
+from tnflow.tasks.sources.download import fetch, target_path
 
 BODY = os.urandom(3 << 20)  # three read blocks, so a dropped connection leaves a real partial file
 MD5 = hashlib.md5(BODY).hexdigest()
@@ -142,7 +142,7 @@ def test_concurrent_fetches_download_once(served, tmp_path):
 
 def test_disk_full_keeps_the_partial_download_for_resuming(served, tmp_path, monkeypatch):
     server, url = served
-    import tnflow.tasks.download as download
+    import tnflow.tasks.sources.download as download
 
     class FullDisk:
         """A file whose disk fills up after one block."""

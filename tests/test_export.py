@@ -13,23 +13,23 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import tnflow.tasks.converters as converters
+import tnflow.tasks.tf.converters as converters
 from tests.fake_weights import write_fake_weights
 from tests.fakes import make_archive
 from tests.folders import sample_archive
-from tnflow.flows.cli import main
-from tnflow.tasks.cache import build_cache
-from tnflow.tasks.converters import probe_images, saved_model_probabilities, tflite_runner
-from tnflow.tasks.decode_graph import decode_square
-from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.export import export
-from tnflow.tasks.files import link_tree
-from tnflow.tasks.images import load_square
-from tnflow.tasks.model_card import wilson_interval
-from tnflow.tasks.model_dir import write_model_json
-from tnflow.tasks.predict import predict_files
-from tnflow.tasks.settings import CacheSpec, ModelSpec, TrainSettings
-from tnflow.tasks.train import train
+from tnflow.flows.cli.main import main
+from tnflow.tasks.cache.stage import build_cache
+from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.files import link_tree
+from tnflow.tasks.release.export import export
+from tnflow.tasks.release.model_card import wilson_interval
+from tnflow.tasks.release.predict import predict_files
+from tnflow.tasks.sources.images import load_square
+from tnflow.tasks.tf.converters import probe_images, saved_model_probabilities, tflite_runner
+from tnflow.tasks.tf.decode_graph import decode_square
+from tnflow.tasks.tf.model_dir import write_model_json
+from tnflow.tasks.training.train import train
 
 SIZE = 32
 
@@ -276,9 +276,9 @@ def test_the_confidence_interval_is_wilsons():
 def test_a_full_disk_while_publishing_the_model_is_one_line_and_leaves_no_model(tmp_path, monkeypatch):
     import errno
 
-    import tnflow.tasks.export as export_module
+    import tnflow.tasks.release.export as export_module
     from tests.test_promote import fake_model
-    from tnflow.tasks.errors import DiskFullError
+    from tnflow.tasks.core.errors import DiskFullError
 
     def no_space(directory):
         raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model_card.md"))

@@ -9,11 +9,11 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-import tnflow.tasks.files as files
-from tnflow.flows.cli import main
-from tnflow.tasks.errors import DataError, DiskFullError
-from tnflow.tasks.files import exclusive, write_atomic
-from tnflow.tasks.retries import retry_on, retry_unless
+import tnflow.tasks.core.files as files
+from tnflow.flows.cli.main import main
+from tnflow.tasks.core.errors import DataError, DiskFullError
+from tnflow.tasks.core.files import exclusive, write_atomic
+from tnflow.tasks.core.retries import retry_on, retry_unless
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_a_full_disk_is_not_retried_but_a_flaky_failure_is():
 
 
 def test_a_full_disk_reaching_a_command_is_one_line(tmp_path, capsys, monkeypatch):
-    import tnflow.tasks.gc as gc
+    import tnflow.tasks.cache.gc as gc
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.h5"))

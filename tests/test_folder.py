@@ -16,15 +16,15 @@ import pytest
 from PIL import Image
 
 from tests.folders import make_folder, make_split_folder, picture
-from tnflow.tasks import folder as folder_module
-from tnflow.tasks.archives import UNSAFE_MEMBER
-from tnflow.tasks.errors import DataError
-from tnflow.tasks.folder import scan_folder
-from tnflow.tasks.folder_cache import build_folder_cache
-from tnflow.tasks.h5cache import read_manifest
-from tnflow.tasks.images import load_square
-from tnflow.tasks.report import data_sections
-from tnflow.tasks.settings import DataConfig
+from tnflow.tasks.cache.folder_cache import build_folder_cache
+from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.config.options import DataConfig
+from tnflow.tasks.core.errors import DataError
+from tnflow.tasks.release.report import data_sections
+from tnflow.tasks.sources import folder as folder_module
+from tnflow.tasks.sources.archives import UNSAFE_MEMBER
+from tnflow.tasks.sources.folder import scan_folder
+from tnflow.tasks.sources.images import load_square
 
 
 def spec(data_dir, **options):
@@ -295,8 +295,8 @@ def test_an_unguarded_script_fails_fast_instead_of_hanging(tmp_path):
     make_folder(tmp_path / "data", classes=2, per_class=4)
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "from tnflow.tasks.folder_cache import build_folder_cache\n"
-        "from tnflow.tasks.settings import DataConfig\n"
+        "from tnflow.tasks.cache.folder_cache import build_folder_cache\n"
+        "from tnflow.tasks.config.options import DataConfig\n"
         f"config = DataConfig(data_dir={str(tmp_path / 'data')!r}, image_size=32, cache_dir={str(tmp_path / 'c')!r})\n"
         "build_folder_cache(config.data_dir, config.cache_spec(), config.cache_dir, workers=1)\n"
     )

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from tests.folders import make_folder
-from tnflow.flows.cli import main
-from tnflow.tasks.folder_cache import build_folder_cache
-from tnflow.tasks.settings import DataConfig
+from tnflow.flows.cli.main import main
+from tnflow.tasks.cache.folder_cache import build_folder_cache
+from tnflow.tasks.config.options import DataConfig
 
 
 def build(data, cache):

@@ -18,7 +18,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tests.conftest import api_get, api_post, stop_process_group
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
-from tnflow.tasks.gpu_slot import gpu_slot
+from tnflow.tasks.core.gpu_slot import gpu_slot
 
 
 def stage_times(api: str, flow_run_id: str) -> dict[str, tuple[datetime, datetime]]:
@@ -101,7 +101,7 @@ def test_two_trainings_at_once_take_turns_on_the_gpu_slot(prefect_server, tmp_pa
 
 @pytest.mark.parametrize("name", ["tnflow gpu", "gpu/0", ""])
 def test_a_slot_name_prefect_cannot_take_is_refused_up_front(name, capsys):
-    from tnflow.flows.cli import main
+    from tnflow.flows.cli.main import main
 
     assert main(["run", "--gpu-slot", name, "--epochs", "1"]) != 0
     assert f"--gpu-slot {name!r} may only hold letters, digits" in capsys.readouterr().err
@@ -113,7 +113,7 @@ def test_a_run_killed_while_asking_for_the_slot_does_not_keep_it(prefect_server,
     import json
     import logging
 
-    from tnflow.tasks import gpu_slot as slot_module
+    from tnflow.tasks.core import gpu_slot as slot_module
 
     api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("TNFLOW_LOCK_DIR", str(tmp_path))

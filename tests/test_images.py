@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from tests.png16 import write_png16
-from tnflow.tasks.images import ImageError, load_square
-from tnflow.tasks.resize import PAD_RGB, fit_square
+from tnflow.tasks.sources.images import ImageError, load_square
+from tnflow.tasks.sources.resize import PAD_RGB, fit_square
 
 RED, BLUE = (200, 30, 30), (30, 30, 200)
 
@@ -121,7 +121,7 @@ def test_large_jpegs_decode_at_reduced_scale_without_losing_quality(tmp_path, mo
 
 
 def test_cifar_sized_squares_get_the_cache_kernel():
-    from tnflow.tasks.resize import resize_batch
+    from tnflow.tasks.sources.resize import resize_batch
 
     image = np.random.default_rng(1).integers(0, 256, size=(32, 32, 3)).astype(np.uint8)
     assert np.array_equal(fit_square(image, 64), resize_batch(image[None], 64)[0])

@@ -1,4 +1,4 @@
-"""The house rules: stages fast to import, no import circles, modules a newcomer can read."""
+"""The house rules: rooms whose imports run one way, TensorFlow in one room, modules a newcomer can read."""
 
 import ast
 import subprocess
@@ -9,48 +9,128 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"flows": "tnflow.flows", "tasks": "tnflow.tasks"}
-MODULES = {
-    f"{PACKAGES[path.parent.name]}.{path.stem}": path
-    for folder in PACKAGES
-    for path in sorted((REPO / folder).glob("*.py"))
-    if path.stem != "__init__"
-}
-# Only the model module (and the modules it alone imports: graph pieces, the compatibility
-# module) may load TensorFlow.
-TF_MODULES = {
-    "tnflow.tasks.model",
-    "tnflow.tasks.levers",
-    "tnflow.tasks.decode_graph",
-    "tnflow.tasks.tensornets_compat",
-}
+
+
+def dotted(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    name = ".".join([PACKAGES[parts[0]], *parts[1:]])
+    return name.removesuffix(".__init__")
+
+
+MODULES = {dotted(path): path for folder in PACKAGES for path in sorted((REPO / folder).rglob("*.py"))}
+# tasks/ rooms, in the order imports may run: a room imports only from rooms before it (and itself).
+ROOMS = ("core", "config", "sources", "cache", "tf", "training", "release")
+TENSORFLOW = {"tensorflow", "tensornets", "tf_keras", "keras", "tf2onnx", "onnx", "onnxruntime"}
+
+
+def room_of(name: str) -> str | None:
+    """`core`..`release` for a module of tasks/, `flows` or `cli` for the flows and the command line."""
+    parts = name.split(".")
+    if parts[1] == "tasks":
+        return parts[2] if len(parts) > 2 else None
+    return "cli" if parts[2:3] == ["cli"] else "flows"
+
+
+def imports_of(path: Path, *, everything: bool = False) -> set[str]:
+    """What `path` imports, at the top or inside functions (lazy imports count).
+
+    tnflow modules by name (`from pkg import module` counts as the module), or with
+    `everything` the top-level names of all packages.
+    """
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        if everything:
+            found |= {name.split(".")[0] for name in names}
+        else:
+            found |= {name for name in names if name in MODULES}
+    return found
+
+
+def against_the_order(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs against the rooms' order, or into a flow from anything but the command line."""
+    wrong = []
+    for importer, imported in sorted(graph.items()):
+        for target in sorted(imported):
+            source_room, target_room = room_of(importer), room_of(target)
+            if target_room == "flows":
+                if source_room != "cli":
+                    wrong.append(
+                        f"{importer} imports the flow module {target} (flows call tasks; only the CLI calls flows)"
+                    )
+            elif target_room == "cli":
+                if source_room != "cli":
+                    wrong.append(f"{importer} imports the command line ({target})")
+            elif source_room in ROOMS and target_room in ROOMS and ROOMS.index(target_room) > ROOMS.index(source_room):
+                wrong.append(f"{importer} ({source_room}) imports {target} ({target_room}), a room after its own")
+    return wrong
+
+
+def graph_of_tnflow() -> dict[str, set[str]]:
+    return {name: imports_of(path) - {name} for name, path in MODULES.items()}
+
+
+def test_every_module_lives_in_a_room():
+    loose = [name for name in MODULES if name.startswith("tnflow.tasks.") and room_of(name) not in ROOMS]
+    assert loose == [], f"modules outside the rooms of tasks/: {loose}"
+    assert {room_of(name) for name in MODULES if name.startswith("tnflow.tasks.")} == set(ROOMS)
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_each_room_says_what_it_holds_and_may_import(room):
+    docstring = ast.get_docstring(ast.parse((REPO / "tasks" / room / "__init__.py").read_text())) or ""
+    assert "May import:" in docstring, f"tasks/{room}/__init__.py: say what the room holds and what it may import"
+    code = [node for node in ast.parse((REPO / "tasks" / room / "__init__.py").read_text()).body[1:]]
+    assert code == [], f"tasks/{room}/__init__.py holds code; importing a room should do nothing"
+
+
+def test_imports_run_one_way_down_the_rooms_and_nothing_imports_a_flow():
+    assert against_the_order(graph_of_tnflow()) == []
+
+
+def test_the_order_check_catches_an_import_against_it():
+    graph = {
+        "tnflow.tasks.core.files": {"tnflow.tasks.config.options"},  # core may not import config
+        "tnflow.tasks.release.report": {"tnflow.tasks.core.files", "tnflow.tasks.tf.graph"},  # fine
+        "tnflow.flows.train": {"tnflow.flows.prepare"},  # a flow importing a flow
+        "tnflow.flows.cli.main": {"tnflow.flows.train"},  # the command line calls flows: fine
+        "tnflow.tasks.cache.stage": {"tnflow.flows.cli.console"},
+    }
+    assert against_the_order(graph) == [
+        "tnflow.flows.train imports the flow module tnflow.flows.prepare (flows call tasks; only the CLI calls flows)",
+        "tnflow.tasks.cache.stage imports the command line (tnflow.flows.cli.console)",
+        "tnflow.tasks.core.files (core) imports tnflow.tasks.config.options (config), a room after its own",
+    ]
+
+
+def test_only_the_tf_room_imports_tensorflow():
+    """Read from the source, lazy imports included."""
+    outside = {
+        name: sorted(imports_of(path, everything=True) & TENSORFLOW)
+        for name, path in MODULES.items()
+        if room_of(name) != "tf"
+    }
+    assert {name: found for name, found in outside.items() if found} == {}, "only tasks/tf/ may import TensorFlow"
 
 
 @pytest.mark.slow
-def test_only_the_model_module_imports_tensorflow():
-    """Imports every other module in one fresh process, checking after each one."""
+def test_the_rooms_before_tf_and_the_command_line_load_without_tensorflow():
+    """Imports each of them in one fresh process, checking after each one (what their imports pull in counts)."""
+    light = sorted(name for name in MODULES if room_of(name) in ("core", "config", "sources", "cache", "cli"))
     probe = (
         "import importlib, sys\n"
-        f"for name in {sorted(set(MODULES) - TF_MODULES)!r}:\n"
+        f"for name in {light!r}:\n"
         "    importlib.import_module(name)\n"
         "    if {'tensorflow', 'tensornets'} & set(sys.modules):\n"
         "        print(name)\n"
         "        break\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "", f"{done.stdout.strip()} imports TensorFlow (only tasks/model.py may)"
-
-
-def imports_of(path: Path) -> set[str]:
-    """Every tnflow module `path` imports, at the top or inside functions (lazy imports count)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        found |= {name for name in names if name in MODULES}
-    return found
+    assert done.stdout.strip() == "", f"{done.stdout.strip()} loads TensorFlow"
 
 
 def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -58,7 +138,7 @@ def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         state[node] = "open"
-        for nxt in sorted(graph[node]):
+        for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
                 return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
             if nxt not in state and (circle := visit(nxt, [*path, nxt])):
@@ -73,7 +153,7 @@ def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_circles():
-    graph = {name: imports_of(path) - {name} for name, path in MODULES.items()}
+    graph = graph_of_tnflow()
     assert find_circle(graph) is None, " -> ".join(find_circle(graph))
 
 
@@ -82,11 +162,12 @@ def test_the_circle_finder_finds_circles():
     assert find_circle({"a": {"b"}, "b": set()}) is None
 
 
-def test_settings_and_the_zoo_table_are_leaves():
-    """The configuration needs the zoo's model names; neither needs anything that does work."""
-    assert imports_of(MODULES["tnflow.tasks.settings"]) <= {"tnflow.tasks.errors", "tnflow.tasks.backbones"}
-    assert imports_of(MODULES["tnflow.tasks.backbones"]) == set()
-    assert "tensorflow" not in MODULES["tnflow.tasks.backbones"].read_text()
+def test_the_option_table_and_the_zoo_table_are_leaves():
+    """The configuration needs the zoo's model names and the error type; neither needs anything that does work."""
+    config = {name for name in MODULES if room_of(name) == "config"}
+    assert imports_of(MODULES["tnflow.tasks.config.options"]) <= config | {"tnflow.tasks.core.errors"}
+    assert imports_of(MODULES["tnflow.tasks.config.specs"]) == set()
+    assert imports_of(MODULES["tnflow.tasks.config.backbones"]) == set()
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tnflow.tasks.levers import augment, schedule
-from tnflow.tasks.model import build, open_session
-from tnflow.tasks.settings import ModelSpec, RunConfig, TrainSettings
+from tnflow.tasks.config.options import RunConfig
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.tf.graph import build
+from tnflow.tasks.tf.levers import augment, schedule
+from tnflow.tasks.tf.sessions import open_session
 
 tf1 = tf.compat.v1
 GAP32 = ModelSpec("vgg19", "gap", 4, 32)
@@ -62,8 +64,8 @@ def _one_step(settings, images, labels, fetch="train_op"):
     with open_session(net) as session:
         session.run(net.init)
         before = session.run(net.head + net.pretrained)
-        loss, logits = session.run([net.train_loss, net.logits], {net.images: images, net.labels: labels})
-        session.run(getattr(net, fetch), {net.images: images, net.labels: labels, net.is_training: True})
+        loss, logits = session.run([net.steps.train_loss, net.logits], {net.images: images, net.labels: labels})
+        session.run(getattr(net.steps, fetch), {net.images: images, net.labels: labels, net.is_training: True})
         return before, session.run(net.head + net.pretrained), loss, logits
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights
-from tnflow.tasks.errors import DataError
-from tnflow.tasks.model import build, open_session, session_config
-from tnflow.tasks.settings import ModelSpec, TrainSettings
-from tnflow.tasks.train import load_weights_file
-from tnflow.tasks.weights import read_weights, write_weights
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.core.errors import DataError
+from tnflow.tasks.tf.graph import build
+from tnflow.tasks.tf.sessions import open_session, session_config
+from tnflow.tasks.training.train import load_weights_file
+from tnflow.tasks.training.weights import read_weights, write_weights
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +26,7 @@ def checked_load(session, net, path):
 
 
 def test_tensornets_imports_through_the_compat_module():
-    from tnflow.tasks.tensornets_compat import nets
+    from tnflow.tasks.tf.tensornets_compat import nets
 
     assert nets.VGG19 is not None
     with pytest.raises(RuntimeError, match="tnflow loads verified weights itself"):
@@ -95,7 +96,7 @@ def test_gpu_switches_build_and_step_on_the_cpu(switches):
     images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     with open_session(net, xla=switches.get("xla", False)) as session:
         session.run(net.init)
-        _, loss = session.run([net.train_op, net.loss], {net.images: images, net.labels: np.arange(4)})
+        _, loss = session.run([net.steps.train_op, net.loss], {net.images: images, net.labels: np.arange(4)})
     assert np.isfinite(loss)
 
 
@@ -116,19 +117,24 @@ def test_mixed_precision_stays_in_the_training_session():
 
 
 @pytest.mark.slow
-def test_tensorflow_start_up_chatter_is_hidden_unless_the_user_sets_a_level():
+def test_tensorflow_start_up_chatter_is_hidden_unless_the_user_sets_a_level_or_asks_for_debug():
     import os
     import subprocess
     import sys
 
-    def start(env):
-        command = [sys.executable, "-c", "import tnflow.tasks.model"]
-        return subprocess.run(command, capture_output=True, text=True, env=env)
+    def start(env, verbose=False):
+        code = (
+            "from tnflow.tasks.tf.startup import start_tensorflow\n"
+            f"start_tensorflow(verbose={verbose})\n"
+            "import tnflow.tasks.tf.graph\n"
+        )
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
 
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    quiet, loud = start(env), start({**env, "TF_CPP_MIN_LOG_LEVEL": "0"})
+    quiet, loud, debug = start(env), start({**env, "TF_CPP_MIN_LOG_LEVEL": "0"}), start(env, verbose=True)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert loud.returncode == 0 and loud.stderr, "the user's level wins"
+    assert debug.returncode == 0 and debug.stderr, "--debug never redirects stderr: a fatal native error stays visible"
 
 
 # -- the GPU path, checked in the graph (this machine has no GPU) -------------------------
@@ -185,7 +191,7 @@ def optimized_types(net, fetch, config) -> dict[str, set[str]]:
 @pytest.mark.slow
 def test_mixed_precision_rewrites_the_training_step_only():
     net = gpu_training_graph(mixed_precision=True)
-    training = optimized_types(net, net.train_op, session_config(mixed_precision=True))
+    training = optimized_types(net, net.steps.train_op, session_config(mixed_precision=True))
     convolutions = training.get("Conv2D", set()) | training.get("_FusedConv2D", set())  # fused with their bias
     assert convolutions == {"float16"} and training["Conv2DBackpropFilter"] == {"float16"}
     assert training["ResourceApplyAdam"] == {"float32"}, "the weights and their updates stay float32"
@@ -203,7 +209,7 @@ def test_xla_compiles_training_sessions_only():
 
 
 def test_the_log_says_what_runs_where():
-    from tnflow.tasks.model import describe_devices
+    from tnflow.tasks.tf.sessions import describe_devices
 
     line, warnings = describe_devices([], mixed_precision=False, xla=False)
     assert line.startswith("device: CPU (no GPU visible to TensorFlow)") and not warnings

@@ -13,9 +13,9 @@ from prefect.exceptions import ParameterTypeError
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
 from tests.prefect_runs import task_states
-from tnflow.flows.cli import main
+from tnflow.flows.cli.main import main
 from tnflow.flows.train import transfer_learning
-from tnflow.tasks.errors import ConfigError
+from tnflow.tasks.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 

@@ -10,13 +10,13 @@ from PIL import Image
 
 from tests.fakes import make_archive
 from tests.png16 import write_png16
-from tnflow.flows.cli import main
-from tnflow.tasks.cache import build_cache
-from tnflow.tasks.images import ImageError, load_rgb
-from tnflow.tasks.predict import load_image
-from tnflow.tasks.settings import CacheSpec, ModelSpec, TrainSettings
-from tnflow.tasks.train import train
-from tnflow.tasks.validate import validate
+from tnflow.flows.cli.main import main
+from tnflow.tasks.cache.stage import build_cache
+from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
+from tnflow.tasks.release.predict import load_image
+from tnflow.tasks.sources.images import ImageError, load_rgb
+from tnflow.tasks.training.train import train
+from tnflow.tasks.training.validate import validate
 
 
 @pytest.fixture(scope="module")

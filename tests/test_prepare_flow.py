@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 import tnflow.flows.prepare as prepare_flow
-import tnflow.tasks.download as download
+import tnflow.tasks.sources.download as download
 from tests.folders import make_folder
 from tests.prefect_runs import task_states
-from tnflow.tasks.errors import DownloadError
-from tnflow.tasks.h5cache import inspect_cache
+from tnflow.tasks.cache.h5cache import inspect_cache
+from tnflow.tasks.core.errors import DownloadError
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-import tnflow.tasks.promote as promote_module
-from tnflow.tasks.errors import DiskFullError
-from tnflow.tasks.model_dir import read_model_dir, write_model_json
-from tnflow.tasks.promote import dataset_key, promote, read_champion
+import tnflow.tasks.release.promote as promote_module
+from tnflow.tasks.core.errors import DiskFullError
+from tnflow.tasks.release.promote import dataset_key, promote, read_champion
+from tnflow.tasks.tf.model_dir import read_model_dir, write_model_json
 
 
 def fake_model(root: Path, name: str) -> Path:
@@ -159,7 +159,7 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatc
 
 
 def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tmp_path):
-    from tnflow.tasks.promote import starting_model
+    from tnflow.tasks.release.promote import starting_model
 
     run, _, cache = gate
     assert starting_model("champion", tmp_path / "runs", cache) is None  # the first weekly run: --weights
@@ -172,9 +172,9 @@ def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tm
 
 
 def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
-    from tnflow.tasks.errors import TnflowError
-    from tnflow.tasks.model_card import add_champion_history
-    from tnflow.tasks.model_dir import check_can_start_from, model_digest
+    from tnflow.tasks.core.errors import TnflowError
+    from tnflow.tasks.release.model_card import add_champion_history
+    from tnflow.tasks.tf.model_dir import check_can_start_from, model_digest
 
     model = tmp_path / "m"
     model.mkdir()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tnflow.tasks.figures import sample_grid
+from tnflow.tasks.release.figures import sample_grid
 
 NAMES = [f"class-with-a-long-name-{i}" for i in range(10)]
 

@@ -4,12 +4,13 @@ import inspect
 
 import pytest
 
-from tnflow.flows.cli import build_parser
+from tnflow.flows.cli.main import build_parser
+from tnflow.flows.cli.serve import load_deployments
 from tnflow.flows.prepare import prepare_data
-from tnflow.flows.serve import load_deployments
 from tnflow.flows.train import transfer_learning
-from tnflow.tasks.errors import ConfigError
-from tnflow.tasks.settings import SOURCES, DataConfig, RunConfig, ScoreConfig, option
+from tnflow.tasks.config.options import SOURCES, DataConfig, RunConfig, ScoreConfig
+from tnflow.tasks.config.parameters import option
+from tnflow.tasks.core.errors import ConfigError
 
 
 def test_defaults_are_the_recipe():

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tnflow.tasks.train as train_module
-import tnflow.tasks.workdir as workdir
+import tnflow.tasks.training.train as train_module
+import tnflow.tasks.training.workdir as workdir
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
-from tnflow.tasks.backbones import PREPROCESSING
-from tnflow.tasks.cache import build_cache
-from tnflow.tasks.errors import TnflowError
-from tnflow.tasks.settings import CacheSpec, ModelSpec, TrainSettings
-from tnflow.tasks.train import train
-from tnflow.tasks.validate import Tally, validate
-from tnflow.tasks.weights import read_weights
+from tnflow.tasks.cache.stage import build_cache
+from tnflow.tasks.config.backbones import PREPROCESSING
+from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.training.train import train
+from tnflow.tasks.training.validate import Tally, validate
+from tnflow.tasks.training.weights import read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +123,7 @@ def test_model_dir_says_how_to_rebuild_it(reference, tiny_cache):
 
 
 def test_a_finished_training_returns_at_once(reference, tiny_cache, monkeypatch, caplog):
-    monkeypatch.setattr("tnflow.tasks.model.build", lambda *a, **k: pytest.fail("a finished training was rebuilt"))
+    monkeypatch.setattr("tnflow.tasks.tf.graph.build", lambda *a, **k: pytest.fail("a finished training was rebuilt"))
     result = again(tiny_cache, reference.work_dir, caplog, settings=SETTINGS, eval_batch_size=64)
     assert result == reference and "training already finished" in caplog.text
 
@@ -135,8 +135,8 @@ def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
     work = tmp_path / "work"
     child = (
         "import os, signal, sys\n"
-        "from tnflow.tasks.settings import ModelSpec, TrainSettings\n"
-        "from tnflow.tasks.train import train\n"
+        "from tnflow.tasks.config.specs import ModelSpec, TrainSettings\n"
+        "from tnflow.tasks.training.train import train\n"
         "kill = lambda epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"train(sys.argv[1], sys.argv[3], {GAP32_TTA!r}, {LEVERS!r}, sys.argv[2],"
         f" class_names={list(tiny_cache.class_names)!r}, eval_batch_size=64, on_epoch_end=kill)\n"
@@ -330,7 +330,7 @@ def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny
     from prefect import flow
 
     from tests.prefect_runs import task_states
-    from tnflow.tasks.train import train_task
+    from tnflow.tasks.training.train import train_task
 
     @flow
     def training_only(eval_batch_size: int):

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights
-from tnflow.tasks.backbones import BACKBONES
-from tnflow.tasks.errors import DataError, DownloadError
-from tnflow.tasks.weights import fetch_weights, resolve, write_weights
+from tnflow.tasks.config.backbones import BACKBONES
+from tnflow.tasks.core.errors import DataError, DownloadError
+from tnflow.tasks.training.weights import fetch_weights, resolve, write_weights
 
 VGG19 = BACKBONES["vgg19"]
 
@@ -15,7 +15,7 @@ VGG19 = BACKBONES["vgg19"]
 def test_the_table_holds_the_files_tensornets_fetches():
     import sys
 
-    from tnflow.tasks.tensornets_compat import nets  # noqa: F401 - imports tensornets.pretrained
+    from tnflow.tasks.tf.tensornets_compat import nets  # noqa: F401 - imports tensornets.pretrained
 
     assert VGG19.weights_md5 == "cbe5617147190e668d6c5d5026f83318"
     assert VGG19.weights_url.endswith("vgg/vgg19_weights_tf_dim_ordering_tf_kernels.h5")

@@ -1,0 +1,319 @@
+"""`tnflow`: parse options into the run configuration, call a flow, print where the result is.
+
+Options are made from the configuration's fields (`tasks.config.options`), so their names, types,
+choices, defaults and help cannot drift from what the flows and deployments take. The last
+line of standard output is always the result's absolute path, so scripts can use
+`path=$(tnflow prepare ... | tail -n 1)`. Errors are one line on standard error with a
+non-zero exit: 2 for bad options, 1 for a failed run; `--debug` adds the traceback. A flow
+command gets a Prefect API for exactly as long as it runs (`tasks.core.prefect_server`), and
+SIGTERM or Ctrl-C end it within seconds with one line (`tasks.core.processes`).
+
+Longer than 300 lines because it is the declaration of every command, one block each, plus
+the one `main` that gives all of them the same console, signals and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic.fields import FieldInfo
+
+from tnflow.tasks.config.options import DataConfig, RunConfig, default_cache_dir, default_output_dir
+from tnflow.tasks.config.parameters import option
+from tnflow.tasks.core.errors import ConfigError, TnflowError
+from tnflow.tasks.core.files import ensure_writable_dir, is_disk_full
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_options(parser: argparse.ArgumentParser, model: type[DataConfig]) -> None:
+    """One option per configuration field, grouped as the configuration classes are."""
+    groups = {
+        DataConfig: parser.add_argument_group("data"),
+        RunConfig: parser.add_argument_group("model, training and champion"),
+    }
+    for name, field in model.model_fields.items():
+        group = groups[DataConfig if name in DataConfig.model_fields else RunConfig]
+        group.add_argument(option(name), dest=name, help=_help(field), **_argument(field))
+
+
+def _argument(field: FieldInfo) -> dict[str, Any]:
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes an X
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
+        if field.default is None:  # tri-state: yes, no, or decided from other options
+            return {"action": argparse.BooleanOptionalAction, "default": None}
+        return {"action": "store_true", "default": None}
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind), "default": None}
+    metavar = extra.get("metavar") or {int: "N", float: "X"}.get(kind, "VALUE")
+    return {"type": kind, "metavar": metavar, "default": None}
+
+
+def _help(field: FieldInfo) -> str:
+    text = field.description or ""
+    if "(default:" in text or field.default_factory is not None:
+        return text
+    default = field.default
+    shown = (
+        {True: "on", False: "off", None: "none"}.get(default, default) if isinstance(default, bool | None) else default
+    )
+    return f"{text} (default: {shown})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tnflow", description="Transfer learning on CIFAR or your image folders as a Prefect pipeline."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    prepare = commands.add_parser(
+        "prepare",
+        help="download a dataset and build its resized HDF5 cache",
+        description="Download a CIFAR archive (or read your image folder, --data-dir), verify it, and resize it "
+        "into one HDF5 file (train/valid/test). Prints the file's path last.",
+    )
+    add_config_options(prepare, DataConfig)
+    prepare.set_defaults(handler=_prepare)
+
+    run = commands.add_parser(
+        "run",
+        help="run the whole pipeline: data, weights, training, test, champion, report",
+        description="Fine-tune an ImageNet-pretrained network (VGG19 by default; see `tnflow models`) on CIFAR "
+        "(the recipe's defaults, its defects fixed) "
+        "or on your images (--data-dir). "
+        "Prints the run directory last; it holds model/, metrics.json, report.html and report.md.",
+    )
+    add_config_options(run, RunConfig)
+    run.set_defaults(handler=_run)
+
+    predict = commands.add_parser(
+        "predict",
+        help="top-3 classes for your own images, or a folder of them into a CSV",
+        description="Classify images (PNG, JPEG, any size and mode) with a saved model: "
+        "a run's model/ directory, or `champion` for <output dir>/champion. Folders are read recursively.",
+    )
+    predict.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
+    predict.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
+    predict.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    predict.add_argument(
+        "--out",
+        metavar="CSV",
+        help="write path, class, probability, top3 and error per file to this CSV instead of printing",
+    )
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored at once (default: 32)")
+    _champion_option(predict)
+    predict.set_defaults(handler=_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="export a saved model as a SavedModel, ONNX or TFLite (preprocessing inside)",
+        description="Write exports into a model directory (a run's model/, or `champion`), each checked against "
+        "the SavedModel, and refresh its model card. (`tnflow run --export` makes them for every run.)",
+    )
+    export.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
+    export.add_argument(
+        "--format",
+        default="savedmodel",
+        metavar="FORMATS",
+        help="comma-separated: savedmodel, onnx, tflite, tflite-float16 (default: savedmodel)",
+    )
+    export.add_argument("--float16", action="store_true", help="TFLite with float16 weights (half the size)")
+    _champion_option(export)
+    export.set_defaults(handler=_export)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the deployments of deployments/prefect.yaml (schedules included) from this process",
+        description="Register the deployments defined in deployments/prefect.yaml and run their flow runs "
+        "(scheduled or triggered with `prefect deployment run`) until interrupted. No work pool needed.",
+    )
+    serve.add_argument("--prefect-file", metavar="FILE", help="deployments file (default: deployments/prefect.yaml)")
+    serve.set_defaults(handler=_serve)
+
+    gc = commands.add_parser(
+        "gc",
+        help="remove versions of folder caches that no run or champion refers to",
+        description="Each version of an image folder keeps its cache file. This removes those that no run "
+        "directory or champion names and that are not the latest of their folder.",
+    )
+    gc.add_argument("--cache-dir", metavar="DIR", help="(default: $TNFLOW_CACHE_DIR or ~/.cache/tnflow)")
+    gc.add_argument("--output-dir", metavar="DIR", help="runs and champions (default: $TNFLOW_OUTPUT_DIR or ./runs)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    gc.set_defaults(handler=_gc)
+
+    models = commands.add_parser(
+        "models",
+        help="list the backbones --model takes",
+        description="Every backbone with its default image size, parameters (1000-class network), ImageNet "
+        "top-1 (tensornets' table), preprocessing and how its pretrained file is checked.",
+    )
+    models.set_defaults(handler=_models)
+
+    for command in (prepare, run, predict, export, serve, gc, models):
+        command.add_argument(
+            "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
+        )
+    return parser
+
+
+def _champion_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--output-dir", metavar="DIR", help="where `champion` is looked up (default: $TNFLOW_OUTPUT_DIR or ./runs)"
+    )
+
+
+def _values(args: argparse.Namespace, model: type[DataConfig]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in model.model_fields}
+
+
+def _with_prefect(args: argparse.Namespace, call: Callable[[], Any]) -> Any:
+    """Run a flow once its options are valid: a Prefect API for exactly as long, and a watch on it."""
+    from tnflow.tasks.core.prefect_server import prefect_api, watch
+
+    with prefect_api() as url, watch(url, args.stop):
+        return call()
+
+
+def _prepare(args: argparse.Namespace) -> str:
+    config = DataConfig.from_values(_values(args, DataConfig))
+    ensure_writable_dir(config.cache_dir)
+    from tnflow.flows.prepare import prepare_data  # imports Prefect's engine: only once options are valid
+
+    return _with_prefect(args, lambda: prepare_data(**config.model_dump()))
+
+
+def _run(args: argparse.Namespace) -> str:
+    config = RunConfig.from_values(_values(args, RunConfig))
+    ensure_writable_dir(config.cache_dir)
+    ensure_writable_dir(config.output_dir, option="--output-dir")
+    from tnflow.flows.train import transfer_learning
+
+    return _with_prefect(args, lambda: transfer_learning(**config.model_dump()))
+
+
+def _predict(args: argparse.Namespace) -> str | None:
+    from tnflow.tasks.release.predict import image_paths, model_directory, predict_files, score
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be an integer of at least 1, got {args.batch_size}")
+    model_dir = model_directory(args.model, args.output_dir or default_output_dir())
+    if args.out:
+        counts = score(model_dir, args.images, args.out, args.batch_size)
+        summary = ", ".join(f"{name} {n}" for name, n in counts.most_common())
+        print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
+        return str(Path(args.out).expanduser().absolute())
+    paths = image_paths(args.images)
+    if not paths:
+        raise TnflowError(f"no files in {' '.join(args.images)}; give image files, or folders that hold some")
+    failed, results = 0, []
+    for result in predict_files(model_dir, paths, batch_size=args.batch_size):
+        failed += "error" in result
+        if args.json:
+            results.append(result)
+        elif "error" in result:
+            print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
+        else:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            print(f"{result['image']}: {top}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    if failed:
+        raise TnflowError(f"{failed} of {len(paths)} images could not be read (see above)")
+    return None
+
+
+def _export(args: argparse.Namespace) -> str:
+    from tnflow.tasks.config.options import export_formats
+
+    try:
+        formats = export_formats(args.format)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("--export", "--format")) from None
+    if args.float16:
+        formats = tuple("tflite-float16" if f == "tflite" else f for f in formats)
+    from tnflow.tasks.release.export import describe, export_into_model_dir
+    from tnflow.tasks.release.predict import model_directory
+
+    model_dir = model_directory(args.model, args.output_dir or default_output_dir())
+    for fmt, check in export_into_model_dir(model_dir, formats).items():
+        print(describe(fmt, check, model_dir), file=sys.stderr)
+    return str(model_dir)
+
+
+def _gc(args: argparse.Namespace) -> str:
+    from tnflow.tasks.cache.gc import collect
+
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    if not cache_dir.is_dir():
+        raise ConfigError(f"--cache-dir {cache_dir} is not a directory")
+    removed = collect(cache_dir, args.output_dir or default_output_dir(), dry_run=args.dry_run)
+    for path, _ in removed:
+        print(path)
+    verb = "would remove" if args.dry_run else "removed"
+    return f"{verb} {len(removed)} cache file(s), {sum(size for _, size in removed) / 1e6:.1f} MB"
+
+
+def _models(args: argparse.Namespace) -> None:
+    from tnflow.tasks.config.backbones import BACKBONES
+
+    rows = [("model", "size", "params", "top-1", "heads", "input", "file", "weights check")]
+    for b in BACKBONES.values():
+        heads = "gap, full" if b.full_head else "gap"
+        size = f"{b.image_size} (min {b.min_size})"
+        file = "Keras .h5" if b.weights_format == "keras" else "tensornets .npz"
+        rows.append(
+            (b.name, size, f"{b.params / 1e6:.1f}M", f"{b.top1:.1f}%", heads, b.preprocessing, file, b.weights_check)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from tnflow.flows.cli.serve import PREFECT_FILE, serve_deployments
+
+    _with_prefect(args, lambda: serve_deployments(args.prefect_file or PREFECT_FILE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tnflow.flows.cli.console import disk_full_line, interrupted_line, user_errors_in_one_line
+    from tnflow.tasks.core.processes import Interrupted, stop_on_signals
+
+    with user_errors_in_one_line(enabled=not args.debug):
+        try:
+            with stop_on_signals(lambda stopped: interrupted_line(args.command, stopped)) as stop:
+                args.stop = stop
+                result = args.handler(args)
+        except Interrupted as stopped:
+            print(interrupted_line(args.command, stopped), file=sys.stderr)
+            return stopped.code
+        except TnflowError as exc:
+            if args.debug:
+                raise
+            print(f"tnflow {args.command}: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, ConfigError) else 1
+        except Exception as exc:  # a full disk that no stage turned into its one line
+            if args.debug or not is_disk_full(exc):
+                raise
+            print(disk_full_line(args.command, exc), file=sys.stderr)
+            return 1
+    if result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

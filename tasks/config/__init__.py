@@ -1,0 +1,8 @@
+"""Config: the declared options, the small specs each stage takes, and the backbone table.
+
+`options` is the one configuration the CLI, the flows and the deployments share; `specs` are
+the frozen values stages take from it; `parameters` turns options into command-line options,
+flow signatures and one-line errors; `backbones` is the zoo as a table.
+
+May import: tasks.core.
+"""

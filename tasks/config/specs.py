@@ -1,0 +1,89 @@
+"""The small frozen specs each stage takes from the configuration: what determines its result.
+
+A stage takes a spec, not the whole configuration, so its cache key and its output's name
+hold exactly what changes the result (the evaluation batch size changes no cache file).
+A leaf module: stages, tests and the model directory import it without pydantic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that determines the content of one HDF5 cache file."""
+
+    dataset: str
+    image_size: int
+    valid_size: int | float  # a count, or a fraction when below 1
+    limit_train: int | None
+    limit_test: int | None
+    seed: int
+
+    def digest(self, code: str = "") -> str:
+        """Short stable hash of the spec and the code version that builds from it."""
+        blob = json.dumps({**asdict(self), "code": code}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class FolderSpec(CacheSpec):
+    """A folder dataset's cache also depends on how its pictures are split, squared and screened."""
+
+    test_size: int | float = 0.2
+    resize: str = "crop"
+    max_pixels: int = MAX_PIXELS
+    max_bad: float = 0.01
+
+    def lineage(self, source: str, code: str = "") -> str:
+        """Caches whose pixels and splits a newer version of the same folder may take over.
+
+        Everything but what screens files (`max_bad`) and what picks subsets (the limits):
+        those change which rows a version keeps, never what a kept row holds.
+        """
+        keep = {k: v for k, v in asdict(self).items() if k not in ("max_bad", "limit_train", "limit_test")}
+        blob = json.dumps({**keep, "source": source, "code": code}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What it takes to rebuild a trained model; stored in model.json."""
+
+    model: str
+    head: str
+    num_classes: int
+    image_size: int
+    tta: str = "none"  # how it predicts: "flip" averages an image's and its mirror's probabilities
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
+        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"], meta.get("tta", "none"))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The options that change what training produces (so the evaluation batch size is not one)."""
+
+    epochs: int = 7
+    batch_size: int = 32
+    learning_rate: float = 1e-5
+    seed: int = 0
+    mixed_precision: bool = False
+    xla: bool = False
+    augment: str = "none"
+    label_smoothing: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    freeze_epochs: int = 0
+    patience: int | None = None
+    train_bn: bool = False

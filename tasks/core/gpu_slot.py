@@ -1,0 +1,226 @@
+"""One GPU shared by the runs on its machine, and no run, however it dies, keeps it.
+
+A scheduled retrain and an ad-hoc run that start together would both load a model onto the
+GPU and one would fail out of memory. Runs that train hold a GPU slot while they train and
+validate, so the second waits, and says for whom, instead of failing. A slot is two locks:
+
+- On this host, a file lock per slot (`tasks.core.host_slots`). The kernel releases it when its
+  process dies, whatever kills it, so a killed run never keeps the GPU.
+- On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created
+  with one slot if missing; a user's own limit stays): the UI counts it, and runs of other
+  hosts on the same server take turns. It is a lease renewed from a background thread, so
+  neither a slow nor a lost server stalls training.
+
+The holder writes its lease into its lock file and clears it when it lets go. A lease still
+written there when the next run takes the lock is a dead run's: its process was killed,
+and its lease died with a temporary server's memory, or with a restarted server. That slot
+is released, with a warning. A dead holder on another host is freed by its lease expiring
+(`LEASE_SECONDS`), which needs the server to keep its leases (README: leases that survive a
+restart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+from tnflow.tasks.core.errors import first_line
+from tnflow.tasks.core.files import whoami
+from tnflow.tasks.core.host_slots import WAIT_REPORT_SECONDS, Journal, Log, describe, host_slot, lock_dir
+from tnflow.tasks.core.processes import best_effort, in_background
+
+NO_SLOT = "none"
+LEASE_SECONDS = 300  # a holder on another host that died frees its slot after this long
+RENEW_SECONDS = LEASE_SECONDS / 4
+GONE = 410  # the server no longer knows a lease
+PENDING = "pending"  # in the journal while the server is asked for a slot
+LOCKED = 423  # every slot of the limit is taken
+
+
+def backend() -> str:
+    """Which Prefect database counts the slots: a server's URL, or the home of temporary servers."""
+    from tnflow.tasks.core.prefect_server import is_temporary
+
+    url = PREFECT_API_URL.value()
+    return url if url and not is_temporary(url) else f"temporary servers of {PREFECT_HOME.value()}"
+
+
+def ensure_limit(name: str) -> GlobalConcurrencyLimitResponse:
+    """The limit as it is now; created with one slot if it does not exist (a user's own stays)."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            pass
+        with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        return client.read_global_concurrency_limit_by_name(name)
+
+
+@contextmanager
+def gpu_slot(name: str, log: Log) -> Iterator[None]:
+    """Hold one slot of the limit `name` (`NO_SLOT`: none) for the duration of the block."""
+    if name == NO_SLOT:
+        yield
+        return
+    limit = ensure_limit(name)
+    me = {**whoami(), "since": datetime.now(UTC).isoformat()}
+    key = hashlib.sha256(backend().encode()).hexdigest()[:8]  # the slots of one Prefect database
+    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(limit.limit)]
+    waiting = _waiting(name, limit.limit, "that run's training and validation end, or at once if its process dies")
+    with host_slot(paths, me, log, waiting) as journal:
+        lease = _server_slot(name, limit.limit, me, journal, log)
+        renewer = _Renewer(lease, log)
+        log.info("holding the GPU slot %r (released after validation)", name)
+        try:
+            yield
+        finally:
+            renewer.stop()
+            if best_effort(lambda: _release(lease), 5.0, "tnflow-gpu-slot-release"):
+                journal.write(None)
+            # else the lease stays in the journal, and the next run on this host gives it back
+
+
+def _waiting(name: str, slots: int, frees: str) -> str:
+    """The waiting line, with `{holders}` and `{waited}` to fill in."""
+    plural = "" if slots == 1 else "s"
+    return (
+        f"waiting for a GPU slot held by {{holders}} (concurrency limit {name!r}, {slots} slot{plural}; "
+        f"waited {{waited:.0f}} s): it frees when {frees}"
+    )
+
+
+# -- the server's slot --------------------------------------------------------------------
+
+
+def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, log: Log) -> UUID:
+    """Take a slot of the Prefect limit; first free the one a dead run on this host left behind."""
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
+    # Slots a dead holder may still count that the server knows no lease for: taken back only
+    # if they block this run, and kept in the journal until then (a kill here loses none).
+    gone = sum(_release_dead(name, lease, journal.left_by, log) for lease in journal.left)
+    waiting = _waiting(
+        name,
+        slots,
+        f"that run's training and validation end, or within {LEASE_SECONDS} s of its process dying "
+        f"(`prefect gcl inspect {name}` shows the count)",
+    )
+    started, next_report = time.monotonic(), 0.0
+    while True:
+        with get_client(sync_client=True) as client:
+            journal.write([PENDING] * (gone + 1))  # a kill while the server answers still leaves a trace
+            lease = _try_increment(client, name, holder)
+            if lease is None and gone:
+                client.release_concurrency_slots([name], 1, occupancy_seconds=1.0)
+                gone -= 1
+                continue
+        if lease is not None:
+            journal.write([str(lease)])
+            with contextlib.suppress(Exception):  # only for other runs' waiting messages
+                _set_holder(name, me)
+            return lease
+        journal.write([PENDING] * gone)
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + WAIT_REPORT_SECONDS
+            log.info(waiting.format(holders=_server_holder(name), waited=time.monotonic() - started))
+        time.sleep(2.0)
+
+
+def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None) -> UUID | None:
+    try:
+        response = client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
+        )
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == LOCKED:
+            return None
+        raise
+    return UUID(response.json()["lease_id"])
+
+
+def _release_dead(name: str, lease: str, record: dict[str, Any], log: Log) -> bool:
+    """Release a dead holder's lease; True when the server does not know it (its slot may still count)."""
+    log.warning(
+        "%s did not give back the GPU slot %r (killed, or cut off from its server): releasing it now",
+        describe(record),
+        name,
+    )
+    if lease == PENDING:  # killed while asking for it: whether the server counted it is unknown
+        return True
+    with get_client(sync_client=True) as client:
+        try:
+            # The shortest renewal tells whether the lease still exists without keeping it alive.
+            client.renew_concurrency_lease(UUID(lease), lease_duration=60)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != GONE:
+                raise
+            return True
+        client.release_concurrency_slots_with_lease(UUID(lease))
+    return False
+
+
+def _release(lease: UUID) -> None:
+    with get_client(sync_client=True) as client:
+        client.release_concurrency_slots_with_lease(lease)
+
+
+def _holder_variable(name: str) -> str:
+    return f"{name.lower()}-holder"
+
+
+def _set_holder(name: str, me: dict[str, Any]) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(_holder_variable(name), me, overwrite=True)
+
+
+def _server_holder(name: str) -> str:
+    """Who last took the server's slot, for runs that wait for a run on another host."""
+    from prefect.variables import Variable
+
+    with contextlib.suppress(Exception):
+        value = Variable.get(_holder_variable(name), default=None)
+        if isinstance(value, dict):
+            return describe(value)
+    return "another run"
+
+
+class _Renewer:
+    """Renews the lease from its own thread: the training step never waits on the server."""
+
+    def __init__(self, lease: UUID, log: Log):
+        self.lease, self.log, self.stopped = lease, log, threading.Event()
+        in_background(self._run, "tnflow-gpu-slot-lease")
+
+    def _run(self) -> None:
+        warned = False
+        while not self.stopped.wait(RENEW_SECONDS):
+            try:
+                with get_client(sync_client=True) as client:
+                    client.renew_concurrency_lease(self.lease, lease_duration=LEASE_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - the host lock still guards the GPU; say so once
+                if not warned:
+                    warned = True
+                    self.log.warning(
+                        "could not renew the GPU slot's lease on the Prefect server (%s); training goes on, "
+                        "this host's lock still guards the GPU",
+                        first_line(exc),
+                    )
+
+    def stop(self) -> None:
+        self.stopped.set()

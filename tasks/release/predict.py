@@ -1,0 +1,157 @@
+"""Predictions for your own pictures from a saved model (a run's model/ or the champion).
+
+Images are decoded by `tasks.sources.images` (any mode, 16-bit included), resized by the kernel the
+cache uses for CIFAR-sized images (anti-aliased bilinear for larger photos), and scored in
+batches of `batch_size`, so a folder of photos never has to fit in memory at once. One bad
+image is reported and the rest still run. Batch scoring (`tnflow predict --out`, the
+batch-predict flow) walks folders recursively and writes one CSV row per file, the reason
+included for files it could not read.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tnflow.tasks.config.specs import ModelSpec
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.files import exclusive, renamed_when_complete
+from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.sources.images import ImageError, load_square
+from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
+
+TOP_K = 3
+BATCH_SIZE = 32
+CSV_COLUMNS = ("path", "class", "probability", "top3", "error")
+
+
+def model_directory(model: str, output_dir: str | Path) -> Path:
+    """The model `model` names, resolved now: `champion` stays the model it was when scoring began."""
+    path = Path(output_dir) / "champion" if model == "champion" else Path(model).expanduser()
+    if model == "champion" and not path.exists():
+        raise TnflowError(f"there is no champion in {output_dir} yet; train one with `tnflow run`, or pass a model dir")
+    read_model_dir(path)  # a clear error before TensorFlow starts
+    return path.resolve()
+
+
+def image_paths(sources: Iterable[str]) -> list[str]:
+    """Each file as given, and every file under each folder (recursively, sorted, hidden ones skipped)."""
+    paths: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                paths += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
+        else:  # a file, or a name that is not there: reported with the other unreadable files
+            paths.append(source)
+    return paths
+
+
+def load_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
+    """uint8 RGB (size, size, 3) from an image file of any size and mode, squared as in training."""
+    return load_square(path, size, resize)
+
+
+def predict_files(
+    model_dir: str | Path, paths: list[str], top: int = TOP_K, batch_size: int = BATCH_SIZE
+) -> Iterator[dict[str, Any]]:
+    """Per image, in order: {"image", "top": [{"class", "probability"}]} or {"image", "error"}."""
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.sessions import open_session, predict  # TensorFlow: only when predicting
+
+    meta = read_model_dir(model_dir)
+    spec = ModelSpec.from_meta(meta)
+    names = meta["class_names"]
+    net = build(spec)
+    with open_session(net) as session:
+        net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
+        for start in range(0, len(paths), batch_size):
+            results, loaded = [], []
+            for path in paths[start : start + batch_size]:
+                try:
+                    loaded.append((len(results), load_image(path, spec.image_size, meta.get("resize", "crop"))))
+                    results.append({"image": path})
+                except (OSError, ImageError) as exc:
+                    results.append({"image": path, "error": f"cannot read {path}: {exc}"})
+            if loaded:
+                probs = predict(session, net, np.stack([image for _, image in loaded]))
+                for (index, _), row in zip(loaded, probs, strict=True):
+                    best = np.argsort(-row)[:top]
+                    results[index]["top"] = [{"class": names[c], "probability": float(row[c])} for c in best]
+            yield from results
+
+
+def write_predictions(results: Iterable[dict[str, Any]], out: str | Path) -> Counter:
+    """One CSV row per image (top-1 class, its probability, the top 3; or the error); returns counts per class."""
+    out = Path(out).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    counts: Counter = Counter()
+    with (
+        exclusive(out),
+        renamed_when_complete(out, stage="writing the --out CSV") as tmp,
+        open(tmp, "w", newline="") as handle,
+    ):
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for result in results:
+            if "error" in result:
+                counts["(unreadable)"] += 1
+                writer.writerow([result["image"], "", "", "", result["error"]])
+                continue
+            top = result["top"]
+            counts[top[0]["class"]] += 1
+            ranked = "; ".join(f"{t['class']} {t['probability']:.4f}" for t in top)
+            writer.writerow([result["image"], top[0]["class"], f"{top[0]['probability']:.6f}", ranked, ""])
+    return counts
+
+
+def score(model_dir: str | Path, sources: list[str], out: str | Path, batch_size: int = BATCH_SIZE) -> Counter:
+    """Batch scoring: every picture under `sources` by the model in `model_dir`, into the CSV `out`."""
+    for source in sources:
+        if not Path(source).exists():
+            raise TnflowError(f"{source} does not exist; give image files or folders of them")
+    paths = image_paths(sources)  # none (an empty inbox tonight): a CSV with its header only
+    return write_predictions(predict_files(model_dir, paths, batch_size=batch_size), out)
+
+
+# -- Prefect ------------------------------------------------------------------------------
+
+
+@task(
+    name="score-folder",
+    cache_policy=NO_CACHE,  # the folder and the champion change between runs
+    retries=1,
+    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_HOOKS,
+)
+def score_folder_task(model: str, folder: str, output_dir: str, out: str | None, batch_size: int) -> dict[str, Any]:
+    """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv) and publish
+    the class counts, with a link to the CSV, as a table artifact."""
+    logger = get_run_logger()
+    out = out or str(Path(output_dir) / "predictions" / f"{flow_run.name or 'predictions'}.csv")
+    model_dir = model_directory(model, output_dir)
+    logger.info("scoring %s with %s", folder, model_dir)
+    counts = score(model_dir, [folder], out, batch_size)
+    csv_path = Path(out).expanduser().absolute()
+    total = sum(counts.values())
+    if not total:
+        logger.warning("%s holds no files; the CSV has its header only", folder)
+    create_table_artifact(
+        table=[{"class": name, "images": n, "share": round(n / total, 4)} for name, n in counts.most_common()],
+        key="tnflow-batch-predict",
+        description=f"{total} files under {folder} scored by {model_dir}: [{csv_path.name}]({csv_path.as_uri()})",
+    )
+    logger.info("%d files scored (%d unreadable); predictions in %s", total, counts["(unreadable)"], csv_path)
+    return {"csv": str(csv_path), "model": str(model_dir), "counts": dict(counts)}

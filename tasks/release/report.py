@@ -1,0 +1,268 @@
+"""Metrics -> plots, report.html (self-contained), report.md, and Prefect artifacts.
+
+The report is what a user keeps from a run: configuration, which stages ran or came from the
+cache and how long each took, learning curves, test accuracy per class with the confusion
+matrix, the recipe's closing figure (sample test images with their top-3 predictions), what
+the champion gate compared, and the machine. Figures are drawn by `tasks.release.figures`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.files import full_disk_ends, write_atomic
+from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
+from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.release.figures import confusion_heatmap, learning_curves, png, sample_grid
+from tnflow.tasks.sources.archives import UNSAFE_MEMBER
+from tnflow.tasks.training.validate import write_metrics
+
+FIGURES = ("learning_curves", "confusion_matrix", "samples")
+
+# -- the run directory ------------------------------------------------------------------
+
+
+def run_directory(output_dir: str | Path, run_name: str | None) -> str:
+    """`<output dir>/<flow run name>` (or a timestamp outside a flow run), never an existing one."""
+    base = run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+    path, n = Path(output_dir) / base, 1
+    while path.exists():
+        n += 1
+        path = Path(output_dir) / f"{base}-{n}"
+    return str(path)
+
+
+def machine() -> dict[str, str]:
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": str(os.cpu_count()),
+        "tensorflow": installed("tensorflow"),
+        "tensornets": installed("tensornets"),
+        "prefect": installed("prefect"),
+    }
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def write_report(
+    run_dir: str | Path,
+    *,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    stages: list[dict[str, Any]],
+    cache_path: str | Path,
+    device: str,
+    promotion: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write figures, report.md and report.html into `run_dir`; returns their paths."""
+    with full_disk_ends("writing the report", run_dir):
+        return _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion)
+
+
+def _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion) -> dict[str, str]:
+    run_dir = Path(run_dir)
+    names = list(metrics["class_names"])
+    with h5py.File(cache_path, "r") as f:
+        sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
+    pngs = {
+        "learning_curves": png(learning_curves(history)),
+        "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
+        "samples": png(sample_grid(sample_images, metrics["samples"], names)),
+    }
+    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+    for name, data in pngs.items():
+        (run_dir / "figures" / f"{name}.png").write_bytes(data)
+
+    sections = _sections(config, history, metrics, stages, device, promotion)
+    sections.update(data_sections(cache_path))
+    markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
+    page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
+    write_atomic(run_dir / "report.md", markdown)
+    write_atomic(run_dir / "report.html", page)
+    return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
+
+
+def _sections(config, history, metrics, stages, device, promotion) -> dict[str, Any]:
+    best = max(history, key=lambda r: r["valid_accuracy"])
+    names = metrics["class_names"]
+    return {
+        "summary": [
+            ("test accuracy", f"{metrics['test_accuracy']:.4f} on {metrics['num_test']} images"),
+            ("test loss", f"{metrics['test_loss']:.4f}"),
+            ("best epoch", f"{best['epoch']} (valid accuracy {best['valid_accuracy']:.4f})"),
+            ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
+            ("champion", promotion["reason"] if promotion else "not considered"),
+            ("compared on test split", (promotion or {}).get("compared_on") or "-"),
+        ],
+        "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
+        "history": [
+            (
+                r["epoch"],
+                f"{r['train_loss']:.4f}",
+                f"{r['train_accuracy']:.4f}",
+                f"{r['valid_loss']:.4f}",
+                f"{r['valid_accuracy']:.4f}",
+                f"{r['seconds']:.1f}",
+                f"{r['images_per_second']:.1f}",
+            )
+            for r in history
+        ],
+        "per_class": [(n, f"{a:.4f}") for n, a in zip(names, metrics["per_class_accuracy"], strict=True)],
+        "config": sorted((k, str(v)) for k, v in config.items()),
+        "machine": [*machine().items(), ("device", device)],
+    }
+
+
+SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
+
+
+def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
+    """What the model learnt from: classes with their images per split, and the files left out."""
+    with h5py.File(cache_path, "r") as f:
+        names = [str(n) for n in f.attrs["class_names"]]
+        per_split = {s: np.bincount(f[f"{s}/labels"][:], minlength=len(names)) for s in ("train", "valid", "test")}
+        summary = json.loads(f.attrs.get("summary", "{}"))
+    manifest = read_manifest(cache_path)
+    counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
+    counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
+    source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
+    left_out = [*manifest.get("skipped", []), *((m, UNSAFE_MEMBER) for m in manifest.get("unpacked_skipped", []))]
+    skipped = [(p, r) for p, r in left_out[:SKIPPED_SHOWN]]
+    more = len(left_out) - len(skipped)
+    if more > 0:
+        skipped.append((f"... and {more} more", "see the manifest in the cache file"))
+    return {"data": source, "class_counts": counts, "skipped": skipped or [("none", "")]}
+
+
+_TABLES = {
+    "data": ("Data", ("", "")),
+    "class_counts": ("Images per class", ("class", "train", "valid", "test")),
+    "skipped": ("Skipped files", ("file", "reason")),
+    "stages": ("Stages", ("stage", "wall time", "cache", "state")),
+    "history": ("Learning curves", ("epoch", "train loss", "train acc", "valid loss", "valid acc", "s", "img/s")),
+    "per_class": ("Test accuracy per class", ("class", "accuracy")),
+    "config": ("Configuration", ("option", "value")),
+    "machine": ("Machine", ("", "")),
+}
+_FIGURE_AFTER = {"history": "learning_curves", "per_class": "confusion_matrix"}
+
+
+def _markdown(sections: dict[str, Any], images: dict[str, str]) -> str:
+    lines = ["# tnflow report", ""]
+    lines += [f"- **{k}**: {v}" for k, v in sections["summary"]]
+    for key, (title, header) in _TABLES.items():
+        lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in sections[key]]
+        if key in _FIGURE_AFTER:
+            lines += ["", f"![{_FIGURE_AFTER[key]}]({images[_FIGURE_AFTER[key]]})"]
+        if key == "per_class":
+            lines += ["", "## Sample test images, top-3 predictions", "", f"![samples]({images['samples']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _html(sections: dict[str, Any], images: dict[str, str]) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>tnflow report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "img{max-width:100%}</style></head><body><h1>tnflow report</h1><ul>",
+    ]
+    parts += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in sections["summary"]]
+    parts.append("</ul>")
+    for key, (title, header) in _TABLES.items():
+        parts.append(f"<h2>{e(title)}</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in sections[key]]
+        parts.append("</table>")
+        if key in _FIGURE_AFTER:
+            parts.append(f"<img alt='{_FIGURE_AFTER[key]}' src='{images[_FIGURE_AFTER[key]]}'>")
+        if key == "per_class":
+            parts.append(f"<h2>Sample test images, top-3 predictions</h2><img alt='samples' src='{images['samples']}'>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# -- Prefect ----------------------------------------------------------------------------
+
+
+@task(name="report", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless(TnflowError), **STAGE_HOOKS)
+def report_task(
+    run_dir: str,
+    model_dir: str,
+    cache_path: str,
+    config: dict[str, Any],
+    history: list[dict[str, Any]],
+    device: str,
+    promotion: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Write the run's report beside its model (never cached: it describes this run)."""
+    logger = get_run_logger()
+    run = Path(run_dir)
+    metrics = json.loads((run / "metrics.json").read_text())
+    stages = stages_so_far()
+    best = max(history, key=lambda r: r["valid_accuracy"])
+    write_metrics(
+        run,
+        {
+            "valid_accuracy": best["valid_accuracy"],
+            "history": history,
+            "config": config,
+            "timings": stages,
+            "promotion": promotion,
+            "cache": cache_path,  # what `tnflow gc` keeps while this run exists
+            "data": data_sections(cache_path),
+        },
+    )
+    paths = write_report(
+        run,
+        config=config,
+        history=history,
+        metrics=metrics,
+        stages=stages,
+        cache_path=cache_path,
+        device=device,
+        promotion=promotion,
+    )
+    markdown = (run / "report.md").read_text()
+    create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")
+    create_table_artifact(
+        table=[
+            {"class": n, "accuracy": a}
+            for n, a in zip(metrics["class_names"], metrics["per_class_accuracy"], strict=True)
+        ],
+        key="tnflow-per-class-accuracy",
+    )
+    logger.info(
+        "test accuracy %.4f on %d images; training %.1f images/s on %s; report %s",
+        metrics["test_accuracy"],
+        metrics["num_test"],
+        float(np.mean([r["images_per_second"] for r in history])),
+        device,
+        paths["html"],
+    )
+    return paths

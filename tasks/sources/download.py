@@ -1,0 +1,253 @@
+"""Fetch any URL or path to a verified local file.
+
+One attempt of `fetch` streams into `<final>.part`, resuming it with an HTTP Range request,
+checks the md5 and renames; the Prefect task around it retries the failures that may pass
+(`TransientDownloadError`) with backoff, and fails at once on the rest. The final path
+depends only on the URL and digest (a local file's digest is computed from its content, so
+a file edited in place is copied again), a re-run finds the file, and two runs never write
+it at the same time (see `tasks.core.files`). A cached copy is reused only while its md5 still
+matches, so a damaged copy is fetched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from tnflow.tasks.core.cache_policy import StageCache
+from tnflow.tasks.core.errors import DownloadError, TransientDownloadError
+from tnflow.tasks.core.files import disk_full_error, ensure_writable_dir, exclusive, is_disk_full
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.core.retries import retry_on
+
+ProgressFn = Callable[[int, int | None], None]
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_SECONDS = 60.0
+USER_AGENT = "tnflow/0.1"
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A verified local copy: what crosses the task boundary instead of bytes."""
+
+    path: str
+    md5: str
+    size: int
+
+
+def target_path(url: str, dest_dir: str | Path, md5: str | None) -> Path:
+    """Where `url` lands: keyed by its digest (or by the URL when no digest is known)."""
+    name = Path(unquote(urlsplit(url).path)).name or "download"
+    key = md5 or "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(dest_dir) / "downloads" / key / name
+
+
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(
+    url: str,
+    dest_dir: str | Path,
+    md5: str | None = None,
+    *,
+    timeout: float = TIMEOUT_SECONDS,
+    progress: ProgressFn | None = None,
+) -> Fetched:
+    """Make a verified copy of `url` under `dest_dir`, reusing one that is already there."""
+    if md5 is None and is_local(url):
+        md5 = file_md5(_existing_local(url))  # keyed by content: an edited file is a new copy
+    final = target_path(url, dest_dir, md5)
+    ensure_writable_dir(final.parent)
+    with exclusive(final):
+        if final.exists():
+            found = file_md5(final)
+            if md5 is None or found == md5:
+                return Fetched(str(final), found, final.stat().st_size)
+            final.unlink()  # altered since we verified it; fetch it again
+        part = final.with_name(final.name + ".part")
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in ("http", "https"):
+            _fetch_http(url, part, timeout, progress)
+        elif is_local(url):
+            _copy_local(_existing_local(url), part, progress)
+        else:
+            raise DownloadError(f"{url}: unsupported URL scheme {scheme!r}; use https://, http://, file:// or a path")
+        found = file_md5(part)
+        if md5 is not None and found != md5:
+            part.unlink()
+            raise DownloadError(
+                f"{url}: md5 is {found} but {md5} was expected; the bad copy was deleted. "
+                "Check the URL and its digest (--data-md5 or --weights-md5)"
+            )
+        os.replace(part, final)
+    return Fetched(str(final), found, final.stat().st_size)
+
+
+def is_local(url: str) -> bool:
+    return urlsplit(url).scheme.lower() in ("file", "")
+
+
+def _existing_local(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "file":
+        path = Path(url).expanduser()
+    elif parts.netloc not in ("", "localhost"):
+        raise DownloadError(f"{url}: file:// URLs must name a local path (file:///abs/path)")
+    else:
+        path = Path(unquote(parts.path))
+    if not path.is_file():
+        raise DownloadError(f"{path}: no such file; check the path given to --data-url or --weights")
+    return path
+
+
+def source_identity(url: str) -> tuple[int, int] | None:
+    """Size and modification time of a local source (what a cache key must see), else None."""
+    if not is_local(url):
+        return None
+    try:
+        stat = _existing_local(url).stat()
+    except DownloadError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def is_intact(path: str | Path, md5: str | None) -> bool:
+    """The file is there with the md5 recorded for it."""
+    return Path(path).is_file() and file_md5(path) == md5
+
+
+def fetched_is_sound(fetched: Fetched) -> bool:
+    """A recorded copy is reusable while the file is there, unchanged."""
+    return is_intact(fetched.path, fetched.md5)
+
+
+def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:
+    total = source.stat().st_size
+    done = 0
+    try:
+        with open(source, "rb") as src, open(part, "wb") as dst:
+            while block := src.read(CHUNK_BYTES):
+                dst.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(part, "copying the download") from None
+        raise DownloadError(f"cannot copy {source}: {exc.strerror or exc}") from None
+
+
+def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | None) -> None:
+    """One attempt: append to `part` from where it stops; raise Transient for what may pass."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:
+            return  # the partial file already holds every byte; the digest decides
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise TransientDownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL") from None
+    except urllib.error.URLError as exc:
+        raise _connection_error(url, exc.reason) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _connection_error(url, exc) from None
+
+    with response:
+        if response.status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range", ""))
+            if start != have:
+                part.unlink(missing_ok=True)
+                raise TransientDownloadError(f"{url}: server resumed at byte {start}, not {have}; restarting")
+            mode = "ab"
+        else:
+            have, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        done = have
+        with open(part, mode) as out:
+            while True:
+                try:
+                    block = response.read(CHUNK_BYTES)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise TransientDownloadError(
+                        f"{url}: connection lost after {done} bytes ({exc}); will resume"
+                    ) from None
+                if not block:
+                    break
+                try:
+                    out.write(block)
+                except OSError as exc:
+                    if is_disk_full(exc):
+                        raise disk_full_error(part, "downloading (the partial file is kept and resumes)") from None
+                    raise
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    if total is not None and done < total:
+        raise TransientDownloadError(f"{url}: connection closed after {done} of {total} bytes; will resume")
+
+
+def _parse_content_range(value: str) -> tuple[int, int | None]:
+    match = _CONTENT_RANGE.match(value.strip())
+    if not match:
+        return -1, None
+    total = match.group(3)
+    return int(match.group(1)), None if total == "*" else int(total)
+
+
+def _connection_error(url: str, reason: object) -> DownloadError:
+    if isinstance(reason, socket.gaierror):
+        host = urlsplit(url).hostname
+        return DownloadError(
+            f"{url}: cannot resolve host {host!r} (no network?); download the file elsewhere "
+            "and pass its path or file:// URL with --data-url (or --weights)"
+        )
+    return TransientDownloadError(f"{url}: cannot connect ({reason})")
+
+
+# -- Prefect ----------------------------------------------------------------------------
+
+# Shared by every task that downloads: back off 2, 4, 8, 16 s on failures that may pass.
+DOWNLOAD_RETRIES = dict(
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_on(TransientDownloadError),
+)
+
+
+@task(
+    name="download",
+    cache_policy=StageCache(identity=lambda inputs: source_identity(inputs["url"]), sound=fetched_is_sound),
+    persist_result=True,
+    **DOWNLOAD_RETRIES,
+    **STAGE_HOOKS,
+)
+def download_task(url: str, dest_dir: str, md5: str | None) -> Fetched:
+    progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=get_run_logger())
+    fetched = fetch(url, dest_dir, md5, progress=progress)
+    progress.finish()
+    return fetched

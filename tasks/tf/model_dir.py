@@ -1,0 +1,76 @@
+"""The saved-model directory: a TensorFlow checkpoint plus model.json that says how to rebuild it.
+
+model.json records the model, head, image size, class names and preprocessing, so `validate`
+and `predict` rebuild the graph from the directory alone, and the epoch, metrics and training
+configuration, so a model can be traced back to the run that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.files import write_atomic
+
+MODEL_JSON = "model.json"
+CHECKPOINT = "model.ckpt"
+FORMAT = "tnflow-model/1"
+
+
+def write_model_json(directory: Path, meta: dict[str, Any]) -> None:
+    (directory / MODEL_JSON).write_text(json.dumps({"format": FORMAT, **meta, "checkpoint": CHECKPOINT}, indent=2))
+
+
+def update_model_json(directory: Path, updates: dict[str, Any]) -> None:
+    """Add to model.json by replacing the file (in a directory of hard links, the original stays as it was)."""
+    meta = json.loads((directory / MODEL_JSON).read_text())
+    write_atomic(directory / MODEL_JSON, json.dumps({**meta, **updates}, indent=2))
+
+
+def read_model_dir(path: str | Path) -> dict[str, Any]:
+    """model.json of a model directory, or a clear error saying what `path` is instead."""
+    path = Path(path)
+    meta_path = path / MODEL_JSON
+    if not meta_path.is_file():
+        raise TnflowError(f"{path} is not a tnflow model directory (no {MODEL_JSON}); pass <run dir>/model or champion")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TnflowError(f"{meta_path} is unreadable ({exc}); the model directory is damaged") from None
+    if meta.get("format") != FORMAT:
+        raise TnflowError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not (path / f"{CHECKPOINT}.index").is_file():
+        raise TnflowError(f"{path} has no checkpoint {CHECKPOINT}; the model directory is incomplete")
+    return meta
+
+
+def model_digest(path: str | Path) -> str:
+    """Identifies a model's weights without reading them: model.json plus the checkpoint index,
+    which holds a checksum of every tensor. The model card (`card`) is left out: exporting a
+    champion again or recording a promotion does not make it another model."""
+    path = Path(path)
+    meta = json.loads((path / MODEL_JSON).read_text())
+    meta.pop("card", None)
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    digest.update((path / f"{CHECKPOINT}.index").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def check_can_start_from(path: str | Path, model: str, head: str, class_names: list[str]) -> None:
+    """A model to continue training from must have this backbone, head and class list."""
+    meta = read_model_dir(path)
+    if (meta["model"], meta["head"]) != (model, head):
+        raise TnflowError(
+            f"--init-from {path} is a {meta['model']} with the {meta['head']} head; this run trains a {model} with "
+            f"the {head} head. Use the same --model and --head, or start from --weights"
+        )
+    if list(meta["class_names"]) != list(class_names):
+        theirs, ours = set(meta["class_names"]), set(class_names)
+        diff = sorted(ours - theirs) or sorted(theirs - ours) or ["(same classes, another order)"]
+        raise TnflowError(
+            f"--init-from {path} was trained on other classes than this dataset's (differs in: "
+            f"{', '.join(diff[:5])}); start from --weights imagenet instead"
+        )

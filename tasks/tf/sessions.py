@@ -1,0 +1,117 @@
+"""Devices and sessions: which device a graph runs on, and running a built graph on batches.
+
+A model graph (`tasks.tf.graph`) is built once and run in a v1 `Session`: for training
+steps, for evaluation over a split from the input pipeline, or on images fed directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import rewriter_config_pb2
+
+from tnflow.tasks.tf.inputs import PREFETCH_BATCHES, READ_THREADS
+from tnflow.tasks.tf.startup import physical_gpus
+
+if TYPE_CHECKING:
+    from tnflow.tasks.tf.graph import Net
+
+tf1 = tf.compat.v1
+
+
+def gpu_details() -> list[dict[str, Any]]:
+    """What TensorFlow knows of each GPU: its name and compute capability."""
+    return [tf.config.experimental.get_device_details(d) for d in physical_gpus()]
+
+
+FAST_FLOAT16 = (7, 0)  # compute capability from which float16 has tensor cores (Volta)
+
+
+def describe_devices(details: list[dict[str, Any]], *, mixed_precision: bool, xla: bool) -> tuple[str, list[str]]:
+    """One line of what runs where, and warnings about switches that will not pay on this device."""
+    target = "the GPU, cast there" if details else "the CPU"
+    ahead = f"{READ_THREADS} reader threads, {PREFETCH_BATCHES} batches ahead"
+    pipeline = f"input pipeline on the CPU ({ahead}, uint8 to {target})"
+    precision = "float16 compute for training (validation and export in float32)" if mixed_precision else "float32"
+    switches = f"{pipeline}; {precision}; {'XLA for training' if xla else 'no XLA'}"
+    if not details:
+        return f"device: CPU (no GPU visible to TensorFlow); {switches}", []
+    first = details[0]
+    capability = tuple(first.get("compute_capability") or (0, 0))
+    name = first.get("device_name", "GPU")
+    others = f"; {len(details)} GPUs visible, tnflow uses the first" if len(details) > 1 else ""
+    line = f"device: /GPU:0 ({name}, compute capability {capability[0]}.{capability[1]}{others}); {switches}"
+    warnings = []
+    if mixed_precision and capability < FAST_FLOAT16:
+        warnings.append(
+            f"--mixed-precision: {name} (compute capability {capability[0]}.{capability[1]}) has no fast float16 "
+            f"(from {FAST_FLOAT16[0]}.{FAST_FLOAT16[1]}, Volta, on); TensorFlow's rewrite will leave it in float32"
+        )
+    return line, warnings
+
+
+def session_config(*, xla: bool = False, mixed_precision: bool = False) -> tf1.ConfigProto:
+    """The float16 rewrite is on only when asked and off otherwise, whatever else the process did."""
+    config = tf1.ConfigProto(allow_soft_placement=True)
+    config.gpu_options.allow_growth = True
+    rewrite = rewriter_config_pb2.RewriterConfig
+    config.graph_options.rewrite_options.auto_mixed_precision = rewrite.ON if mixed_precision else rewrite.OFF
+    if xla:
+        config.graph_options.optimizer_options.global_jit_level = tf1.OptimizerOptions.ON_1
+    return config
+
+
+def open_session(net: Net, *, xla: bool = False, mixed_precision: bool = False) -> tf1.Session:
+    """A session for `net`: evaluation sessions (the defaults) always compute in float32."""
+    return tf1.Session(graph=net.graph, config=session_config(xla=xla, mixed_precision=mixed_precision))
+
+
+def load_pretrained(session: tf1.Session, net: Net, arrays: list[np.ndarray]) -> int:
+    """Assign checked arrays (see `tasks.training.weights.check_weights`) to the pretrained variables, in order.
+
+    One `run` for all of them: each distinct fetch makes TensorFlow prune and plan the whole
+    graph again, which for ResNet101's 600 variables one at a time took a minute.
+    """
+    feed = {}
+    for variable, placeholder, value in zip(net.pretrained, net.loaders, arrays, strict=False):
+        if tuple(variable.shape.as_list()) != value.shape:
+            raise RuntimeError(f"{variable.op.name} needs {variable.shape}, got {value.shape}: check the file first")
+        feed[placeholder] = value
+    session.run(net.load, feed)
+    return len(net.pretrained)
+
+
+def model_arrays(session: tf1.Session, net: Net) -> list[tuple[str, np.ndarray]]:
+    """(name, value) of every model variable, in weight-file order: a trained model as a weights file."""
+    variables = net.pretrained + net.head
+    return list(zip([v.op.name for v in variables], session.run(variables), strict=True))
+
+
+def run_split(
+    session: tf1.Session,
+    net: Net,
+    fetches: dict[str, tf.Tensor | tf.Operation],
+    split: str,
+    batch_size: int,
+    *,
+    epoch: int = 0,
+    shuffle: bool = False,
+    training: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Run `fetches` on every batch of `split`, from the input pipeline."""
+    split_arg, epoch_arg, shuffle_arg, batch_arg = net.pipeline.args
+    session.run(net.pipeline.init, {split_arg: split, epoch_arg: epoch, shuffle_arg: shuffle, batch_arg: batch_size})
+    feed = {net.is_training: True} if training else None
+    while True:
+        try:
+            yield session.run(fetches, feed)
+        except tf.errors.OutOfRangeError:
+            return
+
+
+def predict(session: tf1.Session, net: Net, images: np.ndarray) -> np.ndarray:
+    """Class probabilities for uint8 RGB images of the model's size."""
+    return session.run(net.probs, {net.images: images})

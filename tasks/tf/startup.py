@@ -1,0 +1,72 @@
+"""Starting TensorFlow: one explicit call, quiet by default, never hiding a fatal error from a user who asks.
+
+TensorFlow's C++ start-up lines (CUDA probing, "failed call to cuInit" on a CPU machine,
+absl's pre-init notice) read as failures to a newcomer; tnflow logs the device it uses
+instead. TensorFlow 2.21 prints some of them whatever TF_CPP_MIN_LOG_LEVEL says, so while it
+starts (import and the first device query) its standard error goes nowhere. That also hides
+a fatal CUDA/cuDNN abort at start-up, so with `--debug` (`verbose`) or a TF_CPP_MIN_LOG_LEVEL
+the user set nothing is redirected and TensorFlow says what it says.
+
+Nothing happens on import: the command line calls `start_tensorflow` when a command needs
+TensorFlow, and every task calls it before its first TensorFlow module; the first call wins.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_GPUS: list[Any] = []  # what the CUDA runtime found when TensorFlow started (no nvidia-smi needed)
+_STARTED: list[bool] = []
+
+
+def start_tensorflow(*, verbose: bool = False) -> None:
+    """Import TensorFlow and tensornets once for this process, and find the GPUs."""
+    if _STARTED:
+        return
+    quiet = not verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    if quiet:  # read once by TensorFlow's C++ logging; unset again so that child processes decide for themselves
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        with _stderr_hidden(quiet):
+            import tensorflow as tf
+
+            import tnflow.tasks.tf.tensornets_compat  # noqa: F401 - tensornets, importable on TensorFlow 2.16+
+
+            _GPUS[:] = tf.config.list_physical_devices("GPU")
+    finally:
+        if quiet:
+            del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+    _STARTED.append(True)
+    if quiet:
+        tf.get_logger().setLevel("ERROR")  # tensornets' deprecation notes from TensorFlow's Python side
+    # tensornets' legacy layers warn on every graph build that Keras 3 will drop them; tnflow pins both.
+    warnings.filterwarnings("ignore", message=r".*`(layer\.apply|tf\.layers\.\w+)` is deprecated", category=UserWarning)
+
+
+def physical_gpus() -> list[Any]:
+    start_tensorflow()
+    return list(_GPUS)
+
+
+def visible_gpus() -> list[str]:
+    """Device names of the GPUs TensorFlow found (`/device:GPU:0`, ...)."""
+    return [d.name.replace("physical_device:", "") for d in physical_gpus()]
+
+
+@contextmanager
+def _stderr_hidden(hidden: bool) -> Iterator[None]:
+    if not hidden:
+        yield
+        return
+    saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)

@@ -1,0 +1,140 @@
+"""Batched, exact evaluation: accuracy is correct predictions over all N images.
+
+The recipe averaged per-batch accuracies, which weights a short last batch like a full one.
+Here every batch adds to one tally (correct count, summed loss, confusion matrix), so the
+result does not depend on the evaluation batch size. Evaluation always computes in float32,
+whatever a training earlier in the same process asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tnflow.tasks.cache.cache_reader import CacheFeed
+from tnflow.tasks.config.specs import ModelSpec
+from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.files import full_disk_ends, write_atomic
+from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
+from tnflow.tasks.tf.startup import start_tensorflow
+
+TOP_K = 3
+SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
+
+
+@dataclass
+class Tally:
+    """Running totals over batches of (probabilities, labels, per-image losses)."""
+
+    num_classes: int
+    count: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    confusion: np.ndarray = field(init=False)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def add(self, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray) -> None:
+        predicted = probs.argmax(axis=1)
+        self.correct += int((predicted == labels).sum())
+        self.loss_sum += float(np.asarray(losses, dtype=np.float64).sum())
+        np.add.at(self.confusion, (labels, predicted), 1)
+        for i, (row, label) in enumerate(zip(probs[: SAMPLES - len(self.samples)], labels, strict=False)):
+            top = np.argsort(-row)[:TOP_K]
+            self.samples.append(
+                {"index": self.count + i, "label": int(label), "top": [[int(c), float(row[c])] for c in top]}
+            )
+        self.count += len(labels)
+
+    def metrics(self, prefix: str) -> dict[str, Any]:
+        if not self.count:
+            raise TnflowError(f"the {prefix} split is empty; nothing to evaluate")
+        per_class_total = self.confusion.sum(axis=1)
+        per_class = np.divide(
+            np.diag(self.confusion), per_class_total, out=np.zeros(self.num_classes), where=per_class_total > 0
+        )
+        return {
+            f"{prefix}_accuracy": self.correct / self.count,
+            f"{prefix}_loss": self.loss_sum / self.count,
+            f"num_{prefix}": self.count,
+            "per_class_accuracy": per_class.tolist(),
+            "confusion_matrix": self.confusion.tolist(),
+            "samples": self.samples,
+        }
+
+
+def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: int) -> dict[str, Any]:
+    """Metrics of the model in `session` on every image of `split`."""
+    from tnflow.tasks.tf.sessions import run_split  # TensorFlow: only when evaluating
+
+    tally = Tally(num_classes)
+    fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses}
+    for out in run_split(session, net, fetches, split, batch_size):
+        tally.add(out["probs"], out["labels"], out["losses"])
+    return tally.metrics(split)
+
+
+def evaluate_model(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int) -> dict[str, Any]:
+    """Metrics of a saved model on every image of a split of the cache.
+
+    A cache of another image size (a champion re-scored on a newer run's test split) is
+    resized to the model's input on the way, with the kernel prediction uses.
+    """
+    start_tensorflow()
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.sessions import open_session  # TensorFlow: only when evaluating
+
+    meta = read_model_dir(model_dir)
+    spec = ModelSpec.from_meta(meta)
+
+    net = build(spec, CacheFeed(cache_path, image_size=spec.image_size))
+    with open_session(net) as session:
+        net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
+        metrics = evaluate(session, net, split, batch_size, spec.num_classes)
+    metrics["class_names"] = meta["class_names"]
+    return metrics
+
+
+def validate(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, out_dir: str | Path) -> dict:
+    """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
+    metrics = evaluate_model(model_dir, cache_path, split, batch_size)
+    write_metrics(Path(out_dir), metrics)
+    return metrics
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
+    """Merge into `<out_dir>/metrics.json`, atomically (readers never see half a file)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "metrics.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(metrics)
+    write_atomic(path, json.dumps(merged, indent=2))
+    return path
+
+
+# -- Prefect ----------------------------------------------------------------------------
+
+
+@task(
+    name="validate",
+    cache_policy=NO_CACHE,  # it writes this run's metrics.json; its inputs include the run directory
+    retries=1,
+    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_HOOKS,
+)
+def validate_task(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
+    with full_disk_ends("writing the test metrics", out_dir):
+        metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
+    keys = (f"{split}_accuracy", f"{split}_loss", f"num_{split}")
+    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *(metrics[k] for k in keys))
+    return {k: metrics[k] for k in keys}
