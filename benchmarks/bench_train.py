@@ -111,6 +111,7 @@ def bench_stage(size: int, batch: int, steps: int, images, labels) -> None:
     from prefect import flow
 
     from benchmarks.bench_feed import write_test_cache
+    from tnflow.tasks.training.starting_point import StartingPoint
     from tnflow.tasks.training.train import train, train_task
 
     spec = ModelSpec("vgg19", "gap", 10, size)
@@ -125,7 +126,17 @@ def bench_stage(size: int, batch: int, steps: int, images, labels) -> None:
 
         @flow(name="bench-train-stage")
         def stage_in_a_flow():
-            return train_task(str(cache), None, spec, settings, str(Path(tmp) / "flow"), classes, 64, False)
+            start = StartingPoint(None, None, "none", "none", None, "none")  # random weights, as `train` above
+            return train_task(
+                cache_path=str(cache),
+                start=start,
+                spec=spec,
+                settings=settings,
+                output_dir=str(Path(tmp) / "flow"),
+                class_names=classes,
+                eval_batch_size=64,
+                retrain=False,
+            )
 
         started = time.perf_counter()
         trained = stage_in_a_flow()

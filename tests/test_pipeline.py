@@ -19,7 +19,7 @@ from tnflow.tasks.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "build-cache", "fetch-weights", "train", "validate", "export", "promote", "report")
+STAGES = ("download", "build-cache", "starting-point", "train", "validate", "export", "promote", "report")
 HISTORY_FIELDS = {
     "epoch",
     "train_loss",

@@ -10,8 +10,9 @@ import pytest
 
 import tnflow.tasks.release.promote as promote_module
 from tnflow.tasks.core.errors import DiskFullError
-from tnflow.tasks.release.promote import dataset_key, promote, read_champion
+from tnflow.tasks.release.promote import promote, read_champion
 from tnflow.tasks.tf.model_dir import read_model_dir, write_model_json
+from tnflow.tasks.training.starting_point import dataset_key
 
 
 def fake_model(root: Path, name: str) -> Path:
@@ -159,7 +160,7 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatc
 
 
 def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tmp_path):
-    from tnflow.tasks.release.promote import starting_model
+    from tnflow.tasks.training.starting_point import starting_model
 
     run, _, cache = gate
     assert starting_model("champion", tmp_path / "runs", cache) is None  # the first weekly run: --weights

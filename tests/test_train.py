@@ -19,7 +19,8 @@ from tnflow.tasks.cache.stage import build_cache
 from tnflow.tasks.config.backbones import PREPROCESSING
 from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
 from tnflow.tasks.core.errors import TnflowError
-from tnflow.tasks.training.train import train
+from tnflow.tasks.training.starting_point import StartingPoint
+from tnflow.tasks.training.train import train, training_dir
 from tnflow.tasks.training.validate import Tally, validate
 from tnflow.tasks.training.weights import read_weights
 
@@ -47,10 +48,13 @@ def tiny_cache(tmp_path_factory):
     return build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 40, None, None, 0), root / "cache")
 
 
+RANDOM = StartingPoint(weights_path=None, model_dir=None, digest="none", source="none", md5=None, check="none")
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_cache, tmp_path_factory):
     """An uninterrupted four-epoch run from random weights."""
-    work = tmp_path_factory.mktemp("reference")
+    work = training_dir(str(tmp_path_factory.mktemp("reference")), tiny_cache.path, RANDOM, GAP32, SETTINGS)
     return train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names, eval_batch_size=64)
 
 
@@ -334,8 +338,16 @@ def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny
 
     @flow
     def training_only(eval_batch_size: int):
-        work, names = reference.work_dir, list(tiny_cache.class_names)
-        return train_task(tiny_cache.path, None, GAP32, SETTINGS, work, names, eval_batch_size, False)
+        return train_task(
+            cache_path=tiny_cache.path,
+            start=RANDOM,
+            spec=GAP32,
+            settings=SETTINGS,
+            output_dir=str(Path(reference.work_dir).parents[1]),  # where `reference` trained
+            class_names=list(tiny_cache.class_names),
+            eval_batch_size=eval_batch_size,
+            retrain=False,
+        )
 
     first, second = training_only(64, return_state=True), training_only(7, return_state=True)
     assert first.result() == second.result() == reference

@@ -7,9 +7,6 @@ line of standard output is always the result's absolute path, so scripts can use
 non-zero exit: 2 for bad options, 1 for a failed run; `--debug` adds the traceback. A flow
 command gets a Prefect API for exactly as long as it runs (`tasks.core.prefect_server`), and
 SIGTERM or Ctrl-C end it within seconds with one line (`tasks.core.processes`).
-
-Longer than 300 lines because it is the declaration of every command, one block each, plus
-the one `main` that gives all of them the same console, signals and exit codes.
 """
 
 from __future__ import annotations
@@ -17,16 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pydantic.fields import FieldInfo
-
+from tnflow.flows.cli.arguments import add_config_options
 from tnflow.tasks.config.options import DataConfig, RunConfig, default_cache_dir, default_output_dir
-from tnflow.tasks.config.parameters import option
 from tnflow.tasks.core.errors import ConfigError, TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, is_disk_full
 
@@ -34,43 +27,6 @@ from tnflow.tasks.core.files import ensure_writable_dir, is_disk_full
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_config_options(parser: argparse.ArgumentParser, model: type[DataConfig]) -> None:
-    """One option per configuration field, grouped as the configuration classes are."""
-    groups = {
-        DataConfig: parser.add_argument_group("data"),
-        RunConfig: parser.add_argument_group("model, training and champion"),
-    }
-    for name, field in model.model_fields.items():
-        group = groups[DataConfig if name in DataConfig.model_fields else RunConfig]
-        group.add_argument(option(name), dest=name, help=_help(field), **_argument(field))
-
-
-def _argument(field: FieldInfo) -> dict[str, Any]:
-    kind = field.annotation
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes an X
-        kind = next(t for t in typing.get_args(kind) if t is not type(None))
-    if kind is bool:
-        if field.default is None:  # tri-state: yes, no, or decided from other options
-            return {"action": argparse.BooleanOptionalAction, "default": None}
-        return {"action": "store_true", "default": None}
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-    if typing.get_origin(kind) is typing.Literal:
-        return {"choices": typing.get_args(kind), "default": None}
-    metavar = extra.get("metavar") or {int: "N", float: "X"}.get(kind, "VALUE")
-    return {"type": kind, "metavar": metavar, "default": None}
-
-
-def _help(field: FieldInfo) -> str:
-    text = field.description or ""
-    if "(default:" in text or field.default_factory is not None:
-        return text
-    default = field.default
-    shown = (
-        {True: "on", False: "off", None: "none"}.get(default, default) if isinstance(default, bool | None) else default
-    )
-    return f"{text} (default: {shown})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ from tnflow.tasks.release.model_card import card_data, write_card
 from tnflow.tasks.release.report import data_sections
 from tnflow.tasks.tf.converters import FILES, WRITERS, Source
 from tnflow.tasks.tf.model_dir import model_digest, read_model_dir, update_model_json
+from tnflow.tasks.training.starting_point import StartingPoint
 
 LABELS = "labels.txt"
 
@@ -152,12 +153,12 @@ def export_into_model_dir(model_dir: str | Path, formats: tuple[str, ...]) -> di
     **STAGE_HOOKS,
 )
 def export_task(
-    model_dir: str, run_dir: str, cache_path: str, formats: tuple[str, ...], weights: dict[str, Any]
+    *, model_dir: str, run_dir: str, cache_path: str, formats: tuple[str, ...], start: StartingPoint
 ) -> str:
     """<run dir>/model with the exports asked for and the model card; returns its path."""
     logger = get_run_logger()
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-    card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), weights)
+    card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), start.origin)
     final, checks = publish_model(model_dir, run_dir, formats, card)
     for fmt, check in checks.items():
         logger.info("exported %s", describe(fmt, check, final))

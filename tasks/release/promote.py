@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from tnflow.tasks.core.files import (
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.model_card import add_champion_history
-from tnflow.tasks.tf.model_dir import check_can_start_from, model_digest
+from tnflow.tasks.training.starting_point import dataset_key
 from tnflow.tasks.training.validate import evaluate_model
 
 CHAMPION_JSON = "champion.json"
@@ -64,15 +64,6 @@ class Decision:
     rescored: bool = False  # the champion was scored again on that split
 
 
-def dataset_key(cache_path: str | Path) -> str:
-    """Which champion line a model belongs to: the dataset, its source and its classes."""
-    with h5py.File(cache_path, "r") as f:
-        names = [str(n) for n in f.attrs["class_names"]]
-        source = f.attrs.get("source_id", f.attrs["source_md5"])  # a folder's line outlives its versions
-        blob = json.dumps([str(source), names]).encode()
-        return f"{f.attrs['dataset']}-{hashlib.sha256(blob).hexdigest()[:12]}"
-
-
 def split_identity(cache_path: str | Path) -> str:
     """Identifies the test images (dataset, archive, which images): only equal keys compare as they are."""
     with h5py.File(cache_path, "r") as f:
@@ -86,17 +77,6 @@ def split_identity(cache_path: str | Path) -> str:
             parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
             content = labels.tobytes()
     return ":".join(parts) + ":" + hashlib.sha256(content).hexdigest()[:12]
-
-
-def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Path) -> Path | None:
-    """The model directory `--init-from` names: `champion` is the champion of this dataset's line,
-    None while there is none (a scheduled retrain's first run starts from --weights)."""
-    if init_from != "champion":
-        return Path(init_from).expanduser().absolute()
-    key = dataset_key(cache_path)
-    if read_champion(output_dir, key) is None:
-        return None
-    return (Path(output_dir) / "champions" / key / "current").resolve()
 
 
 def read_history(line: Path) -> list[dict[str, Any]]:
@@ -227,6 +207,7 @@ def _on(rescored: bool, current: dict[str, Any]) -> str:
     **STAGE_HOOKS,
 )
 def promote_task(
+    *,
     model_dir: str,
     run_dir: str,
     test_accuracy: float,
@@ -235,7 +216,7 @@ def promote_task(
     margin: float,
     enabled: bool,
     eval_batch_size: int,
-) -> dict[str, Any]:
+) -> Decision:
     """The champion gate; `enabled` is false for --no-promote and, unless asked, for runs on subsets."""
     logger = get_run_logger()
     if not enabled:
@@ -251,19 +232,4 @@ def promote_task(
             rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["test_accuracy"],
         )
     logger.info("champion: %s", decision.reason)
-    return asdict(decision)
-
-
-@task(name="starting-model", cache_policy=NO_CACHE, **STAGE_HOOKS)  # the champion changes between runs
-def starting_model_task(
-    init_from: str, output_dir: str, cache_path: str, model: str, head: str, class_names: list[str]
-) -> tuple[str, str] | None:
-    """(model directory, digest of its weights) that `--init-from` names, checked against this run."""
-    path = starting_model(init_from, output_dir, cache_path)
-    if path is None:
-        get_run_logger().warning("--init-from champion: this dataset has no champion yet; starting from --weights")
-        return None
-    check_can_start_from(path, model, head, class_names)
-    digest = model_digest(path)
-    get_run_logger().info("training starts from %s (weights %s)", path, digest)
-    return str(path), digest
+    return decision

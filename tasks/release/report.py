@@ -13,6 +13,7 @@ import html
 import json
 import os
 import platform
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -30,7 +31,10 @@ from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.figures import confusion_heatmap, learning_curves, png, sample_grid
+from tnflow.tasks.release.promote import Decision
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER
+from tnflow.tasks.training.starting_point import StartingPoint
+from tnflow.tasks.training.train import Trained
 from tnflow.tasks.training.validate import write_metrics
 
 FIGURES = ("learning_curves", "confusion_matrix", "samples")
@@ -212,16 +216,20 @@ def _html(sections: dict[str, Any], images: dict[str, str]) -> str:
 
 @task(name="report", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless(TnflowError), **STAGE_HOOKS)
 def report_task(
+    *,
     run_dir: str,
     model_dir: str,
     cache_path: str,
     config: dict[str, Any],
-    history: list[dict[str, Any]],
-    device: str,
-    promotion: dict[str, Any] | None = None,
+    start: StartingPoint,
+    trained: Trained,
+    promotion: Decision | None = None,
 ) -> dict[str, str]:
     """Write the run's report beside its model (never cached: it describes this run)."""
     logger = get_run_logger()
+    config = {**config, "weights_check": start.check}
+    history, device = list(trained.history), trained.device
+    promotion = asdict(promotion) if promotion is not None else None
     run = Path(run_dir)
     metrics = json.loads((run / "metrics.json").read_text())
     stages = stages_so_far()

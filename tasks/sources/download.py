@@ -45,7 +45,7 @@ class Fetched:
     """A verified local copy: what crosses the task boundary instead of bytes."""
 
     path: str
-    md5: str
+    md5: str | None  # None for a folder read where it is
     size: int
 
 
@@ -239,14 +239,24 @@ DOWNLOAD_RETRIES = dict(
 )
 
 
+def source_is_sound(fetched: Fetched) -> bool:
+    """A folder is read where it is (the cache stage sees what changed in it); a download must be intact."""
+    return Path(fetched.path).is_dir() if fetched.md5 is None else fetched_is_sound(fetched)
+
+
 @task(
     name="download",
-    cache_policy=StageCache(identity=lambda inputs: source_identity(inputs["url"]), sound=fetched_is_sound),
+    cache_policy=StageCache(
+        identity=lambda inputs: None if inputs["folder"] else source_identity(inputs["url"]), sound=source_is_sound
+    ),
     persist_result=True,
     **DOWNLOAD_RETRIES,
     **STAGE_HOOKS,
 )
-def download_task(url: str, dest_dir: str, md5: str | None) -> Fetched:
+def download_task(*, folder: str | None, url: str, dest_dir: str, md5: str | None) -> Fetched:
+    """The source's pictures on this machine: a `folder` (--data-dir) where it is, anything else fetched."""
+    if folder is not None:
+        return Fetched(path=folder, md5=None, size=0)
     progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=get_run_logger())
     fetched = fetch(url, dest_dir, md5, progress=progress)
     progress.finish()

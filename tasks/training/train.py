@@ -34,6 +34,7 @@ from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir, write_model_json
 from tnflow.tasks.tf.startup import start_tensorflow
+from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
 from tnflow.tasks.training.workdir import (
@@ -46,6 +47,7 @@ from tnflow.tasks.training.workdir import (
     prune,
     prune_older_generations,
     read_state,
+    work_dir_for,
     write_state,
 )
 
@@ -338,14 +340,29 @@ def trained_is_sound(trained: Trained) -> bool:
 # -- Prefect ------------------------------------------------------------------------------
 
 
+def training_dir(
+    output_dir: str, cache_path: str, start: StartingPoint, spec: ModelSpec, settings: TrainSettings
+) -> Path:
+    """Where training with these inputs and this code keeps its generations (see `tasks.training.workdir`)."""
+    return work_dir_for(output_dir, cache_path, start.digest, spec, settings, CODE)
+
+
+def _identity(inputs: dict[str, Any]) -> int:
+    directory = training_dir(
+        inputs["output_dir"], inputs["cache_path"], inputs["start"], inputs["spec"], inputs["settings"]
+    )
+    return generation_for(directory, inputs["retrain"])
+
+
 @task(
     name="train",
     cache_policy=StageCache(
         code=CODE,
-        # The first does not change the model; the second is in the identity; the third's weights
-        # are in the work directory's name (where a champion's path would not say which champion).
-        ignore=("eval_batch_size", "retrain", "init_from"),
-        identity=lambda inputs: generation_for(inputs["work_dir"], inputs["retrain"]),
+        # The first does not change the model; the second is in the identity. Where training starts
+        # is in the work directory's name as its weights' digest (a champion's path would not say
+        # which champion), and the work directory is the identity's.
+        ignore=("eval_batch_size", "retrain", "start"),
+        identity=_identity,
         sound=trained_is_sound,
     ),
     persist_result=True,
@@ -354,28 +371,28 @@ def trained_is_sound(trained: Trained) -> bool:
     **STAGE_HOOKS,
 )
 def train_task(
+    *,
     cache_path: str,
-    weights_path: str | None,
+    start: StartingPoint,
     spec: ModelSpec,
     settings: TrainSettings,
-    work_dir: str,
+    output_dir: str,
     class_names: list[str],
     eval_batch_size: int,
     retrain: bool,
-    init_from: str | None = None,
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
     trained = train(
         cache_path,
-        weights_path,
+        start.weights_path,
         spec,
         settings,
-        work_dir,
+        training_dir(output_dir, cache_path, start, spec, settings),
         class_names=class_names,
         eval_batch_size=eval_batch_size,
         retrain=retrain,
-        init_from=init_from,
+        init_from=start.model_dir,
         progress=progress,
         log=logger,
     )

@@ -9,7 +9,7 @@ whatever a training earlier in the same process asked for.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,16 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A split's headline figures (everything else is in metrics.json)."""
+
+    split: str
+    accuracy: float
+    loss: float
+    images: int
+
+
 # -- Prefect ----------------------------------------------------------------------------
 
 
@@ -132,9 +142,9 @@ def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     retry_condition_fn=retry_unless(TnflowError),
     **STAGE_HOOKS,
 )
-def validate_task(model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> dict[str, float]:
+def validate_task(*, model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str) -> Measured:
     with full_disk_ends("writing the test metrics", out_dir):
         metrics = validate(model_dir, cache_path, split, batch_size, out_dir)
-    keys = (f"{split}_accuracy", f"{split}_loss", f"num_{split}")
-    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *(metrics[k] for k in keys))
-    return {k: metrics[k] for k in keys}
+    measured = Measured(split, metrics[f"{split}_accuracy"], metrics[f"{split}_loss"], metrics[f"num_{split}"])
+    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *astuple(measured)[1:])
+    return measured

@@ -29,13 +29,11 @@ from urllib.parse import urlsplit
 
 import h5py
 import numpy as np
-from prefect import get_run_logger, task
 
 from tnflow.tasks.config.backbones import BACKBONES
-from tnflow.tasks.core.cache_policy import StageCache, code_version
+from tnflow.tasks.core.cache_policy import code_version
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
-from tnflow.tasks.sources.download import DOWNLOAD_RETRIES, ProgressFn, fetch, is_intact, source_identity
+from tnflow.tasks.sources.download import ProgressFn, fetch, is_intact
 from tnflow.tasks.sources.safe_pickle import NumpyOnlyUnpickler
 
 Shape = tuple[int, ...]
@@ -192,31 +190,10 @@ def fetch_weights(
     return WeightsFile(path=fetched.path, md5=fetched.md5, source=url, check=check)
 
 
+# The code that decides what a weights file is checked against: a change to it checks files again.
+WEIGHTS_CODE = code_version(check_weights, read_weights, _read_keras, _read_npz, resolve)
+
+
 def weights_are_sound(found: WeightsFile) -> bool:
     """A recorded weights file is reusable while it is there with its recorded md5."""
     return found.path is None or is_intact(found.path, found.md5)
-
-
-# -- Prefect ----------------------------------------------------------------------------
-
-
-@task(
-    name="fetch-weights",
-    cache_policy=StageCache(
-        code=code_version(check_weights, read_weights, _read_keras, _read_npz, resolve),
-        identity=lambda inputs: source_identity(inputs["weights"]),
-        sound=weights_are_sound,
-    ),
-    persist_result=True,
-    **DOWNLOAD_RETRIES,
-    **STAGE_HOOKS,
-)
-def fetch_weights_task(weights: str, weights_md5: str | None, model: str, head: str, cache_dir: str) -> WeightsFile:
-    logger = get_run_logger()
-    progress = Progress(f"weights {Path(weights).name}", unit="B", logger=logger)
-    found = fetch_weights(weights, weights_md5, model, head, cache_dir, progress=progress)
-    if found.path:
-        logger.info("weights: %s, checked against %s", found.path, found.check)
-    else:
-        logger.info("weights: none (random initialisation, as asked)")
-    return found
