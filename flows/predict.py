@@ -6,6 +6,7 @@ from prefect import flow
 
 from tnflow.tasks.config.options import ScoreConfig
 from tnflow.tasks.config.parameters import flow_parameters
+from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.predict import score_folder_task
 
 
@@ -13,5 +14,12 @@ from tnflow.tasks.release.predict import score_folder_task
 @flow_parameters(ScoreConfig)
 def batch_predict(config: ScoreConfig) -> str:
     """Score every picture under a folder; returns the CSV's path (its class counts are an artifact)."""
-    scored = score_folder_task(config.model, config.folder, config.output_dir, config.out, config.batch_size)
-    return scored["csv"]
+    quiet_hook_lines()
+    scored = score_folder_task(
+        model=config.model,
+        folder=config.folder,
+        output_dir=config.output_dir,
+        out=config.out,
+        batch_size=config.batch_size,
+    )
+    return scored.csv

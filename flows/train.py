@@ -9,6 +9,7 @@ from tnflow.tasks.cache.stage import build_cache_task
 from tnflow.tasks.config.options import RunConfig
 from tnflow.tasks.config.parameters import flow_parameters
 from tnflow.tasks.core.gpu_slot import gpu_slot
+from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.release.report import report_task, run_directory
@@ -22,6 +23,7 @@ from tnflow.tasks.training.validate import validate_task
 @flow_parameters(RunConfig)
 def transfer_learning(config: RunConfig) -> str:
     """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns the run directory."""
+    quiet_hook_lines()
     run_dir = run_directory(config.output_dir, flow_run.name)
     source = download_task(
         folder=config.data_dir, url=config.source_url, dest_dir=config.cache_dir, md5=config.source_md5

@@ -166,7 +166,8 @@ def test_the_option_table_and_the_zoo_table_are_leaves():
     """The configuration needs the zoo's model names and the error type; neither needs anything that does work."""
     config = {name for name in MODULES if room_of(name) == "config"}
     assert imports_of(MODULES["tnflow.tasks.config.options"]) <= config | {"tnflow.tasks.core.errors"}
-    assert imports_of(MODULES["tnflow.tasks.config.specs"]) == set()
+    assert imports_of(MODULES["tnflow.tasks.core.digests"]) == set()
+    assert imports_of(MODULES["tnflow.tasks.config.specs"]) <= {"tnflow.tasks.core.digests"}
     assert imports_of(MODULES["tnflow.tasks.config.backbones"]) == set()
 
 
@@ -176,3 +177,78 @@ def test_long_modules_say_why(name):
     if source.count("\n") > 300:
         docstring = " ".join((ast.get_docstring(ast.parse(source)) or "").split())
         assert "Longer than 300 lines because" in docstring, f"{name}: say why in its docstring, or split it"
+
+
+# -- importing does no work ---------------------------------------------------------------
+
+IMPORT_PROBE = """
+import ast, importlib, json, logging, os, sys, warnings
+from pathlib import Path
+
+modules, repo = json.loads(sys.argv[1]), Path(sys.argv[2])
+# What importing third-party packages does is theirs: import everything tnflow imports first
+# (`from x import y` as it is written: some packages set things up when `y` is first reached),
+# and scipy.special, which tensornets imports and which sets a warning filter of its own.
+third = set()
+for path in [*repo.joinpath("flows").rglob("*.py"), *repo.joinpath("tasks").rglob("*.py")]:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            third |= {(alias.name, None) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            third |= {(node.module, alias.name) for alias in node.names}
+ours = set(sys.stdlib_module_names) | {"tnflow", "tests", "tensornets", "__future__"}
+for module, name in sorted(((m, n) for m, n in third if m.split(".")[0] not in ours), key=str):
+    getattr(importlib.import_module(module), name or "__name__", None)
+importlib.import_module("scipy.special")
+
+
+def state():
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in sorted(logging.Logger.manager.loggerDict)]
+    return {
+        "file descriptors": sorted(os.listdir("/proc/self/fd")),
+        "os.environ": dict(os.environ),
+        "warning filters": list(warnings.filters),
+        "log handlers and filters": {l.name: (list(l.handlers), list(l.filters)) for l in loggers},
+    }
+
+
+before = state()
+for name in modules:
+    importlib.import_module(name)
+    after = state()
+    logs, known = after["log handlers and filters"], before["log handlers and filters"]
+    # A logger created on the way is new, not changed (and Prefect gives its new loggers a filter);
+    # a tnflow logger born with a handler or a filter is work done on import.
+    bare = ([], [])
+    after["log handlers and filters"] = {
+        k: v for k, v in logs.items() if k in known or (k.startswith("tnflow") and v != bare)
+    }
+    changed = [what for what in before if before[what] != after[what]]
+    if changed:
+        print(f"{name}: {', '.join(changed)}")
+        break
+"""
+
+
+def import_probe(modules: list[str], *extra_paths: Path) -> str:
+    env = {**__import__("os").environ, "PYTHONPATH": ":".join(map(str, [*extra_paths, REPO]))}
+    command = [sys.executable, "-c", IMPORT_PROBE, __import__("json").dumps(modules), str(REPO)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+@pytest.mark.slow
+def test_importing_any_module_changes_no_process_wide_state():
+    """File descriptors, the environment, warning filters, log handlers and filters: as they were."""
+    assert import_probe(sorted(MODULES)) == ""
+
+
+@pytest.mark.slow
+def test_the_import_probe_sees_a_module_that_does_work_on_import(tmp_path):
+    (tmp_path / "filters_on_import.py").write_text('import warnings\nwarnings.filterwarnings("ignore")\n')
+    (tmp_path / "quiets_a_logger.py").write_text(
+        'import logging\nlogging.getLogger("prefect.task_runs").addFilter(logging.Filter("x"))\n'
+    )
+    assert import_probe(["filters_on_import"], tmp_path) == "filters_on_import: warning filters"
+    assert import_probe(["quiets_a_logger"], tmp_path) == "quiets_a_logger: log handlers and filters"

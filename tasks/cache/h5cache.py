@@ -18,7 +18,7 @@ file's bytes (`image_offsets`); a file laid out otherwise does not count as a ca
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-ProgressFn = Callable[[int, int | None], None]
+from tnflow.tasks.core.progress import ProgressFn
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")

@@ -18,13 +18,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tnflow.tasks.cache.folder_cache import FOLDER_CODE, build_folder_cache, folder_identity
-from tnflow.tasks.cache.h5cache import (
-    CHUNK_IMAGES,
-    CacheInfo,
-    ProgressFn,
-    inspect_cache,
-    write_cache,
-)
+from tnflow.tasks.cache.h5cache import CHUNK_IMAGES, CacheInfo, inspect_cache, write_cache
 from tnflow.tasks.config.specs import CacheSpec, FolderSpec
 from tnflow.tasks.core.cache_policy import StageCache, code_version
 from tnflow.tasks.core.errors import DataError, TnflowError
@@ -35,7 +29,7 @@ from tnflow.tasks.core.files import (
     remove_stale_temps,
     renamed_when_complete,
 )
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.sources.cifar import read_archive
 from tnflow.tasks.sources.resize import RESIZE_METHOD, bilinear_matrix, resize_batch, resized_chunks

@@ -7,10 +7,10 @@ A leaf module: stages, tests and the model directory import it without pydantic.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from tnflow.tasks.core.digests import short_digest
 
 MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
 
@@ -28,8 +28,7 @@ class CacheSpec:
 
     def digest(self, code: str = "") -> str:
         """Short stable hash of the spec and the code version that builds from it."""
-        blob = json.dumps({**asdict(self), "code": code}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return short_digest({**asdict(self), "code": code}, 12)
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,7 @@ class FolderSpec(CacheSpec):
         those change which rows a version keeps, never what a kept row holds.
         """
         keep = {k: v for k, v in asdict(self).items() if k not in ("max_bad", "limit_train", "limit_test")}
-        blob = json.dumps({**keep, "source": source, "code": code}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return short_digest({**keep, "source": source, "code": code})
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ under a key derived from the stale one, so the next run finds it.
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.util
 import inspect
 import secrets
@@ -25,6 +24,8 @@ from typing import Any
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
+
+from tnflow.tasks.core.digests import short_digest
 
 MAX_REBUILDS = 32  # stale records walked past before a key gives up on reuse
 
@@ -39,11 +40,8 @@ def code_version(*parts: str | object) -> str:
     (comments never reach it), so an upgrade that only rewords them retrains nothing and
     rebuilds no cache. A change to any expression, name or constant changes it.
     """
-    digest = hashlib.sha256()
-    for part in parts:
-        KEYED.append(part)
-        digest.update(meaning(source_of(part)).encode())
-    return digest.hexdigest()[:16]
+    KEYED.extend(parts)
+    return short_digest("".join(meaning(source_of(part)) for part in parts))
 
 
 def source_of(part: str | object) -> str:
@@ -56,11 +54,21 @@ def source_of(part: str | object) -> str:
 
 
 def meaning(source: str) -> str:
-    """The syntax tree of `source` without docstrings or positions: what the code does, not how it reads."""
+    """The syntax tree of `source` without docstrings or positions: what the code does, not how it reads.
+
+    Imports from tnflow keep the names they import but not the module they come from: moving
+    code between tnflow's modules changes no key (the moved code is keyed where it is used).
+    """
     tree = ast.parse(source)
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and _docstring(node):
             node.body = node.body[1:] or [ast.Pass()]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tnflow."):
+            node.module = "tnflow"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("tnflow.") and alias.asname:
+                    alias.name = "tnflow"
     return ast.dump(tree, include_attributes=False)
 
 

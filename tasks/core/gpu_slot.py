@@ -22,7 +22,6 @@ restart).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +38,7 @@ from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import first_line
 from tnflow.tasks.core.files import whoami
 from tnflow.tasks.core.host_slots import WAIT_REPORT_SECONDS, Journal, Log, describe, host_slot, lock_dir
@@ -80,7 +80,7 @@ def gpu_slot(name: str, log: Log) -> Iterator[None]:
         return
     limit = ensure_limit(name)
     me = {**whoami(), "since": datetime.now(UTC).isoformat()}
-    key = hashlib.sha256(backend().encode()).hexdigest()[:8]  # the slots of one Prefect database
+    key = short_digest(backend(), 8)  # the slots of one Prefect database
     paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(limit.limit)]
     waiting = _waiting(name, limit.limit, "that run's training and validation end, or at once if its process dies")
     with host_slot(paths, me, log, waiting) as journal:

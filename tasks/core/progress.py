@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task
@@ -25,6 +26,7 @@ from prefect.states import State
 
 from tnflow.tasks.core.processes import in_background
 
+ProgressFn = Callable[[int, int | None], None]  # (done, total or None): what work functions report to
 _SCALE = {"B": (1e6, "MB")}
 _fallback = logging.getLogger("tnflow")
 
@@ -152,7 +154,14 @@ class _QuietHook(logging.Filter):
         return "hook 'record_stage'" not in message and "hook 'note_running'" not in message
 
 
-logging.getLogger("prefect.task_runs").addFilter(_QuietHook())
+_QUIET_HOOK = _QuietHook()
+
+
+def quiet_hook_lines() -> None:
+    """Drop Prefect's lines about the bookkeeping hooks; each flow calls it first (importing changes nothing)."""
+    logger = logging.getLogger("prefect.task_runs")
+    if _QUIET_HOOK not in logger.filters:
+        logger.addFilter(_QUIET_HOOK)
 
 
 def stages_so_far() -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import csv
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,15 @@ def score(model_dir: str | Path, sources: list[str], out: str | Path, batch_size
 # -- Prefect ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Scored:
+    """Where a folder's predictions went, from which model, and how many pictures each class got."""
+
+    csv: str
+    model: str
+    counts: dict[str, int]
+
+
 @task(
     name="score-folder",
     cache_policy=NO_CACHE,  # the folder and the champion change between runs
@@ -136,7 +146,7 @@ def score(model_dir: str | Path, sources: list[str], out: str | Path, batch_size
     retry_condition_fn=retry_unless(TnflowError),
     **STAGE_HOOKS,
 )
-def score_folder_task(model: str, folder: str, output_dir: str, out: str | None, batch_size: int) -> dict[str, Any]:
+def score_folder_task(*, model: str, folder: str, output_dir: str, out: str | None, batch_size: int) -> Scored:
     """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv) and publish
     the class counts, with a link to the CSV, as a table artifact."""
     logger = get_run_logger()
@@ -154,4 +164,4 @@ def score_folder_task(model: str, folder: str, output_dir: str, out: str | None,
         description=f"{total} files under {folder} scored by {model_dir}: [{csv_path.name}]({csv_path.as_uri()})",
     )
     logger.info("%d files scored (%d unreadable); predictions in %s", total, counts["(unreadable)"], csv_path)
-    return {"csv": str(csv_path), "model": str(model_dir), "counts": dict(counts)}
+    return Scored(csv=str(csv_path), model=str(model_dir), counts=dict(counts))

@@ -19,7 +19,6 @@ interrupted promotion leaves the old champion, its exports included, whole.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import (
     ensure_writable_dir,
@@ -76,7 +76,7 @@ def split_identity(cache_path: str | Path) -> str:
         else:
             parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
             content = labels.tobytes()
-    return ":".join(parts) + ":" + hashlib.sha256(content).hexdigest()[:12]
+    return ":".join(parts) + ":" + short_digest(content, 12)
 
 
 def read_history(line: Path) -> list[dict[str, Any]]:

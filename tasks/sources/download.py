@@ -18,7 +18,6 @@ import re
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -27,12 +26,11 @@ from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from tnflow.tasks.core.cache_policy import StageCache
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DownloadError, TransientDownloadError
 from tnflow.tasks.core.files import disk_full_error, ensure_writable_dir, exclusive, is_disk_full
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn
 from tnflow.tasks.core.retries import retry_on
-
-ProgressFn = Callable[[int, int | None], None]
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60.0
@@ -52,7 +50,7 @@ class Fetched:
 def target_path(url: str, dest_dir: str | Path, md5: str | None) -> Path:
     """Where `url` lands: keyed by its digest (or by the URL when no digest is known)."""
     name = Path(unquote(urlsplit(url).path)).name or "download"
-    key = md5 or "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    key = md5 or "url-" + short_digest(url)
     return Path(dest_dir) / "downloads" / key / name
 
 

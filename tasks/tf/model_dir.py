@@ -7,11 +7,11 @@ configuration, so a model can be traced back to the run that made it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 
@@ -54,9 +54,7 @@ def model_digest(path: str | Path) -> str:
     path = Path(path)
     meta = json.loads((path / MODEL_JSON).read_text())
     meta.pop("card", None)
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    digest.update((path / f"{CHECKPOINT}.index").read_bytes())
-    return digest.hexdigest()[:16]
+    return short_digest(json.dumps(meta, sort_keys=True).encode() + (path / f"{CHECKPOINT}.index").read_bytes())
 
 
 def check_can_start_from(path: str | Path, model: str, head: str, class_names: list[str]) -> None:

@@ -10,8 +10,6 @@ from other weights never resumes this one's epochs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import h5py
 from prefect import get_run_logger, task
 
 from tnflow.tasks.core.cache_policy import StageCache
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.sources.download import DOWNLOAD_RETRIES, source_identity
 from tnflow.tasks.tf.model_dir import MODEL_JSON, check_can_start_from, model_digest
@@ -47,8 +46,7 @@ def dataset_key(cache_path: str | Path) -> str:
     with h5py.File(cache_path, "r") as f:
         names = [str(n) for n in f.attrs["class_names"]]
         source = f.attrs.get("source_id", f.attrs["source_md5"])  # a folder's line outlives its versions
-        blob = json.dumps([str(source), names]).encode()
-        return f"{f.attrs['dataset']}-{hashlib.sha256(blob).hexdigest()[:12]}"
+        return f"{f.attrs['dataset']}-{short_digest([str(source), names], 12)}"
 
 
 def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Path) -> Path | None:

@@ -33,7 +33,8 @@ import numpy as np
 from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.cache_policy import code_version
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.sources.download import ProgressFn, fetch, is_intact
+from tnflow.tasks.core.progress import ProgressFn
+from tnflow.tasks.sources.download import fetch, is_intact
 from tnflow.tasks.sources.safe_pickle import NumpyOnlyUnpickler
 
 Shape = tuple[int, ...]

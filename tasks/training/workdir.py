@@ -16,7 +16,6 @@ keeps exactly what it names, so a kill at any moment leaves a generation that re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import run_logger
@@ -50,7 +50,7 @@ def work_dir_for(
         "settings": asdict(settings),
         "code": code,
     }
-    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:12]
+    key = short_digest(key_source, 12)
     return Path(output_dir) / "training" / f"{spec.model}-{spec.head}-{spec.image_size}px-{key}"
 
 

@@ -1,0 +1,219 @@
+"""Writing one version of a folder cache: which rows it holds, in which order, and what marks it complete.
+
+The write order, decided here and nowhere else: for each split in turn, first the rows the
+previous version lends (unchanged pictures, copied in their old order, `COPY_ROWS` at a time),
+then the new pictures, decoded in a seeded hash order (so an unshuffled read of a split sees
+every class); the manifest and the summary last, by `CacheWriter.finish`, which is what makes
+the file a complete cache. Bad files are skipped and counted as they turn up; more than
+`--max-bad` of them stops the build early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tnflow.tasks.cache.h5cache import SPLITS, CacheWriter, read_digests, read_manifest
+from tnflow.tasks.config.specs import FolderSpec
+from tnflow.tasks.core.digests import short_digest
+from tnflow.tasks.core.errors import DataError
+from tnflow.tasks.core.files import check_free_space
+from tnflow.tasks.core.progress import ProgressFn
+from tnflow.tasks.sources.decode import JOB_IMAGES
+from tnflow.tasks.sources.folder import Entry, Scan
+from tnflow.tasks.sources.folder_splits import Plan, plan_splits
+from tnflow.tasks.sources.resize import RESIZE_METHOD
+
+COPY_ROWS = 256  # reused images copied from the previous version per read
+
+
+def write_folder_cache(
+    out: Path,
+    scan: Scan,
+    spec: FolderSpec,
+    *,
+    identity: str,
+    previous: Path | None,
+    unpacked_skipped: list[str],
+    pool: Any,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Write the cache of `scan` to `out`, reusing what `previous` (the lineage's last version) holds."""
+    rows = read_digests(previous) if previous else {}
+    before = read_manifest(previous) if previous else {}
+    plan = plan_splits(scan, spec, before.get("splits", {}))
+    tally = _Tally(len(scan.entries), spec.max_bad, plan, before.get("bad_digests", {}))
+    check_free_space(out.parent, tally.images * spec.image_size**2 * 3 + (64 << 20))
+    writer = CacheWriter(out, _attributes(scan, spec, identity), spec.image_size)
+    try:
+        with pool as decoding:
+            for split in SPLITS:
+                entries = sorted(plan.splits[split], key=lambda e: _row_order(spec.seed, e.digest))
+                reused = sorted((e for e in entries if e.digest in rows), key=lambda e: rows[e.digest])
+                _copy_rows(previous, reused, rows, writer, split, tally)
+                fresh = [e for e in entries if e.digest not in rows]
+                fresh = [e for e in fresh if not tally.known_bad(e)]  # skipped again, not decoded again
+                _decode_rows(scan, fresh, spec, decoding, writer, split, tally, progress)
+        tally.check(final=True)
+        _every_class_trains(writer, scan.class_names)
+        writer.finish(_manifest(scan, identity, previous, unpacked_skipped, plan, tally), tally.summary(scan))
+    finally:
+        writer.close()
+
+
+@dataclass
+class _Tally:
+    """What the build has met so far: rows reused and decoded, files skipped, and the --max-bad check."""
+
+    files: int
+    max_bad: float
+    plan: Plan
+    bad_before: dict[str, str]  # digest -> why, from the previous version: not decoded again
+    bad: dict[str, str] = field(default_factory=dict)
+    reused: int = 0
+    decoded: int = 0
+    done: int = 0
+
+    @property
+    def images(self) -> int:
+        return sum(len(v) for v in self.plan.splits.values())
+
+    def known_bad(self, entry: Entry) -> bool:
+        if entry.digest not in self.bad_before:
+            return False
+        self.skip(entry, self.bad_before[entry.digest])
+        return True
+
+    def skip(self, entry: Entry, problem: str) -> None:
+        self.plan.skipped.append((entry.path, problem))
+        self.bad[entry.digest] = problem
+
+    def check(self, final: bool = False) -> None:
+        skipped = self.plan.skipped
+        if skipped and len(skipped) > self.max_bad * self.files:
+            path, reason = skipped[0]
+            count = f"{len(skipped)}" if final else f"at least {len(skipped)} (the build stopped there)"
+            raise DataError(
+                f"{count} of {self.files} files ({len(skipped) / self.files:.1%}) cannot be used, more than "
+                f"--max-bad {self.max_bad:g}; the first: {path}: {reason}. Fix or remove them, or raise --max-bad"
+            )
+
+    def summary(self, scan: Scan) -> dict[str, int]:
+        plan = self.plan
+        return {
+            "files": self.files,
+            "skipped": len(plan.skipped),
+            "duplicates": len(plan.duplicates),
+            "leaked": len(plan.leaked),
+            "ignored": len(scan.ignored),
+            "reused": self.reused,
+            "decoded": self.decoded,
+        }
+
+
+def _attributes(scan: Scan, spec: FolderSpec, identity: str) -> dict[str, Any]:
+    return {
+        "dataset": spec.dataset,
+        "class_names": list(scan.class_names),
+        "source_md5": scan.version,
+        "source_id": short_digest(identity),
+        "source": identity,
+        "resize_method": RESIZE_METHOD,
+        "resize": spec.resize,
+        "valid_size": spec.valid_size,
+        "test_size": spec.test_size,
+        "seed": spec.seed,
+    }
+
+
+def _manifest(
+    scan: Scan, identity: str, previous: Path | None, unpacked_skipped: list[str], plan: Plan, tally: _Tally
+) -> dict[str, Any]:
+    return {
+        "version": scan.version,
+        "source": identity,
+        "layout": scan.layout,
+        "previous": previous.name if previous else None,
+        "skipped": sorted(plan.skipped),
+        "duplicates": plan.duplicates,
+        "leaked": plan.leaked,
+        "ignored": scan.ignored,
+        "unpacked_skipped": unpacked_skipped,
+        "splits": plan.assignment,
+        "bad_digests": tally.bad,
+    }
+
+
+def _row_order(seed: int, digest: str) -> str:
+    return hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()
+
+
+def _columns(entries: list[Entry]) -> tuple[list[int], list[str], list[str]]:
+    return [e.label for e in entries], [e.digest for e in entries], [e.path for e in entries]
+
+
+def _copy_rows(
+    previous: Path | None,
+    entries: list[Entry],
+    rows: dict,
+    writer: CacheWriter,
+    split: str,
+    tally: _Tally,
+) -> None:
+    """Append the previous version's pixels of `entries` (sorted by their old split and row)."""
+    if not entries or previous is None:
+        return
+    with h5py.File(previous, "r") as f:
+        for start in range(0, len(entries), COPY_ROWS):
+            block = entries[start : start + COPY_ROWS]
+            by_split: dict[str, list[int]] = {}
+            for entry in block:
+                old_split, row = rows[entry.digest]
+                by_split.setdefault(old_split, []).append(row)
+            images = [f[old]["images"][old_rows] for old, old_rows in by_split.items()]  # increasing rows
+            ordered = [e for old in by_split for e in block if rows[e.digest][0] == old]
+            writer.append(split, np.concatenate(images), *_columns(ordered))
+    tally.reused += len(entries)
+
+
+def _decode_rows(
+    scan: Scan,
+    fresh: list[Entry],
+    spec: FolderSpec,
+    decoding: Any,
+    writer: CacheWriter,
+    split: str,
+    tally: _Tally,
+    progress: ProgressFn | None,
+) -> None:
+    """Decode `fresh` in jobs of `JOB_IMAGES`, in order; bad files are skipped and counted as they turn up."""
+    jobs = [fresh[i : i + JOB_IMAGES] for i in range(0, len(fresh), JOB_IMAGES)]
+    paths = ([str(scan.root / e.path) for e in job] for job in jobs)
+    results = decoding.map(paths, spec.image_size, spec.resize, spec.max_pixels)
+    for job, (images, problems) in zip(jobs, results, strict=True):
+        for entry, problem in zip(job, problems, strict=True):
+            if problem:
+                tally.skip(entry, problem)
+        good = [e for e, p in zip(job, problems, strict=True) if not p]
+        if good:
+            writer.append(split, images, *_columns(good))
+        tally.decoded += len(good)
+        tally.done += len(job)
+        tally.check()
+        if progress:
+            progress(tally.done + tally.reused, tally.images)
+
+
+def _every_class_trains(writer: CacheWriter, class_names: tuple[str, ...]) -> None:
+    present = set(np.unique(writer.labels("train")).tolist())
+    missing = [name for label, name in enumerate(class_names) if label not in present]
+    if missing:
+        raise DataError(
+            f"class {missing[0]!r} has no usable training image (its files were skipped or all went to the "
+            "test and validation splits); add images or lower --test-size/--valid-size"
+        )

@@ -1,0 +1,16 @@
+"""Short digests: the one way tnflow names a thing by its content (file and directory names, keys, identities)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+
+def short_digest(content: str | bytes | Any, length: int = 16) -> str:
+    """The first `length` hex digits of SHA-256 of text, bytes, or anything JSON holds (keys sorted)."""
+    if isinstance(content, str):
+        content = content.encode()
+    elif not isinstance(content, bytes):
+        content = json.dumps(content, sort_keys=True).encode()
+    return hashlib.sha256(content).hexdigest()[:length]
