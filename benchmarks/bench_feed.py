@@ -8,7 +8,7 @@ same process, one shuffled epoch after another (the best of the rounds counts):
   mixed in windows of 8), as a Python loop;
 - before, from_generator: that iterator behind `tf.data.Dataset.from_generator`, which is how
   the graph was fed (one Python thread hands over every batch);
-- tnflow, plain iterator: `tasks.cache.cache_reader.iter_batches` (memory map, a seeded
+- tnflow, plain iterator: `tests.readers.iter_batches` (memory map, a seeded
   permutation of every image);
 - tnflow input pipeline: the graph's own (`tasks.tf.graph.input_pipeline`: batch i read by
   index, `READ_THREADS` at a time, handed over without a copy).
@@ -39,7 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from tnflow.tasks.cache.cache_reader import CacheFeed, iter_batches  # noqa: E402
+from tests.readers import iter_batches  # noqa: E402
+from tnflow.tasks.cache.cache_reader import CacheFeed  # noqa: E402
 from tnflow.tasks.cache.h5cache import write_cache  # noqa: E402
 from tnflow.tasks.tf.inputs import input_pipeline  # noqa: E402
 

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tests.fake_weights import write_weights  # noqa: E402
 from tests.folders import sample_archive  # noqa: E402 - the real pictures, wherever the workplace keeps them
 from tnflow.tasks.cache.folder_cache import build_folder_cache  # noqa: E402
 from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
@@ -38,7 +39,6 @@ from tnflow.tasks.config.options import PRESETS  # noqa: E402
 from tnflow.tasks.config.specs import FolderSpec, ModelSpec, TrainSettings  # noqa: E402
 from tnflow.tasks.training.train import train  # noqa: E402
 from tnflow.tasks.training.validate import evaluate_model  # noqa: E402
-from tnflow.tasks.training.weights import write_weights  # noqa: E402
 
 SOURCE = ("airplane", "automobile", "bird", "cat", "deer")
 TARGET = ("dog", "frog", "horse", "ship", "truck")
@@ -70,12 +70,14 @@ def export_weights(model_dir: str, spec: ModelSpec, path: Path) -> None:
     """A trained model as the backbone's pretrained-weights file (what `--weights PATH` reads)."""
     from tnflow.tasks.tf.graph import build
     from tnflow.tasks.tf.model_dir import CHECKPOINT
-    from tnflow.tasks.tf.sessions import model_arrays, open_session
+    from tnflow.tasks.tf.sessions import open_session
 
     net = build(spec)
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
-        write_weights(path, BACKBONES[spec.model].weights_format, model_arrays(session, net))
+        variables = net.pretrained + net.head  # in weight-file order
+        arrays = list(zip([v.op.name for v in variables], session.run(variables), strict=True))
+        write_weights(path, BACKBONES[spec.model].weights_format, arrays)
 
 
 def fine_tune(cache, weights: str | None, model: str, size: int, base: TrainSettings, levers: dict, work: Path):

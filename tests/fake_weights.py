@@ -2,7 +2,7 @@
 
 The arrays come from the model graph's own variable shapes (`pretrained_shapes`), in the
 format its published file uses (Keras HDF5 for VGG and ResNet v1, tensornets npz for the
-rest), written by `tasks.training.weights.write_weights`; tests check that tensornets' own readers
+rest), written by `write_weights` below; tests check that tensornets' own readers
 read them back identically, so the layout is the real one and not just ours. Kernels are
 He-scaled so activations survive many layers; BN variances are positive.
 """
@@ -13,10 +13,11 @@ import functools
 import hashlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from tnflow.tasks.config.backbones import BACKBONES
-from tnflow.tasks.training.weights import write_weights
+from tnflow.tasks.training.weights import swap_beta_gamma
 
 VGG_CONV = 32  # VGG's convolutional arrays: all that its gap head loads
 
@@ -71,3 +72,28 @@ def write_fake_weights(path: Path, model: str = "vgg19", seed: int = 0, *, count
     arrays = fake_arrays(model, seed, count=count)
     write_weights(path, BACKBONES[model].weights_format, arrays)
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def write_weights(path: str | Path, fmt: str, arrays: list[tuple[str, np.ndarray]]) -> None:
+    """Write variables (graph order) as a weights file of `fmt` that `read_weights` and tensornets read back."""
+    path = Path(path)
+    if fmt == "npz":
+        names = [name for name, _ in arrays]
+        values = [value for _, value in arrays]
+        swap_beta_gamma(names, values)  # back to the files' order
+        packed = np.empty(len(values), dtype=object)
+        packed[:] = values
+        with open(path, "wb") as handle:
+            np.savez(handle, names=np.array(names), values=packed)
+        return
+    layers: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for name, value in arrays:  # one Keras layer per scope: a conv's weights and biases, a BN's four
+        scope, leaf = name.rsplit("/", 1)
+        layers.setdefault(scope.replace("/", "_"), []).append((f"{leaf}:0", value))
+    with h5py.File(path, "w") as f:
+        for layer, weights in layers.items():
+            group = f.create_group(layer)
+            group.attrs["weight_names"] = np.array([w.encode() for w, _ in weights])
+            for weight, value in weights:
+                group.create_dataset(weight, data=value)
+        f.attrs["layer_names"] = np.array([layer.encode() for layer in layers])

@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from tests.fake_weights import VGG_CONV, fake_arrays, file_layout, layout_graph, write_fake_weights
+from tests.fake_weights import VGG_CONV, fake_arrays, file_layout, layout_graph, write_fake_weights, write_weights
 from tnflow.tasks.config.backbones import BACKBONES, MODELS
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.training.train import load_weights_file
-from tnflow.tasks.training.weights import check_weights, read_weights, write_weights
+from tnflow.tasks.training.epochs import load_weights_file
+from tnflow.tasks.training.weights import check_weights, read_weights
 
 
 @pytest.mark.parametrize("model", MODELS)

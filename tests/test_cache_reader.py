@@ -6,7 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from tnflow.tasks.cache.cache_reader import ALIGNMENT, CacheFeed, SplitReader, iter_batches
+from tests.readers import iter_batches
+from tnflow.tasks.cache.cache_reader import ALIGNMENT, CacheFeed, SplitReader
 from tnflow.tasks.cache.h5cache import inspect_cache, write_cache
 from tnflow.tasks.core.errors import TnflowError
 

@@ -5,13 +5,13 @@ import sys
 import numpy as np
 import pytest
 
-from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights
+from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights, write_weights
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.tf.graph import build
 from tnflow.tasks.tf.sessions import open_session, session_config
-from tnflow.tasks.training.train import load_weights_file
-from tnflow.tasks.training.weights import read_weights, write_weights
+from tnflow.tasks.training.epochs import load_weights_file
+from tnflow.tasks.training.weights import read_weights
 
 
 @pytest.fixture(scope="session")

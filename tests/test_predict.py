@@ -10,11 +10,12 @@ from PIL import Image
 
 from tests.fakes import make_archive
 from tests.png16 import write_png16
+from tests.readers import load_rgb
 from tnflow.flows.cli.main import main
 from tnflow.tasks.cache.stage import build_cache
 from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
 from tnflow.tasks.release.predict import load_image
-from tnflow.tasks.sources.images import ImageError, load_rgb
+from tnflow.tasks.sources.images import ImageError
 from tnflow.tasks.training.train import train
 from tnflow.tasks.training.validate import validate
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tnflow.tasks.training.train as train_module
+import tnflow.tasks.training.epochs as epochs_module
 import tnflow.tasks.training.workdir as workdir
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
@@ -290,7 +290,7 @@ def test_a_kill_between_export_and_state_leaves_a_resumable_generation(tiny_cach
     def killed(directory, state):
         raise KeyboardInterrupt("killed after the model was exported, before state.json")
 
-    monkeypatch.setattr(train_module, "write_state", killed)
+    monkeypatch.setattr(epochs_module, "write_state", killed)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
     monkeypatch.undo()
@@ -365,8 +365,8 @@ def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cac
         rewrites.append(session._config.graph_options.rewrite_options.auto_mixed_precision)
         return evaluate(session, *args, **kwargs)
 
-    evaluate = train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", spy)
+    evaluate = epochs_module.evaluate
+    monkeypatch.setattr(epochs_module, "evaluate", spy)
     settings = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0, mixed_precision=True)
     trained = train(tiny_cache.path, None, GAP32, settings, tmp_path / "work", class_names=tiny_cache.class_names)
     assert rewrites == [rewriter_config_pb2.RewriterConfig.OFF], "a plain session, restored from the epoch"

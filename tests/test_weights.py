@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights
+from tests.fake_weights import VGG_CONV, fake_arrays, write_fake_weights, write_weights
 from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.errors import DataError, DownloadError
-from tnflow.tasks.training.weights import fetch_weights, resolve, write_weights
+from tnflow.tasks.training.weights import fetch_weights, resolve
 
 VGG19 = BACKBONES["vgg19"]
 

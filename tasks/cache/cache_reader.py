@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import mmap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -116,12 +115,3 @@ class CacheFeed:
         if self.image_size and images.shape[1] != self.image_size:
             images = np.stack([fit_square(image, self.image_size) for image in images])
         return images, labels
-
-
-def iter_batches(
-    path: str | Path, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every batch of one epoch of `split`, in order: the feed as a plain Python iterator."""
-    feed = CacheFeed(path, seed=seed)
-    for index in range(feed.num_batches(split, batch_size)):
-        yield feed.batch(split, epoch, shuffle, batch_size, index)

@@ -37,8 +37,6 @@ from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import Trained
 from tnflow.tasks.training.validate import write_metrics
 
-FIGURES = ("learning_curves", "confusion_matrix", "samples")
-
 # -- the run directory ------------------------------------------------------------------
 
 

@@ -26,11 +26,6 @@ class ImageError(ValueError):
     """A file that is not a readable picture, or one too large to decode."""
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """uint8 (H, W, 3) RGB from any image file Pillow reads."""
-    return _decode(path, max_pixels, None, to_rgb)
-
-
 def load_square(
     source: str | Path | bytes, size: int, resize: str = "crop", max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
@@ -39,15 +34,19 @@ def load_square(
     def square(image: Image.Image) -> np.ndarray:  # an RGB photo stays a Pillow image: no copies on the way
         return fit_square(image if image.mode == "RGB" else to_rgb(image), size, resize)
 
-    return _decode(source, max_pixels, (size, resize), square)
+    return decode_image(source, max_pixels, (size, resize), square)
 
 
-def _decode(
+def decode_image(
     source: str | Path | bytes,
     max_pixels: int,
     target: tuple[int, str] | None,
     finish: Callable[[Image.Image], np.ndarray],
 ) -> np.ndarray:
+    """The one decoder: refuse past `max_pixels` before decoding, upright by EXIF, then `finish` the image.
+
+    `target` (size, resize) lets a JPEG decode at a reduced scale when it is much larger than needed.
+    """
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             if image.width * image.height > max_pixels:

@@ -84,12 +84,6 @@ def load_pretrained(session: tf1.Session, net: Net, arrays: list[np.ndarray]) ->
     return len(net.pretrained)
 
 
-def model_arrays(session: tf1.Session, net: Net) -> list[tuple[str, np.ndarray]]:
-    """(name, value) of every model variable, in weight-file order: a trained model as a weights file."""
-    variables = net.pretrained + net.head
-    return list(zip([v.op.name for v in variables], session.run(variables), strict=True))
-
-
 def run_split(
     session: tf1.Session,
     net: Net,

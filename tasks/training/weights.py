@@ -81,42 +81,17 @@ def _read_npz(path: str | Path) -> list[tuple[str, np.ndarray]]:
         values = list(_npy(archive, "values.npy"))
     if len(names) != len(values) or not all(isinstance(v, np.ndarray) and v.dtype.kind == "f" for v in values):
         raise ValueError("'names' and 'values' do not pair up as float arrays")
-    _swap_beta_gamma(names, values)  # as tensornets' parse_weights does for TensorFlow >= 1.4
+    swap_beta_gamma(names, values)  # as tensornets' parse_weights does for TensorFlow >= 1.4
     return list(zip(names, values, strict=True))
 
 
-def _swap_beta_gamma(names: list[str], values: list[np.ndarray]) -> None:
+def swap_beta_gamma(names: list[str], values: list[np.ndarray]) -> None:
     """The npz files list BN's beta before gamma (TensorFlow < 1.4's order); graphs now want gamma first."""
     for i in range(1, len(names)):
         pair = (names[i - 1].rsplit("/", 1)[-1], names[i].rsplit("/", 1)[-1])
         if pair in (("beta", "gamma"), ("gamma", "beta")):
             names[i - 1], names[i] = names[i], names[i - 1]
             values[i - 1], values[i] = values[i], values[i - 1]
-
-
-def write_weights(path: str | Path, fmt: str, arrays: list[tuple[str, np.ndarray]]) -> None:
-    """Write variables (graph order) as a weights file of `fmt` that `read_weights` and tensornets read back."""
-    path = Path(path)
-    if fmt == "npz":
-        names = [name for name, _ in arrays]
-        values = [value for _, value in arrays]
-        _swap_beta_gamma(names, values)  # back to the files' order
-        packed = np.empty(len(values), dtype=object)
-        packed[:] = values
-        with open(path, "wb") as handle:
-            np.savez(handle, names=np.array(names), values=packed)
-        return
-    layers: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for name, value in arrays:  # one Keras layer per scope: a conv's weights and biases, a BN's four
-        scope, leaf = name.rsplit("/", 1)
-        layers.setdefault(scope.replace("/", "_"), []).append((f"{leaf}:0", value))
-    with h5py.File(path, "w") as f:
-        for layer, weights in layers.items():
-            group = f.create_group(layer)
-            group.attrs["weight_names"] = np.array([w.encode() for w, _ in weights])
-            for weight, value in weights:
-                group.create_dataset(weight, data=value)
-        f.attrs["layer_names"] = np.array([layer.encode() for layer in layers])
 
 
 def _npy(archive: zipfile.ZipFile, member: str) -> np.ndarray:

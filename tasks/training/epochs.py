@@ -1,0 +1,275 @@
+"""The epochs of one training generation: build, start or resume, then train, checkpoint, validate, record.
+
+The write order after each epoch, in `_end_epoch` and nowhere else: the full checkpoint
+(optimizer state included), then the model directory when the epoch is the best so far, then
+the state file that names them, and only then the pruning of older files. A kill at any
+moment leaves either the previous epoch's state, whose files are all still there, or this
+one's; `tasks.training.train` resumes from it, replaying the same seeded batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tnflow.tasks.cache.cache_reader import CacheFeed
+from tnflow.tasks.cache.h5cache import read_resize_mode, read_split_size
+from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.core.files import new_directory
+from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json
+from tnflow.tasks.tf.startup import start_tensorflow
+from tnflow.tasks.training.validate import evaluate
+from tnflow.tasks.training.weights import check_weights, read_weights
+from tnflow.tasks.training.workdir import best_model_ok, checkpoint_dir, model_dir, prune, write_state
+
+
+@dataclass
+class _Fit:
+    """What every step of one training needs: its inputs, its graph and sessions, and where it writes."""
+
+    cache_path: str | Path
+    spec: ModelSpec
+    settings: TrainSettings
+    directory: Path
+    origin: dict[str, Any]  # what model.json says about where the model came from and how to feed it
+    eval_batch_size: int
+    log: logging.Logger | logging.LoggerAdapter
+    progress: Callable[..., None] | None
+    net: Any = None
+    session: Any = None
+    eval_session: Any = None  # a plain float32 session when training's rewrites or compiles the graph
+
+
+def fit_epochs(
+    cache_path: str | Path,
+    weights_path: str | None,
+    spec: ModelSpec,
+    settings: TrainSettings,
+    directory: Path,
+    state: dict[str, Any],
+    *,
+    class_names: list[str] | tuple[str, ...],
+    eval_batch_size: int,
+    init_from: str | None,
+    progress: Callable[..., None] | None,
+    log: logging.Logger | logging.LoggerAdapter,
+    on_epoch_end: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Run the epochs still to do in `directory`, starting from `state`; returns the final state.
+
+    In order: build the graph and say where it runs; open the sessions; restore the last
+    finished epoch, or start from the pretrained weights (or the trained model); then each epoch
+    trains, checkpoints, validates, keeps the best model and records itself in the state file,
+    which is written before anything older is pruned.
+    """
+    start_tensorflow()
+    from tnflow.tasks.tf.sessions import open_session
+
+    origin = {"class_names": list(class_names), "resize": read_resize_mode(cache_path)}
+    origin |= {"weights": weights_path or "none", "init_from": init_from}
+    fit = _Fit(cache_path, spec, settings, directory, origin, eval_batch_size, log, progress)
+    fit.net, num_train = _graph(fit)
+    state["device"] = fit.net.device
+    done_epochs = state.get("epochs_done", 0)
+    # Each epoch's validation runs in a plain float32 session, restored from the epoch's
+    # checkpoint, whenever the training session rewrites or compiles the graph: the best epoch
+    # is chosen on the numbers the validate stage would compute.
+    rewritten = settings.mixed_precision or settings.xla
+    with (
+        open_session(fit.net, xla=settings.xla, mixed_precision=settings.mixed_precision) as fit.session,
+        open_session(fit.net) if rewritten else contextlib.nullcontext(fit.session) as fit.eval_session,
+    ):
+        if done_epochs:
+            _resume(fit, state, done_epochs)
+        else:
+            _start(fit, weights_path, init_from)
+        log.info(
+            f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {fit.net.device}: {num_train} images; "
+            f"{describe_levers(settings, spec)}"
+        )
+        total = num_train * (settings.epochs - done_epochs)
+        for epoch in range(done_epochs + 1, settings.epochs + 1):
+            if _stopped_early(state, settings):
+                break
+            record = _train_epoch(fit, epoch, seen=num_train * (epoch - done_epochs - 1), total=total)
+            _end_epoch(fit, state, record)
+            if on_epoch_end:
+                on_epoch_end(epoch)
+    _finish(fit, state)
+    return state
+
+
+def _graph(fit: _Fit) -> tuple[Any, int]:
+    """The training graph on the cache's feed, and the number of training images; logs the device."""
+    from tnflow.tasks.tf.graph import build
+    from tnflow.tasks.tf.sessions import describe_devices, gpu_details
+
+    settings = fit.settings
+    num_train = read_split_size(fit.cache_path, "train")
+    feed = CacheFeed(fit.cache_path, seed=settings.seed)
+    net = build(fit.spec, feed, settings=settings, steps_per_epoch=-(-num_train // settings.batch_size))
+    devices, warnings = describe_devices(gpu_details(), mixed_precision=settings.mixed_precision, xla=settings.xla)
+    fit.log.info(devices)
+    for warning in warnings:
+        fit.log.warning(warning)
+    return net, num_train
+
+
+def _resume(fit: _Fit, state: dict[str, Any], done_epochs: int) -> None:
+    """Every variable (optimizer included) as the last finished epoch left it."""
+    fit.net.saver.restore(fit.session, str(checkpoint_dir(fit.directory, done_epochs) / "ckpt"))
+    if not best_model_ok(fit.directory, state):
+        # Only reachable when the best epoch is the last one (see `can_reexport`).
+        fit.log.warning("the best model (epoch %d) was missing: re-exported it from its checkpoint", done_epochs)
+        record = next(r for r in state["history"] if r["epoch"] == done_epochs)
+        _export_model(fit, done_epochs, record)
+    if done_epochs < fit.settings.epochs:
+        epochs = fit.settings.epochs
+        fit.log.info("resuming at epoch %d of %d (epochs 1-%d restored)", done_epochs + 1, epochs, done_epochs)
+
+
+def _start(fit: _Fit, weights_path: str | None, init_from: str | None) -> None:
+    """Fresh variables, then the trained model's, or the pretrained weights (the new head starts fresh)."""
+    fit.session.run(fit.net.init)
+    if init_from:
+        fit.net.model_saver.restore(fit.session, str(Path(init_from) / CHECKPOINT))
+        fit.log.info("started from the trained model %s (every layer, the head included)", init_from)
+    elif weights_path:
+        count = load_weights_file(fit.session, fit.net, weights_path, fit.spec.model)
+        fit.log.info(
+            "loaded %d pretrained arrays from %s; the %s head starts fresh", count, weights_path, fit.spec.head
+        )
+    else:
+        fit.log.info("no pretrained weights (--weights none): every layer starts from random values")
+
+
+def _train_epoch(fit: _Fit, epoch: int, *, seen: int, total: int) -> dict[str, Any]:
+    """One pass over the training split (the head alone while the base is frozen); its record so far."""
+    from tnflow.tasks.tf.sessions import run_split
+
+    settings, net = fit.settings, fit.net
+    frozen = epoch <= settings.freeze_epochs
+    step = net.steps.train_head_op if frozen else net.steps.train_op
+    fetches = {"step": step, "losses": net.losses, "logits": net.logits, "labels": net.labels}
+    started = time.monotonic()
+    count, loss_sum, correct = 0, 0.0, 0
+    batches = run_split(
+        fit.session, net, fetches, "train", settings.batch_size, epoch=epoch, shuffle=True, training=True
+    )
+    for out in batches:
+        count += len(out["labels"])
+        loss_sum += float(out["losses"].sum())
+        correct += int((out["logits"].argmax(axis=1) == out["labels"]).sum())
+        if fit.progress:
+            detail = f"epoch {epoch}/{settings.epochs}, loss {out['losses'].mean():.4f}"
+            fit.progress(seen + count, total, detail=detail)
+    seconds = time.monotonic() - started
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / count,
+        "train_accuracy": correct / count,
+        "seconds": seconds,
+        "images_per_second": count / seconds,
+        "trained": "head" if frozen else "all",
+    }
+
+
+def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None:
+    """Checkpoint, validate, keep the model if it is the best so far, then record the epoch.
+
+    The order is what makes a kill at any moment safe: the state file names an epoch only once
+    its checkpoint (and, when best, its model) is complete, and older files are pruned after.
+    """
+    epoch = record["epoch"]
+    with new_directory(checkpoint_dir(fit.directory, epoch)) as tmp:
+        fit.net.saver.save(fit.session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
+    if fit.eval_session is not fit.session:
+        fit.net.model_saver.restore(fit.eval_session, str(checkpoint_dir(fit.directory, epoch) / "ckpt"))
+    valid = evaluate(fit.eval_session, fit.net, "valid", fit.eval_batch_size, fit.spec.num_classes)
+    record = {**record, "valid_loss": valid["valid_loss"], "valid_accuracy": valid["valid_accuracy"]}
+    order = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds")
+    record = {key: record[key] for key in (*order, "images_per_second", "trained")}
+    state.setdefault("history", []).append(record)
+    if record["valid_accuracy"] > state.get("best_valid_accuracy", -1.0):
+        _export_model(fit, epoch, record)
+        state.update(best_epoch=epoch, best_valid_accuracy=record["valid_accuracy"])
+    state["epochs_done"] = epoch
+    write_state(fit.directory, state)  # names the new files before anything older is pruned
+    prune(fit.directory, state)
+    fit.log.info(
+        f"epoch {epoch}/{fit.settings.epochs}: train loss {record['train_loss']:.4f} acc "
+        f"{record['train_accuracy']:.4f} | valid loss {record['valid_loss']:.4f} acc "
+        f"{record['valid_accuracy']:.4f} | {record['images_per_second']:.1f} img/s"
+    )
+
+
+def _finish(fit: _Fit, state: dict[str, Any]) -> None:
+    if _stopped_early(state, fit.settings):
+        state["stopped_early"] = state["epochs_done"]
+        fit.log.info(
+            "stopped after epoch %d: validation accuracy has not improved for %d epochs (best: epoch %d)",
+            state["epochs_done"],
+            fit.settings.patience,
+            state["best_epoch"],
+        )
+    state["finished"] = True
+    write_state(fit.directory, state)
+
+
+def load_weights_file(session: Any, net: Any, path: str | Path, model: str) -> int:
+    """Read a weights file, check it against the graph's pretrained variables, assign; returns how many."""
+    from tnflow.tasks.tf.sessions import load_pretrained  # already imported by the training that calls this
+
+    arrays = read_weights(path, BACKBONES[model].weights_format)
+    needed = [(v.op.name, tuple(v.shape.as_list())) for v in net.pretrained]
+    check_weights([(name, a.shape) for name, a in arrays], needed, str(path), model)
+    return load_pretrained(session, net, [a for _, a in arrays])
+
+
+def _stopped_early(state: dict[str, Any], settings: TrainSettings) -> bool:
+    """--patience: the last `patience` finished epochs all failed to beat the best one."""
+    done = state.get("epochs_done", 0)
+    return settings.patience is not None and done - state.get("best_epoch", done) >= settings.patience
+
+
+def describe_levers(settings: TrainSettings, spec: ModelSpec) -> str:
+    """One line of every option that shapes training, for the log and the report."""
+    optimizer = "Adam" if settings.optimizer == "adam" else f"SGD momentum {settings.momentum:g}"
+    parts = [
+        f"batch {settings.batch_size}",
+        f"{optimizer} lr {settings.learning_rate:g} ({settings.lr_schedule}, warm-up {settings.warmup_epochs} epochs)",
+        f"weight decay {settings.weight_decay:g}",
+        f"augment {settings.augment}",
+        f"label smoothing {settings.label_smoothing:g}",
+        f"frozen base for {settings.freeze_epochs} epochs",
+        f"patience {settings.patience or 'off'}",
+        f"TTA {spec.tta}",
+        f"BN {'trains' if settings.train_bn else 'keeps ImageNet statistics'}",
+        f"mixed precision {'on' if settings.mixed_precision else 'off'}",
+        f"XLA {'on' if settings.xla else 'off'}",
+    ]
+    return ", ".join(parts)
+
+
+def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any], record: dict) -> dict:
+    return {
+        **asdict(spec),
+        **origin,
+        "preprocessing": PREPROCESSING[BACKBONES[spec.model].preprocessing],
+        "epoch": record["epoch"],
+        "metrics": {k: v for k, v in record.items() if k != "epoch"},
+        "training": asdict(settings),
+    }
+
+
+def _export_model(fit: _Fit, epoch: int, record: dict[str, Any]) -> None:
+    """The epoch's model directory: its weights (no optimizer state) and the model.json that rebuilds it."""
+    with new_directory(model_dir(fit.directory, epoch)) as tmp:
+        fit.net.model_saver.save(fit.session, str(tmp / CHECKPOINT), write_meta_graph=False, write_state=False)
+        write_model_json(tmp, _model_meta(fit.spec, fit.settings, fit.origin, record))
