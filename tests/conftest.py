@@ -26,11 +26,25 @@ from tests.fakes import FakeCifar, make_archive
 from tests.fileserver import FileServer
 
 
+# Files holding a test of a minute or more (servers killed and restarted, a worker, whole
+# pipelines). xdist runs a file whole on one worker, in collection order: one of these started
+# last is the suite's tail, so they start first.
+LONGEST_FIRST = (
+    "test_crashes.py",
+    "test_server_lost.py",
+    "test_deployments.py",
+    "test_pipeline.py",
+    "test_folder_flow.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Anything that needs a Prefect server is slow (10-25 s to start one): `-m "not slow"` leaves it out."""
     for item in items:
         if {"prefect_api", "prefect_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")

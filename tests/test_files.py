@@ -52,7 +52,7 @@ def test_a_waiting_run_names_the_run_it_waits_for(prefect_api, tmp_path, monkeyp
     waits = [r for r in caplog.records if r.name == "prefect.task_runs" and "waiting for run" in r.getMessage()]
     assert waits, "the wait must reach the run's log (which the Prefect UI shows)"
     first = waits[0].getMessage()
-    assert f"waiting for run {holder_name['name']} (" in first and f"which holds {target}" in first
+    assert f"waiting for run '{holder_name['name']}' (" in first and f"which holds {target}" in first
     assert any("still waiting" in r.getMessage() and "s so far" in r.getMessage() for r in waits[1:])
 
 

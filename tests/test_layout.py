@@ -252,3 +252,51 @@ def test_the_import_probe_sees_a_module_that_does_work_on_import(tmp_path):
     )
     assert import_probe(["filters_on_import"], tmp_path) == "filters_on_import: warning filters"
     assert import_probe(["quiets_a_logger"], tmp_path) == "quiets_a_logger: log handlers and filters"
+
+
+# -- what the documents point at ---------------------------------------------------------
+
+EXAMPLES = {"test_layout.py", "test_code_keys.py"}  # these name stale modules on purpose, as examples
+DOCUMENTS = [
+    REPO / "README.md",
+    REPO / "benchmarks" / "README.md",
+    *sorted(
+        path
+        for folder in ("flows", "tasks", "benchmarks", "tests")
+        for path in (REPO / folder).rglob("*.py")
+        if path.name not in EXAMPLES
+    ),
+]
+
+
+def dangling_references(text: str) -> list[str]:
+    """`tasks/x/y.py` paths and `tasks.x.y` module names in `text` that name no module of the repository."""
+    import re
+
+    wrong = []
+    for path in re.findall(r"(?<![\w/.])((?:tasks|flows)/[\w/]+\.py)\b", text):
+        if not (REPO / path).is_file():
+            wrong.append(path)
+    for dotted in re.findall(r"(?<![\w/])(?:tnflow\.)?((?:tasks|flows)(?:\.\w+)+)", text):
+        where, parts = REPO, dotted.split(".")
+        for part in parts:
+            if (where / part).is_dir():
+                where = where / part
+                continue
+            if not (where / f"{part}.py").is_file() and where in (REPO, REPO / "tasks"):
+                wrong.append(dotted)  # a room or a module must follow `tasks.`
+            break
+    return wrong
+
+
+def test_the_documents_name_modules_that_exist():
+    found = {str(path.relative_to(REPO)): dangling_references(path.read_text()) for path in DOCUMENTS}
+    assert {path: refs for path, refs in found.items() if refs} == {}
+
+
+def test_the_reference_check_sees_a_stale_name():
+    assert dangling_references("see `tasks/model.py` and `tasks.settings.RunConfig`") == [
+        "tasks/model.py",
+        "tasks.settings.RunConfig",
+    ]
+    assert dangling_references("`tasks/tf/graph.py`, `tasks.cache.cache_reader.CacheFeed`, tnflow.flows.cli.main") == []

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tnflow.tasks.core.errors import DiskFullError, TnflowError
 from tnflow.tasks.core.progress import run_logger
@@ -66,14 +66,14 @@ def _acquire(handle: IO[bytes], lock_path: Path, final: Path) -> None:
         return
     log = run_logger()
     started = time.monotonic()
-    log.info("waiting for %s, which holds %s", _holder(lock_path), final)
+    log.info("waiting for %s, which holds %s", holder_of(lock_path), final)
     next_report = started + WAIT_REPORT_SECONDS
     while not _try_lock(handle):
         time.sleep(_POLL_SECONDS)
         if time.monotonic() >= next_report:
             next_report += WAIT_REPORT_SECONDS
             waited = time.monotonic() - started
-            log.info("still waiting for %s, which holds %s (%.0f s so far)", _holder(lock_path), final, waited)
+            log.info("still waiting for %s, which holds %s (%.0f s so far)", holder_of(lock_path), final, waited)
 
 
 def _try_lock(handle: IO[bytes]) -> bool:
@@ -98,16 +98,23 @@ def whoami() -> dict[str, object]:
     }
 
 
-def _holder(lock_path: Path) -> str:
-    """Who holds the lock, as its holder wrote it down."""
+def holder_of(lock_path: Path) -> str:
+    """Who holds a lock or a slot, as its holder wrote it down (`whoami`)."""
     try:
-        holder = json.loads(lock_path.read_bytes() or b"{}")
+        record = json.loads(lock_path.read_bytes() or b"{}")
     except (OSError, ValueError):
-        holder = {}
-    where = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
-    if holder.get("run"):
-        return f"run {holder['run']} ({holder['run_id']}, {where})"
-    return f"another run ({where})" if holder else "another run"
+        record = {}
+    return describe_holder(record) if isinstance(record, dict) else "another run"
+
+
+def describe_holder(record: dict[str, Any]) -> str:
+    """A holder as every waiting line names it: run name and id, process and host."""
+    if not record.get("run_id") and not record.get("pid"):
+        return "another run"
+    where = f"process {record.get('pid', '?')} on {record.get('host', '?')}"
+    if record.get("run"):
+        return f"run {record['run']!r} ({record['run_id']}, {where})"
+    return f"another run ({where})"
 
 
 def temp_path(final: Path) -> Path:

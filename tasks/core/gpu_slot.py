@@ -40,8 +40,8 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import first_line
-from tnflow.tasks.core.files import whoami
-from tnflow.tasks.core.host_slots import WAIT_REPORT_SECONDS, Journal, Log, describe, host_slot, lock_dir
+from tnflow.tasks.core.files import describe_holder, whoami
+from tnflow.tasks.core.host_slots import WAIT_REPORT_SECONDS, Journal, Log, host_slot, lock_dir
 from tnflow.tasks.core.processes import best_effort, in_background
 
 NO_SLOT = "none"
@@ -157,7 +157,7 @@ def _release_dead(name: str, lease: str, record: dict[str, Any], log: Log) -> bo
     """Release a dead holder's lease; True when the server does not know it (its slot may still count)."""
     log.warning(
         "%s did not give back the GPU slot %r (killed, or cut off from its server): releasing it now",
-        describe(record),
+        describe_holder(record),
         name,
     )
     if lease == PENDING:  # killed while asking for it: whether the server counted it is unknown
@@ -196,7 +196,7 @@ def _server_holder(name: str) -> str:
     with contextlib.suppress(Exception):
         value = Variable.get(_holder_variable(name), default=None)
         if isinstance(value, dict):
-            return describe(value)
+            return describe_holder(value)
     return "another run"
 
 

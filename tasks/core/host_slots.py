@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from tnflow.tasks.core.files import holder_of
+
 WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
 POLL_SECONDS = 0.5
 
@@ -83,24 +85,6 @@ def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str) -> 
             return
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + WAIT_REPORT_SECONDS
-            holders = ", ".join(dict.fromkeys(_holder_of(path) for path in paths))
+            holders = ", ".join(dict.fromkeys(holder_of(path) for path in paths))
             log.info(waiting.format(holders=holders, waited=time.monotonic() - started))
         time.sleep(POLL_SECONDS)
-
-
-def _holder_of(path: Path) -> str:
-    try:
-        record = json.loads(path.read_bytes() or b"{}")
-    except (OSError, ValueError):
-        record = {}
-    return describe(record) if isinstance(record, dict) else "another run"
-
-
-def describe(record: dict[str, Any]) -> str:
-    """A holder as the messages name it: run name and id, process and host."""
-    if not record.get("run_id") and not record.get("pid"):
-        return "another run"
-    where = f"process {record.get('pid', '?')} on {record.get('host', '?')}"
-    if record.get("run"):
-        return f"run {record['run']!r} ({record['run_id']}, {where})"
-    return f"another run ({where})"
