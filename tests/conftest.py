@@ -25,7 +25,6 @@ import pytest
 from tests.fakes import FakeCifar, make_archive
 from tests.fileserver import FileServer
 
-
 # Files holding a test of a minute or more (servers killed and restarted, a worker, whole
 # pipelines). xdist runs a file whole on one worker, in collection order: one of these started
 # last is the suite's tail, so they start first.
