@@ -58,6 +58,19 @@ def test_malformed_option_message():
     ]
 
 
+def test_debug_starts_tensorflow_unredirected_for_the_commands_that_need_it(monkeypatch, tmp_path):
+    import tnflow.tasks.tf.startup as startup
+    from tnflow.tasks.core.errors import TnflowError
+
+    calls = []
+    monkeypatch.setattr(startup, "start_tensorflow", lambda **kwargs: calls.append(kwargs))
+    with pytest.raises(TnflowError):  # --debug: the error itself, with its traceback
+        main(["export", str(tmp_path / "no-model"), "--format", "onnx", "--debug"])
+    assert calls == [{"verbose": True}], "TensorFlow starts before anything can hide its standard error"
+    main(["gc", "--cache-dir", str(tmp_path), "--output-dir", str(tmp_path), "--debug"])
+    assert calls == [{"verbose": True}], "tnflow gc needs no TensorFlow"
+
+
 def test_cache_dir_that_is_not_writable(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     code, out, err = prepare(capsys, "--cache-dir", str(tmp_path / "file" / "cache"))

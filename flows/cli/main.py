@@ -243,8 +243,15 @@ def _serve(args: argparse.Namespace) -> None:
     _with_prefect(args, lambda: serve_deployments(args.prefect_file or PREFECT_FILE))
 
 
+NEEDS_TENSORFLOW = ("run", "predict", "export", "serve")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug and args.command in NEEDS_TENSORFLOW:
+        from tnflow.tasks.tf.startup import start_tensorflow
+
+        start_tensorflow(verbose=True)  # nothing hidden: a fatal CUDA/cuDNN error at start-up stays visible
     from tnflow.flows.cli.console import disk_full_line, interrupted_line, user_errors_in_one_line
     from tnflow.tasks.core.processes import Interrupted, stop_on_signals
 
