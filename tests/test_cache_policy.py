@@ -1,5 +1,6 @@
 """StageCache, the policy itself: a toy stage whose output file is deleted, damaged, or moved."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,19 @@ def test_code_version_reads_sources():
     assert len(version) == 16 and version == code_version("tnflow.tasks.tf.graph")
     assert code_version("tnflow.tasks.tf.graph") != code_version("tnflow.tasks.training.train")
     assert code_version(made) != code_version(policy)
+
+
+def test_short_digest_names_things_as_the_sha256_idiom_it_replaced_did():
+    """Cache files, work directories and champion lines keep their names across the change."""
+    import hashlib
+    import json
+
+    from tnflow.tasks.config.specs import CacheSpec
+    from tnflow.tasks.core.digests import short_digest
+
+    spec = CacheSpec("cifar10", 224, 5000, None, None, 0)
+    blob = json.dumps({**dataclasses.asdict(spec), "code": "v1"}, sort_keys=True).encode()
+    assert spec.digest("v1") == hashlib.sha256(blob).hexdigest()[:12]
+    assert short_digest("text") == hashlib.sha256(b"text").hexdigest()[:16]
+    assert short_digest(b"\x00\x01", 8) == hashlib.sha256(b"\x00\x01").hexdigest()[:8]
+    assert short_digest({"b": 1, "a": [2]}) == short_digest({"a": [2], "b": 1}), "keys sorted"
