@@ -1,5 +1,6 @@
 """Training on the HDF5 cache: learning, resumption after SIGKILL, recovery, retraining, exact validation."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -337,10 +338,10 @@ def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny
     from tnflow.tasks.training.train import train_task
 
     @flow
-    def training_only(eval_batch_size: int):
+    def training_only(eval_batch_size: int, start: StartingPoint = RANDOM):
         return train_task(
             cache_path=tiny_cache.path,
-            start=RANDOM,
+            start=start,
             spec=GAP32,
             settings=SETTINGS,
             output_dir=str(Path(reference.work_dir).parents[1]),  # where `reference` trained
@@ -353,6 +354,9 @@ def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny
     assert first.result() == second.result() == reference
     assert task_states(first) == {"train": "Completed"}
     assert task_states(second) == {"train": "Cached"}, "the evaluation batch size is not part of the key"
+    other = training_only(64, start=dataclasses.replace(RANDOM, digest="model:0123456789abcdef"), return_state=True)
+    assert task_states(other) == {"train": "Completed"}, "other starting weights are another training"
+    assert Path(other.result().work_dir) != Path(reference.work_dir)
 
 
 def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cache, tmp_path, monkeypatch):
@@ -402,3 +406,46 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_next_run_fini
     monkeypatch.undo()
     finished = train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
     assert read_model_ok(finished.model_dir)
+
+
+def test_the_starting_point_survives_a_new_cache_version_and_follows_the_model(prefect_api, reference, tiny_cache):
+    import json
+
+    from prefect import flow
+
+    from tests.prefect_runs import task_states
+    from tnflow.tasks.training.starting_point import starting_point_task
+
+    out = Path(reference.work_dir).parents[1]
+
+    @flow
+    def start_only(cache_path: str, init_from: str | None = None):
+        return starting_point_task(
+            init_from=init_from,
+            weights="none",
+            weights_md5=None,
+            model="vgg19",
+            head="gap",
+            cache_path=cache_path,
+            class_names=list(tiny_cache.class_names),
+            output_dir=str(out),
+            cache_dir=str(out / "cache"),
+        )
+
+    runs = [start_only(tiny_cache.path, return_state=True), start_only("/data/next-version.h5", return_state=True)]
+    assert [task_states(run)["starting-point"] for run in runs] == ["Completed", "Cached"], "weights need no cache"
+    assert runs[1].result().digest == "none" and runs[1].result().model_dir is None
+
+    model = reference.model_dir
+    from_model = [start_only(tiny_cache.path, model, return_state=True) for _ in range(2)]
+    assert [task_states(run)["starting-point"] for run in from_model] == ["Completed", "Cached"]
+    assert from_model[1].result().model_dir == model and from_model[1].result().digest.startswith("model:")
+    saved = Path(model, "model.json").read_bytes()
+    meta = json.loads(saved)
+    Path(model, "model.json").write_text(json.dumps({**meta, "epoch": meta["epoch"] + 1}))  # another model now
+    try:
+        changed = start_only(tiny_cache.path, model, return_state=True)
+        assert task_states(changed)["starting-point"] == "Completed", "the model's digest is in the key"
+        assert changed.result().digest != from_model[1].result().digest
+    finally:
+        Path(model, "model.json").write_bytes(saved)

@@ -90,13 +90,19 @@ def starting_point(
     return StartingPoint(found.path, None, found.md5 or "none", found.source, found.md5, found.check)
 
 
+# Where the cache and the runs are, and the class list, matter only to a trained model's start
+# (`starting_point_identity` holds them then): a folder that grew keeps its checked weights.
+FOR_A_MODEL_ONLY = ("cache_path", "class_names", "output_dir")
+
+
 def starting_point_identity(inputs: dict[str, Any]) -> Any:
     """What the inputs only point at: the weights file, or the model (the champion changes between runs)."""
     if inputs["init_from"]:
         path = starting_model(inputs["init_from"], inputs["output_dir"], inputs["cache_path"])
         if path is not None:
-            return str(path), model_digest(path) if (path / MODEL_JSON).is_file() else "missing"
-    return source_identity(inputs["weights"])
+            digest = model_digest(path) if (path / MODEL_JSON).is_file() else "missing"
+            return str(path), digest, list(inputs["class_names"])
+    return source_identity(inputs["weights"])  # no champion yet starts from the weights, as without --init-from
 
 
 def starting_point_is_sound(point: StartingPoint) -> bool:
@@ -112,7 +118,9 @@ def starting_point_is_sound(point: StartingPoint) -> bool:
 
 @task(
     name="starting-point",
-    cache_policy=StageCache(code=WEIGHTS_CODE, identity=starting_point_identity, sound=starting_point_is_sound),
+    cache_policy=StageCache(
+        code=WEIGHTS_CODE, ignore=FOR_A_MODEL_ONLY, identity=starting_point_identity, sound=starting_point_is_sound
+    ),
     persist_result=True,
     **DOWNLOAD_RETRIES,
     **STAGE_HOOKS,

@@ -153,11 +153,12 @@ def training_dir(
     return work_dir_for(output_dir, cache_path, start.digest, spec, settings, CODE)
 
 
-def _identity(inputs: dict[str, Any]) -> int:
+def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
+    """The work directory (named after the starting weights' digest) and the generation training would use."""
     directory = training_dir(
         inputs["output_dir"], inputs["cache_path"], inputs["start"], inputs["spec"], inputs["settings"]
     )
-    return generation_for(directory, inputs["retrain"])
+    return str(directory), generation_for(directory, inputs["retrain"])
 
 
 @task(
