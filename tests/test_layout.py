@@ -300,3 +300,13 @@ def test_the_reference_check_sees_a_stale_name():
         "tasks.settings.RunConfig",
     ]
     assert dangling_references("`tasks/tf/graph.py`, `tasks.cache.cache_reader.CacheFeed`, tnflow.flows.cli.main") == []
+
+
+def test_the_gpu_extra_pins_the_tensorflow_the_package_pins():
+    """`pip install 'tnflow[gpu]'` brings CUDA and cuDNN for exactly the TensorFlow tnflow is tested on."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (base,) = [d for d in project["dependencies"] if re.match(r"tensorflow\b(?!-)", d)]
+    assert project["optional-dependencies"]["gpu"] == [base.replace("tensorflow", "tensorflow[and-cuda]", 1)]

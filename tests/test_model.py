@@ -222,3 +222,24 @@ def test_the_log_says_what_runs_where():
         [{"device_name": "Tesla P100", "compute_capability": (6, 0)}], mixed_precision=True, xla=False
     )
     assert len(warnings) == 1 and "no fast float16" in warnings[0]
+
+
+def test_an_nvidia_gpu_that_tensorflow_cannot_see_names_the_gpu_extra(tmp_path):
+    from tnflow.tasks.tf.sessions import describe_devices, nvidia_devices
+
+    dev, driver = tmp_path / "dev", tmp_path / "proc" / "driver" / "nvidia" / "gpus"
+    dev.mkdir()
+    (dev / "nvidiactl").touch()  # the control device is on every driver install, GPU or not
+    assert nvidia_devices(dev, driver) == []
+    driver.joinpath("0000:3b:00.0").mkdir(parents=True)
+    assert nvidia_devices(dev, driver) == [str(driver / "0000:3b:00.0")], "the driver's list, without /dev files"
+    (dev / "nvidia0").touch()
+    (dev / "nvidia1").touch()
+    assert nvidia_devices(dev, driver) == [str(dev / "nvidia0"), str(dev / "nvidia1")]
+
+    line, warnings = describe_devices([], mixed_precision=False, xla=False, nvidia=[str(dev / "nvidia0")])
+    assert line.startswith("device: CPU") and len(warnings) == 1
+    assert f"NVIDIA GPU ({dev / 'nvidia0'}) but TensorFlow sees none" in warnings[0]
+    assert "pip install 'tnflow[gpu]'" in warnings[0]
+    a100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
+    assert describe_devices([a100], mixed_precision=False, xla=False, nvidia=[str(dev / "nvidia0")])[1] == []

@@ -449,3 +449,33 @@ def test_the_starting_point_survives_a_new_cache_version_and_follows_the_model(p
         assert changed.result().digest != from_model[1].result().digest
     finally:
         Path(model, "model.json").write_bytes(saved)
+
+
+def test_a_cpu_training_of_more_than_an_hour_says_so_once_with_what_fits():
+    from tnflow.tasks.training.epochs import PACE_BATCHES, Pace, cpu_estimate_warning
+
+    recipe = 7 * 45_000  # the recipe's images to go: 7 epochs of 45,000
+    warning = cpu_estimate_warning(3.2, recipe, 320)
+    assert warning.startswith("training on the CPU: about 27.3 h to go at 3.2 images/s (measured over 320 images)")
+    assert "pip install 'tnflow[gpu]'" in warning and "--model mobilenet35v2 --image-size 96" in warning
+    assert cpu_estimate_warning(500.0, recipe, 320) is None, "10.5 minutes: nothing to say"
+
+    pace, said = Pace(recipe), []
+    for batch in range(3 * PACE_BATCHES):  # the first batch warms up; then 32 images every 10 s
+        said.append(pace.step(32, 100.0 + 10.0 * batch))
+    warnings = [w for w in said if w]
+    assert len(warnings) == 1 and said.index(warnings[0]) == PACE_BATCHES, "once, after the measured batches"
+    assert "at 3.2 images/s (measured over 320 images)" in warnings[0]
+
+
+def test_a_slow_cpu_training_warns_in_its_log(tiny_cache, tmp_path, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(epochs_module, "CPU_HOURS_WARNING", 0.0)  # any pace is too slow
+    monkeypatch.setattr(epochs_module, "PACE_BATCHES", 2)
+    log = logging.getLogger("tnflow.test-pace")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        settings = dataclasses.replace(ONE_EPOCH, batch_size=16)
+        train(tiny_cache.path, None, GAP32, settings, tmp_path / "w", class_names=tiny_cache.class_names, log=log)
+    said = [r.getMessage() for r in caplog.records if "training on the CPU: about" in r.getMessage()]
+    assert len(said) == 1 and "--model mobilenet35v2 --image-size 96" in said[0]

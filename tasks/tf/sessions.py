@@ -7,6 +7,7 @@ steps, for evaluation over a split from the input pipeline, or on images fed dir
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,15 +31,34 @@ def gpu_details() -> list[dict[str, Any]]:
 FAST_FLOAT16 = (7, 0)  # compute capability from which float16 has tensor cores (Volta)
 
 
-def describe_devices(details: list[dict[str, Any]], *, mixed_precision: bool, xla: bool) -> tuple[str, list[str]]:
-    """One line of what runs where, and warnings about switches that will not pay on this device."""
+def nvidia_devices(dev: Path = Path("/dev"), driver: Path = Path("/proc/driver/nvidia/gpus")) -> list[str]:
+    """NVIDIA GPUs the kernel knows of, whatever TensorFlow found: their device files or driver entries."""
+    files = sorted(str(path) for path in dev.glob("nvidia[0-9]*"))
+    return files or (sorted(str(path) for path in driver.iterdir()) if driver.is_dir() else [])
+
+
+def describe_devices(
+    details: list[dict[str, Any]], *, mixed_precision: bool, xla: bool, nvidia: list[str] | tuple[str, ...] = ()
+) -> tuple[str, list[str]]:
+    """One line of what runs where, and warnings about switches that will not pay on this device.
+
+    `nvidia`: the machine's NVIDIA devices (`nvidia_devices`). With one there and none seen by
+    TensorFlow, a CPU-only TensorFlow was installed where a GPU one was meant to be.
+    """
     target = "the GPU, cast there" if details else "the CPU"
     ahead = f"{READ_THREADS} reader threads, {PREFETCH_BATCHES} batches ahead"
     pipeline = f"input pipeline on the CPU ({ahead}, uint8 to {target})"
     precision = "float16 compute for training (validation and export in float32)" if mixed_precision else "float32"
     switches = f"{pipeline}; {precision}; {'XLA for training' if xla else 'no XLA'}"
     if not details:
-        return f"device: CPU (no GPU visible to TensorFlow); {switches}", []
+        missed = []
+        if nvidia:
+            missed.append(
+                f"this machine has an NVIDIA GPU ({', '.join(nvidia)}) but TensorFlow sees none, so training runs "
+                "on the CPU: install TensorFlow's CUDA libraries with `pip install 'tnflow[gpu]'` (or CUDA and "
+                "cuDNN system-wide) and run again"
+            )
+        return f"device: CPU (no GPU visible to TensorFlow); {switches}", missed
     first = details[0]
     capability = tuple(first.get("compute_capability") or (0, 0))
     name = first.get("device_name", "GPU")

@@ -28,6 +28,45 @@ from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
 from tnflow.tasks.training.workdir import best_model_ok, checkpoint_dir, model_dir, prune, write_state
 
+CPU_HOURS_WARNING = 3600.0  # seconds of training on the CPU from which a run says how long, and what fits
+PACE_BATCHES = 10  # measured batches (after the first, which builds and warms up) before estimating
+
+
+@dataclass
+class Pace:
+    """Measures the first steps of a CPU training and says once if the rest would take more than an hour."""
+
+    remaining: int  # images every epoch still to do will train on
+    batches: int = 0
+    images: int = 0
+    started: float | None = None
+    said: bool = False
+
+    def step(self, images: int, now: float) -> str | None:
+        """Note a finished batch of `images`; the warning, the one time it applies."""
+        self.batches += 1
+        if self.started is None:  # the first batch pays for graph optimisation and warm-up
+            self.started, self.remaining = now, self.remaining - images
+            return None
+        self.images += images
+        if self.said or self.batches <= PACE_BATCHES or now <= self.started:
+            return None
+        self.said = True
+        rate = self.images / (now - self.started)
+        return cpu_estimate_warning(rate, self.remaining - self.images, self.images, CPU_HOURS_WARNING)
+
+
+def cpu_estimate_warning(rate: float, remaining: int, measured: int, limit: float = CPU_HOURS_WARNING) -> str | None:
+    """What a user should know before waiting hours: the estimate, and the options that fit in less."""
+    seconds = remaining / rate
+    if seconds <= limit:
+        return None
+    return (
+        f"training on the CPU: about {seconds / 3600:.1f} h to go at {rate:.1f} images/s (measured over "
+        f"{measured} images); a GPU machine does this in minutes (`pip install 'tnflow[gpu]'` there), or smaller "
+        "options fit on this one: --model mobilenet35v2 --image-size 96"
+    )
+
 
 @dataclass
 class _Fit:
@@ -44,6 +83,7 @@ class _Fit:
     net: Any = None
     session: Any = None
     eval_session: Any = None  # a plain float32 session when training's rewrites or compiles the graph
+    pace: Pace | None = None  # on the CPU only
 
 
 def fit_epochs(
@@ -94,6 +134,7 @@ def fit_epochs(
             f"{describe_levers(settings, spec)}"
         )
         total = num_train * (settings.epochs - done_epochs)
+        fit.pace = Pace(total) if "GPU" not in fit.net.device.upper() else None
         for epoch in range(done_epochs + 1, settings.epochs + 1):
             if _stopped_early(state, settings):
                 break
@@ -108,13 +149,16 @@ def fit_epochs(
 def _graph(fit: _Fit) -> tuple[Any, int]:
     """The training graph on the cache's feed, and the number of training images; logs the device."""
     from tnflow.tasks.tf.graph import build
-    from tnflow.tasks.tf.sessions import describe_devices, gpu_details
+    from tnflow.tasks.tf.sessions import describe_devices, gpu_details, nvidia_devices
 
     settings = fit.settings
     num_train = read_split_size(fit.cache_path, "train")
     feed = CacheFeed(fit.cache_path, seed=settings.seed)
     net = build(fit.spec, feed, settings=settings, steps_per_epoch=-(-num_train // settings.batch_size))
-    devices, warnings = describe_devices(gpu_details(), mixed_precision=settings.mixed_precision, xla=settings.xla)
+    details, nvidia = gpu_details(), nvidia_devices()
+    devices, warnings = describe_devices(
+        details, mixed_precision=settings.mixed_precision, xla=settings.xla, nvidia=nvidia
+    )
     fit.log.info(devices)
     for warning in warnings:
         fit.log.warning(warning)
@@ -169,6 +213,8 @@ def _train_epoch(fit: _Fit, epoch: int, *, seen: int, total: int) -> dict[str, A
         if fit.progress:
             detail = f"epoch {epoch}/{settings.epochs}, loss {out['losses'].mean():.4f}"
             fit.progress(seen + count, total, detail=detail)
+        if fit.pace and (too_slow := fit.pace.step(len(out["labels"]), time.monotonic())):
+            fit.log.warning(too_slow)
     seconds = time.monotonic() - started
     return {
         "epoch": epoch,
