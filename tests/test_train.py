@@ -452,7 +452,7 @@ def test_the_starting_point_survives_a_new_cache_version_and_follows_the_model(p
 
 
 def test_a_cpu_training_of_more_than_an_hour_says_so_once_with_what_fits():
-    from tnflow.tasks.training.epochs import PACE_BATCHES, Pace, cpu_estimate_warning
+    from tnflow.tasks.training.pace import PACE_BATCHES, Pace, cpu_estimate_warning
 
     recipe = 7 * 45_000  # the recipe's images to go: 7 epochs of 45,000
     warning = cpu_estimate_warning(3.2, recipe, 320)
@@ -471,8 +471,10 @@ def test_a_cpu_training_of_more_than_an_hour_says_so_once_with_what_fits():
 def test_a_slow_cpu_training_warns_in_its_log(tiny_cache, tmp_path, caplog, monkeypatch):
     import logging
 
-    monkeypatch.setattr(epochs_module, "CPU_HOURS_WARNING", 0.0)  # any pace is too slow
-    monkeypatch.setattr(epochs_module, "PACE_BATCHES", 2)
+    import tnflow.tasks.training.pace as pace
+
+    monkeypatch.setattr(pace, "CPU_HOURS_WARNING", 0.0)  # any pace is too slow
+    monkeypatch.setattr(pace, "PACE_BATCHES", 2)
     log = logging.getLogger("tnflow.test-pace")
     with caplog.at_level(logging.WARNING, logger=log.name):
         settings = dataclasses.replace(ONE_EPOCH, batch_size=16)
