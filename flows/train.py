@@ -14,6 +14,7 @@ from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.release.report import report_task, run_directory
 from tnflow.tasks.sources.download import download_task
+from tnflow.tasks.tf.startup import visible_gpus
 from tnflow.tasks.training.starting_point import starting_point_task
 from tnflow.tasks.training.train import train_task
 from tnflow.tasks.training.validate import validate_task
@@ -47,7 +48,7 @@ def transfer_learning(config: RunConfig) -> str:
         output_dir=config.output_dir,
         cache_dir=config.cache_dir,
     )
-    with gpu_slot(config.gpu_slot, get_run_logger()):  # runs sharing a GPU take turns
+    with gpu_slot(config.gpu_slot, get_run_logger(), gpus=visible_gpus()) as gpu:  # a GPU of its own, or turns
         trained = train_task(
             cache_path=cache.path,
             start=start,
@@ -57,6 +58,7 @@ def transfer_learning(config: RunConfig) -> str:
             class_names=list(cache.class_names),
             eval_batch_size=config.eval_batch_size,
             retrain=config.retrain,
+            gpu=gpu,
         )
         test = validate_task(
             model_dir=trained.model_dir,
@@ -64,6 +66,7 @@ def transfer_learning(config: RunConfig) -> str:
             split="test",
             batch_size=config.eval_batch_size,
             out_dir=run_dir,
+            gpu=gpu,
         )
     # Exported before the gate: a promotion then links the whole directory, exports and card
     # included, into the new champion before it switches over, so the champion's exports are

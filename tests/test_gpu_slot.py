@@ -134,3 +134,86 @@ def test_a_run_killed_while_asking_for_the_slot_does_not_keep_it(prefect_server,
     assert "run 'killed-mid-request'" in caplog.text and "did not give back the GPU slot" in caplog.text
     assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 0
     assert json.loads((tmp_path / f"{name}-{key}-0.lock").read_text() or "{}") == {}, "nothing owed after a clean end"
+
+
+HOLD_A_GPU = """
+import json, sys, time
+from pathlib import Path
+from prefect import flow, get_run_logger
+from tnflow.tasks.core.gpu_slot import gpu_slot
+
+name, out, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+
+@flow(name="gpu-holder")
+def hold():
+    gpus = ["/device:GPU:0", "/device:GPU:1"]  # the device list the code sees: two GPUs
+    with gpu_slot(name, get_run_logger(), gpus=gpus) as gpu:
+        out.write_text(json.dumps({"gpu": gpu}))
+        while not release.exists():
+            time.sleep(0.2)
+
+hold()
+"""
+
+
+def test_three_runs_on_two_gpus_two_hold_one_each_and_the_third_waits_for_the_first_freed(prefect_server, tmp_path):
+    import json
+
+    api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
+    env = {**prefect_server["env"], "TNFLOW_LOCK_DIR": str(tmp_path / "locks")}
+    runs = {}
+
+    def start(run: str) -> None:
+        log = open(tmp_path / f"{run}.log", "wb")  # noqa: SIM115 - closed with the process below
+        command = [sys.executable, "-c", HOLD_A_GPU, name, str(tmp_path / f"{run}.json"), str(tmp_path / f"{run}.go")]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        runs[run] = (process, log)
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            failed = {run: p.returncode for run, (p, _) in runs.items() if p.poll() not in (None, 0)}
+            logs = {run: (tmp_path / f"{run}.log").read_text()[-2000:] for run in runs}
+            assert not failed and time.monotonic() < deadline, f"{what}: {failed} {logs}"
+            time.sleep(0.2)
+
+    def held(run: str) -> int | None:
+        path = tmp_path / f"{run}.json"
+        return json.loads(path.read_text())["gpu"] if path.is_file() and path.read_text() else None
+
+    try:
+        start("a")
+        start("b")
+        wait_for(lambda: held("a") is not None and held("b") is not None, "two runs hold a GPU each")
+        assert {held("a"), held("b")} == {0, 1}, "two runs at once, on different GPUs"
+        limit = api_get(api, f"/v2/concurrency_limits/{name}")
+        assert limit["limit"] == 2 and limit["active_slots"] == 2, "created with a slot per GPU"
+
+        start("c")
+        wait_for(lambda: "waiting for a GPU slot held by run '" in (tmp_path / "c.log").read_text(), "c waits")
+        text = (tmp_path / "c.log").read_text()
+        assert "2 slots" in text and held("c") is None, "the third waits, and says for whom"
+        (tmp_path / "a.go").touch()
+        wait_for(lambda: held("c") is not None, "c takes the GPU a gave back")
+        assert held("c") == held("a"), "the third run trains on the GPU the first one freed"
+        for run in ("b", "c"):
+            (tmp_path / f"{run}.go").touch()
+        for process, _ in runs.values():
+            assert process.wait(timeout=60) == 0
+    finally:
+        for process, log in runs.values():
+            stop_process_group(process)
+            log.close()
+    assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 0
+    locks = sorted((tmp_path / "locks").iterdir())
+    assert len(locks) == 2 and all(json.loads(lock.read_text() or "{}") == {} for lock in locks), "a lock per GPU"
+
+
+def test_a_limit_the_user_made_keeps_its_size(prefect_server):
+    from tnflow.tasks.core.gpu_slot import ensure_limit
+
+    api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
+    api_post(api, "/v2/concurrency_limits/", {"name": name, "limit": 1})
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        assert ensure_limit(name, 8).limit == 1, "one run at a time, as the user asked, on an 8-GPU host"
+        assert ensure_limit(f"{name}-new", 8).limit == 8

@@ -243,3 +243,32 @@ def test_an_nvidia_gpu_that_tensorflow_cannot_see_names_the_gpu_extra(tmp_path):
     assert "pip install 'tnflow[gpu]'" in warnings[0]
     a100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
     assert describe_devices([a100], mixed_precision=False, xla=False, nvidia=[str(dev / "nvidia0")])[1] == []
+
+
+def test_claiming_a_gpu_makes_it_the_only_one_tensorflow_allocates_on(monkeypatch):
+    import tensorflow as tf
+
+    import tnflow.tasks.tf.startup as startup
+    from tnflow.tasks.tf.sessions import describe_devices
+
+    startup.start_tensorflow()
+    calls = []
+    monkeypatch.setattr(startup, "_GPUS", ["GPU-0", "GPU-1"])  # the device list the code sees
+    monkeypatch.setattr(startup, "_CLAIMED", [])
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: calls.append((devices, kind)))
+    startup.claim_gpu(None)
+    assert calls == [], "no slot, no GPU held: TensorFlow as it is"
+    startup.claim_gpu(1)
+    startup.claim_gpu(1)  # validation after training, in the same process
+    assert calls == [(["GPU-1"], "GPU")], "once, and only the run's GPU"
+
+    def initialised(devices, kind):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", initialised)
+    with pytest.raises(RuntimeError, match="already computes on GPU 1; run each training in a process of its own"):
+        startup.claim_gpu(0)
+
+    a100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
+    line, _ = describe_devices([a100, a100], mixed_precision=False, xla=False, gpu=1)
+    assert "device: /GPU:1 (NVIDIA A100-SXM4-40GB, compute capability 8.0; GPU 1 of 2 on this machine" in line

@@ -481,3 +481,16 @@ def test_a_slow_cpu_training_warns_in_its_log(tiny_cache, tmp_path, caplog, monk
         train(tiny_cache.path, None, GAP32, settings, tmp_path / "w", class_names=tiny_cache.class_names, log=log)
     said = [r.getMessage() for r in caplog.records if "training on the CPU: about" in r.getMessage()]
     assert len(said) == 1 and "--model mobilenet35v2 --image-size 96" in said[0]
+
+
+def test_training_and_validation_claim_the_gpu_the_run_holds(tiny_cache, tmp_path, monkeypatch):
+    import tnflow.tasks.training.validate as validate_module
+
+    claimed = []
+    monkeypatch.setattr(epochs_module, "claim_gpu", claimed.append)
+    monkeypatch.setattr(validate_module, "claim_gpu", claimed.append)
+    work = tmp_path / "w"
+    trained = train(tiny_cache.path, None, GAP32, ONE_EPOCH, work, class_names=tiny_cache.class_names, gpu=1)
+    assert claimed == [1] and trained.device.startswith("GPU 1 of this machine"), trained.device
+    validate(trained.model_dir, tiny_cache.path, "test", 64, tmp_path / "out", gpu=1)
+    assert claimed == [1, 1], "validation computes on the same GPU"

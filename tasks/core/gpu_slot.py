@@ -1,30 +1,31 @@
-"""One GPU shared by the runs on its machine, and no run, however it dies, keeps it.
+"""A GPU of its own for every run on a machine, and no run, however it dies, keeps it.
 
-A scheduled retrain and an ad-hoc run that start together would both load a model onto the
+A scheduled retrain and an ad-hoc run that start together would both load a model onto one
 GPU and one would fail out of memory. Runs that train hold a GPU slot while they train and
-validate, so the second waits, and says for whom, instead of failing. A slot is two locks:
+validate, so a run waits, and says for whom, instead of failing. A slot is two locks:
 
-- On this host, a file lock per slot (`tasks.core.host_slots`). The kernel releases it when its
-  process dies, whatever kills it, so a killed run never keeps the GPU.
-- On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created
-  with one slot if missing; a user's own limit stays): the UI counts it, and runs of other
-  hosts on the same server take turns. It is a lease renewed from a background thread, so
-  neither a slow nor a lost server stalls training.
+- On this host, a file lock per GPU (`tasks.core.host_slots`; per slot on a host without
+  GPUs): the run trains and validates on the GPU whose lock it holds, which no other tnflow
+  run on the host holds. The kernel releases the lock when its process dies, whatever kills
+  it, so a killed run never keeps its GPU.
+- On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created with
+  a slot per GPU of the host, or one without GPUs, if missing; a user's own limit stays): the
+  UI counts it, and runs of other hosts on the same server take turns. It is a lease renewed
+  from a background thread, so neither a slow nor a lost server stalls training.
 
 The holder writes its lease into its lock file and clears it when it lets go. A lease still
 written there when the next run takes the lock is a dead run's: its process was killed,
 and its lease died with a temporary server's memory, or with a restarted server. That slot
 is released, with a warning. A dead holder on another host is freed by its lease expiring
 (`LEASE_SECONDS`), which needs the server to keep its leases (README: leases that survive a
-restart).
-"""
+restart)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -60,35 +61,43 @@ def backend() -> str:
     return url if url and not is_temporary(url) else f"temporary servers of {PREFECT_HOME.value()}"
 
 
-def ensure_limit(name: str) -> GlobalConcurrencyLimitResponse:
-    """The limit as it is now; created with one slot if it does not exist (a user's own stays)."""
+def ensure_limit(name: str, slots: int = 1) -> GlobalConcurrencyLimitResponse:
+    """The limit as it is now; created with `slots` slots if it does not exist (a user's own stays)."""
     with get_client(sync_client=True) as client:
         try:
             return client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             pass
         with contextlib.suppress(ObjectAlreadyExists):  # another run created it first
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
         return client.read_global_concurrency_limit_by_name(name)
 
 
 @contextmanager
-def gpu_slot(name: str, log: Log) -> Iterator[None]:
-    """Hold one slot of the limit `name` (`NO_SLOT`: none) for the duration of the block."""
+def gpu_slot(name: str, log: Log, gpus: Sequence[str] = ()) -> Iterator[int | None]:
+    """Hold one slot of the limit `name` (`NO_SLOT`: none) for the duration of the block.
+
+    `gpus`: the GPUs TensorFlow sees on this host. The limit is created with one slot per GPU,
+    and the run holds one GPU that no other tnflow run on this host holds (its lock file);
+    the block gets that GPU's index in `gpus` (None without GPUs, or without a slot).
+    """
     if name == NO_SLOT:
-        yield
+        yield None
         return
-    limit = ensure_limit(name)
+    limit = ensure_limit(name, max(len(gpus), 1))
     me = {**whoami(), "since": datetime.now(UTC).isoformat()}
     key = short_digest(backend(), 8)  # the slots of one Prefect database
-    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(limit.limit)]
-    waiting = _waiting(name, limit.limit, "that run's training and validation end, or at once if its process dies")
+    count = len(gpus) or limit.limit  # a lock per GPU; without GPUs, per slot of the limit
+    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(count)]
+    waiting = _waiting(name, count, "that run's training and validation end, or at once if its process dies")
     with host_slot(paths, me, log, waiting) as journal:
         lease = _server_slot(name, limit.limit, me, journal, log)
         renewer = _Renewer(lease, log)
-        log.info("holding the GPU slot %r (released after validation)", name)
+        gpu = paths.index(journal.path) if gpus else None
+        held = f", and GPU {gpu} ({gpus[gpu]})" if gpu is not None else ""
+        log.info("holding the GPU slot %r%s (released after validation)", name, held)
         try:
-            yield
+            yield gpu
         finally:
             renewer.stop()
             if best_effort(lambda: _release(lease), 5.0, "tnflow-gpu-slot-release"):

@@ -35,8 +35,8 @@ def lock_dir() -> Path:
 class Journal:
     """A held slot's lock file: who holds it, and what to give back if that holder dies."""
 
-    def __init__(self, handle: IO[bytes], me: dict[str, Any]):
-        self.handle, self.me = handle, me
+    def __init__(self, handle: IO[bytes], me: dict[str, Any], path: Path | None = None):
+        self.handle, self.me, self.path = handle, me, path
         self.left_by = _read_record(handle)  # what the previous holder left: owed, unless it let go
         self.left: list[str] = list(self.left_by.get("owes") or [])
 
@@ -77,7 +77,7 @@ def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str) -> 
                 handle.close()
                 continue
             try:
-                journal = Journal(handle, me)
+                journal = Journal(handle, me, path)
                 journal.write(journal.left)  # still owed if this holder dies before paying it back
                 yield journal
             finally:

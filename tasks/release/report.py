@@ -240,6 +240,7 @@ def report_task(
             "config": config,
             "timings": stages,
             "promotion": promotion,
+            "device": device,  # what trained it: the GPU of the machine this run held, or the CPU
             "cache": cache_path,  # what `tnflow gc` keeps while this run exists
             "data": data_sections(cache_path),
         },

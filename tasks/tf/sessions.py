@@ -38,12 +38,18 @@ def nvidia_devices(dev: Path = Path("/dev"), driver: Path = Path("/proc/driver/n
 
 
 def describe_devices(
-    details: list[dict[str, Any]], *, mixed_precision: bool, xla: bool, nvidia: list[str] | tuple[str, ...] = ()
+    details: list[dict[str, Any]],
+    *,
+    mixed_precision: bool,
+    xla: bool,
+    nvidia: list[str] | tuple[str, ...] = (),
+    gpu: int | None = None,
 ) -> tuple[str, list[str]]:
     """One line of what runs where, and warnings about switches that will not pay on this device.
 
     `nvidia`: the machine's NVIDIA devices (`nvidia_devices`). With one there and none seen by
-    TensorFlow, a CPU-only TensorFlow was installed where a GPU one was meant to be.
+    TensorFlow, a CPU-only TensorFlow was installed where a GPU one was meant to be. `gpu`: the
+    index of the GPU this run holds (`tasks.core.gpu_slot`), if it holds one.
     """
     target = "the GPU, cast there" if details else "the CPU"
     ahead = f"{READ_THREADS} reader threads, {PREFETCH_BATCHES} batches ahead"
@@ -59,11 +65,14 @@ def describe_devices(
                 "cuDNN system-wide) and run again"
             )
         return f"device: CPU (no GPU visible to TensorFlow); {switches}", missed
-    first = details[0]
-    capability = tuple(first.get("compute_capability") or (0, 0))
-    name = first.get("device_name", "GPU")
-    others = f"; {len(details)} GPUs visible, tnflow uses the first" if len(details) > 1 else ""
-    line = f"device: /GPU:0 ({name}, compute capability {capability[0]}.{capability[1]}{others}); {switches}"
+    used = details[gpu or 0]
+    capability = tuple(used.get("compute_capability") or (0, 0))
+    name = used.get("device_name", "GPU")
+    if gpu is not None:
+        others = f"; GPU {gpu} of {len(details)} on this machine, held by this run alone"
+    else:
+        others = f"; {len(details)} GPUs visible, tnflow uses the first" if len(details) > 1 else ""
+    line = f"device: /GPU:{gpu or 0} ({name}, compute capability {capability[0]}.{capability[1]}{others}); {switches}"
     warnings = []
     if mixed_precision and capability < FAST_FLOAT16:
         warnings.append(

@@ -21,6 +21,7 @@ from typing import Any
 
 _GPUS: list[Any] = []  # what the CUDA runtime found when TensorFlow started (no nvidia-smi needed)
 _STARTED: list[bool] = []
+_CLAIMED: list[int] = []  # the GPU this process computes on, once a run claimed one
 
 
 def start_tensorflow(*, verbose: bool = False) -> None:
@@ -70,3 +71,26 @@ def _stderr_hidden(hidden: bool) -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(sink)
+
+
+def claim_gpu(index: int | None) -> None:
+    """Make GPU `index` of `physical_gpus()` the only GPU this process allocates on (it becomes /GPU:0).
+
+    A run holds one GPU of its host (`tasks.core.gpu_slot`); TensorFlow would otherwise open
+    every GPU it sees and take memory on each. TensorFlow fixes its visible devices when it
+    first computes, so the claim is process-wide and comes before the first session: the
+    train and validate tasks make it. `None` (no GPU, or no slot) leaves TensorFlow as it is.
+    """
+    gpus = physical_gpus()
+    if index is None or not gpus or [index] == _CLAIMED:
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([gpus[index]], "GPU")
+    except RuntimeError as exc:  # this process computed on a GPU before: it cannot move
+        raise RuntimeError(
+            f"GPU {index} was assigned to this run, but this process already computes on "
+            f"{'GPU ' + str(_CLAIMED[0]) if _CLAIMED else 'every GPU'}; run each training in a process of its own"
+        ) from exc
+    _CLAIMED[:] = [index]

@@ -23,7 +23,7 @@ from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json
-from tnflow.tasks.tf.startup import start_tensorflow
+from tnflow.tasks.tf.startup import claim_gpu, start_tensorflow
 from tnflow.tasks.training.pace import Pace
 from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
@@ -46,6 +46,7 @@ class _Fit:
     session: Any = None
     eval_session: Any = None  # a plain float32 session when training's rewrites or compiles the graph
     pace: Pace | None = None  # on the CPU only
+    gpu: int | None = None  # the host's GPU this run holds
 
 
 def fit_epochs(
@@ -62,6 +63,7 @@ def fit_epochs(
     progress: Callable[..., None] | None,
     log: logging.Logger | logging.LoggerAdapter,
     on_epoch_end: Callable[[int], None] | None,
+    gpu: int | None = None,
 ) -> dict[str, Any]:
     """Run the epochs still to do in `directory`, starting from `state`; returns the final state.
 
@@ -73,11 +75,12 @@ def fit_epochs(
     start_tensorflow()
     from tnflow.tasks.tf.sessions import open_session
 
+    claim_gpu(gpu)
     origin = {"class_names": list(class_names), "resize": read_resize_mode(cache_path)}
     origin |= {"weights": weights_path or "none", "init_from": init_from}
-    fit = _Fit(cache_path, spec, settings, directory, origin, eval_batch_size, log, progress)
+    fit = _Fit(cache_path, spec, settings, directory, origin, eval_batch_size, log, progress, gpu=gpu)
     fit.net, num_train = _graph(fit)
-    state["device"] = fit.net.device
+    state["device"] = fit.net.device if gpu is None else f"GPU {gpu} of this machine ({fit.net.device} in its process)"
     done_epochs = state.get("epochs_done", 0)
     # Each epoch's validation runs in a plain float32 session, restored from the epoch's
     # checkpoint, whenever the training session rewrites or compiles the graph: the best epoch
@@ -119,7 +122,7 @@ def _graph(fit: _Fit) -> tuple[Any, int]:
     net = build(fit.spec, feed, settings=settings, steps_per_epoch=-(-num_train // settings.batch_size))
     details, nvidia = gpu_details(), nvidia_devices()
     devices, warnings = describe_devices(
-        details, mixed_precision=settings.mixed_precision, xla=settings.xla, nvidia=nvidia
+        details, mixed_precision=settings.mixed_precision, xla=settings.xla, nvidia=nvidia, gpu=fit.gpu
     )
     fit.log.info(devices)
     for warning in warnings:

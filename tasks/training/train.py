@@ -84,8 +84,9 @@ def train(
     progress: Callable[..., None] | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    gpu: int | None = None,
 ) -> Trained:
-    """Train (or resume, or recover, or return the finished) model for these inputs."""
+    """Train (or resume, or recover, or return the finished) model for these inputs, on GPU `gpu` if given."""
     log = log or logging.getLogger("tnflow.train")
     work_dir = ensure_writable_dir(work_dir, option="--output-dir")
     # Chosen before waiting for the lock: two retrains started together share one new generation.
@@ -117,6 +118,7 @@ def train(
             progress=progress,
             log=log,
             on_epoch_end=on_epoch_end,
+            gpu=gpu,
         )
         prune_older_generations(work_dir, generation)
         return _result(work_dir, generation, trained)
@@ -165,10 +167,11 @@ def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
     name="train",
     cache_policy=StageCache(
         code=CODE,
-        # The first does not change the model; the second is in the identity. Where training starts
+        # The first does not change the model, nor which GPU of the host computes it (the last);
+        # the second is in the identity. Where training starts
         # is in the work directory's name as its weights' digest (a champion's path would not say
         # which champion), and the work directory is the identity's.
-        ignore=("eval_batch_size", "retrain", "start"),
+        ignore=("eval_batch_size", "retrain", "start", "gpu"),
         identity=_identity,
         sound=trained_is_sound,
     ),
@@ -187,6 +190,7 @@ def train_task(
     class_names: list[str],
     eval_batch_size: int,
     retrain: bool,
+    gpu: int | None = None,
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
@@ -202,6 +206,7 @@ def train_task(
         init_from=start.model_dir,
         progress=progress,
         log=logger,
+        gpu=gpu,
     )
     logger.info(
         "best epoch %d: valid accuracy %.4f (%s)", trained.best_epoch, trained.valid_accuracy, trained.model_dir
