@@ -40,7 +40,8 @@ import tensorflow as tf  # noqa: E402
 
 from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings  # noqa: E402
-from tnflow.tasks.tf.graph import build, preprocess  # noqa: E402
+from tnflow.tasks.tf.graph import build  # noqa: E402
+from tnflow.tasks.tf.network import preprocess  # noqa: E402
 from tnflow.tasks.tf.sessions import open_session  # noqa: E402
 
 # tnflow model -> (keras.applications constructor, its extra arguments)

@@ -8,7 +8,7 @@ from prefect.runtime import flow_run
 from tnflow.tasks.cache.stage import build_cache_task
 from tnflow.tasks.config.options import RunConfig
 from tnflow.tasks.config.parameters import flow_parameters
-from tnflow.tasks.core.gpu_slot import gpu_slot
+from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
 from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
@@ -48,7 +48,9 @@ def transfer_learning(config: RunConfig) -> str:
         output_dir=config.output_dir,
         cache_dir=config.cache_dir,
     )
-    with gpu_slot(config.gpu_slot, get_run_logger(), gpus=visible_gpus()) as gpu:  # a GPU of its own, or turns
+    gpus = visible_gpus()
+    towers = gpu_count(config.gpus, len(gpus))
+    with gpu_slot(config.gpu_slot, get_run_logger(), gpus=gpus, count=towers) as held:  # GPUs of its own, or turns
         trained = train_task(
             cache_path=cache.path,
             start=start,
@@ -58,7 +60,8 @@ def transfer_learning(config: RunConfig) -> str:
             class_names=list(cache.class_names),
             eval_batch_size=config.eval_batch_size,
             retrain=config.retrain,
-            gpu=gpu,
+            gpus=held,
+            towers=towers,
         )
         test = validate_task(
             model_dir=trained.model_dir,
@@ -66,7 +69,7 @@ def transfer_learning(config: RunConfig) -> str:
             split="test",
             batch_size=config.eval_batch_size,
             out_dir=run_dir,
-            gpu=gpu,
+            gpus=held,
         )
     # Exported before the gate: a promotion then links the whole directory, exports and card
     # included, into the new champion before it switches over, so the champion's exports are

@@ -93,7 +93,7 @@ def test_batch_norm_can_train_its_statistics():
 def test_preprocessing_is_tensornets_numpy_preprocess_as_graph_ops(model):
     import tensorflow as tf
 
-    from tnflow.tasks.tf.graph import preprocess
+    from tnflow.tasks.tf.network import preprocess
     from tnflow.tasks.tf.tensornets_compat import nets  # noqa: F401 - registers tensornets.preprocess
 
     reference = sys.modules["tensornets.preprocess"].__preprocess_dict__[model]

@@ -124,18 +124,32 @@ def test_what_a_killed_holder_owed_is_handed_to_the_next(tmp_path):
         from pathlib import Path
         from tnflow.tasks.core.host_slots import host_slot
         me = {{"run": "doomed", "pid": os.getpid()}}
-        with host_slot([Path({str(paths[0])!r})], me, logging.getLogger(), "") as j:
+        with host_slot([Path({str(paths[0])!r})], me, logging.getLogger(), "") as (j,):
             j.write(["lease-1"])
             os.kill(os.getpid(), signal.SIGKILL)
         """
     )
     subprocess.run([sys.executable, "-c", script], check=False)
-    with host_slot(paths, {"run": "next"}, logging.getLogger(), "") as journal:
+    with host_slot(paths, {"run": "next"}, logging.getLogger(), "") as (journal,):
         assert journal.left == ["lease-1"] and journal.left_by["run"] == "doomed"
         assert json.loads(paths[0].read_text())["owes"] == ["lease-1"], "still owed until it is paid"
         journal.write(None)
-    with host_slot(paths, {"run": "after"}, logging.getLogger(), "") as journal:
+    with host_slot(paths, {"run": "after"}, logging.getLogger(), "") as (journal,):
         assert journal.left == [], "a clean release owes nothing"
+
+
+def test_slots_are_taken_all_or_none(tmp_path):
+    """A holder of several slots never sits on some while it waits for the rest: no two such holders deadlock."""
+    paths = [tmp_path / f"slot-{i}.lock" for i in range(3)]
+    log = logging.getLogger("tnflow.test")
+    with host_slot(paths[1:2], {"run": "one"}, log, ""):
+        with host_slot(paths, {"run": "two"}, log, "", count=2) as journals:
+            assert [j.path for j in journals] == [paths[0], paths[2]], "the free ones, in order"
+        assert host_slots._take(paths, 3) == [], "one is held: none is taken"
+        held = host_slots._take(paths, 2)
+        assert [path for path, _ in held] == [paths[0], paths[2]]
+        for _, handle in held:
+            handle.close()
 
 
 # -- as a user kills runs -----------------------------------------------------------------

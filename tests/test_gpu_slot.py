@@ -142,13 +142,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from tnflow.tasks.core.gpu_slot import gpu_slot
 
-name, out, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+name, out, release, count = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 
 @flow(name="gpu-holder")
 def hold():
     gpus = ["/device:GPU:0", "/device:GPU:1"]  # the device list the code sees: two GPUs
-    with gpu_slot(name, get_run_logger(), gpus=gpus) as gpu:
-        out.write_text(json.dumps({"gpu": gpu}))
+    with gpu_slot(name, get_run_logger(), gpus=gpus, count=count) as held:
+        out.write_text(json.dumps({"gpus": held}))
         while not release.exists():
             time.sleep(0.2)
 
@@ -157,15 +157,17 @@ hold()
 
 
 def test_three_runs_on_two_gpus_two_hold_one_each_and_the_third_waits_for_the_first_freed(prefect_server, tmp_path):
+    """Then a run of two towers waits for both GPUs, holding neither meanwhile, and takes them together."""
     import json
 
     api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
     env = {**prefect_server["env"], "TNFLOW_LOCK_DIR": str(tmp_path / "locks")}
     runs = {}
 
-    def start(run: str) -> None:
+    def start(run: str, count: int = 1) -> None:
         log = open(tmp_path / f"{run}.log", "wb")  # noqa: SIM115 - closed with the process below
         command = [sys.executable, "-c", HOLD_A_GPU, name, str(tmp_path / f"{run}.json"), str(tmp_path / f"{run}.go")]
+        command.append(str(count))
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         runs[run] = (process, log)
 
@@ -177,9 +179,10 @@ def test_three_runs_on_two_gpus_two_hold_one_each_and_the_third_waits_for_the_fi
             assert not failed and time.monotonic() < deadline, f"{what}: {failed} {logs}"
             time.sleep(0.2)
 
-    def held(run: str) -> int | None:
+    def held(run: str) -> int | list[int] | None:
         path = tmp_path / f"{run}.json"
-        return json.loads(path.read_text())["gpu"] if path.is_file() and path.read_text() else None
+        gpus = json.loads(path.read_text())["gpus"] if path.is_file() and path.read_text() else None
+        return gpus[0] if gpus and len(gpus) == 1 else gpus
 
     try:
         start("a")
@@ -196,8 +199,18 @@ def test_three_runs_on_two_gpus_two_hold_one_each_and_the_third_waits_for_the_fi
         (tmp_path / "a.go").touch()
         wait_for(lambda: held("c") is not None, "c takes the GPU a gave back")
         assert held("c") == held("a"), "the third run trains on the GPU the first one freed"
-        for run in ("b", "c"):
-            (tmp_path / f"{run}.go").touch()
+
+        start("d", count=2)
+        wait_for(lambda: "waiting for a GPU slot held by run '" in (tmp_path / "d.log").read_text(), "d waits")
+        (tmp_path / "b.go").touch()
+        wait_for(lambda: runs["b"][0].poll() == 0, "b ends")
+        time.sleep(1.5)  # three of d's polls with one GPU free
+        assert held("d") is None, "one GPU is not enough for two towers"
+        assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 1, "d holds nothing while it waits"
+        (tmp_path / "c.go").touch()
+        wait_for(lambda: held("d") is not None, "d takes both GPUs")
+        assert held("d") == [0, 1] and api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 2
+        (tmp_path / "d.go").touch()
         for process, _ in runs.values():
             assert process.wait(timeout=60) == 0
     finally:

@@ -256,10 +256,10 @@ def test_claiming_a_gpu_makes_it_the_only_one_tensorflow_allocates_on(monkeypatc
     monkeypatch.setattr(startup, "_GPUS", ["GPU-0", "GPU-1"])  # the device list the code sees
     monkeypatch.setattr(startup, "_CLAIMED", [])
     monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: calls.append((devices, kind)))
-    startup.claim_gpu(None)
+    startup.claim_gpus(())
     assert calls == [], "no slot, no GPU held: TensorFlow as it is"
-    startup.claim_gpu(1)
-    startup.claim_gpu(1)  # validation after training, in the same process
+    startup.claim_gpus((1,))
+    startup.claim_gpus((1,))  # validation after training, in the same process
     assert calls == [(["GPU-1"], "GPU")], "once, and only the run's GPU"
 
     def initialised(devices, kind):
@@ -267,8 +267,24 @@ def test_claiming_a_gpu_makes_it_the_only_one_tensorflow_allocates_on(monkeypatc
 
     monkeypatch.setattr(tf.config, "set_visible_devices", initialised)
     with pytest.raises(RuntimeError, match="already computes on GPU 1; run each training in a process of its own"):
-        startup.claim_gpu(0)
+        startup.claim_gpus((0, 1))
 
     a100 = {"device_name": "NVIDIA A100-SXM4-40GB", "compute_capability": (8, 0)}
-    line, _ = describe_devices([a100, a100], mixed_precision=False, xla=False, gpu=1)
+    line, _ = describe_devices([a100, a100], mixed_precision=False, xla=False, gpus=(1,))
     assert "device: /GPU:1 (NVIDIA A100-SXM4-40GB, compute capability 8.0; GPU 1 of 2 on this machine" in line
+    line, _ = describe_devices([a100] * 4, mixed_precision=False, xla=False, gpus=(2, 3), towers=2)
+    assert "device: 2 towers, one per GPU (NVIDIA A100-SXM4-40GB, compute capability 8.0; GPUs 2, 3 of 4" in line
+
+
+def test_two_towers_are_claimed_together(monkeypatch):
+    import tensorflow as tf
+
+    import tnflow.tasks.tf.startup as startup
+
+    startup.start_tensorflow()
+    calls = []
+    monkeypatch.setattr(startup, "_GPUS", ["GPU-0", "GPU-1", "GPU-2"])
+    monkeypatch.setattr(startup, "_CLAIMED", [])
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: calls.append((devices, kind)))
+    startup.claim_gpus((0, 2))
+    assert calls == [(["GPU-0", "GPU-2"], "GPU")]

@@ -329,6 +329,9 @@ def test_the_work_directory_key_holds_what_changes_the_model():
     assert base != workdir.work_dir_for(**{**key, "code": "v2"}), "the code version is part of it"
     assert base != workdir.work_dir_for(**{**key, "settings": ONE_EPOCH})
     assert "eval_batch_size" not in TrainSettings.__dataclass_fields__, "evaluation batch size changes no weight"
+    assert base == workdir.work_dir_for(**key, towers=4), "towers compute what one device computes"
+    bn = {**key, "settings": dataclasses.replace(SETTINGS, train_bn=True)}
+    assert workdir.work_dir_for(**bn) != workdir.work_dir_for(**bn, towers=4), "unless BN trains on each share"
 
 
 def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny_cache):
@@ -487,10 +490,10 @@ def test_training_and_validation_claim_the_gpu_the_run_holds(tiny_cache, tmp_pat
     import tnflow.tasks.training.validate as validate_module
 
     claimed = []
-    monkeypatch.setattr(epochs_module, "claim_gpu", claimed.append)
-    monkeypatch.setattr(validate_module, "claim_gpu", claimed.append)
+    monkeypatch.setattr(epochs_module, "claim_gpus", claimed.append)
+    monkeypatch.setattr(validate_module, "claim_gpus", claimed.append)
     work = tmp_path / "w"
-    trained = train(tiny_cache.path, None, GAP32, ONE_EPOCH, work, class_names=tiny_cache.class_names, gpu=1)
-    assert claimed == [1] and trained.device.startswith("GPU 1 of this machine"), trained.device
-    validate(trained.model_dir, tiny_cache.path, "test", 64, tmp_path / "out", gpu=1)
-    assert claimed == [1, 1], "validation computes on the same GPU"
+    trained = train(tiny_cache.path, None, GAP32, ONE_EPOCH, work, class_names=tiny_cache.class_names, gpus=(1,))
+    assert claimed == [(1,)] and trained.device.startswith("GPU 1 of this machine"), trained.device
+    validate(trained.model_dir, tiny_cache.path, "test", 64, tmp_path / "out", gpus=(1,))
+    assert claimed == [(1,), (1,)], "validation computes on the same GPU"

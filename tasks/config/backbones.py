@@ -18,7 +18,7 @@ from dataclasses import dataclass
 _RELEASES = "https://github.com/taehoonlee/deep-learning-models/releases/download/"
 
 # How each family's ImageNet weights expect their input, from uint8 RGB 0-255
-# (tensornets' numpy `preprocess` for the model; `tasks/tf/graph.py` writes them as graph ops).
+# (tensornets' numpy `preprocess` for the model; `tasks/tf/network.py` writes them as graph ops).
 PREPROCESSING = {
     "caffe": "caffe: RGB to BGR, minus ImageNet channel means B 103.939 G 116.779 R 123.68, on 0-255",
     "torch": "torch: /255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225), RGB",

@@ -338,9 +338,17 @@ class RunConfig(DataConfig):
         "tnflow-gpu",
         pattern=r"^[A-Za-z0-9_-]+$",
         description="Prefect global concurrency limit that training and validation hold, so runs sharing a GPU "
-        "take turns (created with 1 slot if missing; name one per machine if several share a server; "
-        "none: take no slot)",
+        "take turns (created with a slot per GPU if missing; name one per machine if several share a server; "
+        "none: take no slot, as on a cluster whose scheduler hands each pod its GPUs)",
         json_schema_extra={"metavar": "NAME"},
+    )
+    gpus: str = Field(
+        "1",
+        pattern=r"^([1-9][0-9]?|all)$",
+        description="GPUs one training uses, N or all: a replica of the network on each, every batch of "
+        "--batch-size split among them and their gradients averaged into one update (what one GPU computes "
+        "with that batch)",
+        json_schema_extra={"metavar": "N|all"},
     )
     retrain: bool = Field(False, description="train again even if a finished training with these inputs exists")
     output_dir: str = Field(

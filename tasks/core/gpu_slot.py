@@ -40,7 +40,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 from tnflow.tasks.core.digests import short_digest
-from tnflow.tasks.core.errors import first_line
+from tnflow.tasks.core.errors import TnflowError, first_line
 from tnflow.tasks.core.files import describe_holder, whoami
 from tnflow.tasks.core.host_slots import WAIT_REPORT_SECONDS, Journal, Log, host_slot, lock_dir
 from tnflow.tasks.core.processes import best_effort, in_background
@@ -74,35 +74,56 @@ def ensure_limit(name: str, slots: int = 1) -> GlobalConcurrencyLimitResponse:
 
 
 @contextmanager
-def gpu_slot(name: str, log: Log, gpus: Sequence[str] = ()) -> Iterator[int | None]:
-    """Hold one slot of the limit `name` (`NO_SLOT`: none) for the duration of the block.
+def gpu_slot(name: str, log: Log, gpus: Sequence[str] = (), count: int = 1) -> Iterator[tuple[int, ...]]:
+    """Hold `count` slots of the limit `name` (`NO_SLOT`: none) for the duration of the block.
 
     `gpus`: the GPUs TensorFlow sees on this host. The limit is created with one slot per GPU,
-    and the run holds one GPU that no other tnflow run on this host holds (its lock file);
-    the block gets that GPU's index in `gpus` (None without GPUs, or without a slot).
+    and the run holds `count` GPUs that no other tnflow run on this host holds (their lock
+    files); the block gets their indices in `gpus` (none without GPUs, or without a slot).
     """
     if name == NO_SLOT:
-        yield None
+        yield ()
         return
     limit = ensure_limit(name, max(len(gpus), 1))
+    if count > limit.limit:
+        raise TnflowError(
+            f"--gpus {count} needs {count} slots of the concurrency limit {name!r}, which has {limit.limit}: "
+            f"raise it (`prefect gcl update {name} --limit {count}`) or pass --gpu-slot none"
+        )
     me = {**whoami(), "since": datetime.now(UTC).isoformat()}
     key = short_digest(backend(), 8)  # the slots of one Prefect database
-    count = len(gpus) or limit.limit  # a lock per GPU; without GPUs, per slot of the limit
-    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(count)]
-    waiting = _waiting(name, count, "that run's training and validation end, or at once if its process dies")
-    with host_slot(paths, me, log, waiting) as journal:
-        lease = _server_slot(name, limit.limit, me, journal, log)
+    locks = len(gpus) or limit.limit  # a lock per GPU; without GPUs, per slot of the limit
+    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(locks)]
+    waiting = _waiting(name, locks, "that run's training and validation end, or at once if its process dies")
+    with host_slot(paths, me, log, waiting, count) as journals:
+        lease = _server_slot(name, limit.limit, me, journals, count, log)
         renewer = _Renewer(lease, log)
-        gpu = paths.index(journal.path) if gpus else None
-        held = f", and GPU {gpu} ({gpus[gpu]})" if gpu is not None else ""
-        log.info("holding the GPU slot %r%s (released after validation)", name, held)
+        held = tuple(paths.index(journal.path) for journal in journals) if gpus else ()
+        named = f", and {_named(held, gpus)}" if held else ""
+        log.info("holding the GPU slot %r%s (released after validation)", name, named)
         try:
-            yield gpu
+            yield held
         finally:
             renewer.stop()
             if best_effort(lambda: _release(lease), 5.0, "tnflow-gpu-slot-release"):
-                journal.write(None)
+                journals[0].write(None)
             # else the lease stays in the journal, and the next run on this host gives it back
+
+
+def gpu_count(option: str, visible: int) -> int:
+    """How many GPUs `--gpus` asks of a machine with `visible` GPUs: one tower per GPU, or one on the CPU."""
+    if option == "all":
+        return max(visible, 1)
+    count = int(option)
+    if count > max(visible, 1):
+        seen = f"{visible} GPU{'s' if visible != 1 else ''}" if visible else "no GPU"
+        fits = max(visible, 1)
+        raise TnflowError(f"--gpus {count}: TensorFlow sees {seen} on this machine; pass --gpus {fits} or all")
+    return count
+
+
+def _named(held: tuple[int, ...], gpus: Sequence[str]) -> str:
+    return ", ".join(f"GPU {i} ({gpus[i]})" for i in held)
 
 
 def _waiting(name: str, slots: int, frees: str) -> str:
@@ -117,12 +138,18 @@ def _waiting(name: str, slots: int, frees: str) -> str:
 # -- the server's slot --------------------------------------------------------------------
 
 
-def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, log: Log) -> UUID:
-    """Take a slot of the Prefect limit; first free the one a dead run on this host left behind."""
+def _server_slot(name: str, slots: int, me: dict[str, Any], journals: list[Journal], count: int, log: Log) -> UUID:
+    """Take `count` slots of the Prefect limit as one lease; first free those a dead run on this host left behind.
+
+    The first journal records the lease (as `lease*count` for several slots); the others'
+    leftovers move into its count of slots that may still be taken, and they are emptied.
+    """
     holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
     # Slots a dead holder may still count that the server knows no lease for: taken back only
     # if they block this run, and kept in the journal until then (a kill here loses none).
-    gone = sum(_release_dead(name, lease, journal.left_by, log) for lease in journal.left)
+    left = [(entry, journal.left_by) for journal in journals for entry in journal.left]
+    gone = sum(_release_dead(name, entry, record, log) for entry, record in left)
+    journal, others = journals[0], journals[1:]
     waiting = _waiting(
         name,
         slots,
@@ -132,14 +159,16 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, lo
     started, next_report = time.monotonic(), 0.0
     while True:
         with get_client(sync_client=True) as client:
-            journal.write([PENDING] * (gone + 1))  # a kill while the server answers still leaves a trace
-            lease = _try_increment(client, name, holder)
+            journal.write([PENDING] * (gone + count))  # a kill while the server answers still leaves a trace
+            for other in others:
+                other.write(None)  # what it owed is counted in the first journal now
+            lease = _try_increment(client, name, holder, count)
             if lease is None and gone:
                 client.release_concurrency_slots([name], 1, occupancy_seconds=1.0)
                 gone -= 1
                 continue
         if lease is not None:
-            journal.write([str(lease)])
+            journal.write([str(lease) if count == 1 else f"{lease}*{count}"])
             with contextlib.suppress(Exception):  # only for other runs' waiting messages
                 _set_holder(name, me)
             return lease
@@ -150,10 +179,10 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journal: Journal, lo
         time.sleep(2.0)
 
 
-def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None) -> UUID | None:
+def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None, count: int) -> UUID | None:
     try:
         response = client.increment_concurrency_slots_with_lease(
-            names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
+            names=[name], slots=count, mode="concurrency", lease_duration=LEASE_SECONDS, holder=holder
         )
     except httpx.HTTPStatusError as exc:
         if exc.response.status_code == LOCKED:
@@ -162,15 +191,16 @@ def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None
     return UUID(response.json()["lease_id"])
 
 
-def _release_dead(name: str, lease: str, record: dict[str, Any], log: Log) -> bool:
-    """Release a dead holder's lease; True when the server does not know it (its slot may still count)."""
+def _release_dead(name: str, entry: str, record: dict[str, Any], log: Log) -> int:
+    """Release a dead holder's lease; how many of its slots may still count (the server knows no lease for them)."""
     log.warning(
         "%s did not give back the GPU slot %r (killed, or cut off from its server): releasing it now",
         describe_holder(record),
         name,
     )
-    if lease == PENDING:  # killed while asking for it: whether the server counted it is unknown
-        return True
+    if entry == PENDING:  # killed while asking for it: whether the server counted it is unknown
+        return 1
+    lease, _, slots = entry.partition("*")
     with get_client(sync_client=True) as client:
         try:
             # The shortest renewal tells whether the lease still exists without keeping it alive.
@@ -178,9 +208,9 @@ def _release_dead(name: str, lease: str, record: dict[str, Any], log: Log) -> bo
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != GONE:
                 raise
-            return True
+            return int(slots or 1)
         client.release_concurrency_slots_with_lease(UUID(lease))
-    return False
+    return 0
 
 
 def _release(lease: UUID) -> None:

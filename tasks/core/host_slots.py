@@ -60,31 +60,50 @@ def _read_record(handle: IO[bytes]) -> dict[str, Any]:
 
 
 @contextmanager
-def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str) -> Iterator[Journal]:
-    """Hold the first free lock of `paths`; while all are held, log `waiting` with the holders and the time waited.
+def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str, count: int = 1) -> Iterator[list[Journal]]:
+    """Hold `count` free locks of `paths` (the first free ones, in order); while fewer are free, log `waiting`.
 
-    `waiting` is a format string with `{holders}` and `{waited}`.
+    All or nothing: a run that needs two slots never sits on one while it waits for the other,
+    so runs that need several cannot block each other. `waiting` is a format string with
+    `{holders}` and `{waited}`.
     """
+    if count > len(paths):
+        raise ValueError(f"{count} slots asked of {len(paths)}")
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
     started, next_report = time.monotonic(), 0.0
     while True:
-        for path in paths:
-            handle = open(path, "a+b")  # noqa: SIM115 - held for the block, closed below
+        held = _take(paths, count)
+        if held:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            try:
-                journal = Journal(handle, me, path)
-                journal.write(journal.left)  # still owed if this holder dies before paying it back
-                yield journal
+                journals = [Journal(handle, me, path) for path, handle in held]
+                for journal in journals:
+                    journal.write(journal.left)  # still owed if this holder dies before paying it back
+                yield journals
             finally:
-                handle.close()  # closing releases the lock
+                for _, handle in held:
+                    handle.close()  # closing releases the lock
             return
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + WAIT_REPORT_SECONDS
             holders = ", ".join(dict.fromkeys(holder_of(path) for path in paths))
             log.info(waiting.format(holders=holders, waited=time.monotonic() - started))
         time.sleep(POLL_SECONDS)
+
+
+def _take(paths: list[Path], count: int) -> list[tuple[Path, IO[bytes]]]:
+    """`count` locks of `paths` now, in order, or none at all."""
+    held: list[tuple[Path, IO[bytes]]] = []
+    for path in paths:
+        handle = open(path, "a+b")  # noqa: SIM115 - held for the block, closed by the caller
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        held.append((path, handle))
+        if len(held) == count:
+            return held
+    for _, handle in held:
+        handle.close()
+    return []

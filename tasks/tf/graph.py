@@ -1,40 +1,32 @@
-"""tensornets backbones with a new head: building the model graph.
+"""tensornets backbones with a new head: building the model graph around its towers.
 
 tensornets 0.4.6 builds its networks with `tf.compat.v1` layers, so the model lives in a
 `tf.Graph` of its own and runs in a v1 `Session` (`tasks.tf.sessions`); the rest of the
-process stays eager. The recipe's three defects are fixed here: the loss takes the logits
-(tensornets' networks return probabilities, which the recipe softmaxed again), the input is
-preprocessed in the graph as each backbone's ImageNet weights expect
-(`tasks/config/backbones.py`: caffe, torch or tf style), and accuracy is counted over every
-image (see `tasks/training/validate.py`). The accuracy levers (`tasks/tf/levers.py`:
-augmentation, label smoothing, schedule, optimizer, decay, frozen base) are graph ops too,
-seeded by the global step, so a resumed training replays exactly what it would have done;
-test-time augmentation is part of the network built here. One graph holds its input (the
-pipeline of `tasks.tf.inputs`, or an export's decoding of encoded pictures), the network and
-its handles, under one device scope."""
+process stays eager. The recipe's defects are fixed in the replica (`tasks.tf.network`:
+caffe/torch/tf preprocessing, logits into the loss) and in evaluation (accuracy over every
+image, `tasks/training/validate.py`). The accuracy levers (`tasks/tf/levers.py`) are graph
+ops too, seeded by the global step, so a resumed training replays exactly what it would
+have done. One graph holds its input (the pipeline of `tasks.tf.inputs`, or an export's
+decoding of encoded pictures), one replica of the network per device (a tower, on its
+share of each batch, all sharing the first's variables) and its handles."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import tensorflow as tf
 
-from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
+from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.config.specs import MAX_PIXELS, ModelSpec, TrainSettings
 from tnflow.tasks.tf import decode_graph, levers
 from tnflow.tasks.tf.inputs import Feed, input_pipeline
+from tnflow.tasks.tf.network import tower
 from tnflow.tasks.tf.startup import visible_gpus
-from tnflow.tasks.tf.tensornets_compat import batch_norm_training, nets
 
 tf1 = tf.compat.v1
-
-# -- constants --------------------------------------------------------------------------
-
-BN_MOMENTUM = 0.99  # of BN's moving averages, when BN trains (Keras' default)
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-_TORCH_MEAN, _TORCH_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -79,7 +71,8 @@ class Net:
     """Handles into one model graph: what evaluation needs, plus training's, the pipeline's and serving's parts."""
 
     graph: tf.Graph
-    device: str
+    device: str  # the first (or only) device: where the variables live
+    devices: tuple[str, ...]  # a tower on each
     images: tf.Tensor  # feed uint8 RGB (N, S, S, 3), or leave it to the input pipeline
     labels: tf.Tensor
     is_training: tf.Tensor | bool  # a plain False in serving graphs
@@ -99,21 +92,6 @@ class Net:
     serving: Serving | None = None  # built for an export
 
 
-# -- preprocessing ----------------------------------------------------------------------
-
-
-def preprocess(images: tf.Tensor, kind: str) -> tf.Tensor:
-    """uint8 RGB in [0, 255] to what a family's ImageNet weights expect (see `PREPROCESSING`)."""
-    x = tf.cast(images, tf.float32)
-    if kind == "caffe":
-        return tf.reverse(x, axis=[-1]) - tf.constant(_CAFFE_MEAN_BGR, dtype=tf.float32)
-    if kind == "torch":
-        return (x / 255.0 - tf.constant(_TORCH_MEAN)) / tf.constant(_TORCH_STD)
-    if kind == "tf":
-        return (x / 255.0 - 0.5) * 2.0
-    raise ValueError(f"unknown preprocessing {kind!r}; known: {', '.join(PREPROCESSING)}")
-
-
 # -- building ---------------------------------------------------------------------------
 
 
@@ -125,6 +103,7 @@ def build(
     steps_per_epoch: int = 1,
     serving: ServingInput | None = None,
     device: str | None = None,
+    devices: Sequence[str] = (),
 ) -> Net:
     """A graph for `spec`: with an input pipeline when `feed` is given, a training step when `settings` is.
 
@@ -132,18 +111,21 @@ def build(
     it, so converters see one plain network), and `images` can also be computed from encoded
     bytes fed to `encoded`, decoded as the cache would have. `device` places the graph
     elsewhere than on the first GPU found (or the CPU): a GPU graph can be built, and
-    checked, on a machine without one.
+    checked, on a machine without one. `devices` (two or more) replicates the network, one
+    tower per device over its share of each batch, with one set of variables on the first.
     """
     graph = tf.Graph()
     gpus = visible_gpus()
-    device = device or (gpus[0] if gpus else "/CPU:0")
-    on_gpu = "GPU" in device.upper()
+    devices = tuple(devices) or (device or (gpus[0] if gpus else "/CPU:0"),)
+    on_gpu = "GPU" in devices[0].upper()
     size = spec.image_size
     with graph.as_default():
         tf1.set_random_seed(settings.seed if settings else 0)
         pipeline, encoded = None, None
         if feed is not None:
-            args, init, images, labels = input_pipeline(feed, size, device if on_gpu else None)
+            # One device: the pipeline prefetches onto it. Several: each tower copies its share.
+            prefetch_to = devices[0] if on_gpu and len(devices) == 1 else None
+            args, init, images, labels = input_pipeline(feed, size, prefetch_to)
             pipeline = Pipeline(init=init, args=args)
         elif serving is not None and serving.bytes_input:
             encoded = tf1.placeholder(tf.string, [None], name="image_bytes")
@@ -156,45 +138,40 @@ def build(
         is_training: tf.Tensor | bool = (
             False if serving else tf1.placeholder_with_default(False, [], name="is_training")
         )
-
-        with tf.device(device):
+        with tf.device(devices[0]):
             global_step = tf1.train.get_or_create_global_step() if settings else None
-            if settings and settings.augment != "none":
-                seed = tf.stack([tf.constant(settings.seed, tf.int64), global_step])
-                images_in = _if_training(
-                    is_training, lambda: levers.augment(images, settings.augment, seed), lambda: images
-                )
-            else:
-                images_in = images
-            x = preprocess(images_in, BACKBONES[spec.model].preprocessing)
-            count = tf.shape(x)[0]
-            if spec.tta == "flip":  # evaluation sees each image and its mirror, in one batch
-                x = _if_training(is_training, lambda: x, lambda: tf.concat([x, tf.reverse(x, axis=[2])], 0))
-            bn_trains = bool(settings and settings.train_bn)
-            raw_logits, pretrained, head = _network(spec, x, is_training, bn_trains)
-            raw_logits = tf.cast(raw_logits, tf.float32)
-            if spec.tta == "flip":
-                logits = _if_training(
-                    is_training,
-                    lambda: raw_logits,
-                    lambda: tf.math.log(
-                        (tf.nn.softmax(raw_logits[:count]) + tf.nn.softmax(raw_logits[count:])) / 2 + 1e-30
-                    ),
-                )
-            else:
-                logits = raw_logits
-            losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        towers, outputs = [], []
+        for index, (tower_device, (first, share, share_labels)) in enumerate(
+            zip(devices, _shares(images, labels, len(devices)), strict=True)
+        ):
+            # The first tower creates the variables, under the names the weight files use; the
+            # others reuse them, each in a name scope of its own.
+            reuse = tf1.variable_scope(tf1.get_variable_scope(), reuse=True) if index else nullcontext()
+            named = tf.name_scope(f"tower{index}") if index else nullcontext()
+            with reuse, named, tf.device(tower_device):
+                rows = (first, tf.shape(images)[0])
+                logits, pretrained_t, head_t = tower(spec, share, is_training, settings, global_step, rows)
+                losses_t = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=share_labels, logits=logits)
+            if index == 0:
+                pretrained, head = pretrained_t, head_t
+                updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)  # the first tower's BN statistics
+            towers.append(levers.Tower(tower_device, logits, share_labels))
+            outputs.append((logits, losses_t))
+        with tf.device(devices[0]):
+            logits = _joined([t for t, _ in outputs])
+            losses = _joined([t for _, t in outputs])
             loss = tf.reduce_mean(losses)
             probs = tf.nn.softmax(logits, name="probabilities")
             steps = None
             if settings is not None:
-                ops = levers.training_steps(settings, logits, labels, pretrained, head, global_step, steps_per_epoch)
+                ops = levers.training_steps(settings, towers, pretrained, head, global_step, steps_per_epoch, updates)
                 steps = Steps(**ops, global_step=global_step)
-            outputs = Serving(encoded, _serving_outputs(probs, serving.class_names)) if serving is not None else None
+            served = Serving(encoded, _serving_outputs(probs, serving.class_names)) if serving is not None else None
         loading = _value_inputs(pretrained)
         net = Net(
             graph=graph,
-            device=device,
+            device=devices[0],
+            devices=devices,
             images=images,
             labels=labels,
             is_training=is_training,
@@ -211,11 +188,33 @@ def build(
             load=tf.group(*[variable.assign(value) for variable, value in loading]),
             steps=steps,
             pipeline=pipeline,
-            serving=outputs,
+            serving=served,
         )
     if serving is None:  # an export adds its saver to the graph
         graph.finalize()
     return net
+
+
+def _shares(images: tf.Tensor, labels: tf.Tensor, towers: int) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+    """(first row, images, labels) of each tower's share of the batch: ceil(n / towers) rows each, the last fewer.
+
+    Split on the CPU, where the pipeline leaves the batch, so each device receives only its
+    share, still uint8.
+    """
+    if towers == 1:
+        return [(tf.constant(0), images, labels)]
+    with tf.device("/CPU:0"), tf.name_scope("shares"):
+        count = tf.shape(images)[0]
+        per = (count + towers - 1) // towers
+        firsts = [tf.minimum(per * i, count) for i in range(towers)]
+        sizes = [tf.minimum(per * (i + 1), count) - firsts[i] for i in range(towers)]
+        split_images = tf.split(images, tf.stack(sizes), num=towers)
+        split_labels = tf.split(labels, tf.stack(sizes), num=towers)
+    return list(zip(firsts, split_images, split_labels, strict=True))
+
+
+def _joined(parts: list[tf.Tensor]) -> tf.Tensor:
+    return parts[0] if len(parts) == 1 else tf.concat(parts, 0)
 
 
 def _serving_outputs(probs: tf.Tensor, class_names: tuple[str, ...]) -> dict[str, tf.Tensor]:
@@ -232,43 +231,8 @@ def _serving_outputs(probs: tf.Tensor, class_names: tuple[str, ...]) -> dict[str
     }
 
 
-def _if_training(is_training: tf.Tensor | bool, training: Callable, evaluating: Callable) -> tf.Tensor:
-    """A `tf.cond` on the training switch, or just one branch in a serving graph, which has none."""
-    if isinstance(is_training, bool):
-        return training() if is_training else evaluating()
-    return tf.cond(is_training, training, evaluating)
-
-
 def _value_inputs(variables: list[tf.Variable]) -> list[tuple[tf.Variable, tf.Tensor]]:
     return [(v, tf1.placeholder(v.dtype.base_dtype, v.shape, name=f"load/{v.op.name}")) for v in variables]
-
-
-def _network(spec: ModelSpec, x: tf.Tensor, is_training: tf.Tensor, bn_trains: bool) -> tuple[tf.Tensor, list, list]:
-    """(logits, pretrained variables in file order, freshly initialised head variables).
-
-    BN on its stored statistics unless asked to train them; then its moving averages use
-    Keras' momentum 0.99 (tensornets' slim-style 0.999 needs thousands of steps to forget
-    where they started, so a short run evaluated on them predicts one class).
-    """
-    backbone = BACKBONES[spec.model]
-    constructor = getattr(nets, backbone.net)
-    with batch_norm_training(is_training if bn_trains else False, decay=BN_MOMENTUM if bn_trains else None):
-        if spec.head == "gap" and backbone.full_head:
-            # VGG's convolutional base, average pooling and a new `classes`-way layer.
-            features = constructor(x, is_training=is_training, stem=True)
-            pretrained = tf1.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, scope=f"{spec.model}/")
-            pooled = tf.reduce_mean(features, axis=[1, 2])
-            with tf1.variable_scope("head/logits"):
-                weights = tf1.get_variable(
-                    "weights", [pooled.shape[-1], spec.num_classes], initializer=tf1.glorot_uniform_initializer()
-                )
-                biases = tf1.get_variable("biases", [spec.num_classes], initializer=tf1.zeros_initializer())
-            return tf.matmul(pooled, weights) + biases, pretrained, [weights, biases]
-        # The network's own classifier with its 1000-way layer replaced by a `classes`-way one:
-        # VGG's fc6/fc7 (the full head), or everyone else's pooling + dense (their gap head).
-        out = constructor(x, is_training=is_training, classes=spec.num_classes)
-        variables = tf1.get_collection(tf1.GraphKeys.GLOBAL_VARIABLES, scope=f"{spec.model}/")
-        return out.logits, variables[:-2], variables[-2:]
 
 
 @functools.cache

@@ -6,7 +6,7 @@ steps, for evaluation over a split from the input pipeline, or on images fed dir
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
 from tnflow.tasks.tf.inputs import PREFETCH_BATCHES, READ_THREADS
-from tnflow.tasks.tf.startup import physical_gpus
+from tnflow.tasks.tf.startup import gpus_named, physical_gpus
 
 if TYPE_CHECKING:
     from tnflow.tasks.tf.graph import Net
@@ -43,13 +43,15 @@ def describe_devices(
     mixed_precision: bool,
     xla: bool,
     nvidia: list[str] | tuple[str, ...] = (),
-    gpu: int | None = None,
+    gpus: Sequence[int] = (),
+    towers: int = 1,
 ) -> tuple[str, list[str]]:
     """One line of what runs where, and warnings about switches that will not pay on this device.
 
     `nvidia`: the machine's NVIDIA devices (`nvidia_devices`). With one there and none seen by
-    TensorFlow, a CPU-only TensorFlow was installed where a GPU one was meant to be. `gpu`: the
-    index of the GPU this run holds (`tasks.core.gpu_slot`), if it holds one.
+    TensorFlow, a CPU-only TensorFlow was installed where a GPU one was meant to be. `gpus`: the
+    indices of the GPUs this run holds (`tasks.core.gpu_slot`), if it holds any; `towers`:
+    how many replicas of the network train (one per device).
     """
     target = "the GPU, cast there" if details else "the CPU"
     ahead = f"{READ_THREADS} reader threads, {PREFETCH_BATCHES} batches ahead"
@@ -64,15 +66,17 @@ def describe_devices(
                 "on the CPU: install TensorFlow's CUDA libraries with `pip install 'tnflow[gpu]'` (or CUDA and "
                 "cuDNN system-wide) and run again"
             )
-        return f"device: CPU (no GPU visible to TensorFlow); {switches}", missed
-    used = details[gpu or 0]
+        towered = f", {towers} towers on logical CPU devices" if towers > 1 else ""
+        return f"device: CPU (no GPU visible to TensorFlow{towered}); {switches}", missed
+    used = details[gpus[0] if gpus else 0]
     capability = tuple(used.get("compute_capability") or (0, 0))
     name = used.get("device_name", "GPU")
-    if gpu is not None:
-        others = f"; GPU {gpu} of {len(details)} on this machine, held by this run alone"
+    if gpus:
+        others = f"; {gpus_named(gpus)} of {len(details)} on this machine, held by this run alone"
     else:
         others = f"; {len(details)} GPUs visible, tnflow uses the first" if len(details) > 1 else ""
-    line = f"device: /GPU:{gpu or 0} ({name}, compute capability {capability[0]}.{capability[1]}{others}); {switches}"
+    where = f"/GPU:{gpus[0] if gpus else 0}" if towers == 1 else f"{towers} towers, one per GPU"
+    line = f"device: {where} ({name}, compute capability {capability[0]}.{capability[1]}{others}); {switches}"
     warnings = []
     if mixed_precision and capability < FAST_FLOAT16:
         warnings.append(

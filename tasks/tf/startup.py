@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from tnflow.tasks.core.errors import TnflowError
+
 _GPUS: list[Any] = []  # what the CUDA runtime found when TensorFlow started (no nvidia-smi needed)
 _STARTED: list[bool] = []
-_CLAIMED: list[int] = []  # the GPU this process computes on, once a run claimed one
+_CLAIMED: list[int] = []  # the GPUs this process computes on, once a run claimed them
 
 
 def start_tensorflow(*, verbose: bool = False) -> None:
@@ -73,24 +75,50 @@ def _stderr_hidden(hidden: bool) -> Iterator[None]:
         os.close(sink)
 
 
-def claim_gpu(index: int | None) -> None:
-    """Make GPU `index` of `physical_gpus()` the only GPU this process allocates on (it becomes /GPU:0).
+def claim_gpus(indices: Sequence[int]) -> None:
+    """Make GPUs `indices` of `physical_gpus()` the only GPUs this process allocates on (they become /GPU:0, ...).
 
-    A run holds one GPU of its host (`tasks.core.gpu_slot`); TensorFlow would otherwise open
+    A run holds GPUs of its host (`tasks.core.gpu_slot`); TensorFlow would otherwise open
     every GPU it sees and take memory on each. TensorFlow fixes its visible devices when it
     first computes, so the claim is process-wide and comes before the first session: the
-    train and validate tasks make it. `None` (no GPU, or no slot) leaves TensorFlow as it is.
+    train and validate tasks make it. No indices (no GPU, or no slot) leave TensorFlow as it is.
     """
     gpus = physical_gpus()
-    if index is None or not gpus or [index] == _CLAIMED:
+    indices = list(indices)
+    if not indices or not gpus or indices == _CLAIMED:
         return
     import tensorflow as tf
 
     try:
-        tf.config.set_visible_devices([gpus[index]], "GPU")
+        tf.config.set_visible_devices([gpus[i] for i in indices], "GPU")
     except RuntimeError as exc:  # this process computed on a GPU before: it cannot move
         raise RuntimeError(
-            f"GPU {index} was assigned to this run, but this process already computes on "
-            f"{'GPU ' + str(_CLAIMED[0]) if _CLAIMED else 'every GPU'}; run each training in a process of its own"
+            f"{gpus_named(indices)} were assigned to this run, but this process already computes on "
+            f"{gpus_named(_CLAIMED) if _CLAIMED else 'every GPU'}; run each training in a process of its own"
         ) from exc
-    _CLAIMED[:] = [index]
+    _CLAIMED[:] = indices
+
+
+def gpus_named(indices: Sequence[int]) -> str:
+    """ "GPU 3", "GPUs 2, 3": the host's GPUs a run holds, as the log and the report say them."""
+    return ("GPU " if len(indices) == 1 else "GPUs ") + ", ".join(str(i) for i in indices)
+
+
+def tower_devices(count: int) -> tuple[str, ...]:
+    """`count` devices for data-parallel towers: the GPUs this process sees (after its claim), else logical CPUs.
+
+    Logical CPUs (`tf.config.set_logical_device_configuration`) let the towers be built and
+    tested on a machine without GPUs. One tower: nothing to choose (the graph's default).
+    """
+    if count <= 1:
+        return ()
+    import tensorflow as tf
+
+    kind = "GPU" if physical_gpus() else "CPU"
+    devices = [device.name for device in tf.config.list_logical_devices(kind)]
+    if len(devices) < count:
+        raise TnflowError(
+            f"--gpus {count}: this process sees {len(devices)} {kind} device{'s' if len(devices) != 1 else ''}; "
+            "pass --gpus 1, or --gpus all for every GPU of the machine"
+        )
+    return tuple(devices[:count])

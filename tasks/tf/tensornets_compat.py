@@ -16,7 +16,7 @@ wants them apart (BN on its stored ImageNet statistics, dropout still on while t
 `batch_norm_training(mode)` makes every tensornets BN layer built inside it take `mode`.
 
 Import `tensornets` from here (`from tasks.tf.tensornets_compat import nets`); only
-`tasks/tf/graph.py` does.
+`tasks/tf/network.py` does.
 """
 
 from __future__ import annotations

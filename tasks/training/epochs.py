@@ -23,7 +23,7 @@ from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json
-from tnflow.tasks.tf.startup import claim_gpu, start_tensorflow
+from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
 from tnflow.tasks.training.pace import Pace
 from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
@@ -46,7 +46,8 @@ class _Fit:
     session: Any = None
     eval_session: Any = None  # a plain float32 session when training's rewrites or compiles the graph
     pace: Pace | None = None  # on the CPU only
-    gpu: int | None = None  # the host's GPU this run holds
+    gpus: tuple[int, ...] = ()  # the host's GPUs this run holds
+    towers: int = 1  # replicas of the network, one per device, each on its share of a batch
 
 
 def fit_epochs(
@@ -63,7 +64,8 @@ def fit_epochs(
     progress: Callable[..., None] | None,
     log: logging.Logger | logging.LoggerAdapter,
     on_epoch_end: Callable[[int], None] | None,
-    gpu: int | None = None,
+    gpus: tuple[int, ...] = (),
+    towers: int = 1,
 ) -> dict[str, Any]:
     """Run the epochs still to do in `directory`, starting from `state`; returns the final state.
 
@@ -75,12 +77,12 @@ def fit_epochs(
     start_tensorflow()
     from tnflow.tasks.tf.sessions import open_session
 
-    claim_gpu(gpu)
+    claim_gpus(gpus)
     origin = {"class_names": list(class_names), "resize": read_resize_mode(cache_path)}
     origin |= {"weights": weights_path or "none", "init_from": init_from}
-    fit = _Fit(cache_path, spec, settings, directory, origin, eval_batch_size, log, progress, gpu=gpu)
+    fit = _Fit(cache_path, spec, settings, directory, origin, eval_batch_size, log, progress, gpus=gpus, towers=towers)
     fit.net, num_train = _graph(fit)
-    state["device"] = fit.net.device if gpu is None else f"GPU {gpu} of this machine ({fit.net.device} in its process)"
+    state["device"] = _device_name(fit)
     done_epochs = state.get("epochs_done", 0)
     # Each epoch's validation runs in a plain float32 session, restored from the epoch's
     # checkpoint, whenever the training session rewrites or compiles the graph: the best epoch
@@ -95,7 +97,8 @@ def fit_epochs(
         else:
             _start(fit, weights_path, init_from)
         log.info(
-            f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {fit.net.device}: {num_train} images; "
+            f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {', '.join(fit.net.devices)}: "
+            f"{num_train} images; "
             f"{describe_levers(settings, spec)}"
         )
         total = num_train * (settings.epochs - done_epochs)
@@ -119,15 +122,22 @@ def _graph(fit: _Fit) -> tuple[Any, int]:
     settings = fit.settings
     num_train = read_split_size(fit.cache_path, "train")
     feed = CacheFeed(fit.cache_path, seed=settings.seed)
-    net = build(fit.spec, feed, settings=settings, steps_per_epoch=-(-num_train // settings.batch_size))
-    details, nvidia = gpu_details(), nvidia_devices()
+    steps = -(-num_train // settings.batch_size)
+    net = build(fit.spec, feed, settings=settings, steps_per_epoch=steps, devices=tower_devices(fit.towers))
+    switches = {"mixed_precision": settings.mixed_precision, "xla": settings.xla}
     devices, warnings = describe_devices(
-        details, mixed_precision=settings.mixed_precision, xla=settings.xla, nvidia=nvidia, gpu=fit.gpu
+        gpu_details(), **switches, nvidia=nvidia_devices(), gpus=fit.gpus, towers=fit.towers
     )
     fit.log.info(devices)
     for warning in warnings:
         fit.log.warning(warning)
     return net, num_train
+
+
+def _device_name(fit: _Fit) -> str:
+    """Where this training computes, for the state file, metrics.json and the report."""
+    devices = ", ".join(fit.net.devices)
+    return f"{gpus_named(fit.gpus)} of this machine ({devices} in its process)" if fit.gpus else devices
 
 
 def _resume(fit: _Fit, state: dict[str, Any], done_epochs: int) -> None:

@@ -45,6 +45,7 @@ CODE = code_version(
     "tnflow.tasks.training.train",
     "tnflow.tasks.training.epochs",
     "tnflow.tasks.tf.graph",
+    "tnflow.tasks.tf.network",
     "tnflow.tasks.tf.inputs",
     "tnflow.tasks.tf.sessions",
     "tnflow.tasks.tf.levers",
@@ -84,9 +85,14 @@ def train(
     progress: Callable[..., None] | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
-    gpu: int | None = None,
+    gpus: tuple[int, ...] = (),
+    towers: int = 1,
 ) -> Trained:
-    """Train (or resume, or recover, or return the finished) model for these inputs, on GPU `gpu` if given."""
+    """Train (or resume, or recover, or return the finished) model for these inputs.
+
+    `gpus`: the host's GPUs this run holds (none: TensorFlow's choice); `towers`: replicas of
+    the network, one per device (those GPUs, or logical CPUs), each on its share of every batch.
+    """
     log = log or logging.getLogger("tnflow.train")
     work_dir = ensure_writable_dir(work_dir, option="--output-dir")
     # Chosen before waiting for the lock: two retrains started together share one new generation.
@@ -118,7 +124,8 @@ def train(
             progress=progress,
             log=log,
             on_epoch_end=on_epoch_end,
-            gpu=gpu,
+            gpus=gpus,
+            towers=towers,
         )
         prune_older_generations(work_dir, generation)
         return _result(work_dir, generation, trained)
@@ -149,16 +156,21 @@ def trained_is_sound(trained: Trained) -> bool:
 
 
 def training_dir(
-    output_dir: str, cache_path: str, start: StartingPoint, spec: ModelSpec, settings: TrainSettings
+    output_dir: str, cache_path: str, start: StartingPoint, spec: ModelSpec, settings: TrainSettings, towers: int = 1
 ) -> Path:
     """Where training with these inputs and this code keeps its generations (see `tasks.training.workdir`)."""
-    return work_dir_for(output_dir, cache_path, start.digest, spec, settings, CODE)
+    return work_dir_for(output_dir, cache_path, start.digest, spec, settings, CODE, towers)
 
 
 def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
     """The work directory (named after the starting weights' digest) and the generation training would use."""
     directory = training_dir(
-        inputs["output_dir"], inputs["cache_path"], inputs["start"], inputs["spec"], inputs["settings"]
+        inputs["output_dir"],
+        inputs["cache_path"],
+        inputs["start"],
+        inputs["spec"],
+        inputs["settings"],
+        inputs.get("towers", 1),
     )
     return str(directory), generation_for(directory, inputs["retrain"])
 
@@ -167,11 +179,12 @@ def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
     name="train",
     cache_policy=StageCache(
         code=CODE,
-        # The first does not change the model, nor which GPU of the host computes it (the last);
-        # the second is in the identity. Where training starts
-        # is in the work directory's name as its weights' digest (a champion's path would not say
-        # which champion), and the work directory is the identity's.
-        ignore=("eval_batch_size", "retrain", "start", "gpu"),
+        # The first does not change the model, nor which GPUs of the host compute it (the last);
+        # the second is in the identity. Where training starts is in the work directory's name
+        # as its weights' digest (a champion's path would not say which champion), and so are
+        # the towers when they change the result (see `work_dir_for`): the work directory is
+        # the identity's.
+        ignore=("eval_batch_size", "retrain", "start", "gpus", "towers"),
         identity=_identity,
         sound=trained_is_sound,
     ),
@@ -190,7 +203,8 @@ def train_task(
     class_names: list[str],
     eval_batch_size: int,
     retrain: bool,
-    gpu: int | None = None,
+    gpus: tuple[int, ...] = (),
+    towers: int = 1,
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
@@ -199,14 +213,15 @@ def train_task(
         start.weights_path,
         spec,
         settings,
-        training_dir(output_dir, cache_path, start, spec, settings),
+        training_dir(output_dir, cache_path, start, spec, settings, towers),
         class_names=class_names,
         eval_batch_size=eval_batch_size,
         retrain=retrain,
         init_from=start.model_dir,
         progress=progress,
         log=logger,
-        gpu=gpu,
+        gpus=gpus,
+        towers=towers,
     )
     logger.info(
         "best epoch %d: valid accuracy %.4f (%s)", trained.best_epoch, trained.valid_accuracy, trained.model_dir

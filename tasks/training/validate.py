@@ -24,7 +24,7 @@ from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
-from tnflow.tasks.tf.startup import claim_gpu, start_tensorflow
+from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
 
 TOP_K = 3
 SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
@@ -85,15 +85,15 @@ def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: i
 
 
 def evaluate_model(
-    model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, gpu: int | None = None
+    model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, gpus: tuple[int, ...] = ()
 ) -> dict[str, Any]:
-    """Metrics of a saved model on every image of a split of the cache, on GPU `gpu` if given.
+    """Metrics of a saved model on every image of a split of the cache, on the first of `gpus` if given.
 
     A cache of another image size (a champion re-scored on a newer run's test split) is
     resized to the model's input on the way, with the kernel prediction uses.
     """
     start_tensorflow()
-    claim_gpu(gpu)
+    claim_gpus(gpus)  # as training did: a process claims once
     from tnflow.tasks.tf.graph import build
     from tnflow.tasks.tf.sessions import open_session  # TensorFlow: only when evaluating
 
@@ -114,10 +114,10 @@ def validate(
     split: str,
     batch_size: int,
     out_dir: str | Path,
-    gpu: int | None = None,
+    gpus: tuple[int, ...] = (),
 ) -> dict:
     """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
-    metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpu)
+    metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus)
     write_metrics(Path(out_dir), metrics)
     return metrics
 
@@ -153,10 +153,10 @@ class Measured:
     **STAGE_HOOKS,
 )
 def validate_task(
-    *, model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str, gpu: int | None = None
+    *, model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str, gpus: tuple[int, ...] = ()
 ) -> Measured:
     with full_disk_ends("writing the test metrics", out_dir):
-        metrics = validate(model_dir, cache_path, split, batch_size, out_dir, gpu)
+        metrics = validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
     measured = Measured(split, metrics[f"{split}_accuracy"], metrics[f"{split}_loss"], metrics[f"num_{split}"])
     get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *astuple(measured)[1:])
     return measured

@@ -41,8 +41,14 @@ def work_dir_for(
     spec: ModelSpec,
     settings: TrainSettings,
     code: str,
+    towers: int = 1,
 ) -> Path:
-    """Where training with these inputs and this code keeps its generations."""
+    """Where training with these inputs and this code keeps its generations.
+
+    Towers compute what one device computes, so `--gpus` is not in the key (a training can
+    resume on more GPUs or fewer), except when BN trains: each tower then normalises by its
+    own share's statistics.
+    """
     key_source = {
         "cache": Path(cache_path).name,  # the cache's name already holds its spec, source and code
         "weights": weights_md5 or "none",
@@ -50,6 +56,8 @@ def work_dir_for(
         "settings": asdict(settings),
         "code": code,
     }
+    if settings.train_bn and towers > 1:
+        key_source["bn_towers"] = towers
     key = short_digest(key_source, 12)
     return Path(output_dir) / "training" / f"{spec.model}-{spec.head}-{spec.image_size}px-{key}"
 
