@@ -7,4 +7,5 @@ cache     the HDF5 cache: format, reader, the cache stages, gc
 tf        the only room that imports TensorFlow: graph, input pipeline, sessions, exports
 training  the starting point, training and its epochs, validation
 release   export, model card, champion gate, predictions, report
+sweeps    trials of many configurations as flow runs, the leaderboard, the winner
 """

@@ -32,6 +32,7 @@ LONGEST_FIRST = (
     "test_crashes.py",
     "test_server_lost.py",
     "test_deployments.py",
+    "test_sweep.py",
     "test_pipeline.py",
     "test_folder_flow.py",
 )

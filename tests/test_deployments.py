@@ -46,7 +46,8 @@ def scheduled_runs(api: str, deployment_id: str) -> list:
 
 def test_the_yaml_is_what_serve_serves():
     entries = {d["name"]: d for d in load_deployments()}
-    assert set(entries) == {"retrain-weekly", "adhoc", "score-folder"}
+    assert set(entries) == {"retrain-weekly", "adhoc", "grid", "score-folder"}
+    assert entries["grid"]["parameters"]["deployment"] == "transfer-learning/adhoc", "a sweep fans out over the pool"
     assert entries["retrain-weekly"]["schedules"][0]["cron"] == "0 3 * * 1" and "schedules" not in entries["adhoc"]
     assert entries["retrain-weekly"]["parameters"] == {"retrain": True} and entries["adhoc"]["parameters"] == {}
     assert entries["adhoc"]["work_pool"]["name"] == "tnflow"

@@ -7,9 +7,11 @@ import pytest
 from tnflow.flows.cli.main import build_parser
 from tnflow.flows.cli.serve import load_deployments
 from tnflow.flows.prepare import prepare_data
+from tnflow.flows.sweep import sweep
 from tnflow.flows.train import transfer_learning
 from tnflow.tasks.config.options import SOURCES, DataConfig, RunConfig, ScoreConfig
 from tnflow.tasks.config.parameters import option
+from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
 from tnflow.tasks.core.errors import ConfigError
 
 
@@ -120,7 +122,7 @@ def _options(command: str) -> dict[str, object]:
     return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "debug")}
 
 
-@pytest.mark.parametrize("command, model", [("prepare", DataConfig), ("run", RunConfig)])
+@pytest.mark.parametrize("command, model", [("prepare", DataConfig), ("run", RunConfig), ("sweep", SweepConfig)])
 def test_every_field_is_a_command_line_option(command, model):
     options = _options(command)
     assert set(options) == set(model.model_fields)
@@ -129,7 +131,9 @@ def test_every_field_is_a_command_line_option(command, model):
         assert action.help and model.model_fields[name].description in action.help
 
 
-@pytest.mark.parametrize("flow, model", [(prepare_data, DataConfig), (transfer_learning, RunConfig)])
+@pytest.mark.parametrize(
+    "flow, model", [(prepare_data, DataConfig), (transfer_learning, RunConfig), (sweep, SweepConfig)]
+)
 def test_every_field_is_a_flow_parameter(flow, model):
     parameters = inspect.signature(flow.fn).parameters
     assert list(parameters) == list(model.model_fields)
@@ -143,12 +147,18 @@ def test_every_field_is_a_flow_parameter(flow, model):
 
 
 def test_deployment_parameters_are_configuration_values():
-    configurations = {"flows/train.py:transfer_learning": RunConfig, "flows/predict.py:batch_predict": ScoreConfig}
+    configurations = {
+        "flows/train.py:transfer_learning": RunConfig,
+        "flows/sweep.py:sweep": SweepConfig,
+        "flows/predict.py:batch_predict": ScoreConfig,
+    }
     for deployment in load_deployments():
         parameters = deployment.get("parameters") or {}
         config = configurations[deployment["entrypoint"]]
         assert set(parameters) <= set(config.model_fields), deployment["name"]
-        if config is RunConfig:
+        if config is SweepConfig:
+            plan_trials(SweepConfig.from_values(parameters))  # every trial's values, checked
+        elif config is RunConfig:
             RunConfig.from_values(parameters)  # valid values, or a ConfigError that fails the test
         else:  # the folder is given per run
             ScoreConfig.from_values({"folder": "/data/inbox", **parameters})

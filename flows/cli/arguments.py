@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 from tnflow.tasks.config.options import DataConfig, RunConfig
 from tnflow.tasks.config.parameters import option
+from tnflow.tasks.config.sweeps import SweepConfig
 
 
 def add_config_options(parser: argparse.ArgumentParser, model: type[DataConfig]) -> None:
@@ -22,10 +23,11 @@ def add_config_options(parser: argparse.ArgumentParser, model: type[DataConfig])
     groups = {
         DataConfig: parser.add_argument_group("data"),
         RunConfig: parser.add_argument_group("model, training and champion"),
+        SweepConfig: parser.add_argument_group("trials"),
     }
     for name, field in model.model_fields.items():
-        group = groups[DataConfig if name in DataConfig.model_fields else RunConfig]
-        group.add_argument(option(name), dest=name, help=_help(field), **_argument(field))
+        owner = next(c for c in (DataConfig, RunConfig, SweepConfig) if name in c.model_fields)
+        groups[owner].add_argument(option(name), dest=name, help=_help(field), **_argument(field))
 
 
 def _argument(field: FieldInfo) -> dict[str, Any]:
@@ -37,6 +39,8 @@ def _argument(field: FieldInfo) -> dict[str, Any]:
             return {"action": argparse.BooleanOptionalAction, "default": None}
         return {"action": "store_true", "default": None}
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if typing.get_origin(kind) is list:  # several values after one option
+        return {"nargs": "+", "metavar": extra.get("metavar") or "VALUE", "default": None}
     if typing.get_origin(kind) is typing.Literal:
         return {"choices": typing.get_args(kind), "default": None}
     metavar = extra.get("metavar") or {int: "N", float: "X"}.get(kind, "VALUE")

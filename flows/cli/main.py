@@ -12,14 +12,14 @@ SIGTERM or Ctrl-C end it within seconds with one line (`tasks.core.processes`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
+from tnflow.flows.cli import offline
 from tnflow.flows.cli.arguments import add_config_options
-from tnflow.tasks.config.options import DataConfig, RunConfig, default_cache_dir, default_output_dir
+from tnflow.tasks.config.options import DataConfig, RunConfig
+from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
 from tnflow.tasks.core.errors import ConfigError, TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, is_disk_full
 
@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(run, RunConfig)
     run.set_defaults(handler=_run)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="train a trial per set of options, keep the best by validation accuracy",
+        description="Run a trial (a whole run, without promotion) for every combination of --grid, or for --random "
+        "N draws, at most --parallel at once: as subflows here, or as flow runs of --deployment on its work "
+        "pool. The winner is the best by validation accuracy; only it goes through the champion gate. Every "
+        "other option is a run option all trials share. Prints the sweep directory (leaderboard, report) last.",
+    )
+    add_config_options(sweep, SweepConfig)
+    sweep.set_defaults(handler=_sweep)
+
     predict = commands.add_parser(
         "predict",
         help="top-3 classes for your own images, or a folder of them into a CSV",
@@ -70,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored at once (default: 32)")
     _champion_option(predict)
-    predict.set_defaults(handler=_predict)
+    predict.set_defaults(handler=offline.predict)
 
     export = commands.add_parser(
         "export",
@@ -87,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--float16", action="store_true", help="TFLite with float16 weights (half the size)")
     _champion_option(export)
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=offline.export)
 
     serve = commands.add_parser(
         "serve",
@@ -107,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--cache-dir", metavar="DIR", help="(default: $TNFLOW_CACHE_DIR or ~/.cache/tnflow)")
     gc.add_argument("--output-dir", metavar="DIR", help="runs and champions (default: $TNFLOW_OUTPUT_DIR or ./runs)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-    gc.set_defaults(handler=_gc)
+    gc.set_defaults(handler=offline.gc)
 
     models = commands.add_parser(
         "models",
@@ -115,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Every backbone with its default image size, parameters (1000-class network), ImageNet "
         "top-1 (tensornets' table), preprocessing and how its pretrained file is checked.",
     )
-    models.set_defaults(handler=_models)
+    models.set_defaults(handler=offline.models)
 
-    for command in (prepare, run, predict, export, serve, gc, models):
+    for command in (prepare, run, sweep, predict, export, serve, gc, models):
         command.add_argument(
             "--debug", action="store_true", help="show tracebacks and Prefect's full logs for user errors too"
         )
@@ -159,82 +170,15 @@ def _run(args: argparse.Namespace) -> str:
     return _with_prefect(args, lambda: transfer_learning(**config.model_dump()))
 
 
-def _predict(args: argparse.Namespace) -> str | None:
-    from tnflow.tasks.release.predict import image_paths, model_directory, predict_files, score
+def _sweep(args: argparse.Namespace) -> str:
+    config = SweepConfig.from_values(_values(args, SweepConfig))
+    plan_trials(config)  # every trial's options checked before anything starts
+    ensure_writable_dir(config.cache_dir)
+    ensure_writable_dir(config.output_dir, option="--output-dir")
+    from tnflow.flows.sweep import sweep
 
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be an integer of at least 1, got {args.batch_size}")
-    model_dir = model_directory(args.model, args.output_dir or default_output_dir())
-    if args.out:
-        counts = score(model_dir, args.images, args.out, args.batch_size)
-        summary = ", ".join(f"{name} {n}" for name, n in counts.most_common())
-        print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
-        return str(Path(args.out).expanduser().absolute())
-    paths = image_paths(args.images)
-    if not paths:
-        raise TnflowError(f"no files in {' '.join(args.images)}; give image files, or folders that hold some")
-    failed, results = 0, []
-    for result in predict_files(model_dir, paths, batch_size=args.batch_size):
-        failed += "error" in result
-        if args.json:
-            results.append(result)
-        elif "error" in result:
-            print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
-        else:
-            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
-            print(f"{result['image']}: {top}", flush=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    if failed:
-        raise TnflowError(f"{failed} of {len(paths)} images could not be read (see above)")
-    return None
-
-
-def _export(args: argparse.Namespace) -> str:
-    from tnflow.tasks.config.options import export_formats
-
-    try:
-        formats = export_formats(args.format)
-    except ValueError as exc:
-        raise ConfigError(str(exc).replace("--export", "--format")) from None
-    if args.float16:
-        formats = tuple("tflite-float16" if f == "tflite" else f for f in formats)
-    from tnflow.tasks.release.export import describe, export_into_model_dir
-    from tnflow.tasks.release.predict import model_directory
-
-    model_dir = model_directory(args.model, args.output_dir or default_output_dir())
-    for fmt, check in export_into_model_dir(model_dir, formats).items():
-        print(describe(fmt, check, model_dir), file=sys.stderr)
-    return str(model_dir)
-
-
-def _gc(args: argparse.Namespace) -> str:
-    from tnflow.tasks.cache.gc import collect
-
-    cache_dir = Path(args.cache_dir or default_cache_dir())
-    if not cache_dir.is_dir():
-        raise ConfigError(f"--cache-dir {cache_dir} is not a directory")
-    removed = collect(cache_dir, args.output_dir or default_output_dir(), dry_run=args.dry_run)
-    for path, _ in removed:
-        print(path)
-    verb = "would remove" if args.dry_run else "removed"
-    return f"{verb} {len(removed)} cache file(s), {sum(size for _, size in removed) / 1e6:.1f} MB"
-
-
-def _models(args: argparse.Namespace) -> None:
-    from tnflow.tasks.config.backbones import BACKBONES
-
-    rows = [("model", "size", "params", "top-1", "heads", "input", "file", "weights check")]
-    for b in BACKBONES.values():
-        heads = "gap, full" if b.full_head else "gap"
-        size = f"{b.image_size} (min {b.min_size})"
-        file = "Keras .h5" if b.weights_format == "keras" else "tensornets .npz"
-        rows.append(
-            (b.name, size, f"{b.params / 1e6:.1f}M", f"{b.top1:.1f}%", heads, b.preprocessing, file, b.weights_check)
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    # The options as given: each trial derives its defaults (image size, head) from its own options.
+    return _with_prefect(args, lambda: sweep(**config.given()))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -243,7 +187,7 @@ def _serve(args: argparse.Namespace) -> None:
     _with_prefect(args, lambda: serve_deployments(args.prefect_file or PREFECT_FILE))
 
 
-NEEDS_TENSORFLOW = ("run", "predict", "export", "serve")
+NEEDS_TENSORFLOW = ("run", "sweep", "predict", "export", "serve")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

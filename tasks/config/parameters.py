@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from tnflow.tasks.core.errors import ConfigError
 
@@ -22,13 +22,27 @@ from tnflow.tasks.core.errors import ConfigError
 class Configuration(BaseModel):
     """What every configuration shares: built from flow parameters or parsed options in one way."""
 
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> Self:
         """Build from flow parameters or parsed options; None means the default."""
+        given = {k: v for k, v in values.items() if v is not None}
         try:
-            return cls(**{k: v for k, v in values.items() if v is not None})
+            config = cls(**given)
         except ValidationError as exc:
             raise _config_error(cls, exc) from None
+        config._given = given
+        return config
+
+    def given(self) -> dict[str, Any]:
+        """The values set explicitly, before defaults were derived from them.
+
+        A sweep's trial changes some options and builds its configuration from these again, so
+        that defaults which follow other options (a model's image size, a preset's levers) follow
+        the trial's options too.
+        """
+        return dict(self._given)
 
 
 def option(name: str) -> str:

@@ -1,4 +1,4 @@
-"""The report's figures: learning curves, the confusion matrix, sample test images with top-3 predictions."""
+"""The reports' figures: learning curves, the confusion matrix, sample test images, a sweep's accuracy by option."""
 
 from __future__ import annotations
 
@@ -59,6 +59,28 @@ def sample_grid(images: np.ndarray, samples: list[dict[str, Any]], class_names: 
         top = "\n".join(f"{class_names[c]} {p:.0%}" for c, p in sample["top"])
         verdict = "right" if sample["top"][0][0] == sample["label"] else "wrong"
         axis.set_title(f"true: {class_names[sample['label']]} ({verdict})\n{top}", fontsize=8)
+    return fig
+
+
+def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.Figure:
+    """A panel per varied option: each finished trial's validation accuracy at its value of that option."""
+    fig, axes = plt.subplots(1, len(options), figsize=(4.2 * len(options), 3.4), squeeze=False)
+    for axis, name in zip(axes[0], options, strict=True):
+        values = [trial["options"][name] for trial in trials]
+        accuracy = [trial["valid_accuracy"] for trial in trials]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            axis.plot(values, accuracy, "o")
+            if min(values) > 0 and max(values) / min(values) > 10:
+                axis.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            axis.plot([labels.index(str(v)) for v in values], accuracy, "o")
+            axis.set_xticks(range(len(labels)), labels)
+        axis.set_xlabel(name)
+        axis.set_ylabel("validation accuracy")
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
     return fig
 
 

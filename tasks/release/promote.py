@@ -220,7 +220,9 @@ def promote_task(
     """The champion gate; `enabled` is false for --no-promote and, unless asked, for runs on subsets."""
     logger = get_run_logger()
     if not enabled:
-        decision = Decision(False, "not considered (--no-promote, or a run on a subset)", test_accuracy, None, "")
+        decision = Decision(
+            False, "not considered (--no-promote, a run on a subset, or a sweep's trial)", test_accuracy, None, ""
+        )
     else:
         decision = promote(
             model_dir,

@@ -40,6 +40,9 @@ from tnflow.tasks.training.validate import write_metrics
 # -- the run directory ------------------------------------------------------------------
 
 
+RUN_SUMMARY = "tnflow-run-summary"  # the key of every run's one-row table of results
+
+
 def run_directory(output_dir: str | Path, run_name: str | None) -> str:
     """`<output dir>/<flow run name>` (or a timestamp outside a flow run), never an existing one."""
     base = run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
@@ -263,6 +266,20 @@ def report_task(
             for n, a in zip(metrics["class_names"], metrics["per_class_accuracy"], strict=True)
         ],
         key="tnflow-per-class-accuracy",
+    )
+    # What a sweep reads of its trials, wherever they ran: the figures and where the model is.
+    create_table_artifact(
+        table=[
+            {
+                "run_dir": str(run),
+                "model_dir": model_dir,
+                "cache": cache_path,
+                "valid_accuracy": best["valid_accuracy"],
+                "test_accuracy": metrics["test_accuracy"],
+                "device": device,
+            }
+        ],
+        key=RUN_SUMMARY,
     )
     logger.info(
         "test accuracy %.4f on %d images; training %.1f images/s on %s; report %s",

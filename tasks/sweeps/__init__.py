@@ -1,0 +1,4 @@
+"""Sweeps: trials as flow runs (of a deployment, or subflows), their leaderboard, the winner and its report.
+
+May import: every other room of tasks/.
+"""

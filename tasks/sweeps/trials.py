@@ -1,0 +1,214 @@
+"""Running a sweep's trials as flow runs: of a deployment on its work pool, or subflows here; a few at a time.
+
+Each trial is a whole transfer-learning flow run with promotion off, so the UI shows it
+under the sweep with its own stages, logs and report. Its figures come back through the
+one-row table every run's report writes (`RUN_SUMMARY`), which the API serves wherever the
+trial ran; its model lives in the output directory the trials share. A trial that fails is a
+row of the leaderboard, not the end of the sweep.
+
+Trials owe their resumption to their stages' caches: a sweep started again with the same
+arguments finds each finished trial's training in the cache, and an unfinished one resumes
+after its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+
+from tnflow.tasks.config.sweeps import Trial
+from tnflow.tasks.core.errors import ConfigError
+from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
+from tnflow.tasks.core.host_slots import Log
+from tnflow.tasks.release.report import RUN_SUMMARY
+
+POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A trial as it ended: its flow run, and its figures and model if it finished."""
+
+    name: str
+    options: dict[str, Any]
+    state: str
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+    seconds: float | None = None
+    run_dir: str | None = None
+    model_dir: str | None = None
+    cache_path: str | None = None
+    valid_accuracy: float | None = None
+    test_accuracy: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.valid_accuracy is not None
+
+
+def check_deployment(name: str) -> None:
+    """A missing deployment is a one-line error before any trial starts."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"--deployment {name}: the Prefect server has no such deployment; deploy it first "
+                "(prefect deploy --all --prefect-file deployments/prefect.yaml), or leave --deployment out "
+                "to run the trials as subflows here"
+            ) from None
+
+
+def run_trials(
+    trials: list[Trial],
+    *,
+    sweep_name: str,
+    deployment: str | None,
+    parallel: int,
+    subflow: Callable[..., Any],
+    on_finished: Callable[[TrialResult], None],
+    log: Log,
+) -> list[TrialResult]:
+    """Every trial, at most `parallel` at once; `on_finished` hears of each as it ends. Results in trial order."""
+    if deployment:
+        results = _on_the_pool(trials, sweep_name, deployment, parallel, on_finished, log)
+    else:
+        results = _in_this_process(trials, sweep_name, parallel, subflow, on_finished, log)
+    order = [trial.name for trial in trials]
+    return sorted(results, key=lambda result: order.index(result.name))
+
+
+def _on_the_pool(
+    trials: list[Trial],
+    sweep_name: str,
+    deployment: str,
+    parallel: int,
+    on_finished: Callable[[TrialResult], None],
+    log: Log,
+) -> list[TrialResult]:
+    """Flow runs of `deployment`, children of the sweep's run; any worker of its pool may take them."""
+    waiting, running, results = list(trials), {}, []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            trial = waiting.pop(0)
+            run = run_deployment(
+                deployment,
+                parameters=trial.config.model_dump(),
+                timeout=0,  # submitted; watched below
+                flow_run_name=f"{sweep_name}-{trial.name}",
+                tags=["tnflow-sweep"],
+            )
+            running[run.id] = trial
+            log.info("%s (%s): flow run %r of %s", trial.name, trial.describe(), run.name, deployment)
+        time.sleep(POLL_SECONDS)
+        with get_client(sync_client=True) as client:
+            for run_id, trial in list(running.items()):
+                flow_run = client.read_flow_run(run_id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    del running[run_id]
+                    results.append(_ended(client, trial, flow_run, on_finished, log))
+    return results
+
+
+def _in_this_process(
+    trials: list[Trial],
+    sweep_name: str,
+    parallel: int,
+    subflow: Callable[..., Any],
+    on_finished: Callable[[TrialResult], None],
+    log: Log,
+) -> list[TrialResult]:
+    """Subflows in threads of this process.
+
+    TensorFlow fixes a process's GPUs once, so on a GPU machine the trials run one after
+    another, on GPUs the sweep holds for all of them (the trials take no slot of their own).
+    """
+    from tnflow.tasks.tf.startup import claim_gpus, visible_gpus
+
+    base = trials[0].config
+    gpus = visible_gpus()
+    if gpus and parallel > 1:
+        log.info(
+            "trials run one at a time: as subflows they share this process and its GPUs (--deployment spreads them)"
+        )
+        parallel = 1
+    count = gpu_count(base.gpus, len(gpus)) if gpus else 1
+    with gpu_slot(base.gpu_slot if gpus else "none", log, gpus=gpus, count=count) as held:
+        claim_gpus(held)
+        if gpus:
+            trials = [Trial(t.name, t.options, t.config.model_copy(update={"gpu_slot": "none"})) for t in trials]
+        with ThreadPoolExecutor(parallel, thread_name_prefix="tnflow-trial") as pool:
+            # Each thread runs in a copy of the sweep's context, so each trial is a child of the sweep's run.
+            futures = [
+                pool.submit(contextvars.copy_context().run, _subflow, subflow, trial, sweep_name) for trial in trials
+            ]
+            results = []
+            for future in as_completed(futures):
+                trial, flow_run = future.result()
+                with get_client(sync_client=True) as client:
+                    results.append(_ended(client, trial, flow_run, on_finished, log))
+    return results
+
+
+def _subflow(subflow: Callable[..., Any], trial: Trial, sweep_name: str) -> tuple[Trial, FlowRun]:
+    named = subflow.with_options(flow_run_name=f"{sweep_name}-{trial.name}")
+    state = named(**trial.config.model_dump(), return_state=True)
+    with get_client(sync_client=True) as client:
+        return trial, client.read_flow_run(state.state_details.flow_run_id)
+
+
+def _ended(
+    client: Any, trial: Trial, flow_run: FlowRun, on_finished: Callable[[TrialResult], None], log: Log
+) -> TrialResult:
+    result = _result(client, trial, flow_run)
+    if result.finished:
+        log.info(
+            "%s (%s) finished: validation accuracy %.4f", trial.name, trial.describe(), result.valid_accuracy or 0.0
+        )
+    else:
+        log.warning("%s (%s) ended %s: it takes no part in the choice", trial.name, trial.describe(), result.state)
+    on_finished(result)
+    return result
+
+
+def _result(client: Any, trial: Trial, flow_run: FlowRun) -> TrialResult:
+    """The trial's figures from its run's summary table (only a completed run has one)."""
+    seconds = flow_run.total_run_time.total_seconds() if flow_run.total_run_time else None
+    ended = {
+        "name": trial.name,
+        "options": trial.options,
+        "state": flow_run.state.name if flow_run.state else "Unknown",
+        "flow_run_id": str(flow_run.id),
+        "flow_run_name": flow_run.name,
+        "seconds": seconds,
+    }
+    if flow_run.state is None or not flow_run.state.is_completed():
+        return TrialResult(**ended)
+    found = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[RUN_SUMMARY]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])
+        )
+    )
+    if not found:
+        return TrialResult(**ended)
+    data = found[0].data
+    (row,) = json.loads(data) if isinstance(data, str) else data
+    return TrialResult(
+        **ended,
+        run_dir=row["run_dir"],
+        model_dir=row["model_dir"],
+        cache_path=row["cache"],
+        valid_accuracy=float(row["valid_accuracy"]),
+        test_accuracy=float(row["test_accuracy"]),
+    )

@@ -1,0 +1,195 @@
+"""Sweeps: trials checked up front, the winner by validation, and a grid on a work pool through a process worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import api_post, stop_process_group
+from tests.fake_weights import write_fake_weights
+from tests.fakes import make_archive
+from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
+from tnflow.tasks.core.errors import ConfigError
+from tnflow.tasks.sweeps.leaderboard import choose_winner, leaderboard_rows
+from tnflow.tasks.sweeps.trials import TrialResult
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def planned(**values):
+    return plan_trials(SweepConfig.from_values(values))
+
+
+def test_a_grid_is_every_combination_and_each_trial_derives_its_own_defaults():
+    trials = planned(grid=["learning_rate=1e-4,3e-4", "model=vgg19,mobilenet35v2"], epochs=2)
+    assert [t.options for t in trials] == [
+        {"learning_rate": 1e-4, "model": "vgg19"},
+        {"learning_rate": 1e-4, "model": "mobilenet35v2"},
+        {"learning_rate": 3e-4, "model": "vgg19"},
+        {"learning_rate": 3e-4, "model": "mobilenet35v2"},
+    ]
+    vgg, mobilenet = trials[0].config, trials[1].config
+    assert (vgg.head, vgg.image_size) == ("full", 224) and (mobilenet.head, mobilenet.image_size) == ("gap", 224)
+    assert all(t.config.epochs == 2 and t.config.promote is False for t in trials), (
+        "shared options; trials never promote"
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"grid": ["learning_rate=abc"]}, "--grid learning_rate=abc: --learning-rate must be a number"),
+        ({"grid": ["learning_rate=1e-4,2"]}, "trial-2 (learning_rate=2.0): --learning-rate must be a number from 0"),
+        ({"grid": ["model=vgg19,vgg20"]}, "trial-2 (model=vgg20): --model 'vgg20' is unknown"),
+        ({"grid": ["colour=red"]}, "--grid colour: tnflow run has no option --colour"),
+        ({"grid": ["seed=1,2"]}, "--seed cannot vary between trials: every trial must see the same data"),
+        ({"grid": ["valid_size=100,200"]}, "--valid-size cannot vary between trials"),
+        ({"grid": ["gpus=1,2"]}, "--gpus cannot vary between trials: it says where or how a trial runs"),
+        ({"grid": ["learning_rate"]}, "write OPTION=VALUE[,VALUE...]"),
+        ({"grid": ["epochs=1", "epochs=2"]}, "--grid names epochs twice"),
+        ({"grid": ["epochs=" + ",".join(map(str, range(1, 20))), "batch_size=" + ",".join(map(str, range(1, 20)))]},
+         "--grid makes 361 trials; at most 256"),
+        ({"random": 3, "vary": "momentum"}, "--vary momentum: --random has no range for it"),
+        ({"vary": "learning_rate", "grid": ["epochs=1"]}, "--vary chooses what --random draws"),
+        ({}, "give the trials with --grid OPTION=VALUES ... or --random N"),
+    ],
+)  # fmt: skip
+def test_every_trial_is_checked_before_anything_starts(values, message):
+    with pytest.raises(ConfigError) as raised:
+        planned(**values)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_random_trials_are_drawn_from_the_declared_ranges_and_the_same_seed_draws_them_again():
+    first = planned(random=6, vary="learning_rate,augment", seed=3)
+    assert [t.options for t in first] == [t.options for t in planned(random=6, vary="learning_rate,augment", seed=3)]
+    assert [t.options for t in first] != [t.options for t in planned(random=6, vary="learning_rate,augment", seed=4)]
+    assert all(1e-5 <= t.options["learning_rate"] <= 1e-3 for t in first)
+    assert {t.options["augment"] for t in first} <= {"none", "flip", "flip-crop"}
+
+
+def test_a_bad_grid_is_one_line_and_exit_2_before_any_server_starts(capsys):
+    from tnflow.flows.cli.main import main
+
+    assert main(["sweep", "--grid", "learning_rate=1e-4,fast", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tnflow sweep: error: --grid learning_rate=fast" in err
+
+
+def result(name, valid, test, state="Completed"):
+    return TrialResult(name, {"learning_rate": 1e-4}, state, valid_accuracy=valid, test_accuracy=test)
+
+
+def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
+    import logging
+
+    results = [result("trial-1", 0.80, 0.95), result("trial-2", 0.85, 0.70), result("trial-3", None, None, "Failed")]
+    assert choose_winner(results, logging.getLogger("t")).name == "trial-2", "the best test accuracy is not a vote"
+    tie = [result("trial-1", 0.85, 0.60), result("trial-2", 0.85, 0.90)]
+    assert choose_winner(tie, logging.getLogger("t")).name == "trial-1", "a tie goes to the earlier trial"
+    rows = leaderboard_rows(results)
+    assert [r["trial"] for r in rows] == ["trial-2", "trial-1", "trial-3"] and rows[2]["state"] == "Failed"
+    with pytest.raises(Exception, match="no trial finished"):
+        choose_winner([result("trial-1", None, None, "Crashed")], logging.getLogger("t"))
+
+
+# -- a grid on a work pool, through a process worker --------------------------------------
+
+
+def stage_states(api: str, flow_run_ids: list[str]) -> dict[str, list[str]]:
+    runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": flow_run_ids}}})
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run["name"].rsplit("-", 1)[0], []).append(run["state"]["name"])
+    return states
+
+
+def most_at_once(runs: list[dict]) -> int:
+    spans = [(datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])) for r in runs]
+    return max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
+
+
+def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_the_winner(prefect_server, tmp_path):
+    api, env = prefect_server["api"], {**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env["TNFLOW_LOCK_DIR"] = str(tmp_path / "locks")
+    pool, slot = f"tnflow-sweep-{uuid.uuid4().hex[:6]}", f"tnflow-gpu-sweep-{uuid.uuid4().hex[:6]}"
+    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=60, n_test=20)
+    weights_md5 = write_fake_weights(tmp_path / "mobilenet.npz", "mobilenet35v2")
+    api_post(api, "/v2/concurrency_limits/", {"name": slot, "limit": 2})  # two trainings at once on this host
+
+    def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done
+
+    run(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process")
+    run(str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "adhoc", "--pool", pool,
+        "--prefect-file", "deployments/prefect.yaml")  # fmt: skip
+    sweep = [str(BIN / "tnflow"), "sweep", "--deployment", "transfer-learning/adhoc", "--parallel", "2"]
+    sweep += ["--grid", "learning_rate=1e-4,1e-3", "augment=none,flip"]
+    sweep += ["--data-url", str(tmp_path / "c10.tar.gz"), "--data-md5", md5, "--valid-size", "20"]
+    sweep += ["--model", "mobilenet35v2", "--image-size", "32", "--epochs", "1", "--batch-size", "16"]
+    sweep += ["--weights", str(tmp_path / "mobilenet.npz"), "--weights-md5", weights_md5, "--export", "none"]
+    sweep += ["--eval-batch-size", "64", "--gpu-slot", slot]
+    sweep += ["--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs")]
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", pool],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            first = Path(run(*sweep, timeout=600).stdout.strip().splitlines()[-1])
+            again = Path(run(*sweep, timeout=600).stdout.strip().splitlines()[-1])
+        finally:
+            stop_process_group(worker)
+
+    sweeps = {}
+    for directory in (first, again):
+        (parent,) = api_post(api, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [directory.name]}}})
+        children = api_post(
+            api,
+            "/flow_runs/filter",
+            {"flow_runs": {"parent_flow_run_id": {"operator": "and_", "any_": [parent["id"]]}}},
+        )
+        sweeps[directory] = (parent, [c for c in children if c["name"].startswith(f"{directory.name}-trial-")])
+    parent, trials = sweeps[first]
+    assert parent["state"]["type"] == "COMPLETED" and len(trials) == 4, [c["name"] for c in trials]
+    assert all(t["deployment_id"] and t["state"]["type"] == "COMPLETED" for t in trials), "flow runs of the deployment"
+    assert most_at_once(trials) == 2, "two at a time, never more"
+
+    board = json.loads((first / "leaderboard.json").read_text())
+    assert [b["name"] for b in board] == ["trial-1", "trial-2", "trial-3", "trial-4"]
+    best = max(board, key=lambda b: (b["valid_accuracy"], -board.index(b)))
+    champion = json.loads((tmp_path / "runs" / "champion" / "champion.json").read_text())
+    assert champion["run_id"] == Path(best["run_dir"]).name, "the winner is the best by validation"
+    for entry in board:  # each trial's own gate was shut; only the sweep's gate saw the winner
+        metrics = json.loads((Path(entry["run_dir"]) / "metrics.json").read_text())
+        gate = metrics["promotion"]["reason"]
+        assert ("first champion" in gate) if entry is best else ("a sweep's trial" in gate), (entry["name"], gate)
+    stages = [
+        r["name"].rsplit("-", 1)[0]
+        for r in api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [parent["id"]]}}})
+    ]
+    assert stages.count("promote") == 1 and stages.count("sweep-report") == 1, stages
+
+    (artifact,) = api_post(
+        api, "/artifacts/latest/filter", {"artifacts": {"key": {"any_": ["tnflow-sweep-leaderboard"]}}}
+    )
+    table = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
+    assert len(table) == 4 and all("/runs/flow-run/" in row["flow run"] for row in table)
+    assert table[0]["trial"] == best["name"], "best first"
+    report = (first / "report.md").read_text()
+    assert "## Validation accuracy against each option" in report and "### augment" in report
+
+    parent, trials = sweeps[again]
+    assert parent["state"]["type"] == "COMPLETED" and len(trials) == 4
+    states = stage_states(api, [t["id"] for t in trials])
+    for stage in ("download", "build-cache", "starting-point", "train"):
+        assert states[stage] == ["Cached"] * 4, (stage, states[stage])
