@@ -128,10 +128,15 @@ def test_tensorflow_start_up_chatter_is_hidden_unless_the_user_sets_a_level_or_a
             f"start_tensorflow(verbose={verbose})\n"
             "import tnflow.tasks.tf.graph\n"
         )
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
 
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    quiet, loud, debug = start(env), start({**env, "TF_CPP_MIN_LOG_LEVEL": "0"}), start(env, verbose=True)
+    started = [start(env), start({**env, "TF_CPP_MIN_LOG_LEVEL": "0"}), start(env, verbose=True)]  # at once
+    for process in started:
+        process.stderr_text = process.communicate(timeout=300)[1]
+    quiet, loud, debug = (subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr_text) for p in started)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert loud.returncode == 0 and loud.stderr, "the user's level wins"
     assert debug.returncode == 0 and debug.stderr, "--debug never redirects stderr: a fatal native error stays visible"

@@ -3,7 +3,7 @@
 TensorFlow fixes its devices when it first computes, and the test process has long since
 computed on one CPU, so every tower test runs here, in a fresh process, and prints JSON.
 
-    python -m tests.towers step OPTIMIZER LR         one training step on 1 and on 2 towers
+    python -m tests.towers step OPTIMIZER=LR ...     one training step on 1 and on 2 towers, per optimizer
     python -m tests.towers train CACHE WORK [kill]   a two-tower training (killed after epoch 1)
 """
 
@@ -92,7 +92,7 @@ def train_two_towers(cache: str, work: str, kill: bool) -> dict:
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
     if command == "step":
-        result = step(args[0], float(args[1]))
+        result = {arg: step(*arg.split("=")[:1], float(arg.split("=")[1])) for arg in args}
     else:
         result = train_two_towers(args[0], args[1], kill=args[2:] == ["kill"])
     print(json.dumps(result))

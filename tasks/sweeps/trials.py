@@ -33,7 +33,7 @@ from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
 from tnflow.tasks.core.host_slots import Log
 from tnflow.tasks.release.report import RUN_SUMMARY
 
-POLL_SECONDS = 2.0
+POLL_SECONDS = 1.0  # how often a sweep asks the server whether its trials ended
 
 
 @dataclass(frozen=True)

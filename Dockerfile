@@ -1,0 +1,26 @@
+# The image the Kubernetes and Docker deployments run (deployments/kubernetes.yaml, docker.yaml).
+#
+# TensorFlow's own GPU image of the version tnflow pins brings CUDA, cuDNN and a TensorFlow
+# built against them; `pip install .` adds tnflow and the rest of its dependencies (no dev
+# extras) and keeps that TensorFlow. The repository lands in /opt/tnflow, where the
+# deployments' flows run from. Build and push it to a registry your cluster pulls from:
+#
+#   docker build -t registry.example.com/tnflow:latest . && docker push registry.example.com/tnflow:latest
+FROM tensorflow/tensorflow:2.21.0-gpu
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    TNFLOW_CACHE_DIR=/shared/tnflow/cache \
+    TNFLOW_OUTPUT_DIR=/shared/tnflow/runs
+
+WORKDIR /opt/tnflow
+COPY pyproject.toml README.md ./
+COPY flows ./flows
+COPY tasks ./tasks
+COPY deployments ./deployments
+RUN pip install . \
+    && useradd --create-home --uid 1000 --shell /usr/sbin/nologin tnflow
+
+# Not root: a flow run reads downloaded archives and user pictures (README: hostile input).
+USER tnflow
