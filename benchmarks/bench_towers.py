@@ -64,8 +64,8 @@ def step_seconds(spec: ModelSpec, devices: tuple[str, ...]) -> float:
 
 def gradient_bytes(spec: ModelSpec) -> int:
     net = build(spec)
-    trainable = set(net.graph.get_collection(tf1.GraphKeys.TRAINABLE_VARIABLES))
-    return sum(int(np.prod(v.shape.as_list())) * 4 for v in net.pretrained + net.head if v in trainable)
+    trainable = {v.op.name for v in net.graph.get_collection(tf1.GraphKeys.TRAINABLE_VARIABLES)}
+    return sum(int(np.prod(v.shape.as_list())) * 4 for v in net.pretrained + net.head if v.op.name in trainable)
 
 
 def main() -> None:
