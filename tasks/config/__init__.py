@@ -2,7 +2,8 @@
 
 `options` is the one configuration the CLI, the flows and the deployments share; `specs` are
 the frozen values stages take from it; `parameters` turns options into command-line options,
-flow signatures and one-line errors; `backbones` is the zoo as a table.
+flow signatures and one-line errors; `backbones` is the zoo as a table; `sweeps` is a sweep's
+options, the ranges `--random` draws from, and the trials they make.
 
 May import: tasks.core.
 """

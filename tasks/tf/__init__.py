@@ -1,6 +1,7 @@
 """TF: the only package that imports TensorFlow or tensornets.
 
-Starting TensorFlow quietly (`startup`), the model graph (`graph`), its input pipeline
+Starting TensorFlow quietly (`startup`), the model graph and its data-parallel towers
+(`graph`), one replica of the network (`network`), its input pipeline
 (`inputs`), sessions and devices (`sessions`), the accuracy levers as graph ops, the
 serving decode graph, the export converters, the tensornets compatibility shim, and the
 saved-model directory those write and read. Everything outside this room stays fast to
