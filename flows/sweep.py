@@ -42,6 +42,8 @@ def sweep(config: SweepConfig) -> str:
         cache_path=winner.cache_path,
         output_dir=config.output_dir,
         margin=config.promote_margin,
+        alpha=config.promote_alpha,
+        max_class_drop=config.max_class_drop,
         enabled=config.promotes,
         eval_batch_size=config.eval_batch_size,
     )

@@ -84,6 +84,8 @@ def transfer_learning(config: RunConfig) -> str:
         cache_path=cache.path,
         output_dir=config.output_dir,
         margin=config.promote_margin,
+        alpha=config.promote_alpha,
+        max_class_drop=config.max_class_drop,
         enabled=config.promotes,
         eval_batch_size=config.eval_batch_size,
     )

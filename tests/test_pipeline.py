@@ -152,7 +152,8 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
     assert promotion["promoted"], promotion["reason"]
     assert json.loads((tmp_path / "runs" / "champion" / "champion.json").read_text())["run_id"] == full.name
     report = (full / "report.md").read_text()
-    assert "scored again" in report and promotion["compared_on"] in report
+    assert "scored on it now" in report and promotion["compared_on"] in report
+    assert "McNemar" in report and "only the champion" in report, "the gate's counts and p-value"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ import pytest
 
 import tnflow.tasks.release.promote as promote_module
 from tnflow.tasks.core.errors import DiskFullError
-from tnflow.tasks.release.promote import promote, read_champion
+from tnflow.tasks.release.champions import read_champion
+from tnflow.tasks.release.promote import promote
 from tnflow.tasks.tf.model_dir import read_model_dir, write_model_json
 from tnflow.tasks.training.starting_point import dataset_key
 
@@ -33,38 +34,55 @@ def tree(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def fake_cache(path: Path, labels, source_md5="a" * 32, classes=("cat", "dog")) -> Path:
+N = 200  # test images: a 5-point gain on them is no accident (McNemar)
+
+
+def fake_cache(path: Path, labels=None, source_md5="a" * 32, classes=("cat", "dog")) -> Path:
     with h5py.File(path, "w") as f:
-        f["test/labels"] = np.asarray(labels)
+        f["test/labels"] = np.asarray(labels if labels is not None else [i % 2 for i in range(N)])
         f.attrs["dataset"], f.attrs["source_md5"], f.attrs["class_names"] = "cifar10", source_md5, list(classes)
     return path
 
 
+def labels_of(cache: Path) -> np.ndarray:
+    with h5py.File(cache, "r") as f:
+        return f["test/labels"][:]
+
+
+def predictions_at(labels: np.ndarray, accuracy: float) -> np.ndarray:
+    """The first round(accuracy x n) images right, the rest wrong: a better model is right where a worse one is."""
+    right = round(accuracy * len(labels))
+    predicted = (labels + 1) % 2
+    predicted[:right] = labels[:right]
+    return predicted
+
+
 class Rescore:
-    """Stands in for evaluating the champion on another test split; remembers what it was asked."""
+    """Stands in for evaluating the champion on a test split; remembers what it was asked."""
 
     def __init__(self, accuracy: float):
         self.accuracy, self.calls = accuracy, []
 
-    def __call__(self, champion: str, cache: str) -> float:
+    def __call__(self, champion: str, cache: str) -> np.ndarray:
         self.calls.append((read_model_dir(champion)["tag"], Path(cache).name))
-        return self.accuracy
+        return predictions_at(labels_of(Path(cache)), self.accuracy)
 
 
 @pytest.fixture
 def gate(tmp_path):
     out = tmp_path / "runs"
-    full = fake_cache(tmp_path / "full.h5", [0, 1, 0, 1])
+    full = fake_cache(tmp_path / "full.h5")
 
-    def run(name, accuracy, cache=full, rescore=None, margin=0.0):
+    def run(name, accuracy, cache=full, rescore=None, margin=0.0, predictions=None, **options):
         return promote(
             fake_model(tmp_path, name),
             run_id=f"run-{name}",
-            test_accuracy=accuracy,
+            predictions=predictions if predictions is not None else predictions_at(labels_of(cache), accuracy),
             cache_path=cache,
             output_dir=out,
             rescore=rescore or Rescore(float("nan")),
             margin=margin,
+            **options,
         )
 
     return run, out, full
@@ -101,13 +119,13 @@ def test_worse_equal_or_within_margin_keeps_the_champion(gate, accuracy, margin)
 def test_a_champion_from_another_split_is_rescored_and_a_better_model_wins(gate, tmp_path):
     """The smoke-run trap: a champion measured on a subset must not block every later run."""
     run, out, full = gate
-    smoke = fake_cache(tmp_path / "smoke.h5", [0, 1])
+    smoke = fake_cache(tmp_path / "smoke.h5", [i % 2 for i in range(100)])
     run("smoke", 0.99, cache=smoke)  # a tiny test split makes any accuracy easy
     rescore = Rescore(0.40)
     better = run("full", 0.75, cache=full, rescore=rescore)
     assert rescore.calls == [("smoke", "full.h5")], "the champion is scored on the candidate's test images"
     assert better.promoted and better.rescored and better.champion_accuracy == 0.40 and champion_tag(out) == "full"
-    assert "scored again" in better.reason and "0.9900" in better.reason
+    assert "scored on it now" in better.reason and "0.9900" in better.reason
     history = [
         json.loads(x) for x in (out / "champions" / dataset_key(full) / "history.jsonl").read_text().splitlines()
     ]
@@ -116,7 +134,7 @@ def test_a_champion_from_another_split_is_rescored_and_a_better_model_wins(gate,
 
 def test_a_rescored_champion_that_is_still_better_stays(gate, tmp_path):
     run, out, full = gate
-    run("old", 0.90, cache=fake_cache(tmp_path / "other.h5", [1, 0, 1]))
+    run("old", 0.90, cache=fake_cache(tmp_path / "other.h5", [(i + 1) % 2 for i in range(150)]))
     kept = run("new", 0.70, cache=full, rescore=Rescore(0.88))
     assert not kept.promoted and kept.rescored and champion_tag(out) == "old"
 
@@ -124,7 +142,7 @@ def test_a_rescored_champion_that_is_still_better_stays(gate, tmp_path):
 def test_datasets_keep_their_own_champions(gate, tmp_path):
     run, out, full = gate
     run("cifar", 0.90)
-    other = fake_cache(tmp_path / "mine.h5", [0, 1], source_md5="b" * 32, classes=("apple", "pear"))
+    other = fake_cache(tmp_path / "mine.h5", source_md5="b" * 32, classes=("apple", "pear"))
     rescore = Rescore(0.0)
     mine = run("mine", 0.30, cache=other, rescore=rescore)
     assert mine.promoted and "first champion" in mine.reason and rescore.calls == []
@@ -252,3 +270,91 @@ def test_a_full_disk_while_promoting_is_one_line_and_the_champion_stays_whole(ga
     monkeypatch.undo()
     assert tree(out / "champion") == before and champion_tag(out) == "a"
     assert run("c", 0.90).promoted, "the next run promotes as if nothing happened"
+
+
+# -- a significant gain ------------------------------------------------------------------
+
+
+def discordant(labels: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Predictions that are right exactly where `right` is."""
+    return np.where(right, labels, (labels + 1) % 2)
+
+
+def thousand(tmp_path):
+    return fake_cache(tmp_path / "thousand.h5", [i % 2 for i in range(1000)])
+
+
+def test_three_tenths_of_a_point_on_1000_images_is_noise_and_five_points_is_not(gate, tmp_path):
+    run, out, _ = gate
+    cache = thousand(tmp_path)
+    labels = labels_of(cache)
+    champion = np.arange(1000) < 800  # 800 right
+    run("champion", 0.0, cache=cache, predictions=discordant(labels, champion))
+    # +0.3 points: 13 images only the candidate gets right, 10 only the champion.
+    noise = champion.copy()
+    noise[800:813], noise[:10] = True, False
+    kept = run("noise", 0.0, cache=cache, predictions=discordant(labels, noise))
+    assert not kept.promoted and champion_tag(out) == "champion"
+    assert kept.comparison == {
+        **kept.comparison,
+        "both_right": 790, "only_candidate": 13, "only_champion": 10, "both_wrong": 187,
+    }  # fmt: skip
+    assert "could be chance: McNemar's p = 0.678, not below --promote-alpha 0.05" in kept.reason
+    assert "both right 790, only the candidate 13, only the champion 10, both wrong 187" in kept.reason
+    # +5 points: 60 against 10.
+    better = champion.copy()
+    better[800:860], better[:10] = True, False
+    promoted = run("better", 0.0, cache=cache, predictions=discordant(labels, better))
+    assert promoted.promoted and champion_tag(out) == "better" and promoted.comparison["p_value"] < 1e-9
+    assert "+5.0 points" in promoted.reason and "only the candidate 60, only the champion 10" in promoted.reason
+    record = read_champion(out, dataset_key(cache))
+    assert record["comparison"]["only_candidate"] == 60 and record["alpha"] == 0.05, "the history keeps the counts"
+    assert not run("noise-again", 0.0, cache=cache, predictions=discordant(labels, noise), alpha=1.0).promoted, (
+        "against the new champion it is worse"
+    )
+
+
+def test_alpha_one_turns_the_test_off(gate, tmp_path):
+    run, *_ = gate
+    cache = thousand(tmp_path)
+    labels = labels_of(cache)
+    run("champion", 0.0, cache=cache, predictions=discordant(labels, np.arange(1000) < 800))
+    noise = np.arange(1000) < 800
+    noise[800:813], noise[:10] = True, False
+    assert not run("strict", 0.0, cache=cache, predictions=discordant(labels, noise)).promoted
+    assert run("plain", 0.0, cache=cache, predictions=discordant(labels, noise), alpha=1.0).promoted
+
+
+@pytest.mark.parametrize(("only_candidate", "only_champion"), [(0, 0), (5, 0), (13, 10), (60, 10), (400, 380), (1, 9)])
+def test_the_p_value_is_the_exact_binomial_test_on_the_discordant_images(only_candidate, only_champion):
+    from scipy.stats import binomtest
+
+    from tnflow.tasks.release.significance import mcnemar_exact
+
+    n = only_candidate + only_champion
+    reference = binomtest(only_candidate, n, 0.5).pvalue if n else 1.0
+    assert mcnemar_exact(only_candidate, only_champion) == pytest.approx(reference, rel=1e-9)
+
+
+def test_the_champion_is_scored_once_per_test_split(gate, tmp_path):
+    run, _, full = gate
+    smoke = fake_cache(tmp_path / "smoke.h5", [i % 2 for i in range(100)])
+    run("champion", 0.99, cache=smoke)
+    rescore = Rescore(0.80)
+    assert not run("first", 0.80, cache=full, rescore=rescore).promoted
+    assert not run("second", 0.79, cache=full, rescore=rescore).promoted
+    assert rescore.calls == [("champion", "full.h5")], "its predictions on the full split were kept"
+    assert run("third", 0.99, cache=full, rescore=rescore).promoted and len(rescore.calls) == 1
+
+
+def test_a_candidate_that_loses_a_class_is_refused_when_asked(gate):
+    run, _, full = gate
+    labels = labels_of(full)
+    cats, dogs = labels == 0, labels == 1
+    champion = np.where(cats, np.arange(N) < 160, np.arange(N) < 120)  # cats 80 of 100 right, dogs 60
+    run("champion", 0.0, predictions=discordant(labels, champion))
+    candidate = (cats & (np.arange(N) < 140)) | dogs  # cats 70 right, every dog right: +15 points overall
+    options = {"predictions": discordant(labels, candidate)}
+    refused = run("candidate", 0.0, max_class_drop=5, **options)
+    assert not refused.promoted and "loses 10.0 points on class 'cat', more than --max-class-drop 5" in refused.reason
+    assert run("candidate-2", 0.0, max_class_drop=20, **options).promoted, "within the allowed drop"

@@ -368,6 +368,23 @@ class RunConfig(DataConfig):
         description="promote only if test accuracy beats the champion's by more than this",
         json_schema_extra={"metavar": "ACC"},
     )
+    promote_alpha: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="promote only if McNemar's exact test on the images only one of the two models gets right "
+        "puts the gain below this chance of being noise (1: any gain promotes)",
+        json_schema_extra={"metavar": "P"},
+    )
+    max_class_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="refuse a candidate that loses more than this many points on any class (default: off)",
+        json_schema_extra={"metavar": "POINTS"},
+    )
     export: str = Field(
         "savedmodel",
         description=f"formats the model (and a champion) is exported in, comma-separated: "

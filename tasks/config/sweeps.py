@@ -33,7 +33,10 @@ FIXED: dict[str, str] = {
         WHERE_NOT_WHAT,
     ),
     "promote": "trials never promote; the sweep puts its winner alone through the champion gate",
-    "promote_margin": "it belongs to the sweep's champion gate, which sees only the winner",
+    **dict.fromkeys(
+        ("promote_margin", "promote_alpha", "max_class_drop"),
+        "it belongs to the sweep's champion gate, which sees only the winner",
+    ),
 }
 
 

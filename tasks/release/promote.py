@@ -9,11 +9,16 @@ identity (dataset, source digest, class names):
     <output dir>/champions/<dataset key>/history.jsonl  every decision that promoted
     <output dir>/champion -> champions/<dataset key>/<run>   the latest promotion (`tnflow predict champion`)
 
-A candidate and the champion are compared on the candidate's test split: when the champion
-was measured on another split (a smoke run's subset, an older image size), it is scored again
-on the candidate's test images first. Promotion writes the new directory completely (its model
-card gains the line's champion history), then switches the links with atomic renames, so an
-interrupted promotion leaves the old champion, its exports included, whole.
+A candidate and the champion are compared image by image on the candidate's test split
+(`tasks.release.significance`): the candidate wins when it is better by more than the margin
+and McNemar's exact test says the difference is unlikely to be chance (`alpha`), and it loses
+no class by more than `max_class_drop` points. The champion's per-image predictions are kept
+in its directory, one file per test split it was scored on, so it is scored once per split:
+when it was measured on another split (a smoke run's subset, an older image size), it is
+scored again on the candidate's test images first, and that is kept too. Promotion writes the
+new directory completely (its model card gains the line's champion history), then switches the
+links with atomic renames, so an interrupted promotion leaves the old champion, its exports
+included, whole. The line's records and history are `tasks.release.champions`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,16 +46,17 @@ from tnflow.tasks.core.files import (
     link_tree,
     new_directory,
     switch_symlink,
-    write_atomic,
 )
-from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
+from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.release.champions import CHAMPION_JSON, append_line, read_champion, read_history, split_identity
 from tnflow.tasks.release.model_card import add_champion_history
+from tnflow.tasks.release.significance import Comparison, compare
 from tnflow.tasks.training.starting_point import dataset_key
-from tnflow.tasks.training.validate import evaluate_model
+from tnflow.tasks.training.validate import evaluate_model, read_predictions
 
-CHAMPION_JSON = "champion.json"
-Rescore = Callable[[str, str], float]  # (champion model dir, candidate cache) -> accuracy on its test split
+PREDICTIONS = "predictions"  # in a champion's directory: <split digest>.npy, its predicted class per test image
+Rescore = Callable[[str, str], np.ndarray]  # (champion model dir, candidate cache) -> predicted class per test image
 
 
 @dataclass(frozen=True)
@@ -62,101 +68,45 @@ class Decision:
     champion_dir: str
     compared_on: str = ""  # the test split both were measured on
     rescored: bool = False  # the champion was scored again on that split
-
-
-def split_identity(cache_path: str | Path) -> str:
-    """Identifies the test images (dataset, archive, which images): only equal keys compare as they are."""
-    with h5py.File(cache_path, "r") as f:
-        labels = f["test/labels"][:]
-        if "digests" in f["test"]:  # a folder: the test images themselves, whichever version holds them
-            parts = [str(f.attrs["dataset"]), str(f.attrs["source_id"]), str(len(labels))]
-            digests = f["test/digests"][:]
-            order = np.argsort(digests)
-            content = digests[order].tobytes() + labels[order].tobytes()
-        else:
-            parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
-            content = labels.tobytes()
-    return ":".join(parts) + ":" + short_digest(content, 12)
-
-
-def read_history(line: Path) -> list[dict[str, Any]]:
-    """Every promotion of a champion line so far, oldest first (a row torn by a crash is left out)."""
-    path = line / "history.jsonl"
-    rows = path.read_text().splitlines() if path.is_file() else []
-    records = [record for record in map(_json_object, rows) if record is not None]
-    if len(records) < sum(1 for row in rows if row.strip()):
-        run_logger().warning("%s has damaged lines; they are left out of the champion's history", path)
-    return records
-
-
-def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
-    """The champion's record; a damaged one is rebuilt from the line's history, or set aside (no champion)."""
-    line = Path(output_dir) / "champions" / key
-    path = line / "current" / CHAMPION_JSON
-    if not path.is_file():
-        return None
-    record = _json_object(path.read_text(errors="replace"))
-    if record is not None and "test_accuracy" in record and "test_split" in record:
-        return record
-    run_id = path.parent.resolve().name
-    recorded = [r for r in read_history(line) if r.get("run_id") == run_id]
-    aside = path.with_name(f"{CHAMPION_JSON}.damaged")
-    with contextlib.suppress(FileNotFoundError):  # another run set it aside first
-        os.replace(path, aside)
-    if recorded:
-        write_atomic(path, json.dumps(recorded[-1], indent=2))
-        run_logger().warning("%s was damaged (kept as %s): rebuilt from history.jsonl", path, aside.name)
-        return recorded[-1]
-    run_logger().warning("%s was damaged (kept as %s) and is not in history.jsonl: no champion", path, aside.name)
-    return None
-
-
-def _append_line(path: Path, text: str) -> None:
-    """Append a row; a row torn by a crash is ended first, so it cannot swallow this one."""
-    with open(path, "a+b") as handle:
-        torn = False
-        if handle.seek(0, os.SEEK_END) > 0:
-            handle.seek(-1, os.SEEK_END)
-            torn = handle.read(1) != b"\n"
-        handle.write((("\n" if torn else "") + text + "\n").encode())
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text) if text.strip() else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
+    comparison: dict[str, Any] | None = None  # image by image (`significance.Comparison`), with a champion
+    alpha: float | None = None  # the significance level the gate used
 
 
 def promote(
     model_dir: str | Path,
     *,
     run_id: str,
-    test_accuracy: float,
+    predictions: np.ndarray,
     cache_path: str | Path,
     output_dir: str | Path,
     rescore: Rescore,
     margin: float = 0.0,
+    alpha: float = 0.05,
+    max_class_drop: float | None = None,
 ) -> Decision:
-    """Make `model_dir` the champion of its dataset if it beats the current one by more than `margin`."""
+    """Make `model_dir` the champion of its dataset if it is significantly better (`predictions`: per test image)."""
     output_dir = ensure_writable_dir(output_dir, option="--output-dir")
     key, split = dataset_key(cache_path), split_identity(cache_path)
+    labels, class_names = _test_labels(cache_path)
+    if len(predictions) != len(labels):
+        raise TnflowError(f"{len(predictions)} test predictions for the {len(labels)} test images of {cache_path}")
+    test_accuracy = float((predictions == labels).mean())
     line = output_dir / "champions" / key
     line.mkdir(parents=True, exist_ok=True)
     with full_disk_ends("promoting the champion", output_dir), exclusive(line / "current"):
         current = read_champion(output_dir, key)
-        champion_accuracy, rescored = None, False
+        champion_accuracy, rescored, comparison = None, False, None
         if current is not None:
-            champion_accuracy = current["test_accuracy"]
-            if current["test_split"] != split:
-                champion_accuracy, rescored = rescore(str(line / "current"), str(cache_path)), True
-            if not test_accuracy > champion_accuracy + margin:
-                reason = (
-                    f"kept the champion ({current['run_id']}): {test_accuracy:.4f} does not beat "
-                    f"{champion_accuracy:.4f} by more than {margin:g}{_on(rescored, current)}"
-                )
-                return Decision(False, reason, test_accuracy, champion_accuracy, str(line / "current"), split, rescored)
+            theirs, rescored = _champion_predictions(line / "current", split, cache_path, rescore)
+            champion_accuracy = float((theirs == labels).mean())
+            comparison = compare(predictions, theirs, labels, class_names)
+            refusal = _refusal(test_accuracy, champion_accuracy, comparison, margin, alpha, max_class_drop)
+            if refusal:
+                reason = f"kept the champion ({current['run_id']}): {refusal}{_on(rescored, current, split)}"
+                return Decision(
+                    False, reason, test_accuracy, champion_accuracy, str(line / "current"), split, rescored,
+                    asdict(comparison), alpha,
+                )  # fmt: skip
 
         record = {
             "run_id": run_id,
@@ -169,30 +119,90 @@ def promote(
             "replaced_accuracy": champion_accuracy,
             "replaced_rescored": rescored,
             "margin": margin,
+            "alpha": alpha,
+            "comparison": asdict(comparison) if comparison else None,
         }
         with new_directory(line / run_id) as tmp:  # itself a model directory, exports and card included
             link_tree(model_dir, tmp)
             (tmp / CHAMPION_JSON).write_text(json.dumps(record, indent=2))
+            (tmp / PREDICTIONS).mkdir()
+            np.save(tmp / PREDICTIONS / f"{short_digest(split, 16)}.npy", predictions.astype(np.int32))
             add_champion_history(tmp, [*read_history(line), record])
         switch_symlink(line / "current", Path(run_id))
         switch_symlink(output_dir / "champion", Path("champions") / key / run_id)
-        _append_line(line / "history.jsonl", json.dumps(record))
-    if current is None:
+        append_line(line / "history.jsonl", json.dumps(record))
+    if current is None or comparison is None:
         reason = f"promoted: first champion of {key}"
     else:
         reason = (
-            f"promoted: {test_accuracy:.4f} beats {champion_accuracy:.4f} ({current['run_id']}) "
-            f"by more than {margin:g}{_on(rescored, current)}"
+            f"promoted: {test_accuracy:.4f} beats {champion_accuracy:.4f} ({current['run_id']}) by "
+            f"{100 * (test_accuracy - champion_accuracy):+.1f} points, more than {margin:g}, McNemar's p = "
+            f"{comparison.p_value:.3g} (--promote-alpha {alpha:g}; {comparison.counts}){_on(rescored, current, split)}"
         )
-    return Decision(True, reason, test_accuracy, champion_accuracy, str(output_dir / "champion"), split, rescored)
+    decision = Decision(
+        True, reason, test_accuracy, champion_accuracy, str(output_dir / "champion"), split, rescored,
+        asdict(comparison) if comparison else None, alpha,
+    )  # fmt: skip
+    return decision
 
 
-def _on(rescored: bool, current: dict[str, Any]) -> str:
-    if not rescored:
-        return " on the same test split"
+def _refusal(
+    accuracy: float,
+    champion_accuracy: float,
+    comparison: Comparison,
+    margin: float,
+    alpha: float,
+    max_class_drop: float | None,
+) -> str:
+    """Why the candidate does not replace the champion ('' when it does)."""
+    if not accuracy > champion_accuracy + margin:
+        return f"{accuracy:.4f} does not beat {champion_accuracy:.4f} by more than {margin:g}"
+    if alpha < 1 and not comparison.p_value < alpha:  # 1: the test is off
+        return (
+            f"{accuracy:.4f} against {champion_accuracy:.4f} ({100 * (accuracy - champion_accuracy):+.1f} points) "
+            f"could be chance: McNemar's p = {comparison.p_value:.3g}, not below --promote-alpha {alpha:g} "
+            f"({comparison.counts})"
+        )
+    if max_class_drop is not None and comparison.worst_class_drop > max_class_drop:
+        return (
+            f"it loses {comparison.worst_class_drop:.1f} points on class {comparison.worst_class!r}, "
+            f"more than --max-class-drop {max_class_drop:g}"
+        )
+    return ""
+
+
+def _test_labels(cache_path: str | Path) -> tuple[np.ndarray, list[str]]:
+    with h5py.File(cache_path, "r") as f:
+        return f["test/labels"][:], [str(name) for name in f.attrs["class_names"]]
+
+
+def _champion_predictions(
+    champion: Path, split: str, cache_path: str | Path, rescore: Rescore
+) -> tuple[np.ndarray, bool]:
+    """The champion's predicted class per image of `split`: kept from before, or scored now and kept.
+
+    Returns them and whether the champion was scored now.
+    """
+    path = champion / PREDICTIONS / f"{short_digest(split, 16)}.npy"
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):  # damaged: scored again below
+            return np.load(path, allow_pickle=False), False
+    predicted = np.asarray(rescore(str(champion), str(cache_path)), dtype=np.int32)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, predicted)
+    os.replace(tmp, path)
+    return predicted, True
+
+
+def _on(rescored: bool, current: dict[str, Any], split: str) -> str:
+    if current["test_split"] == split:
+        scored = " (the champion scored once on it now: no predictions were kept for it)" if rescored else ""
+        return f" on the same test split{scored}"
     return (
-        f" on this run's test split (the champion was scored again; it had {current['test_accuracy']:.4f} "
-        f"on its own split {current['test_split']})"
+        f" on this run's test split (the champion was scored on it{' now' if rescored else ' before'}; it had "
+        f"{current['test_accuracy']:.4f} on its own split {current['test_split']})"
     )
 
 
@@ -214,6 +224,8 @@ def promote_task(
     cache_path: str,
     output_dir: str,
     margin: float,
+    alpha: float,
+    max_class_drop: float | None,
     enabled: bool,
     eval_batch_size: int,
 ) -> Decision:
@@ -227,11 +239,13 @@ def promote_task(
         decision = promote(
             model_dir,
             run_id=Path(run_dir).name,
-            test_accuracy=test_accuracy,
+            predictions=read_predictions(run_dir, "test"),
             cache_path=cache_path,
             output_dir=output_dir,
             margin=margin,
-            rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["test_accuracy"],
+            alpha=alpha,
+            max_class_drop=max_class_drop,
+            rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["predicted"],
         )
     logger.info("champion: %s", decision.reason)
     return decision

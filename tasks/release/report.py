@@ -112,6 +112,18 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
 
 
+def _gate_counts(promotion: dict[str, Any] | None) -> str:
+    """The gate's 2x2 counts and McNemar's p-value, when there was a champion to compare with."""
+    found = (promotion or {}).get("comparison")
+    if not found:
+        return "-"
+    return (
+        f"both right {found['both_right']}, only this model {found['only_candidate']}, only the champion "
+        f"{found['only_champion']}, both wrong {found['both_wrong']}; McNemar's exact p = {found['p_value']:.3g} "
+        f"(promotes below {promotion['alpha']:g})"
+    )
+
+
 def _sections(config, history, metrics, stages, device, promotion) -> dict[str, Any]:
     best = max(history, key=lambda r: r["valid_accuracy"])
     names = metrics["class_names"]
@@ -123,6 +135,7 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
             ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
             ("champion", promotion["reason"] if promotion else "not considered"),
             ("compared on test split", (promotion or {}).get("compared_on") or "-"),
+            ("image by image", _gate_counts(promotion)),
         ],
         "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
         "history": [
@@ -268,19 +281,9 @@ def report_task(
         key="tnflow-per-class-accuracy",
     )
     # What a sweep reads of its trials, wherever they ran: the figures and where the model is.
-    create_table_artifact(
-        table=[
-            {
-                "run_dir": str(run),
-                "model_dir": model_dir,
-                "cache": cache_path,
-                "valid_accuracy": best["valid_accuracy"],
-                "test_accuracy": metrics["test_accuracy"],
-                "device": device,
-            }
-        ],
-        key=RUN_SUMMARY,
-    )
+    summary = {"run_dir": str(run), "model_dir": model_dir, "cache": cache_path, "device": device}
+    summary |= {"valid_accuracy": best["valid_accuracy"], "test_accuracy": metrics["test_accuracy"]}
+    create_table_artifact(table=[summary], key=RUN_SUMMARY)
     logger.info(
         "test accuracy %.4f on %d images; training %.1f images/s on %s; report %s",
         metrics["test_accuracy"],

@@ -40,12 +40,14 @@ class Tally:
     loss_sum: float = 0.0
     confusion: np.ndarray = field(init=False)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    predicted: list[np.ndarray] = field(default_factory=list)  # per image, in the split's order
 
     def __post_init__(self) -> None:
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
     def add(self, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray) -> None:
         predicted = probs.argmax(axis=1)
+        self.predicted.append(predicted.astype(np.int32))
         self.correct += int((predicted == labels).sum())
         self.loss_sum += float(np.asarray(losses, dtype=np.float64).sum())
         np.add.at(self.confusion, (labels, predicted), 1)
@@ -81,7 +83,8 @@ def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: i
     fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses}
     for out in run_split(session, net, fetches, split, batch_size):
         tally.add(out["probs"], out["labels"], out["losses"])
-    return tally.metrics(split)
+    # The predicted class of every image too (not for metrics.json): the champion gate compares image by image.
+    return {**tally.metrics(split), "predicted": np.concatenate(tally.predicted)}
 
 
 def evaluate_model(
@@ -116,10 +119,32 @@ def validate(
     out_dir: str | Path,
     gpus: tuple[int, ...] = (),
 ) -> dict:
-    """Evaluate a saved model on a split of the cache; writes and returns `<out_dir>/metrics.json`."""
+    """Evaluate a saved model on a split of the cache; writes `<out_dir>/metrics.json` and the split's predictions."""
     metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus)
+    write_predictions(Path(out_dir), split, metrics.pop("predicted"))
     write_metrics(Path(out_dir), metrics)
     return metrics
+
+
+def write_predictions(out_dir: Path, split: str, predicted: np.ndarray) -> Path:
+    """`<out_dir>/<split>_predictions.npy`: the predicted class of each image of the split, in the cache's order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{split}_predictions.npy"
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, predicted.astype(np.int32))
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(run_dir: str | Path, split: str) -> np.ndarray:
+    path = Path(run_dir) / f"{split}_predictions.npy"
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise TnflowError(
+            f"{path}: the run's {split} predictions are missing or damaged ({exc}); run it again"
+        ) from None
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:

@@ -1,0 +1,90 @@
+"""A champion line on disk: which test images a model was measured on, its record, and its history.
+
+    <output dir>/champions/<dataset key>/current/champion.json   the champion's record
+    <output dir>/champions/<dataset key>/history.jsonl          every promotion, oldest first
+
+A record torn or damaged by a crash never closes the gate for good: `read_champion` rebuilds
+it from the history, or sets it aside (no champion), with a warning either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tnflow.tasks.core.digests import short_digest
+from tnflow.tasks.core.files import write_atomic
+from tnflow.tasks.core.progress import run_logger
+
+CHAMPION_JSON = "champion.json"
+
+
+def split_identity(cache_path: str | Path) -> str:
+    """Identifies the test images (dataset, archive, which images): only equal keys compare as they are."""
+    with h5py.File(cache_path, "r") as f:
+        labels = f["test/labels"][:]
+        if "digests" in f["test"]:  # a folder: the test images themselves, whichever version holds them
+            parts = [str(f.attrs["dataset"]), str(f.attrs["source_id"]), str(len(labels))]
+            digests = f["test/digests"][:]
+            order = np.argsort(digests)
+            content = digests[order].tobytes() + labels[order].tobytes()
+        else:
+            parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
+            content = labels.tobytes()
+    return ":".join(parts) + ":" + short_digest(content, 12)
+
+
+def read_history(line: Path) -> list[dict[str, Any]]:
+    """Every promotion of a champion line so far, oldest first (a row torn by a crash is left out)."""
+    path = line / "history.jsonl"
+    rows = path.read_text().splitlines() if path.is_file() else []
+    records = [record for record in map(_json_object, rows) if record is not None]
+    if len(records) < sum(1 for row in rows if row.strip()):
+        run_logger().warning("%s has damaged lines; they are left out of the champion's history", path)
+    return records
+
+
+def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
+    """The champion's record; a damaged one is rebuilt from the line's history, or set aside (no champion)."""
+    line = Path(output_dir) / "champions" / key
+    path = line / "current" / CHAMPION_JSON
+    if not path.is_file():
+        return None
+    record = _json_object(path.read_text(errors="replace"))
+    if record is not None and "test_accuracy" in record and "test_split" in record:
+        return record
+    run_id = path.parent.resolve().name
+    recorded = [r for r in read_history(line) if r.get("run_id") == run_id]
+    aside = path.with_name(f"{CHAMPION_JSON}.damaged")
+    with contextlib.suppress(FileNotFoundError):  # another run set it aside first
+        os.replace(path, aside)
+    if recorded:
+        write_atomic(path, json.dumps(recorded[-1], indent=2))
+        run_logger().warning("%s was damaged (kept as %s): rebuilt from history.jsonl", path, aside.name)
+        return recorded[-1]
+    run_logger().warning("%s was damaged (kept as %s) and is not in history.jsonl: no champion", path, aside.name)
+    return None
+
+
+def append_line(path: Path, text: str) -> None:
+    """Append a row; a row torn by a crash is ended first, so it cannot swallow this one."""
+    with open(path, "a+b") as handle:
+        torn = False
+        if handle.seek(0, os.SEEK_END) > 0:
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+        handle.write((("\n" if torn else "") + text + "\n").encode())
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text.strip() else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
