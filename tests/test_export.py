@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from tnflow.tasks.release.predict import predict_files
 from tnflow.tasks.sources.images import load_square
 from tnflow.tasks.tf.converters import probe_images, saved_model_probabilities, tflite_runner
 from tnflow.tasks.tf.decode_graph import decode_square
-from tnflow.tasks.tf.model_dir import write_model_json
+from tnflow.tasks.tf.model_dir import update_model_json, write_model_json
 from tnflow.tasks.training.train import train
 
 SIZE = 32
@@ -61,6 +62,11 @@ def model(tmp_path_factory):
     write_fake_weights(root / "w.npz", "mobilenet35v2")
     settings = TrainSettings(epochs=1, batch_size=32, learning_rate=1e-3)
     trained = train(cache.path, str(root / "w.npz"), spec, settings, root / "work", class_names=cache.class_names)
+    # Fitted on validation, this near-chance model's temperature is large and flattens its
+    # answers; a sharpening one (below 1) keeps them visibly dependent on the picture, and
+    # every export must divide by it as `tnflow predict` does.
+    assert json.loads((Path(trained.model_dir) / "model.json").read_text())["temperature"] > 0
+    update_model_json(Path(trained.model_dir), {"temperature": 0.5})
     exports = root / "exports"
     exports.mkdir()
     export(trained.model_dir, ("savedmodel",), exports)

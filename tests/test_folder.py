@@ -20,7 +20,7 @@ from tnflow.tasks.cache.folder_cache import build_folder_cache
 from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.release.report import data_sections
+from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.sources import folder as folder_module
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER
 from tnflow.tasks.sources.folder import scan_folder

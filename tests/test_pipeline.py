@@ -29,6 +29,7 @@ HISTORY_FIELDS = {
     "seconds",
     "images_per_second",
     "trained",  # "head" during --freeze-epochs, else "all"
+    "temperature",  # fitted on the validation split: the model's calibration if this epoch is the best
 }
 
 
@@ -86,6 +87,8 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert len(metrics["per_class_accuracy"]) == 10 and len(metrics["confusion_matrix"]) == 10
     assert metrics["valid_accuracy"] == metrics["history"][0]["valid_accuracy"]
     assert set(metrics["history"][0]) == HISTORY_FIELDS
+    assert metrics["calibration"]["temperature"] == model_json["temperature"] == metrics["history"][0]["temperature"]
+    assert "## Calibration on the test split" in (run / "report.md").read_text()
     assert metrics["config"]["epochs"] == 1 and metrics["config"]["head"] == "gap"
     assert metrics["promotion"]["promoted"] and "first champion" in metrics["promotion"]["reason"]
     low, high = model_json["card"]["test"]["ci95"]
@@ -96,7 +99,7 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
 
     page = _Images()
     page.feed((run / "report.html").read_text())
-    assert len(page.sources) == 3 and page.headings >= 5
+    assert len(page.sources) == 4 and page.headings >= 6  # curves, confusion, samples, reliability
     for source in page.sources:
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

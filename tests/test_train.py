@@ -127,6 +127,18 @@ def test_model_dir_says_how_to_rebuild_it(reference, tiny_cache):
     assert not any("Adam" in name for name in names), "the model directory holds the model, not optimizer state"
 
 
+def test_the_model_carries_the_temperature_its_best_epoch_fitted_on_validation(reference, tiny_cache, tmp_path):
+    meta = json.loads((Path(reference.model_dir) / "model.json").read_text())
+    best = next(r for r in reference.history if r["epoch"] == reference.best_epoch)
+    assert meta["temperature"] == best["temperature"] > 0 and all(r["temperature"] > 0 for r in reference.history)
+    metrics = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "out")
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] == meta["temperature"]
+    assert {"ece_before", "ece_after", "reliability_before", "reliability_after"} <= set(calibration)
+    assert sum(row["images"] for row in calibration["reliability_after"]) == metrics["num_test"]
+    assert np.load(tmp_path / "out" / "test_predictions.npy").shape == (metrics["num_test"],)
+
+
 def test_a_finished_training_returns_at_once(reference, tiny_cache, monkeypatch, caplog):
     monkeypatch.setattr("tnflow.tasks.tf.graph.build", lambda *a, **k: pytest.fail("a finished training was rebuilt"))
     result = again(tiny_cache, reference.work_dir, caplog, settings=SETTINGS, eval_batch_size=64)
@@ -234,7 +246,7 @@ def test_accuracy_counts_images_not_batches():
     wrong = np.eye(2)[1 - labels]
     batches = [(right[:4], labels[:4]), (np.vstack([right[4:6], wrong[6:8]]), labels[4:8]), (wrong[8:], labels[8:])]
     for probs, y in batches:
-        tally.add(probs, y, np.ones(len(y)))
+        tally.add(probs, y, np.ones(len(y)), np.log(probs + 1e-9))
     mean_of_batch_means = np.mean([1.0, 0.5, 0.0])
     metrics = tally.metrics("test")
     assert metrics["test_accuracy"] == 0.6 != mean_of_batch_means

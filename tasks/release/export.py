@@ -42,8 +42,8 @@ from tnflow.tasks.core.files import (
 )
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.model_card import card_data, write_card
-from tnflow.tasks.release.report import data_sections
 from tnflow.tasks.tf.converters import FILES, WRITERS, Source
 from tnflow.tasks.tf.model_dir import model_digest, read_model_dir, update_model_json
 from tnflow.tasks.training.starting_point import StartingPoint

@@ -1,4 +1,4 @@
-"""The reports' figures: learning curves, the confusion matrix, sample test images, a sweep's accuracy by option."""
+"""The reports' figures: learning curves, confusion matrix, sample images, reliability, a sweep's accuracy by option."""
 
 from __future__ import annotations
 
@@ -80,6 +80,26 @@ def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.
         axis.set_xlabel(name)
         axis.set_ylabel("validation accuracy")
         axis.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(calibration: dict[str, Any]) -> plt.Figure:
+    """Accuracy against confidence per bin, raw and with the temperature; the diagonal is calibrated."""
+    fig, axis = plt.subplots(figsize=(4.6, 4.2))
+    axis.plot([0, 1], [0, 1], "k:", label="calibrated")
+    for key, label in (("before", "raw softmax"), ("after", f"T = {calibration['temperature']:.2f}")):
+        rows = calibration[f"reliability_{key}"]
+        ece = calibration[f"ece_{key}"]
+        axis.plot(
+            [r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-", label=f"{label} (ECE {ece:.3f})"
+        )
+    axis.set_xlabel("confidence")
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 

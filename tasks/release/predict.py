@@ -75,7 +75,7 @@ def predict_files(
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
     names = meta["class_names"]
-    net = build(spec)
+    net = build(spec, temperature=float(meta.get("temperature", 1.0)))  # calibrated probabilities
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
         for start in range(0, len(paths), batch_size):

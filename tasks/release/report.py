@@ -25,14 +25,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
 from tnflow.tasks.core.retries import retry_unless
-from tnflow.tasks.release.figures import confusion_heatmap, learning_curves, png, sample_grid
+from tnflow.tasks.release.data_summary import data_sections
+from tnflow.tasks.release.figures import confusion_heatmap, learning_curves, png, reliability_diagram, sample_grid
 from tnflow.tasks.release.promote import Decision
-from tnflow.tasks.sources.archives import UNSAFE_MEMBER
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import Trained
 from tnflow.tasks.training.validate import write_metrics
@@ -95,6 +94,7 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     with h5py.File(cache_path, "r") as f:
         sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
     pngs = {
+        "reliability": png(reliability_diagram(metrics["calibration"])),
         "learning_curves": png(learning_curves(history)),
         "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
         "samples": png(sample_grid(sample_images, metrics["samples"], names)),
@@ -151,30 +151,13 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
             for r in history
         ],
         "per_class": [(n, f"{a:.4f}") for n, a in zip(names, metrics["per_class_accuracy"], strict=True)],
+        "calibration": [
+            ("temperature", "1", f"{metrics['calibration']['temperature']:.3f} (fitted on the validation split)"),
+            ("expected calibration error", *(f"{metrics['calibration'][k]:.4f}" for k in ("ece_before", "ece_after"))),
+        ],
         "config": sorted((k, str(v)) for k, v in config.items()),
         "machine": [*machine().items(), ("device", device)],
     }
-
-
-SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
-
-
-def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
-    """What the model learnt from: classes with their images per split, and the files left out."""
-    with h5py.File(cache_path, "r") as f:
-        names = [str(n) for n in f.attrs["class_names"]]
-        per_split = {s: np.bincount(f[f"{s}/labels"][:], minlength=len(names)) for s in ("train", "valid", "test")}
-        summary = json.loads(f.attrs.get("summary", "{}"))
-    manifest = read_manifest(cache_path)
-    counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
-    counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
-    source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
-    left_out = [*manifest.get("skipped", []), *((m, UNSAFE_MEMBER) for m in manifest.get("unpacked_skipped", []))]
-    skipped = [(p, r) for p, r in left_out[:SKIPPED_SHOWN]]
-    more = len(left_out) - len(skipped)
-    if more > 0:
-        skipped.append((f"... and {more} more", "see the manifest in the cache file"))
-    return {"data": source, "class_counts": counts, "skipped": skipped or [("none", "")]}
 
 
 _TABLES = {
@@ -184,10 +167,11 @@ _TABLES = {
     "stages": ("Stages", ("stage", "wall time", "cache", "state")),
     "history": ("Learning curves", ("epoch", "train loss", "train acc", "valid loss", "valid acc", "s", "img/s")),
     "per_class": ("Test accuracy per class", ("class", "accuracy")),
+    "calibration": ("Calibration on the test split", ("", "raw softmax", "with the temperature")),
     "config": ("Configuration", ("option", "value")),
     "machine": ("Machine", ("", "")),
 }
-_FIGURE_AFTER = {"history": "learning_curves", "per_class": "confusion_matrix"}
+_FIGURE_AFTER = {"history": "learning_curves", "per_class": "confusion_matrix", "calibration": "reliability"}
 
 
 def _markdown(sections: dict[str, Any], images: dict[str, str]) -> str:

@@ -69,7 +69,7 @@ def _write_saved_model(source: Source, tmp: Path) -> dict[str, Any]:
     meta = source.meta
     spec = ModelSpec.from_meta(meta)
     serving = ServingInput(resize=meta.get("resize", "crop"), class_names=tuple(meta["class_names"]))
-    net = build(spec, serving=serving)
+    net = build(spec, serving=serving, temperature=float(meta.get("temperature", 1.0)))
     method = "tensorflow/serving/predict"
     with open_session(net) as session, net.graph.as_default():
         info = tf1.saved_model.utils.build_tensor_info
@@ -205,7 +205,8 @@ def _frozen_graph(model_dir: Path, meta: dict[str, Any]) -> Any:
     from tnflow.tasks.tf.graph import ServingInput, build
     from tnflow.tasks.tf.sessions import open_session
 
-    net = build(ModelSpec.from_meta(meta), serving=ServingInput(bytes_input=False))
+    temperature = float(meta.get("temperature", 1.0))
+    net = build(ModelSpec.from_meta(meta), serving=ServingInput(bytes_input=False), temperature=temperature)
     with open_session(net) as session:
         net.model_saver.restore(session, str(model_dir / CHECKPOINT))
         return tf.compat.v1.graph_util.convert_variables_to_constants(

@@ -104,6 +104,7 @@ def build(
     serving: ServingInput | None = None,
     device: str | None = None,
     devices: Sequence[str] = (),
+    temperature: float = 1.0,
 ) -> Net:
     """A graph for `spec`: with an input pipeline when `feed` is given, a training step when `settings` is.
 
@@ -113,6 +114,8 @@ def build(
     elsewhere than on the first GPU found (or the CPU): a GPU graph can be built, and
     checked, on a machine without one. `devices` (two or more) replicates the network, one
     tower per device over its share of each batch, with one set of variables on the first.
+    `temperature` (the model's, `tasks.training.calibration`) divides the logits of every
+    probability the graph gives out; losses and predictions do not change with it.
     """
     graph = tf.Graph()
     gpus = visible_gpus()
@@ -161,7 +164,7 @@ def build(
             logits = _joined([t for t, _ in outputs])
             losses = _joined([t for _, t in outputs])
             loss = tf.reduce_mean(losses)
-            probs = tf.nn.softmax(logits, name="probabilities")
+            probs = tf.nn.softmax(logits / temperature, name="probabilities")
             steps = None
             if settings is not None:
                 ops = levers.training_steps(settings, towers, pretrained, head, global_step, steps_per_epoch, updates)

@@ -24,6 +24,7 @@ from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
+from tnflow.tasks.training.calibration import fit_temperature
 from tnflow.tasks.training.pace import Pace
 from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
@@ -214,8 +215,10 @@ def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None
         fit.net.model_saver.restore(fit.eval_session, str(checkpoint_dir(fit.directory, epoch) / "ckpt"))
     valid = evaluate(fit.eval_session, fit.net, "valid", fit.eval_batch_size, fit.spec.num_classes)
     record = {**record, "valid_loss": valid["valid_loss"], "valid_accuracy": valid["valid_accuracy"]}
+    # Calibration: the temperature this epoch's model gets if it is the best (model.json).
+    record["temperature"] = fit_temperature(valid["logits"], valid["labels"])
     order = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds")
-    record = {key: record[key] for key in (*order, "images_per_second", "trained")}
+    record = {key: record[key] for key in (*order, "images_per_second", "trained", "temperature")}
     state.setdefault("history", []).append(record)
     if record["valid_accuracy"] > state.get("best_valid_accuracy", -1.0):
         _export_model(fit, epoch, record)
@@ -283,6 +286,7 @@ def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any]
         **asdict(spec),
         **origin,
         "preprocessing": PREPROCESSING[BACKBONES[spec.model].preprocessing],
+        "temperature": record.get("temperature", 1.0),  # divides the logits of every probability given out
         "epoch": record["epoch"],
         "metrics": {k: v for k, v in record.items() if k != "epoch"},
         "training": asdict(settings),

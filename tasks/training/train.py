@@ -55,6 +55,7 @@ CODE = code_version(
     "tnflow.tasks.cache.h5cache",
     "tnflow.tasks.cache.cache_reader",
     "tnflow.tasks.training.validate",
+    "tnflow.tasks.training.calibration",
 )
 
 

@@ -25,6 +25,7 @@ from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
+from tnflow.tasks.training.calibration import calibration_metrics
 
 TOP_K = 3
 SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
@@ -41,13 +42,17 @@ class Tally:
     confusion: np.ndarray = field(init=False)
     samples: list[dict[str, Any]] = field(default_factory=list)
     predicted: list[np.ndarray] = field(default_factory=list)  # per image, in the split's order
+    logits: list[np.ndarray] = field(default_factory=list)  # per image, before any temperature
+    labels: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
 
-    def add(self, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray) -> None:
+    def add(self, probs: np.ndarray, labels: np.ndarray, losses: np.ndarray, logits: np.ndarray) -> None:
         predicted = probs.argmax(axis=1)
         self.predicted.append(predicted.astype(np.int32))
+        self.logits.append(np.asarray(logits, dtype=np.float32))
+        self.labels.append(np.asarray(labels))
         self.correct += int((predicted == labels).sum())
         self.loss_sum += float(np.asarray(losses, dtype=np.float64).sum())
         np.add.at(self.confusion, (labels, predicted), 1)
@@ -75,16 +80,23 @@ class Tally:
         }
 
 
-def evaluate(session: Any, net: Any, split: str, batch_size: int, num_classes: int) -> dict[str, Any]:
-    """Metrics of the model in `session` on every image of `split`."""
+def evaluate(
+    session: Any, net: Any, split: str, batch_size: int, num_classes: int, temperature: float = 1.0
+) -> dict[str, Any]:
+    """Metrics of the model in `session` on every image of `split`, its calibration with `temperature` included.
+
+    Also, not for metrics.json: the arrays `predicted`, `logits` and `labels`, per image in
+    the split's order (the champion gate compares image by image; training fits the temperature).
+    """
     from tnflow.tasks.tf.sessions import run_split  # TensorFlow: only when evaluating
 
     tally = Tally(num_classes)
-    fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses}
+    fetches = {"probs": net.probs, "labels": net.labels, "losses": net.losses, "logits": net.logits}
     for out in run_split(session, net, fetches, split, batch_size):
-        tally.add(out["probs"], out["labels"], out["losses"])
-    # The predicted class of every image too (not for metrics.json): the champion gate compares image by image.
-    return {**tally.metrics(split), "predicted": np.concatenate(tally.predicted)}
+        tally.add(out["probs"], out["labels"], out["losses"], out["logits"])
+    logits, labels = np.concatenate(tally.logits), np.concatenate(tally.labels)
+    metrics = {**tally.metrics(split), "calibration": calibration_metrics(logits, labels, temperature)}
+    return {**metrics, "predicted": np.concatenate(tally.predicted), "logits": logits, "labels": labels}
 
 
 def evaluate_model(
@@ -103,10 +115,11 @@ def evaluate_model(
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
 
-    net = build(spec, CacheFeed(cache_path, image_size=spec.image_size))
+    temperature = float(meta.get("temperature", 1.0))
+    net = build(spec, CacheFeed(cache_path, image_size=spec.image_size), temperature=temperature)
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
-        metrics = evaluate(session, net, split, batch_size, spec.num_classes)
+        metrics = evaluate(session, net, split, batch_size, spec.num_classes, temperature)
     metrics["class_names"] = meta["class_names"]
     return metrics
 
@@ -122,6 +135,7 @@ def validate(
     """Evaluate a saved model on a split of the cache; writes `<out_dir>/metrics.json` and the split's predictions."""
     metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus)
     write_predictions(Path(out_dir), split, metrics.pop("predicted"))
+    metrics = {k: v for k, v in metrics.items() if k not in ("logits", "labels")}
     write_metrics(Path(out_dir), metrics)
     return metrics
 

@@ -1,0 +1,32 @@
+"""What a model learnt from, for its report and its model card: images per class and split, and the files left out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.sources.archives import UNSAFE_MEMBER
+
+SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
+
+
+def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
+    """What the model learnt from: classes with their images per split, and the files left out."""
+    with h5py.File(cache_path, "r") as f:
+        names = [str(n) for n in f.attrs["class_names"]]
+        per_split = {s: np.bincount(f[f"{s}/labels"][:], minlength=len(names)) for s in ("train", "valid", "test")}
+        summary = json.loads(f.attrs.get("summary", "{}"))
+    manifest = read_manifest(cache_path)
+    counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
+    counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
+    source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
+    left_out = [*manifest.get("skipped", []), *((m, UNSAFE_MEMBER) for m in manifest.get("unpacked_skipped", []))]
+    skipped = [(p, r) for p, r in left_out[:SKIPPED_SHOWN]]
+    more = len(left_out) - len(skipped)
+    if more > 0:
+        skipped.append((f"... and {more} more", "see the manifest in the cache file"))
+    return {"data": source, "class_counts": counts, "skipped": skipped or [("none", "")]}
