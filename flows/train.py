@@ -1,4 +1,4 @@
-"""transfer_learning: source -> cache -> starting point -> train -> validate -> export -> promote -> report."""
+"""transfer_learning: source -> cache -> start -> train -> validate -> label review -> export -> promote -> report."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.release.report import report_task, run_directory
+from tnflow.tasks.release.review import review_task
 from tnflow.tasks.sources.download import download_task
 from tnflow.tasks.tf.startup import visible_gpus
 from tnflow.tasks.training.starting_point import starting_point_task
@@ -71,6 +72,9 @@ def transfer_learning(config: RunConfig) -> str:
             out_dir=run_dir,
             gpus=held,
         )
+        review = review_task(
+            model_dir=trained.model_dir, cache_path=cache.path, run_dir=run_dir, batch_size=config.eval_batch_size
+        )
     # Exported before the gate: a promotion then links the whole directory, exports and card
     # included, into the new champion before it switches over, so the champion's exports are
     # never from another model than its checkpoint.
@@ -97,5 +101,6 @@ def transfer_learning(config: RunConfig) -> str:
         start=start,
         trained=trained,
         promotion=promotion,
+        review=review,
     )
     return run_dir

@@ -19,7 +19,9 @@ from tnflow.tasks.core.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "build-cache", "starting-point", "train", "validate", "export", "promote", "report")
+STAGES = (
+    "download", "build-cache", "starting-point", "train", "validate", "label-review", "export", "promote", "report"
+)  # fmt: skip
 HISTORY_FIELDS = {
     "epoch",
     "train_loss",
@@ -99,7 +101,8 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
 
     page = _Images()
     page.feed((run / "report.html").read_text())
-    assert len(page.sources) == 4 and page.headings >= 6  # curves, confusion, samples, reliability
+    assert len(page.sources) == 5 and page.headings >= 7  # curves, confusion, samples, reliability, disputed
+    assert "## Labels the model disputes" in (run / "report.md").read_text() and (run / "label_review.csv").is_file()
     for source in page.sources:
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

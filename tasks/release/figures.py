@@ -84,6 +84,20 @@ def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.
     return fig
 
 
+def picture_grid(images: list[np.ndarray], captions: list[str], columns: int = 4) -> plt.Figure:
+    """Pictures with a caption each (the label review's most confident disagreements); a note when there are none."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False, layout="constrained")
+    for axis in axes.ravel():
+        axis.axis("off")
+    for axis, image, caption in zip(axes.ravel(), images, captions, strict=False):
+        axis.imshow(image)
+        axis.set_title(caption, fontsize=8)
+    if not images:
+        axes[0][0].text(0, 0.5, "no held-out picture disputed", fontsize=10)
+    return fig
+
+
 def reliability_diagram(calibration: dict[str, Any]) -> plt.Figure:
     """Accuracy against confidence per bin, raw and with the temperature; the diagonal is calibrated."""
     fig, axis = plt.subplots(figsize=(4.6, 4.2))

@@ -146,6 +146,18 @@ def promote(
     return decision
 
 
+def gate_counts(promotion: dict[str, Any] | None) -> str:
+    """The gate's 2x2 counts and McNemar's p-value, when there was a champion to compare with."""
+    found = (promotion or {}).get("comparison")
+    if not found:
+        return "-"
+    return (
+        f"both right {found['both_right']}, only this model {found['only_candidate']}, only the champion "
+        f"{found['only_champion']}, both wrong {found['both_wrong']}; McNemar's exact p = {found['p_value']:.3g} "
+        f"(promotes below {promotion['alpha']:g})"
+    )
+
+
 def _refusal(
     accuracy: float,
     champion_accuracy: float,

@@ -30,8 +30,16 @@ from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.data_summary import data_sections
-from tnflow.tasks.release.figures import confusion_heatmap, learning_curves, png, reliability_diagram, sample_grid
-from tnflow.tasks.release.promote import Decision
+from tnflow.tasks.release.figures import (
+    confusion_heatmap,
+    learning_curves,
+    picture_grid,
+    png,
+    reliability_diagram,
+    sample_grid,
+)
+from tnflow.tasks.release.promote import Decision, gate_counts
+from tnflow.tasks.release.review import Review
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import Trained
 from tnflow.tasks.training.validate import write_metrics
@@ -82,18 +90,23 @@ def write_report(
     cache_path: str | Path,
     device: str,
     promotion: dict[str, Any] | None = None,
+    review: Review | None = None,
 ) -> dict[str, str]:
     """Write figures, report.md and report.html into `run_dir`; returns their paths."""
     with full_disk_ends("writing the report", run_dir):
-        return _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion)
+        return _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion, review)
 
 
-def _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion) -> dict[str, str]:
+def _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion, review) -> dict[str, str]:
     run_dir = Path(run_dir)
     names = list(metrics["class_names"])
+    disputed = list(review.top) if review else []
     with h5py.File(cache_path, "r") as f:
         sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
+        disputed_images = [f[f"{d.split}/images"][d.index] for d in disputed]
+    captions = [f"filed as {d.given}\nsays {d.predicted} {d.confidence:.0%}" for d in disputed]
     pngs = {
+        "disputed": png(picture_grid(disputed_images, captions)),
         "reliability": png(reliability_diagram(metrics["calibration"])),
         "learning_curves": png(learning_curves(history)),
         "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
@@ -105,23 +118,14 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
 
     sections = _sections(config, history, metrics, stages, device, promotion)
     sections.update(data_sections(cache_path))
+    shown = [(d.split, d.path or d.index, d.given, d.predicted, f"{d.confidence:.3f}") for d in disputed]
+    total = f"{review.count} in {Path(review.csv_path).name}" if review else "not reviewed"
+    sections["disputed"] = [*shown, ("", total, "", "", "")]
     markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
     write_atomic(run_dir / "report.md", markdown)
     write_atomic(run_dir / "report.html", page)
     return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
-
-
-def _gate_counts(promotion: dict[str, Any] | None) -> str:
-    """The gate's 2x2 counts and McNemar's p-value, when there was a champion to compare with."""
-    found = (promotion or {}).get("comparison")
-    if not found:
-        return "-"
-    return (
-        f"both right {found['both_right']}, only this model {found['only_candidate']}, only the champion "
-        f"{found['only_champion']}, both wrong {found['both_wrong']}; McNemar's exact p = {found['p_value']:.3g} "
-        f"(promotes below {promotion['alpha']:g})"
-    )
 
 
 def _sections(config, history, metrics, stages, device, promotion) -> dict[str, Any]:
@@ -135,7 +139,7 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
             ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
             ("champion", promotion["reason"] if promotion else "not considered"),
             ("compared on test split", (promotion or {}).get("compared_on") or "-"),
-            ("image by image", _gate_counts(promotion)),
+            ("image by image", gate_counts(promotion)),
         ],
         "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
         "history": [
@@ -168,10 +172,16 @@ _TABLES = {
     "history": ("Learning curves", ("epoch", "train loss", "train acc", "valid loss", "valid acc", "s", "img/s")),
     "per_class": ("Test accuracy per class", ("class", "accuracy")),
     "calibration": ("Calibration on the test split", ("", "raw softmax", "with the temperature")),
+    "disputed": ("Labels the model disputes", ("split", "picture", "filed as", "model says", "confidence")),
     "config": ("Configuration", ("option", "value")),
     "machine": ("Machine", ("", "")),
 }
-_FIGURE_AFTER = {"history": "learning_curves", "per_class": "confusion_matrix", "calibration": "reliability"}
+_FIGURE_AFTER = {
+    "history": "learning_curves",
+    "per_class": "confusion_matrix",
+    "calibration": "reliability",
+    "disputed": "disputed",
+}
 
 
 def _markdown(sections: dict[str, Any], images: dict[str, str]) -> str:
@@ -222,6 +232,7 @@ def report_task(
     start: StartingPoint,
     trained: Trained,
     promotion: Decision | None = None,
+    review: Review | None = None,
 ) -> dict[str, str]:
     """Write the run's report beside its model (never cached: it describes this run)."""
     logger = get_run_logger()
@@ -254,6 +265,7 @@ def report_task(
         cache_path=cache_path,
         device=device,
         promotion=promotion,
+        review=review,
     )
     markdown = (run / "report.md").read_text()
     create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")

@@ -25,7 +25,7 @@ from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
-from tnflow.tasks.training.calibration import calibration_metrics
+from tnflow.tasks.training.calibration import calibration_metrics, softmax
 
 TOP_K = 3
 SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
@@ -85,8 +85,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of the model in `session` on every image of `split`, its calibration with `temperature` included.
 
-    Also, not for metrics.json: the arrays `predicted`, `logits` and `labels`, per image in
-    the split's order (the champion gate compares image by image; training fits the temperature).
+    Also, not for metrics.json: the arrays `predicted`, `logits`, `probs` (calibrated) and
+    `labels`, per image in the split's order (the champion gate compares image by image,
+    training fits the temperature, the label review ranks by confidence).
     """
     from tnflow.tasks.tf.sessions import run_split  # TensorFlow: only when evaluating
 
@@ -96,7 +97,8 @@ def evaluate(
         tally.add(out["probs"], out["labels"], out["losses"], out["logits"])
     logits, labels = np.concatenate(tally.logits), np.concatenate(tally.labels)
     metrics = {**tally.metrics(split), "calibration": calibration_metrics(logits, labels, temperature)}
-    return {**metrics, "predicted": np.concatenate(tally.predicted), "logits": logits, "labels": labels}
+    arrays = {"predicted": np.concatenate(tally.predicted), "logits": logits, "labels": labels}
+    return {**metrics, **arrays, "probs": softmax(logits, temperature).astype(np.float32)}
 
 
 def evaluate_model(
@@ -134,31 +136,35 @@ def validate(
 ) -> dict:
     """Evaluate a saved model on a split of the cache; writes `<out_dir>/metrics.json` and the split's predictions."""
     metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus)
-    write_predictions(Path(out_dir), split, metrics.pop("predicted"))
+    write_predictions(Path(out_dir), split, metrics.pop("predicted"), metrics.pop("probs"))
     metrics = {k: v for k, v in metrics.items() if k not in ("logits", "labels")}
     write_metrics(Path(out_dir), metrics)
     return metrics
 
 
-def write_predictions(out_dir: Path, split: str, predicted: np.ndarray) -> Path:
-    """`<out_dir>/<split>_predictions.npy`: the predicted class of each image of the split, in the cache's order."""
+def write_predictions(out_dir: Path, split: str, predicted: np.ndarray, probs: np.ndarray) -> None:
+    """`<split>_predictions.npy` and `<split>_probabilities.npy` (calibrated) in `out_dir`, in the cache's order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{split}_predictions.npy"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, predicted.astype(np.int32))
-    tmp.replace(path)
-    return path
+    for name, values in (("predictions", predicted.astype(np.int32)), ("probabilities", probs)):
+        path = out_dir / f"{split}_{name}.npy"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, values)
+        tmp.replace(path)
 
 
-def read_predictions(run_dir: str | Path, split: str) -> np.ndarray:
-    path = Path(run_dir) / f"{split}_predictions.npy"
+def read_predictions(run_dir: str | Path, split: str, name: str = "predictions") -> np.ndarray:
+    """What `validate` kept of a split (`predictions`: the predicted class per image), for later stages."""
+    path = Path(run_dir) / f"{split}_{name}.npy"
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise TnflowError(
-            f"{path}: the run's {split} predictions are missing or damaged ({exc}); run it again"
-        ) from None
+        raise TnflowError(f"{path}: the run's {split} {name} are missing or damaged ({exc}); run again") from None
+
+
+def read_probabilities(run_dir: str | Path, split: str) -> np.ndarray:
+    """The calibrated probabilities `validate` kept, per image of the split."""
+    return read_predictions(run_dir, split, "probabilities")
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
