@@ -21,5 +21,6 @@ def batch_predict(config: ScoreConfig) -> str:
         output_dir=config.output_dir,
         out=config.out,
         batch_size=config.batch_size,
+        to_label=config.to_label,
     )
     return scored.csv

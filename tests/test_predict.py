@@ -108,7 +108,7 @@ def test_scoring_a_path_that_does_not_exist(trained, tmp_path, capsys):
 def test_an_empty_folder_gives_a_csv_with_its_header_only(trained, tmp_path, capsys):
     (tmp_path / "inbox").mkdir()
     assert main(["predict", trained["model_dir"], str(tmp_path / "inbox"), "--out", str(tmp_path / "p.csv")]) == 0
-    assert (tmp_path / "p.csv").read_text().strip() == "path,class,probability,top3,error"
+    assert (tmp_path / "p.csv").read_text().strip() == "path,class,probability,margin,entropy,top3,error"
 
 
 def test_printing_the_classes_of_an_empty_folder_fails_in_one_line(trained, tmp_path, capsys):

@@ -494,3 +494,9 @@ class ScoreConfig(Configuration):
         json_schema_extra={"metavar": "CSV"},
     )
     batch_size: int = Field(32, ge=1, le=4096, description="images scored at once")
+    to_label: int = Field(
+        100,
+        ge=0,
+        description="list the N least confident pictures in <csv>.to_label.csv, worth labelling next (0: none)",
+        json_schema_extra={"metavar": "N"},
+    )

@@ -43,10 +43,12 @@ from tnflow.tasks.core.files import (
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.data_summary import data_sections
+from tnflow.tasks.release.drift import reference_of
 from tnflow.tasks.release.model_card import card_data, write_card
 from tnflow.tasks.tf.converters import FILES, WRITERS, Source
 from tnflow.tasks.tf.model_dir import model_digest, read_model_dir, update_model_json
 from tnflow.tasks.training.starting_point import StartingPoint
+from tnflow.tasks.training.validate import read_probabilities
 
 LABELS = "labels.txt"
 
@@ -111,7 +113,11 @@ def _remove(path: Path) -> None:
 
 
 def publish_model(
-    model_dir: str | Path, run_dir: str | Path, formats: tuple[str, ...], card: dict[str, Any]
+    model_dir: str | Path,
+    run_dir: str | Path,
+    formats: tuple[str, ...],
+    card: dict[str, Any],
+    reference: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """<run dir>/model: the trained model, its exports and its card, put in place in one rename."""
     shared, checks = exports_of(model_dir, formats) if formats else (None, {})
@@ -126,7 +132,8 @@ def publish_model(
                 link_or_copy(source, tmp / check["file"])
         if shared is not None:
             link_or_copy(shared / LABELS, tmp / LABELS)
-        update_model_json(tmp, {"card": {**card, "exports": checks}})
+        # `reference`: the test split's summary, which batch scoring measures drift against.
+        update_model_json(tmp, {"card": {**card, "exports": checks}, "reference": reference})
         write_card(tmp)
     return final, checks
 
@@ -159,7 +166,8 @@ def export_task(
     logger = get_run_logger()
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), start.origin)
-    final, checks = publish_model(model_dir, run_dir, formats, card)
+    reference = reference_of(read_probabilities(run_dir, "test"))
+    final, checks = publish_model(model_dir, run_dir, formats, card, reference)
     for fmt, check in checks.items():
         logger.info("exported %s", describe(fmt, check, final))
     return str(final)

@@ -11,6 +11,7 @@ included for files it could not read.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -26,15 +27,17 @@ from prefect.runtime import flow_run
 
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
-from tnflow.tasks.core.files import exclusive, renamed_when_complete
+from tnflow.tasks.core.files import exclusive, renamed_when_complete, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
 from tnflow.tasks.sources.images import ImageError, load_square
 from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
 
 TOP_K = 3
 BATCH_SIZE = 32
-CSV_COLUMNS = ("path", "class", "probability", "top3", "error")
+CSV_COLUMNS = ("path", "class", "probability", "margin", "entropy", "top3", "error")
+TO_LABEL_COLUMNS = ("path", "class", "probability", "margin", "entropy")
 
 
 def model_directory(model: str, output_dir: str | Path) -> Path:
@@ -91,11 +94,17 @@ def predict_files(
                 for (index, _), row in zip(loaded, probs, strict=True):
                     best = np.argsort(-row)[:top]
                     results[index]["top"] = [{"class": names[c], "probability": float(row[c])} for c in best]
+                    _, results[index]["margin"], results[index]["entropy"] = uncertainty(row)
             yield from results
 
 
-def write_predictions(results: Iterable[dict[str, Any]], out: str | Path) -> Counter:
-    """One CSV row per image (top-1 class, its probability, the top 3; or the error); returns counts per class."""
+def write_predictions(
+    results: Iterable[dict[str, Any]], out: str | Path, seen: list[dict[str, Any]] | None = None
+) -> Counter:
+    """One CSV row per image (top-1 class, its probability, margin, entropy, the top 3; or the error).
+
+    Returns the counts per class; `seen` collects the readable images' results, for what comes after.
+    """
     out = Path(out).expanduser().absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     counts: Counter = Counter()
@@ -109,22 +118,57 @@ def write_predictions(results: Iterable[dict[str, Any]], out: str | Path) -> Cou
         for result in results:
             if "error" in result:
                 counts["(unreadable)"] += 1
-                writer.writerow([result["image"], "", "", "", result["error"]])
+                writer.writerow([result["image"], "", "", "", "", "", result["error"]])
                 continue
             top = result["top"]
             counts[top[0]["class"]] += 1
             ranked = "; ".join(f"{t['class']} {t['probability']:.4f}" for t in top)
-            writer.writerow([result["image"], top[0]["class"], f"{top[0]['probability']:.6f}", ranked, ""])
+            writer.writerow([result["image"], top[0]["class"], *_uncertainty_cells(result), ranked, ""])
+            if seen is not None:
+                seen.append(result)
     return counts
 
 
-def score(model_dir: str | Path, sources: list[str], out: str | Path, batch_size: int = BATCH_SIZE) -> Counter:
+def _uncertainty_cells(result: dict[str, Any]) -> list[str]:
+    return [f"{result['top'][0]['probability']:.6f}", f"{result['margin']:.6f}", f"{result['entropy']:.6f}"]
+
+
+def write_to_label(seen: list[dict[str, Any]], out: Path, count: int) -> Path:
+    """The `count` least confident pictures, least first: the ones worth a human label next."""
+    least = sorted(seen, key=lambda r: r["top"][0]["probability"])[:count]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(TO_LABEL_COLUMNS)
+    writer.writerows([r["image"], r["top"][0]["class"], *_uncertainty_cells(r)] for r in least)
+    write_atomic(out, buffer.getvalue())
+    return out
+
+
+def score(
+    model_dir: str | Path,
+    sources: list[str],
+    out: str | Path,
+    batch_size: int = BATCH_SIZE,
+    seen: list[dict[str, Any]] | None = None,
+) -> Counter:
     """Batch scoring: every picture under `sources` by the model in `model_dir`, into the CSV `out`."""
     for source in sources:
         if not Path(source).exists():
             raise TnflowError(f"{source} does not exist; give image files or folders of them")
     paths = image_paths(sources)  # none (an empty inbox tonight): a CSV with its header only
-    return write_predictions(predict_files(model_dir, paths, batch_size=batch_size), out)
+    return write_predictions(predict_files(model_dir, paths, batch_size=batch_size), out, seen)
+
+
+def drift_of(model_dir: str | Path, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scored pictures against the model's test split (its model.json `reference`); none without one."""
+    meta = read_model_dir(model_dir)
+    reference = meta.get("reference")
+    if not reference or not seen:
+        return []
+    index = {name: i for i, name in enumerate(meta["class_names"])}
+    classes = np.array([index[r["top"][0]["class"]] for r in seen])
+    confidences = np.array([r["top"][0]["probability"] for r in seen])
+    return drift_rows(shares(classes, confidences, len(index)), reference)
 
 
 # -- Prefect ------------------------------------------------------------------------------
@@ -132,11 +176,16 @@ def score(model_dir: str | Path, sources: list[str], out: str | Path, batch_size
 
 @dataclass(frozen=True)
 class Scored:
-    """Where a folder's predictions went, from which model, and how many pictures each class got."""
+    """Where a folder's predictions went, from which model, how many pictures each class got, and drift."""
 
     csv: str
     model: str
     counts: dict[str, int]
+    to_label: str | None = None
+    drifted: bool = False
+
+
+DRIFT_EVENT = "tnflow.scoring.drift"
 
 
 @task(
@@ -146,14 +195,17 @@ class Scored:
     retry_condition_fn=retry_unless(TnflowError),
     **STAGE_HOOKS,
 )
-def score_folder_task(*, model: str, folder: str, output_dir: str, out: str | None, batch_size: int) -> Scored:
-    """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv) and publish
-    the class counts, with a link to the CSV, as a table artifact."""
+def score_folder_task(
+    *, model: str, folder: str, output_dir: str, out: str | None, batch_size: int, to_label: int = 100
+) -> Scored:
+    """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv), list the least
+    confident in <csv>.to_label.csv, and publish the class counts and the drift against the model's test split."""
     logger = get_run_logger()
     out = out or str(Path(output_dir) / "predictions" / f"{flow_run.name or 'predictions'}.csv")
     model_dir = model_directory(model, output_dir)
     logger.info("scoring %s with %s", folder, model_dir)
-    counts = score(model_dir, [folder], out, batch_size)
+    seen: list[dict[str, Any]] = []
+    counts = score(model_dir, [folder], out, batch_size, seen)
     csv_path = Path(out).expanduser().absolute()
     total = sum(counts.values())
     if not total:
@@ -163,5 +215,24 @@ def score_folder_task(*, model: str, folder: str, output_dir: str, out: str | No
         key="tnflow-batch-predict",
         description=f"{total} files under {folder} scored by {model_dir}: [{csv_path.name}]({csv_path.as_uri()})",
     )
+    labelling = write_to_label(seen, csv_path.with_suffix(".to_label.csv"), to_label) if to_label else None
+    drift = drift_of(model_dir, seen)
+    drifted = any(row["flagged"] for row in drift)
+    if drift:
+        create_table_artifact(
+            table=drift,
+            key="tnflow-scoring-drift",
+            description=f"{len(seen)} pictures under {folder} against the test split of {model_dir}",
+        )
+    if drifted:
+        flagged = [row["statistic"] for row in drift if row["flagged"]]
+        logger.warning("%s does not look like %s's test split: %s", folder, model_dir, ", ".join(flagged))
+        from prefect.events import emit_event
+
+        emit_event(
+            event=DRIFT_EVENT,
+            resource={"prefect.resource.id": f"tnflow.model.{Path(model_dir).resolve().name}"},
+            payload={"folder": folder, "csv": str(csv_path), "statistics": drift},
+        )
     logger.info("%d files scored (%d unreadable); predictions in %s", total, counts["(unreadable)"], csv_path)
-    return Scored(csv=str(csv_path), model=str(model_dir), counts=dict(counts))
+    return Scored(str(csv_path), str(model_dir), dict(counts), str(labelling) if labelling else None, drifted)
