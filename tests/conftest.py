@@ -42,6 +42,7 @@ LONGEST_FIRST = (
     "test_gpu_slot.py",
     "test_model.py",
     "test_towers.py",
+    "test_watch.py",
     "test_folder_flow.py",
     "test_code_keys.py",
 )

@@ -46,7 +46,7 @@ def scheduled_runs(api: str, deployment_id: str) -> list:
 
 def test_the_yaml_is_what_serve_serves():
     entries = {d["name"]: d for d in load_deployments()}
-    assert set(entries) == {"retrain-weekly", "adhoc", "grid", "score-folder"}
+    assert set(entries) == {"retrain-weekly", "retrain-on-new-data", "watch", "adhoc", "grid", "score-folder"}
     assert entries["grid"]["parameters"]["deployment"] == "transfer-learning/adhoc", "a sweep fans out over the pool"
     assert entries["retrain-weekly"]["schedules"][0]["cron"] == "0 3 * * 1" and "schedules" not in entries["adhoc"]
     assert entries["retrain-weekly"]["parameters"] == {"retrain": True} and entries["adhoc"]["parameters"] == {}
@@ -167,7 +167,8 @@ def test_tnflow_serve_registers_the_same_deployments(prefect_server, tmp_path):
             start_new_session=True,
         )
         try:
-            wait_for(lambda: set(served_deployments(api, started)) == {"retrain-weekly", "adhoc"}, timeout=180)
+            served = {"retrain-weekly", "retrain-on-new-data", "adhoc"}  # the transfer-learning ones
+            wait_for(lambda: set(served_deployments(api, started)) == served, timeout=180)
         finally:
             stop_process_group(server)
     found = served_deployments(api, started)
@@ -175,6 +176,8 @@ def test_tnflow_serve_registers_the_same_deployments(prefect_server, tmp_path):
     assert found["retrain-weekly"]["parameters"] == {"retrain": True}
     assert found["adhoc"]["parameter_openapi_schema"]["properties"]["epochs"]["default"] == 7
     assert not found["adhoc"]["schedules"]
+    (automation,) = api_get(api, f"/automations/related-to/prefect.deployment.{found['retrain-on-new-data']['id']}")
+    assert automation["trigger"]["expect"] == ["tnflow.dataset.changed"], "serve registers the trigger too"
 
 
 @pytest.mark.slow

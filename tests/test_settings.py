@@ -9,7 +9,7 @@ from tnflow.flows.cli.serve import load_deployments
 from tnflow.flows.prepare import prepare_data
 from tnflow.flows.sweep import sweep
 from tnflow.flows.train import transfer_learning
-from tnflow.tasks.config.options import SOURCES, DataConfig, RunConfig, ScoreConfig
+from tnflow.tasks.config.options import SOURCES, DataConfig, RunConfig, ScoreConfig, WatchConfig
 from tnflow.tasks.config.parameters import option
 from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
 from tnflow.tasks.core.errors import ConfigError
@@ -151,6 +151,7 @@ def test_deployment_parameters_are_configuration_values():
         "flows/train.py:transfer_learning": RunConfig,
         "flows/sweep.py:sweep": SweepConfig,
         "flows/predict.py:batch_predict": ScoreConfig,
+        "flows/watch.py:watch_folder": WatchConfig,
     }
     for deployment in load_deployments():
         parameters = deployment.get("parameters") or {}
@@ -160,8 +161,12 @@ def test_deployment_parameters_are_configuration_values():
             plan_trials(SweepConfig.from_values(parameters))  # every trial's values, checked
         elif config is RunConfig:
             RunConfig.from_values(parameters)  # valid values, or a ConfigError that fails the test
+        elif config is WatchConfig:  # the folder is set when the deployment is
+            WatchConfig.from_values({"data_dir": "/data/photos", **parameters})
         else:  # the folder is given per run
             ScoreConfig.from_values({"folder": "/data/inbox", **parameters})
+        for trigger in deployment.get("triggers") or []:  # what an event fills in is a run option too
+            assert set(trigger.get("parameters") or {}) <= set(config.model_fields), deployment["name"]
     weekly = next(d for d in load_deployments() if d["name"] == "retrain-weekly")
     assert weekly["parameters"]["retrain"] is True, "a scheduled retrain must train again, not just re-evaluate"
 

@@ -13,8 +13,10 @@ from typing import Any
 import yaml
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentTriggerTypes
 from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
+from pydantic import TypeAdapter
 
 from tnflow.tasks.core.errors import TnflowError
 
@@ -34,16 +36,25 @@ def load_deployments(path: str | Path = PREFECT_FILE) -> list[dict[str, Any]]:
 
 
 def runner_deployments(path: str | Path = PREFECT_FILE) -> list[RunnerDeployment]:
-    """One RunnerDeployment per entry, with its parameters, tags and schedules."""
+    """One RunnerDeployment per entry, with its parameters, tags, schedules and event triggers."""
     built = []
     for entry in load_deployments(path):
         flow = load_flow_from_entrypoint(module_entrypoint(entry["entrypoint"]))
-        schedules = [Cron(s["cron"], timezone=s.get("timezone", "UTC")) for s in entry.get("schedules") or []]
+        schedules = [
+            Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=s.get("active", True))
+            for s in entry.get("schedules") or []
+        ]
+        # Event triggers as `prefect deploy` reads them (retrain-on-new-data: on tnflow.dataset.changed).
+        triggers = [
+            TypeAdapter(DeploymentTriggerTypes).validate_python({"name": f"{entry['name']}__automation_{i}", **t})
+            for i, t in enumerate(entry.get("triggers") or [], 1)
+        ]
         built.append(
             flow.to_deployment(
                 name=entry["name"],
                 parameters=entry.get("parameters") or {},
                 schedules=schedules or None,
+                triggers=triggers or None,
                 tags=entry.get("tags"),
                 description=entry.get("description"),
             )

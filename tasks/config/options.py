@@ -500,3 +500,30 @@ class ScoreConfig(Configuration):
         description="list the N least confident pictures in <csv>.to_label.csv, worth labelling next (0: none)",
         json_schema_extra={"metavar": "N"},
     )
+
+
+class WatchConfig(Configuration):
+    """The folder watcher (the watch-folder flow and its `watch` deployment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: str = Field(description="the image folder to watch (as --data-dir of its runs)")
+    min_new: float = Field(
+        0.05,
+        gt=0,
+        allow_inf_nan=False,
+        description="announce a change once at least this many pictures are new, changed or removed: a count, "
+        "or a fraction (below 1) of the pictures the champion was trained on",
+        json_schema_extra={"metavar": "N|X"},
+    )
+    cache_dir: str = Field(
+        default_factory=default_cache_dir,
+        description="where the folder's stat index lives, as for its runs (default: $TNFLOW_CACHE_DIR or "
+        "~/.cache/tnflow)",
+        json_schema_extra={"metavar": "DIR"},
+    )
+    output_dir: str = Field(
+        default_factory=default_output_dir,
+        description="where the champion is, and what was announced (default: $TNFLOW_OUTPUT_DIR or ./runs)",
+        json_schema_extra={"metavar": "DIR"},
+    )

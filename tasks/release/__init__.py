@@ -1,4 +1,7 @@
 """Release: what happens to a trained model: export, model card, champion gate, predictions, report.
 
+Around it, the loop that keeps the model honest: the gate's significance test, the label
+review, what to label next and drift in batch scoring, and the folder watcher.
+
 May import: every other room of tasks/.
 """

@@ -1,0 +1,140 @@
+"""Retraining when the data changes: has a folder moved on from the version its champion learnt from?
+
+A weekly schedule retrains whether nothing or 10,000 pictures arrived. The watcher instead
+compares the folder, with the stat scan the cache already makes (a file whose size and mtime
+are unchanged is not read again), against the pictures of the cache its champion was trained
+on, and counts new, changed and removed pictures. At `min_new` or more (a count, or a fraction
+of the champion's pictures) it emits the Prefect event `tnflow.dataset.changed`, which the
+`retrain-on-new-data` deployment's trigger turns into a flow run. What it announced is
+recorded (`<output dir>/watch/`), so each change set triggers once; the next one is announced
+when the folder changes again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import h5py
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.core.digests import short_digest
+from tnflow.tasks.core.errors import DataError
+from tnflow.tasks.core.files import write_atomic
+from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.release.champions import CHAMPION_JSON
+from tnflow.tasks.sources.folder import scan_folder
+
+CHANGED_EVENT = "tnflow.dataset.changed"
+
+
+@dataclass(frozen=True)
+class Changes:
+    """A folder against its champion's pictures."""
+
+    folder: str
+    version: str  # the folder's current version (its manifest digest)
+    new: int
+    changed: int
+    removed: int
+    known: int  # pictures the champion was trained and tested on
+    champion: str | None  # its run, or None: no champion yet for this folder
+    announced: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.new + self.changed + self.removed
+
+
+def folder_changes(folder: str | Path, cache_dir: str | Path, output_dir: str | Path) -> Changes:
+    """Count what changed in `folder` since the cache its champion learnt from (everything, without one)."""
+    root = Path(folder).expanduser().absolute()
+    if not root.is_dir():
+        raise DataError(f"--data-dir {root} is not a folder; give the image folder to watch")
+    # The same stat index the cache stage keeps for this folder: unchanged files are not read again.
+    scan = scan_folder(root, Path(cache_dir) / "folders" / short_digest(str(root)) / "stat-index.json")
+    current = {e.path: e.digest for e in scan.entries if e.digest}
+    baseline, skipped, champion = _champion_pictures(root, Path(output_dir))
+    return Changes(
+        folder=str(root),
+        version=scan.version,
+        new=sum(1 for p in current if p not in baseline and p not in skipped),
+        changed=sum(1 for p, d in current.items() if p in baseline and baseline[p] != d),
+        removed=sum(1 for p in baseline if p not in current),
+        known=len(baseline),
+        champion=champion,
+    )
+
+
+def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], set[str], str | None]:
+    """(path -> content digest, skipped paths, run) of the newest champion trained on `root`'s folder."""
+    found = []
+    for record_path in (output_dir / "champions").glob(f"*/current/{CHAMPION_JSON}"):
+        try:
+            record = json.loads(record_path.read_text())
+            if read_manifest(record["cache"]).get("source") == str(root):
+                found.append(record)
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged record or a cache since removed: not this folder's baseline
+    if not found:
+        return {}, set(), None
+    record = max(found, key=lambda r: r.get("promoted_at", ""))
+    pictures = {}
+    with h5py.File(record["cache"], "r") as f:
+        for split in ("train", "valid", "test"):
+            if "paths" in f[split]:
+                for path, digest in zip(f[f"{split}/paths"][:], f[f"{split}/digests"][:], strict=True):
+                    pictures[_text(path)] = _text(digest)
+    skipped = {str(entry[0]) for entry in read_manifest(record["cache"]).get("skipped", [])}
+    return pictures, skipped, str(record["run_id"])
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def threshold(min_new: float, known: int) -> int:
+    """`min_new` as a number of pictures: a count, or a fraction (below 1) of the champion's pictures."""
+    return max(1, round(min_new * known)) if min_new < 1 else int(min_new)
+
+
+def announce(changes: Changes, min_new: float, output_dir: str | Path) -> Changes:
+    """Emit `tnflow.dataset.changed` for a change set past the threshold that was not announced before."""
+    from prefect.events import emit_event
+
+    record_path = Path(output_dir) / "watch" / f"{short_digest(changes.folder, 16)}.json"
+    try:
+        announced = json.loads(record_path.read_text()).get("version")
+    except (OSError, ValueError):
+        announced = None
+    if changes.total < threshold(min_new, changes.known) or changes.version == announced:
+        return changes
+    emit_event(
+        event=CHANGED_EVENT,
+        resource={"prefect.resource.id": f"tnflow.dataset.{short_digest(changes.folder, 12)}"},
+        payload={k: v for k, v in asdict(changes).items() if k != "announced"},
+    )
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"version": changes.version, "at": datetime.now(UTC).isoformat(timespec="seconds"), **asdict(changes)}
+    write_atomic(record_path, json.dumps(record, indent=2))
+    return Changes(**{**asdict(changes), "announced": True})
+
+
+@task(name="watch-folder", cache_policy=NO_CACHE, **STAGE_HOOKS)
+def watch_task(*, folder: str, cache_dir: str, output_dir: str, min_new: float) -> Changes:
+    changes = announce(folder_changes(folder, cache_dir, output_dir), min_new, output_dir)
+    get_run_logger().info(
+        "%s: %d new, %d changed, %d removed against %s (%d pictures); %s",
+        changes.folder,
+        changes.new,
+        changes.changed,
+        changes.removed,
+        f"champion {changes.champion}" if changes.champion else "no champion yet",
+        changes.known,
+        f"announced {CHANGED_EVENT}" if changes.announced else "nothing to announce",
+    )
+    return changes
