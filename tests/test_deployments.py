@@ -125,7 +125,9 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
     assert (tmp_path / "runs" / "champion" / "champion.json").is_file()
 
     # Batch scoring with the champion: a CSV row per file, the unreadable one with its reason, and the artifact.
-    (csv_path,) = (tmp_path / "runs" / "predictions").glob("*.csv")
+    written = sorted((tmp_path / "runs" / "predictions").glob("*.csv"))
+    (csv_path,) = [p for p in written if not p.name.endswith(".to_label.csv")]
+    assert [p.name for p in written if p != csv_path] == [csv_path.with_suffix(".to_label.csv").name]
     rows = list(csv.DictReader(csv_path.open()))
     pictures = [p for p in (data / "val").rglob("*") if p.is_file() and p.suffix == ".png"]
     assert len(rows) == len(pictures) + 1 and {r["path"] for r in rows} >= {str(p) for p in pictures}

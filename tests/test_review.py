@@ -1,18 +1,27 @@
-"""The label review: held-out pictures the model confidently calls something else, most confident first."""
+"""After validation and in batch scoring: the label review, what to label next, and drift.
+
+One model serves every test here: three learnable colour classes with three pictures of class 0
+filed under class 1 in the held-out folder.
+"""
 
 from __future__ import annotations
 
 import csv
+import shutil
 
 import numpy as np
+import pytest
 
 from tests.folders import make_split_folder, picture
 from tnflow.tasks.cache.folder_cache import build_folder_cache
 from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.release.drift import PSI_FLAG, psi, reference_of, uncertainty
+from tnflow.tasks.release.predict import drift_of, score, write_to_label
 from tnflow.tasks.release.review import REVIEW_CSV, disputed, review
+from tnflow.tasks.tf.model_dir import update_model_json
 from tnflow.tasks.training.train import train
-from tnflow.tasks.training.validate import validate
+from tnflow.tasks.training.validate import read_probabilities, validate
 
 
 def test_only_confident_disagreements_are_listed():
@@ -23,26 +32,99 @@ def test_only_confident_disagreements_are_listed():
     assert [r.confidence for r in rows] == [0.6, 0.55] and rows[0].path == ""
 
 
-def test_pictures_put_in_the_wrong_class_folder_top_the_list(tmp_path):
-    data = tmp_path / "photos"
+@pytest.fixture(scope="module")
+def misfiled(tmp_path_factory):
+    """The folder (three class-0 pictures filed under class 1 in val/), a trained model, its validated run."""
+    root = tmp_path_factory.mktemp("review")
+    data = root / "photos"
     make_split_folder(data, {"train": 24, "val": 8})
     wrong = []
-    for i in range(3):  # three pictures of class 0 filed under class 1
+    for i in range(3):
         path = data / "val" / "class-1" / f"misfiled-{i}.png"
         picture(0, 5000 + i).save(path)
         wrong.append(str(path))
     config = DataConfig.from_values({"data_dir": str(data), "image_size": 32, "valid_size": 0.2})
-    cache = build_folder_cache(data, config.cache_spec(), tmp_path / "cache", workers=1)
-    spec = ModelSpec("vgg19", "gap", 3, 32)
+    cache = build_folder_cache(data, config.cache_spec(), root / "cache", workers=1)
     settings = TrainSettings(epochs=4, batch_size=16, learning_rate=1e-4, seed=0)
-    trained = train(cache.path, None, spec, settings, tmp_path / "work", class_names=cache.class_names)
-    run_dir = tmp_path / "run"
+    trained = train(cache.path, None, ModelSpec("vgg19", "gap", 3, 32), settings, root / "work",
+                    class_names=cache.class_names)  # fmt: skip
+    run_dir = root / "run"
     metrics = validate(trained.model_dir, cache.path, "test", 64, run_dir)
-    assert metrics["test_accuracy"] > 0.8, "a model that learnt the classes"
-    found = review(trained.model_dir, cache.path, run_dir, 64)
+    # The model as a run publishes it: carrying its test split's reference, which drift compares with.
+    model = root / "model"
+    shutil.copytree(trained.model_dir, model)
+    update_model_json(model, {"reference": reference_of(read_probabilities(run_dir, "test"))})
+    return {"data": data, "wrong": wrong, "cache": cache, "trained": trained, "run": run_dir, "metrics": metrics,
+            "model": model}  # fmt: skip
+
+
+def test_pictures_put_in_the_wrong_class_folder_top_the_list(misfiled):
+    assert misfiled["metrics"]["test_accuracy"] > 0.8, "a model that learnt the classes"
+    run_dir = misfiled["run"]
+    found = review(misfiled["trained"].model_dir, misfiled["cache"].path, run_dir, 64)
     rows = list(csv.DictReader((run_dir / REVIEW_CSV).open()))
     assert found.count == len(rows) >= 3
-    assert sorted(row["path"] for row in rows[:3]) == sorted(wrong), rows[:5]
+    assert sorted(row["path"] for row in rows[:3]) == sorted(misfiled["wrong"]), rows[:5]
     assert all(row["given_label"] == "class-1" and row["predicted_label"] == "class-0" for row in rows[:3])
     confidences = [float(row["confidence"]) for row in rows]
     assert confidences == sorted(confidences, reverse=True) and confidences[-1] >= 0.5
+
+
+# -- batch scoring: what to label next, and drift ------------------------------------------
+
+
+def test_uncertainty_and_psi():
+    confidence, margin, entropy = uncertainty(np.array([0.7, 0.2, 0.1]))
+    assert (confidence, round(margin, 6)) == (0.7, 0.5)
+    assert entropy == pytest.approx(-(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1)))
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    assert psi([1.0, 0.0], [0.5, 0.5]) > PSI_FLAG > psi([0.55, 0.45], [0.5, 0.5])
+
+
+def test_a_batch_like_the_test_split_is_not_flagged_and_one_class_only_is(misfiled, tmp_path):
+    model, data = misfiled["model"], misfiled["data"]
+    like_test = tmp_path / "like-test"
+    shutil.copytree(data / "val", like_test)
+    seen = []
+    score(model, [str(like_test)], tmp_path / "a.csv", seen=seen)
+    assert not any(row["flagged"] for row in drift_of(model, seen)), drift_of(model, seen)
+
+    one_class = tmp_path / "one-class"
+    shutil.copytree(data / "val" / "class-0", one_class / "class-0")
+    seen = []
+    score(model, [str(one_class)], tmp_path / "b.csv", seen=seen)
+    rows = {row["statistic"]: row for row in drift_of(model, seen)}
+    assert rows["PSI of predicted classes"]["flagged"] and rows["PSI of predicted classes"]["value"] > PSI_FLAG
+
+
+def test_the_csv_has_margin_and_entropy_and_to_label_lists_the_least_confident(misfiled, tmp_path):
+    model, data = misfiled["model"], misfiled["data"]
+    seen = []
+    score(model, [str(data / "val")], tmp_path / "scored.csv", seen=seen)
+    rows = list(csv.DictReader((tmp_path / "scored.csv").open()))
+    assert {"probability", "margin", "entropy"} <= set(rows[0]) and all(0 <= float(r["margin"]) <= 1 for r in rows)
+    listed = list(csv.DictReader(write_to_label(seen, tmp_path / "to_label.csv", 5).open()))
+    confidences = sorted(float(r["probability"]) for r in rows)
+    assert [float(r["probability"]) for r in listed] == pytest.approx(confidences[:5], abs=1e-6)
+
+
+def test_a_drifted_batch_emits_an_event(misfiled, tmp_path, prefect_api, monkeypatch):
+    import prefect.events
+    from prefect import flow
+
+    from tnflow.tasks.release.predict import DRIFT_EVENT, score_folder_task
+
+    model, data = misfiled["model"], misfiled["data"]
+    emitted = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: emitted.append(event))
+
+    @flow
+    def scoring(folder: str) -> object:
+        return score_folder_task(
+            model=str(model), folder=folder, output_dir=str(tmp_path), out=str(tmp_path / "s.csv"), batch_size=32
+        )
+
+    assert not scoring(str(data / "val")).drifted and emitted == []
+    result = scoring(str(data / "val" / "class-1"))
+    assert result.drifted and [e["event"] for e in emitted] == [DRIFT_EVENT]
+    assert emitted[0]["payload"]["folder"].endswith("class-1") and result.to_label.endswith(".to_label.csv")
