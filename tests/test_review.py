@@ -58,6 +58,7 @@ def misfiled(tmp_path_factory):
             "model": model}  # fmt: skip
 
 
+@pytest.mark.slow  # trains the module's model
 def test_pictures_put_in_the_wrong_class_folder_top_the_list(misfiled):
     assert misfiled["metrics"]["test_accuracy"] > 0.8, "a model that learnt the classes"
     run_dir = misfiled["run"]
@@ -81,6 +82,7 @@ def test_uncertainty_and_psi():
     assert psi([1.0, 0.0], [0.5, 0.5]) > PSI_FLAG > psi([0.55, 0.45], [0.5, 0.5])
 
 
+@pytest.mark.slow  # trains the module's model
 def test_a_batch_like_the_test_split_is_not_flagged_and_one_class_only_is(misfiled, tmp_path):
     model, data = misfiled["model"], misfiled["data"]
     like_test = tmp_path / "like-test"
@@ -97,6 +99,7 @@ def test_a_batch_like_the_test_split_is_not_flagged_and_one_class_only_is(misfil
     assert rows["PSI of predicted classes"]["flagged"] and rows["PSI of predicted classes"]["value"] > PSI_FLAG
 
 
+@pytest.mark.slow  # trains the module's model
 def test_the_csv_has_margin_and_entropy_and_to_label_lists_the_least_confident(misfiled, tmp_path):
     model, data = misfiled["model"], misfiled["data"]
     seen = []

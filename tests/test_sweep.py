@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -103,12 +104,18 @@ def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
 # -- a grid on a work pool, through a process worker --------------------------------------
 
 
-def stage_states(api: str, flow_run_ids: list[str]) -> dict[str, list[str]]:
-    runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": flow_run_ids}}})
-    states: dict[str, list[str]] = {}
-    for run in runs:
-        states.setdefault(run["name"].rsplit("-", 1)[0], []).append(run["state"]["name"])
-    return states
+def stage_states(api: str, flow_run_ids: list[str], expected: dict[str, int]) -> dict[str, list[str]]:
+    """Stage -> state names over the flow runs, once `expected` runs of each stage are recorded (events arrive late)."""
+    deadline = time.monotonic() + 30
+    while True:
+        runs = api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": flow_run_ids}}})
+        states: dict[str, list[str]] = {}
+        for run in runs:
+            if run["state"] and run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                states.setdefault(run["name"].rsplit("-", 1)[0], []).append(run["state"]["name"])
+        if all(len(states.get(stage, [])) >= n for stage, n in expected.items()) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def most_at_once(runs: list[dict]) -> int:
@@ -173,11 +180,8 @@ def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_
         metrics = json.loads((Path(entry["run_dir"]) / "metrics.json").read_text())
         gate = metrics["promotion"]["reason"]
         assert ("first champion" in gate) if entry is best else ("a sweep's trial" in gate), (entry["name"], gate)
-    stages = [
-        r["name"].rsplit("-", 1)[0]
-        for r in api_post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [parent["id"]]}}})
-    ]
-    assert stages.count("promote") == 1 and stages.count("sweep-report") == 1, stages
+    gate = stage_states(api, [parent["id"]], {"promote": 1, "sweep-report": 1})
+    assert len(gate["promote"]) == 1 and len(gate["sweep-report"]) == 1, gate
 
     (artifact,) = api_post(
         api, "/artifacts/latest/filter", {"artifacts": {"key": {"any_": ["tnflow-sweep-leaderboard"]}}}
@@ -190,6 +194,7 @@ def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_
 
     parent, trials = sweeps[again]
     assert parent["state"]["type"] == "COMPLETED" and len(trials) == 4
-    states = stage_states(api, [t["id"] for t in trials])
-    for stage in ("download", "build-cache", "starting-point", "train"):
+    stages = ("download", "build-cache", "starting-point", "train")
+    states = stage_states(api, [t["id"] for t in trials], dict.fromkeys(stages, 4))
+    for stage in stages:
         assert states[stage] == ["Cached"] * 4, (stage, states[stage])
