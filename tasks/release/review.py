@@ -88,15 +88,15 @@ def write_review(run_dir: Path, rows: list[Disputed]) -> Path:
 
 
 def review(model_dir: str | Path, cache_path: str | Path, run_dir: str | Path, batch_size: int) -> Review:
-    """List the held-out pictures the model disputes: the test split's from validation, the validation split's now."""
+    """List the held-out pictures the model disputes, from the probabilities validation kept (else evaluated now)."""
     run_dir = Path(run_dir)
     rows = []
     for split in HELD_OUT:
         labels, paths, class_names = _split_of(cache_path, split)
         if not len(labels):  # no validation split (--valid-size 0 is refused, but an old cache may have none)
             continue
-        if split == "test":
-            probs = read_probabilities(run_dir, "test")
+        if (run_dir / f"{split}_probabilities.npy").is_file():  # kept by validate
+            probs = read_probabilities(run_dir, split)
         else:
             probs = evaluate_model(model_dir, cache_path, split, batch_size)["probs"]
         rows += disputed(probs, labels, split=split, paths=paths, class_names=class_names)

@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.cache.cache_reader import CacheFeed
+from tnflow.tasks.cache.h5cache import read_split_size
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
@@ -102,12 +103,18 @@ def evaluate(
 
 
 def evaluate_model(
-    model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int, gpus: tuple[int, ...] = ()
+    model_dir: str | Path,
+    cache_path: str | Path,
+    split: str,
+    batch_size: int,
+    gpus: tuple[int, ...] = (),
+    also: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Metrics of a saved model on every image of a split of the cache, on the first of `gpus` if given.
 
     A cache of another image size (a champion re-scored on a newer run's test split) is
-    resized to the model's input on the way, with the kernel prediction uses.
+    resized to the model's input on the way, with the kernel prediction uses. `also`: other
+    splits evaluated in the same session (one graph and one restore), under `also_<split>`.
     """
     start_tensorflow()
     claim_gpus(gpus)  # as training did: a process claims once
@@ -122,6 +129,9 @@ def evaluate_model(
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
         metrics = evaluate(session, net, split, batch_size, spec.num_classes, temperature)
+        for other in also:
+            if read_split_size(cache_path, other):
+                metrics[f"also_{other}"] = evaluate(session, net, other, batch_size, spec.num_classes, temperature)
     metrics["class_names"] = meta["class_names"]
     return metrics
 
@@ -134,9 +144,15 @@ def validate(
     out_dir: str | Path,
     gpus: tuple[int, ...] = (),
 ) -> dict:
-    """Evaluate a saved model on a split of the cache; writes `<out_dir>/metrics.json` and the split's predictions."""
-    metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus)
+    """Evaluate a saved model on a split of the cache; writes `<out_dir>/metrics.json` and the split's predictions.
+
+    The validation split's calibrated probabilities are kept too (`valid_probabilities.npy`),
+    from the same session: the label review lists the pictures of both held-out splits.
+    """
+    metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus, also=("valid",) if split == "test" else ())
     write_predictions(Path(out_dir), split, metrics.pop("predicted"), metrics.pop("probs"))
+    if valid := metrics.pop("also_valid", None):
+        write_predictions(Path(out_dir), "valid", valid["predicted"], valid["probs"])
     metrics = {k: v for k, v in metrics.items() if k not in ("logits", "labels")}
     write_metrics(Path(out_dir), metrics)
     return metrics
