@@ -57,6 +57,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
+@pytest.fixture(autouse=True)
+def _events_client_per_server(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that ran flows in this process against a real server, let go of its events client.
+
+    Prefect's events client is one per process, bound to the API it first sent to; left bound
+    to a real server's API, every later flow's events (the task runs the session's test server
+    should record) would fail to send.
+    """
+    yield
+    if "prefect_server" in request.fixturenames:
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """One temporary Prefect server for every flow test; yields its API URL."""
