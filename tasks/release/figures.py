@@ -48,18 +48,12 @@ def confusion_heatmap(confusion: list[list[int]], class_names: list[str]) -> plt
 
 
 def sample_grid(images: np.ndarray, samples: list[dict[str, Any]], class_names: list[str]) -> plt.Figure:
-    columns = 4
-    rows = max(1, -(-len(samples) // columns))
-    # Constrained layout reserves room for each four-line caption, so captions never reach the row above.
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.6 * rows), squeeze=False, layout="constrained")
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, sample in zip(axes.ravel(), images, samples, strict=False):
-        axis.imshow(image)
+    captions = []
+    for sample in samples:
         top = "\n".join(f"{class_names[c]} {p:.0%}" for c, p in sample["top"])
         verdict = "right" if sample["top"][0][0] == sample["label"] else "wrong"
-        axis.set_title(f"true: {class_names[sample['label']]} ({verdict})\n{top}", fontsize=8)
-    return fig
+        captions.append(f"true: {class_names[sample['label']]} ({verdict})\n{top}")
+    return picture_grid(list(images), captions, height=3.6)
 
 
 def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.Figure:
@@ -84,17 +78,20 @@ def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.
     return fig
 
 
-def picture_grid(images: list[np.ndarray], captions: list[str], columns: int = 4) -> plt.Figure:
-    """Pictures with a caption each (the label review's most confident disagreements); a note when there are none."""
+def picture_grid(
+    images: list[np.ndarray], captions: list[str], columns: int = 4, height: float = 3.2, empty: str = ""
+) -> plt.Figure:
+    """Pictures with a caption each, `height` inches a row; `empty` is said when there are none."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False, layout="constrained")
+    # Constrained layout reserves room for each caption, so captions never reach the row above.
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, height * rows), squeeze=False, layout="constrained")
     for axis in axes.ravel():
         axis.axis("off")
     for axis, image, caption in zip(axes.ravel(), images, captions, strict=False):
         axis.imshow(image)
         axis.set_title(caption, fontsize=8)
-    if not images:
-        axes[0][0].text(0, 0.5, "no held-out picture disputed", fontsize=10)
+    if not images and empty:
+        axes[0][0].text(0, 0.5, empty, fontsize=10)
     return fig
 
 

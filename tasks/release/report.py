@@ -106,7 +106,7 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
         disputed_images = [f[f"{d.split}/images"][d.index] for d in disputed]
     captions = [f"filed as {d.given}\nsays {d.predicted} {d.confidence:.0%}" for d in disputed]
     pngs = {
-        "disputed": png(picture_grid(disputed_images, captions)),
+        "disputed": png(picture_grid(disputed_images, captions, empty="no held-out picture disputed")),
         "reliability": png(reliability_diagram(metrics["calibration"])),
         "learning_curves": png(learning_curves(history)),
         "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
