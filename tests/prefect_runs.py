@@ -14,7 +14,8 @@ def task_states(flow_state: State, timeout: float = 30.0) -> dict[str, str]:
     """Task name -> final state name ('Completed', 'Cached', 'Failed') for one flow run.
 
     Task runs reach the server as events, a moment after the flow returns (later on a busy
-    machine): read until every one is recorded in a final state and two reads agree.
+    machine): read until every one is recorded in a final state and two reads agree. A run
+    that started no task reads until `timeout`: give such a run a short one.
     """
     flow_run_id: UUID = flow_state.state_details.flow_run_id
     deadline, last = time.monotonic() + timeout, None

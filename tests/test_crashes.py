@@ -177,10 +177,11 @@ def test_with_temporary_servers_a_killed_run_frees_everything_and_sigterm_stops_
     burners = busy_cores()
     try:
         first = start(command, logs[0], env)  # creates and migrates the database on busy cores
-        wait_for(logs[0], rf"epoch 3/{EPOCHS}:", first)
+        wait_for(logs[0], r"Beginning flow run", first)  # the temporary server answered
     finally:
         for burner in burners:
             burner.kill()
+    wait_for(logs[0], rf"epoch 3/{EPOCHS}:", first)
     sigkill_leaving_nothing(first)
 
     second = start(command, logs[1], env)

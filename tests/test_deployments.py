@@ -83,7 +83,7 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
         worker = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", "tnflow"],
             cwd=tmp_path,
-            env=prefect_server["env"],
+            env={**prefect_server["env"], "PREFECT_WORKER_QUERY_SECONDS": "1"},  # not 10 s between polls
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
