@@ -41,10 +41,7 @@ def sweep(config: SweepConfig) -> str:
         test_accuracy=winner.test_accuracy,
         cache_path=winner.cache_path,
         output_dir=config.output_dir,
-        margin=config.promote_margin,
-        alpha=config.promote_alpha,
-        max_class_drop=config.max_class_drop,
-        enabled=config.promotes,
+        gate=config.gate_settings(),
         eval_batch_size=config.eval_batch_size,
     )
     sweep_report_task(sweep_dir=sweep_dir, results=results, winner=winner, promotion=promotion)

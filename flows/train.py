@@ -87,10 +87,7 @@ def transfer_learning(config: RunConfig) -> str:
         test_accuracy=test.accuracy,
         cache_path=cache.path,
         output_dir=config.output_dir,
-        margin=config.promote_margin,
-        alpha=config.promote_alpha,
-        max_class_drop=config.max_class_drop,
-        enabled=config.promotes,
+        gate=config.gate_settings(),
         eval_batch_size=config.eval_batch_size,
     )
     report_task(

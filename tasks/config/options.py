@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tnflow.tasks.config.backbones import BACKBONES, MODELS
 from tnflow.tasks.config.parameters import Configuration, option
-from tnflow.tasks.config.specs import MAX_PIXELS, CacheSpec, FolderSpec, ModelSpec, TrainSettings
+from tnflow.tasks.config.specs import MAX_PIXELS, CacheSpec, FolderSpec, GateSettings, ModelSpec, TrainSettings
 
 # The official archives: name -> (URL, md5, number of classes). They are the defaults of
 # --data-url and --data-md5; a mirror or local copy is the same file, so it gets the same md5.
@@ -452,6 +452,9 @@ class RunConfig(DataConfig):
 
     def model_spec(self, num_classes: int) -> ModelSpec:
         return ModelSpec(self.model, self.head, num_classes, self.image_size, self.tta)
+
+    def gate_settings(self) -> GateSettings:
+        return GateSettings(self.promote_margin, self.promote_alpha, self.max_class_drop, self.promotes)
 
     def train_settings(self) -> TrainSettings:
         names = [f.name for f in dataclasses.fields(TrainSettings)]

@@ -85,3 +85,13 @@ class TrainSettings:
     freeze_epochs: int = 0
     patience: int | None = None
     train_bn: bool = False
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What the champion gate asks of a candidate: a run and a sweep's winner are gated alike."""
+
+    margin: float = 0.0  # --promote-margin
+    alpha: float = 0.05  # --promote-alpha
+    max_class_drop: float | None = None  # --max-class-drop, in points
+    enabled: bool = True  # false for --no-promote and, unless asked, for runs on subsets

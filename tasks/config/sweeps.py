@@ -41,20 +41,16 @@ FIXED: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class LogUniform:
+class Range:
+    """Uniform between the bounds, or uniform in their logarithm (a scale such as a learning rate); 2 digits."""
+
     low: float
     high: float
+    log: bool = False
 
     def draw(self, rng: np.random.Generator) -> float:
-        return float(f"{np.exp(rng.uniform(np.log(self.low), np.log(self.high))):.2g}")
-
-
-@dataclass(frozen=True)
-class Uniform:
-    low: float
-    high: float
-
-    def draw(self, rng: np.random.Generator) -> float:
+        if self.log:
+            return float(f"{np.exp(rng.uniform(np.log(self.low), np.log(self.high))):.2g}")
         return float(f"{rng.uniform(self.low, self.high):.2g}")
 
 
@@ -68,10 +64,10 @@ class OneOf:
 
 # What `--random` draws from: ranges around what fine-tuning a pretrained network needs
 # (the recipe's learning rate 1e-5 to 100 times that; decoupled decay; mild smoothing).
-SPACE: dict[str, LogUniform | Uniform | OneOf] = {
-    "learning_rate": LogUniform(1e-5, 1e-3),
-    "weight_decay": LogUniform(1e-5, 1e-2),
-    "label_smoothing": Uniform(0.0, 0.2),
+SPACE: dict[str, Range | OneOf] = {
+    "learning_rate": Range(1e-5, 1e-3, log=True),
+    "weight_decay": Range(1e-5, 1e-2, log=True),
+    "label_smoothing": Range(0.0, 0.2),
     "augment": OneOf(AUGMENTS),
     "lr_schedule": OneOf(("constant", "cosine")),
     "batch_size": OneOf((16, 32, 64)),

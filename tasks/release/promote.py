@@ -37,6 +37,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.config.specs import GateSettings
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import (
@@ -235,15 +236,12 @@ def promote_task(
     test_accuracy: float,
     cache_path: str,
     output_dir: str,
-    margin: float,
-    alpha: float,
-    max_class_drop: float | None,
-    enabled: bool,
+    gate: GateSettings,
     eval_batch_size: int,
 ) -> Decision:
-    """The champion gate; `enabled` is false for --no-promote and, unless asked, for runs on subsets."""
+    """The champion gate, unless the run's options turned it off."""
     logger = get_run_logger()
-    if not enabled:
+    if not gate.enabled:
         decision = Decision(
             False, "not considered (--no-promote, a run on a subset, or a sweep's trial)", test_accuracy, None, ""
         )
@@ -254,9 +252,9 @@ def promote_task(
             predictions=read_predictions(run_dir, "test"),
             cache_path=cache_path,
             output_dir=output_dir,
-            margin=margin,
-            alpha=alpha,
-            max_class_drop=max_class_drop,
+            margin=gate.margin,
+            alpha=gate.alpha,
+            max_class_drop=gate.max_class_drop,
             rescore=lambda champion, cache: evaluate_model(champion, cache, "test", eval_batch_size)["predicted"],
         )
     logger.info("champion: %s", decision.reason)
