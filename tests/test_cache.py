@@ -309,19 +309,32 @@ def test_a_killed_build_leaves_nothing_that_looks_finished(tmp_path):
     assert not list(target.parent.glob(target.name + ".tmp-*")), "the next build clears what the killed one left"
 
 
-def test_the_cifar_cache_is_byte_for_byte_what_it_was(tmp_path):
+def test_the_cifar_cache_is_what_it_was(tmp_path):
     """Folders must not change CIFAR's result: the same content as main at 4eea8b5, before folders.
 
-    The digest covers every attribute and every dataset's dtype, shape, chunking and bytes; it
-    was computed by building this archive with that commit's code.
+    Everything but the pixels is pinned by a digest (every attribute, every dataset's dtype,
+    shape and chunking, the labels' bytes), computed from a file that commit's code built.
+    The pixels are pinned by their contract instead: each is within one grey level of
+    scikit-image's bilinear resize of the source picture the split says. Their exact bytes are
+    not a contract: the resize's float32 sums come from the BLAS kernel the processor selects,
+    and a value on a .5 tie rounds either way (OPENBLAS_CORETYPE=Prescott turned 4eea8b5's
+    byte digest red on the very machine that had recorded it).
     """
     make_archive(tmp_path / "a.tar.gz", n_train=300, n_test=60)
     # A fixed recorded md5: the archive's own changes with gzip's timestamp, its content does not.
     info = cache.build_cache(tmp_path / "a.tar.gz", "5" * 32, spec(image_size=40, valid_size=50), tmp_path / "c")
-    assert content_digest(info.path) == "cb21bc77ed3a0125026392ff1c406cf2cac2ce4aeb44107b4ddd1a8cbb3e5eae"
+    assert content_digest(info.path) == "d4f758bd28785e4b4bc75858c07e05186ea722a317fabd4e07d3608d76ba0096"
+    data = cifar.read_archive(tmp_path / "a.tar.gz", "cifar10")
+    splits = splitting.split_indices(data, spec(image_size=40, valid_size=50))
+    sources = {"train": data.train_images, "valid": data.train_images, "test": data.test_images}
+    with h5py.File(info.path, "r") as f:
+        for split, index in splits.items():
+            reference = np.stack([reference_resize(image, 40) for image in sources[split][index]])
+            assert np.abs(f[f"{split}/images"][:].astype(int) - reference).max() <= 1, split
 
 
 def content_digest(path) -> str:
+    """Attributes, and every dataset's dtype, shape and chunking; bytes of all but the images."""
     digest = hashlib.sha256()
     with h5py.File(path, "r") as f:
         for name in sorted(f.attrs):
@@ -330,7 +343,8 @@ def content_digest(path) -> str:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 digest.update(f"{name}:{obj.dtype}:{obj.shape}:{obj.chunks}".encode())
-                digest.update(obj[()].tobytes())
+                if not name.endswith("images"):
+                    digest.update(obj[()].tobytes())
 
         f.visititems(visit)
     return digest.hexdigest()

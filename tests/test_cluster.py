@@ -113,7 +113,12 @@ def test_the_image_is_tensorflows_gpu_image_of_the_pinned_version_run_by_a_user(
     (pin,) = [d for d in project["dependencies"] if d.startswith("tensorflow")]
     minor = re.search(r">=(\d+\.\d+)", pin).group(1)
     assert re.search(rf"^FROM tensorflow/tensorflow:{re.escape(minor)}\.\d+-gpu$", dockerfile, re.M), dockerfile
-    assert re.search(r"^RUN pip install \. ", dockerfile, re.M) and "[dev]" not in dockerfile
+    locked = tomllib.loads((REPO / "uv.lock").read_text())["package"]
+    (tensorflow,) = {p["version"] for p in locked if p["name"] == "tensorflow"}
+    assert f"FROM tensorflow/tensorflow:{tensorflow}-gpu\n" in dockerfile, "the image's TensorFlow is not the lock's"
+    # The tested versions: the lock's, hash-checked, then tnflow without a second resolution.
+    assert "uv export --frozen" in dockerfile and "--require-hashes -r /tmp/requirements.txt" in dockerfile
+    assert "--no-deps ." in dockerfile and "[dev]" not in dockerfile and "--extra" not in dockerfile
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0")
     lines = (REPO / ".dockerignore").read_text().splitlines()

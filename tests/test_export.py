@@ -24,7 +24,7 @@ from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import link_tree
 from tnflow.tasks.release.export import export
-from tnflow.tasks.release.model_card import wilson_interval
+from tnflow.tasks.release.significance import wilson_interval
 from tnflow.tasks.release.predict import predict_files
 from tnflow.tasks.sources.images import load_square
 from tnflow.tasks.tf.converters import probe_images, saved_model_probabilities, tflite_runner

@@ -144,7 +144,7 @@ def test_datasets_keep_their_own_champions(gate, tmp_path):
     run("cifar", 0.90)
     other = fake_cache(tmp_path / "mine.h5", source_md5="b" * 32, classes=("apple", "pear"))
     rescore = Rescore(0.0)
-    mine = run("mine", 0.30, cache=other, rescore=rescore)
+    mine = run("mine", 0.70, cache=other, rescore=rescore)
     assert mine.promoted and "first champion" in mine.reason and rescore.calls == []
     assert read_champion(out, dataset_key(full))["run_id"] == "run-cifar", "the other line is untouched"
     assert champion_tag(out) == "mine", "<output>/champion is the latest promotion"
@@ -238,7 +238,7 @@ def test_a_damaged_champion_json_with_no_history_leaves_no_champion(gate, caplog
     line = out / "champions" / dataset_key(full)
     (line / "current" / "champion.json").write_text("{")
     (line / "history.jsonl").write_text("")
-    fresh = run("b", 0.50)
+    fresh = run("b", 0.60)
     assert fresh.promoted and "first champion" in fresh.reason and champion_tag(out) == "b"
     assert "and is not in history.jsonl: no champion" in caplog.text
     assert (line / "run-a" / "champion.json.damaged").read_text() == "{"
@@ -358,3 +358,103 @@ def test_a_candidate_that_loses_a_class_is_refused_when_asked(gate):
     refused = run("candidate", 0.0, max_class_drop=5, **options)
     assert not refused.promoted and "loses 10.0 points on class 'cat', more than --max-class-drop 5" in refused.reason
     assert run("candidate-2", 0.0, max_class_drop=20, **options).promoted, "within the allowed drop"
+
+
+# -- what the test split can tell ------------------------------------------------------------
+
+
+def five_classes(tmp_path: Path, n: int = 100) -> Path:
+    names = ("roses", "tulips", "daisy", "dandelion", "sunflowers")
+    return fake_cache(tmp_path / "flowers.h5", [i % 5 for i in range(n)], source_md5="f" * 32, classes=names)
+
+
+def right_on(labels: np.ndarray, right: int) -> np.ndarray:
+    """The first `right` pictures right, every other one called the next class."""
+    predicted = (labels + 1) % 5
+    predicted[:right] = labels[:right]
+    return predicted
+
+
+def test_a_model_at_chance_is_no_first_champion_and_a_better_one_is(gate, tmp_path):
+    run, out, _ = gate
+    flowers = five_classes(tmp_path)
+    labels = labels_of(flowers)
+    roses = run("roses", 0.0, cache=flowers, predictions=np.zeros(100, dtype=np.int64))
+    assert not roses.promoted and not (out / "champion").exists()
+    assert roses.reason.startswith("no champion yet: 0.200 is not better than always answering 'roses' (0.200, p = ")
+    assert roses.baseline["p_value"] > 0.4 and roses.baseline["class_name"] == "roses"
+    assert "with 100 test pictures, gains under 11 points cannot be told from chance: add test pictures" in roses.reason
+    better = run("better", 0.0, cache=flowers, predictions=right_on(labels, 35))
+    assert better.promoted and "first champion" in better.reason and champion_tag(out) == "better"
+    assert "0.350 is better than always answering 'roses' (0.200, p = 0.00034)" in better.reason
+
+
+def test_a_champion_at_chance_gives_way_to_any_model_better_than_the_baseline(gate, tmp_path):
+    run, out, _ = gate
+    flowers = five_classes(tmp_path)
+    labels = labels_of(flowers)
+    assert run("roses", 0.0, cache=flowers, predictions=np.zeros(100, dtype=np.int64), alpha=1.0).promoted, (
+        "as the gate did before the baseline rule"
+    )
+    weak = run("weak", 0.0, cache=flowers, predictions=right_on(labels, 24))
+    assert not weak.promoted and "0.240 is not better than always answering 'roses'" in weak.reason
+    no_roses = (labels + 1) % 5
+    picked = (np.arange(100) < 39) & (labels != 0)
+    no_roses[picked] = labels[picked]  # 31 other flowers right, where the champion had 20 roses right
+    better = run("better", 0.0, cache=flowers, predictions=no_roses)
+    assert better.promoted and champion_tag(out) == "better"
+    assert "scores 0.200, no better than always answering 'roses' (0.200), so any model that is better" in better.reason
+    assert better.comparison["p_value"] > 0.05, "McNemar alone would have kept the champion at chance"
+    again = run("again", 0.0, cache=flowers, predictions=right_on(labels, 36))
+    assert not again.promoted and "could be chance: McNemar's p" in again.reason, "a real champion is gated as ever"
+
+
+def test_every_decision_says_what_its_test_split_can_detect(gate, tmp_path):
+    run, _, full = gate
+    labels = labels_of(full)
+    run("champion", 0.0, predictions=discordant(labels, np.arange(N) < 160))
+    candidate = np.arange(N) < 160
+    candidate[160:170], candidate[:4] = True, False  # +3 points, 14 disagreements of 200
+    kept = run("candidate", 0.0, predictions=discordant(labels, candidate))
+    assert not kept.promoted
+    assert kept.reason.endswith(
+        "with 200 test pictures and 7% disagreement, gains under 5 points cannot be told from chance: add test pictures"
+    )
+    assert kept.detectable_gain == pytest.approx(0.054, abs=0.001)
+
+
+def test_the_detectable_gain_is_the_smallest_one_found_four_times_in_five():
+    from scipy.stats import binom
+
+    from tnflow.tasks.release.significance import detectable_gain, mcnemar_exact
+
+    for images, disagreements in [(100, 30), (1000, 80), (50_000, 4_000)]:
+        gain = detectable_gain(images, disagreements, 0.05)
+        share = (1 + gain * images / disagreements) / 2
+        half = range(disagreements // 2, disagreements + 1)
+        rejects = min(k for k in half if mcnemar_exact(k, disagreements - k) < 0.05)
+        assert binom.sf(rejects - 1, disagreements, share) == pytest.approx(0.8, abs=1e-6)
+    assert detectable_gain(100, 30, 0.05) == pytest.approx(0.149, abs=0.002), "15 points on 100 pictures"
+    assert detectable_gain(100, 5, 0.05) is None, "5 disagreements can never reach p < 0.05"
+    assert detectable_gain(10_000, 3_000, 0.05) < detectable_gain(1_000, 300, 0.05) < detectable_gain(100, 30, 0.05)
+
+
+def test_the_gate_compares_200000_test_images_in_linear_time():
+    import time
+
+    from scipy.stats import binomtest
+
+    from tnflow.tasks.release.significance import compare
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200_000)
+    champion = np.where(rng.random(200_000) < 0.8, labels, (labels + 1) % 10)
+    candidate = champion.copy()
+    flip = rng.permutation(200_000)[:40_000]
+    candidate[flip] = np.where(champion[flip] == labels[flip], (labels[flip] + 1) % 10, labels[flip])
+    started = time.perf_counter()
+    result = compare(candidate, champion, labels, [f"c{i}" for i in range(10)])
+    seconds = time.perf_counter() - started
+    assert result.only_candidate + result.only_champion == 40_000
+    assert result.p_value == pytest.approx(binomtest(result.only_candidate, 40_000, 0.5).pvalue, rel=1e-9)
+    assert seconds < 2, f"{seconds:.1f} s for 200,000 images (quadratic: about a minute)"

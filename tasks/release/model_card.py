@@ -9,7 +9,6 @@ to the champion history); `model_card.md` is that data as a page.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +16,10 @@ import h5py
 
 from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.files import write_atomic
+from tnflow.tasks.release.significance import wilson_interval
 from tnflow.tasks.tf.model_dir import read_model_dir, update_model_json
 
 CARD = "model_card.md"
-Z95 = 1.959964  # two-sided 95% normal quantile
-
-
-def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
-    """95% confidence interval of an accuracy: Wilson's score interval (sound near 0 and 1)."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def card_data(

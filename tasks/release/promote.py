@@ -9,16 +9,22 @@ identity (dataset, source digest, class names):
     <output dir>/champions/<dataset key>/history.jsonl  every decision that promoted
     <output dir>/champion -> champions/<dataset key>/<run>   the latest promotion (`tnflow predict champion`)
 
-A candidate and the champion are compared image by image on the candidate's test split
-(`tasks.release.significance`): the candidate wins when it is better by more than the margin
-and McNemar's exact test says the difference is unlikely to be chance (`alpha`), and it loses
-no class by more than `max_class_drop` points. The champion's per-image predictions are kept
-in its directory, one file per test split it was scored on, so it is scored once per split:
-when it was measured on another split (a smoke run's subset, an older image size), it is
-scored again on the candidate's test images first, and that is kept too. Promotion writes the
-new directory completely (its model card gains the line's champion history), then switches the
-links with atomic renames, so an interrupted promotion leaves the old champion, its exports
-included, whole. The line's records and history are `tasks.release.champions`.
+A first model becomes the line's champion only when it beats always answering the test split's
+most common class (an exact binomial test at `alpha`): a model at chance is no champion, and
+it would block better ones. A candidate and the champion are compared image by image on the
+candidate's test split (`tasks.release.significance`): the candidate wins when it is better by
+more than the margin and McNemar's exact test says the difference is unlikely to be chance
+(`alpha`), and it loses no class by more than `max_class_drop` points. A champion that is
+itself no better than that baseline (one made before the rule) gives way to any candidate
+that is. Every decision says the smallest gain its test split could have seen.
+
+The champion's per-image predictions are kept in its directory, one file per test split it
+was scored on, so it is scored once per split: when it was measured on another split (a smoke
+run's subset, an older image size), it is scored again on the candidate's test images first,
+and that is kept too. Promotion writes the new directory completely (its model card gains the
+line's champion history), then switches the links with atomic renames, so an interrupted
+promotion leaves the old champion, its exports included, whole. The line's records and
+history are `tasks.release.champions`.
 """
 
 from __future__ import annotations
@@ -52,7 +58,15 @@ from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.champions import CHAMPION_JSON, append_line, read_champion, read_history, split_identity
 from tnflow.tasks.release.model_card import add_champion_history
-from tnflow.tasks.release.significance import Comparison, compare
+from tnflow.tasks.release.significance import (
+    Baseline,
+    Comparison,
+    against_baseline,
+    compare,
+    detectable_gain,
+    detectable_over_baseline,
+    what_it_can_detect,
+)
 from tnflow.tasks.training.starting_point import dataset_key
 from tnflow.tasks.training.validate import evaluate_model, read_predictions
 
@@ -71,6 +85,9 @@ class Decision:
     rescored: bool = False  # the champion was scored again on that split
     comparison: dict[str, Any] | None = None  # image by image (`significance.Comparison`), with a champion
     alpha: float | None = None  # the significance level the gate used
+    baseline: dict[str, Any] | None = None  # the candidate against the majority class (`significance.Baseline`)
+    detectable: str = ""  # the smallest gain the test split could tell from chance, as a sentence
+    detectable_gain: float | None = None  # the same as a fraction (None: no gain could be seen)
 
 
 def promote(
@@ -92,21 +109,39 @@ def promote(
     if len(predictions) != len(labels):
         raise TnflowError(f"{len(predictions)} test predictions for the {len(labels)} test images of {cache_path}")
     test_accuracy = float((predictions == labels).mean())
+    baseline = against_baseline(int((predictions == labels).sum()), labels, class_names)
     line = output_dir / "champions" / key
     line.mkdir(parents=True, exist_ok=True)
     with full_disk_ends("promoting the champion", output_dir), exclusive(line / "current"):
         current = read_champion(output_dir, key)
-        champion_accuracy, rescored, comparison = None, False, None
-        if current is not None:
+        champion_accuracy, rescored, comparison, replaces_baseline = None, False, None, False
+        if current is None:
+            gain = detectable_over_baseline(len(labels), baseline.accuracy, alpha)
+            detectable = what_it_can_detect(gain, len(labels))
+            if not baseline.beaten(alpha):
+                reason = f"no champion yet: {baseline.sentence(alpha)}; {detectable}"
+                return Decision(
+                    False, reason, test_accuracy, None, "", split, False, None, alpha, asdict(baseline),
+                    detectable, gain,
+                )  # fmt: skip
+        else:
             theirs, rescored = _champion_predictions(line / "current", split, cache_path, rescore)
             champion_accuracy = float((theirs == labels).mean())
             comparison = compare(predictions, theirs, labels, class_names)
-            refusal = _refusal(test_accuracy, champion_accuracy, comparison, margin, alpha, max_class_drop)
+            disagreements = comparison.only_candidate + comparison.only_champion
+            gain = detectable_gain(len(labels), disagreements, alpha)
+            detectable = what_it_can_detect(gain, len(labels), disagreements)
+            champion_baseline = against_baseline(int((theirs == labels).sum()), labels, class_names)
+            replaces_baseline = not champion_baseline.beaten(alpha) and baseline.beaten(alpha)
+            refusal = "" if replaces_baseline else _refusal(
+                test_accuracy, champion_accuracy, comparison, margin, alpha, max_class_drop, baseline
+            )  # fmt: skip
             if refusal:
-                reason = f"kept the champion ({current['run_id']}): {refusal}{_on(rescored, current, split)}"
+                kept = f"kept the champion ({current['run_id']}): {refusal}{_on(rescored, current, split)}"
+                reason = f"{kept}; {detectable}"
                 return Decision(
                     False, reason, test_accuracy, champion_accuracy, str(line / "current"), split, rescored,
-                    asdict(comparison), alpha,
+                    asdict(comparison), alpha, asdict(baseline), detectable, gain,
                 )  # fmt: skip
 
         record = {
@@ -122,6 +157,8 @@ def promote(
             "margin": margin,
             "alpha": alpha,
             "comparison": asdict(comparison) if comparison else None,
+            "baseline": asdict(baseline),
+            "detectable_gain": gain,
         }
         with new_directory(line / run_id) as tmp:  # itself a model directory, exports and card included
             link_tree(model_dir, tmp)
@@ -133,7 +170,13 @@ def promote(
         switch_symlink(output_dir / "champion", Path("champions") / key / run_id)
         append_line(line / "history.jsonl", json.dumps(record))
     if current is None or comparison is None:
-        reason = f"promoted: first champion of {key}"
+        reason = f"promoted: first champion of {key}: {baseline.sentence(alpha)}"
+    elif replaces_baseline:
+        reason = (
+            f"promoted: the champion ({current['run_id']}) scores {champion_accuracy:.3f}, no better than always "
+            f"answering {baseline.class_name!r} ({baseline.accuracy:.3f}), so any model that is better replaces it: "
+            f"{baseline.sentence(alpha)}{_on(rescored, current, split)}"
+        )
     else:
         reason = (
             f"promoted: {test_accuracy:.4f} beats {champion_accuracy:.4f} ({current['run_id']}) by "
@@ -141,8 +184,8 @@ def promote(
             f"{comparison.p_value:.3g} (--promote-alpha {alpha:g}; {comparison.counts}){_on(rescored, current, split)}"
         )
     decision = Decision(
-        True, reason, test_accuracy, champion_accuracy, str(output_dir / "champion"), split, rescored,
-        asdict(comparison) if comparison else None, alpha,
+        True, f"{reason}; {detectable}", test_accuracy, champion_accuracy, str(output_dir / "champion"), split,
+        rescored, asdict(comparison) if comparison else None, alpha, asdict(baseline), detectable, gain,
     )  # fmt: skip
     return decision
 
@@ -166,8 +209,11 @@ def _refusal(
     margin: float,
     alpha: float,
     max_class_drop: float | None,
+    baseline: Baseline,
 ) -> str:
     """Why the candidate does not replace the champion ('' when it does)."""
+    if not baseline.beaten(alpha):
+        return baseline.sentence(alpha)
     if not accuracy > champion_accuracy + margin:
         return f"{accuracy:.4f} does not beat {champion_accuracy:.4f} by more than {margin:g}"
     if alpha < 1 and not comparison.p_value < alpha:  # 1: the test is off
