@@ -334,10 +334,13 @@ def test_the_cifar_cache_is_what_it_was(tmp_path):
 
 
 def content_digest(path) -> str:
-    """Attributes, and every dataset's dtype, shape and chunking; bytes of all but the images."""
+    """Attributes, and every dataset's dtype, shape and chunking; bytes of all but the images.
+
+    Not `training_content`, an attribute added since: a key for training, checked on its own.
+    """
     digest = hashlib.sha256()
     with h5py.File(path, "r") as f:
-        for name in sorted(f.attrs):
+        for name in sorted(set(f.attrs) - {h5cache.TRAINING_CONTENT}):
             digest.update(f"{name}={np.asarray(f.attrs[name]).tolist()!r}".encode())
 
         def visit(name, obj):
@@ -348,3 +351,15 @@ def content_digest(path) -> str:
 
         f.visititems(visit)
     return digest.hexdigest()
+
+
+def test_limit_test_leaves_the_training_content_alone(cifar10, tmp_path):
+    _, path, md5 = cifar10
+    whole = cache.build_cache(path, md5, spec(), tmp_path)
+    fewer_tests = cache.build_cache(path, md5, spec(limit_test=50), tmp_path)
+    assert fewer_tests.path != whole.path
+    assert h5cache.training_content(fewer_tests.path) == h5cache.training_content(whole.path)
+    fewer_trains = cache.build_cache(path, md5, spec(limit_train=200), tmp_path)
+    assert h5cache.training_content(fewer_trains.path) != h5cache.training_content(whole.path)
+    other_seed = cache.build_cache(path, md5, spec(seed=1), tmp_path)
+    assert h5cache.training_content(other_seed.path) != h5cache.training_content(whole.path)

@@ -24,8 +24,8 @@ from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import link_tree
 from tnflow.tasks.release.export import export
-from tnflow.tasks.release.significance import wilson_interval
 from tnflow.tasks.release.predict import predict_files
+from tnflow.tasks.release.significance import wilson_interval
 from tnflow.tasks.sources.images import load_square
 from tnflow.tasks.tf.converters import probe_images, saved_model_probabilities, tflite_runner
 from tnflow.tasks.tf.decode_graph import decode_square

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tests.folders import make_folder, make_split_folder, picture
 from tnflow.tasks.cache.folder_cache import build_folder_cache
-from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.cache.h5cache import read_manifest, training_content
 from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.release.data_summary import data_sections
@@ -356,3 +356,19 @@ def test_a_damaged_stat_index_is_rebuilt_and_says_so(tmp_path, caplog):
     second = build(tmp_path / "data", tmp_path / "cache")
     assert f"the stat index {index} is damaged" in caplog.text
     assert second.path == first.path and json.loads(index.read_text()), "the same version, a sound index again"
+
+
+def test_test_pictures_leave_the_training_content_alone(tmp_path):
+    """Training is keyed by its content: new test pictures make a new cache, not a new training."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_split_folder(data, {"train": 12, "test": 4})
+    first = build(data, cache, valid_size=0.25)
+    make_folder(data / "test", classes=3, per_class=2, start=5000)  # more test pictures
+    picture(0, 4242).save(data / "test" / "class-0" / "img-1000.png")  # and a changed one
+    second = build(data, cache, valid_size=0.25)
+    assert second.path != first.path and second.counts["test"] == first.counts["test"] + 6
+    assert training_content(second.path) == training_content(first.path)
+    make_folder(data / "train", classes=3, per_class=1, start=9000)  # a training picture
+    third = build(data, cache, valid_size=0.25)
+    assert training_content(third.path) != training_content(second.path)
+    assert training_content(build(data, cache, valid_size=0.25, image_size=40).path) != training_content(third.path)

@@ -31,7 +31,8 @@ HISTORY_FIELDS = {
     "seconds",
     "images_per_second",
     "trained",  # "head" during --freeze-epochs, else "all"
-    "temperature",  # fitted on the validation split: the model's calibration if this epoch is the best
+    "temperature",  # applied to the model's probabilities if this epoch is the best (1: not applied)
+    "calibration",  # the temperature fitted on the validation split, whether it was applied, and why
 }
 
 

@@ -131,9 +131,11 @@ def test_the_model_carries_the_temperature_its_best_epoch_fitted_on_validation(r
     meta = json.loads((Path(reference.model_dir) / "model.json").read_text())
     best = next(r for r in reference.history if r["epoch"] == reference.best_epoch)
     assert meta["temperature"] == best["temperature"] > 0 and all(r["temperature"] > 0 for r in reference.history)
+    assert meta["calibration"] == best["calibration"] and best["calibration"]["fitted"] > 0
+    assert meta["temperature"] == (best["calibration"]["fitted"] if best["calibration"]["applied"] else 1.0)
     metrics = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "out")
     calibration = metrics["calibration"]
-    assert calibration["temperature"] == meta["temperature"]
+    assert calibration["temperature"] == meta["temperature"] and calibration["why"] == meta["calibration"]["why"]
     assert {"ece_before", "ece_after", "reliability_before", "reliability_after"} <= set(calibration)
     assert sum(row["images"] for row in calibration["reliability_after"]) == metrics["num_test"]
     assert np.load(tmp_path / "out" / "test_predictions.npy").shape == (metrics["num_test"],)

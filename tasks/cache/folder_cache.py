@@ -100,6 +100,8 @@ def build_folder_cache(
                     scan,
                     spec,
                     identity=identity,
+                    # What makes a row's pixels from its file: with the rows' digests, training's key.
+                    recipe=json.dumps([spec.image_size, spec.resize, list(scan.class_names), FOLDER_CODE]),
                     previous=previous,
                     unpacked_skipped=unpacked_skipped,
                     pool=decoder(workers, dask_address),

@@ -38,6 +38,7 @@ def write_folder_cache(
     spec: FolderSpec,
     *,
     identity: str,
+    recipe: str,
     previous: Path | None,
     unpacked_skipped: list[str],
     pool: Any,
@@ -61,7 +62,8 @@ def write_folder_cache(
                 _decode_rows(scan, fresh, spec, decoding, writer, split, tally, progress)
         tally.check(final=True)
         _every_class_trains(writer, scan.class_names)
-        writer.finish(_manifest(scan, identity, previous, unpacked_skipped, plan, tally), tally.summary(scan))
+        manifest = _manifest(scan, identity, previous, unpacked_skipped, plan, tally)
+        writer.finish(manifest, tally.summary(scan), recipe)
     finally:
         writer.close()
 

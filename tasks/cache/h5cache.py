@@ -10,6 +10,10 @@ A folder's cache also holds, per split, `digests` (sha256 of each image's file, 
 newer version of the folder take over unchanged pixels) and `paths`, and a `manifest`: the
 folder version, skipped files with their reasons, duplicates, leaked copies, counts.
 
+`training_content` digests what training reads: the train and valid splits (labels, and each
+picture's file digest where the cache has them) and how their pixels were made. Training is
+keyed by it, so a new or changed test picture re-validates and re-gates but trains nothing.
+
 The num_* attributes are written last, so a file whose writer died reads as incomplete.
 Images are stored in uncompressed chunks, which `tasks.cache.cache_reader` reads straight from the
 file's bytes (`image_offsets`); a file laid out otherwise does not count as a cache.
@@ -17,6 +21,7 @@ file's bytes (`image_offsets`); a file laid out otherwise does not count as a ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from tnflow.tasks.core.progress import ProgressFn
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
+TRAINING_CONTENT = "training_content"  # attribute: see the module's docstring
 # 32 images per HDF5 chunk: 4.8 MB at 224, large enough for fast sequential writes.
 CHUNK_IMAGES = 32
 
@@ -169,11 +175,18 @@ class CacheWriter:
         self._write(split)
         return self.file[split]["labels"][:]
 
-    def finish(self, manifest: dict[str, Any], summary: dict[str, int]) -> None:
+    def finish(self, manifest: dict[str, Any], summary: dict[str, int], recipe: str) -> None:
+        """Mark the file complete; `recipe` digests what makes a picture's pixels (size, squaring, code)."""
         self.file.create_dataset("manifest", data=json.dumps(manifest))
         self.file.attrs["summary"] = json.dumps(summary)
         for split in SPLITS:
             self._write(split)
+        digest = hashlib.sha256(recipe.encode())
+        for split in ("train", "valid"):  # in row order: the order training reads them in
+            digest.update(self.file[split]["labels"][:].tobytes())
+            digest.update(self.file[split]["digests"][:].tobytes())
+        self.file.attrs[TRAINING_CONTENT] = digest.hexdigest()[:16]
+        for split in SPLITS:
             self.file.attrs[f"num_{split}"] = int(self.file[split]["labels"].shape[0])
         self.file.close()
 
@@ -245,6 +258,13 @@ def image_offsets(images: h5py.Dataset) -> np.ndarray | None:
         return None
     rows = np.arange(count)
     return starts[rows // per_chunk] + (rows % per_chunk) * image_bytes
+
+
+def training_content(path: str | Path) -> str:
+    """What training reads from this cache (`TRAINING_CONTENT`); a cache from before it: its file name."""
+    with h5py.File(path, "r") as f:
+        found = f.attrs.get(TRAINING_CONTENT)
+    return str(found) if found else Path(path).name
 
 
 def read_split_size(path: str | Path, split: str) -> int:

@@ -13,14 +13,16 @@ Image folders are built by `tasks.cache.folder_cache`; the one task here takes e
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from tnflow.tasks.cache.folder_cache import FOLDER_CODE, build_folder_cache, folder_identity
-from tnflow.tasks.cache.h5cache import CHUNK_IMAGES, CacheInfo, inspect_cache, write_cache
+from tnflow.tasks.cache.h5cache import CHUNK_IMAGES, TRAINING_CONTENT, CacheInfo, inspect_cache, write_cache
 from tnflow.tasks.config.specs import CacheSpec, FolderSpec
 from tnflow.tasks.core.cache_policy import StageCache, code_version
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError, TnflowError
 from tnflow.tasks.core.files import (
     check_free_space,
@@ -77,6 +79,8 @@ def build_cache(
             for split, index in splits.items()
         }
         attrs = {
+            # Training's key: all that decides the train and valid splits' content, which --limit-test does not.
+            TRAINING_CONTENT: short_digest([replace(spec, limit_test=None).digest(CODE), source_md5], 16),
             "dataset": spec.dataset,
             "class_names": list(dataset.class_names),
             "source_md5": source_md5,

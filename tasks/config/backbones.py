@@ -41,6 +41,7 @@ class Backbone:
     weights_md5: str  # as published in tensornets' pretrained.py
     weights_format: str  # "keras" (HDF5, layer_names) or "npz" (names + values arrays)
     full_head: bool = False  # has classifier layers worth keeping (VGG's fc6/fc7)
+    batch_norm: bool = True  # has BN layers (VGG has none)
 
     @property
     def weights_check(self) -> str:
@@ -48,7 +49,8 @@ class Backbone:
 
 
 def _row(name, net, pre, size, min_size, top1, params, path, md5, fmt, full=False) -> Backbone:
-    return Backbone(name, net, pre, size, min_size, top1, params, _RELEASES + path, md5, fmt, full)
+    # The networks with a full head worth keeping are VGG's, the only ones without batch normalisation.
+    return Backbone(name, net, pre, size, min_size, top1, params, _RELEASES + path, md5, fmt, full, not full)
 
 
 BACKBONES: dict[str, Backbone] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.digests import short_digest
 
 MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
@@ -95,3 +96,30 @@ class GateSettings:
     alpha: float = 0.05  # --promote-alpha
     max_class_drop: float | None = None  # --max-class-drop, in points
     enabled: bool = True  # false for --no-promote and, unless asked, for runs on subsets
+
+
+def describe_levers(settings: TrainSettings, spec: ModelSpec, pretrained: bool = True) -> str:
+    """One line of every option that shapes training, for the log and the report."""
+    optimizer = "Adam" if settings.optimizer == "adam" else f"SGD momentum {settings.momentum:g}"
+    if not BACKBONES[spec.model].batch_norm:
+        bn = "BN none in this network"
+    elif settings.train_bn:
+        bn = "BN trains (statistics re-estimated on training batches before each validation)"
+    elif pretrained:
+        bn = "BN keeps its pretrained statistics"
+    else:
+        bn = "BN keeps its initial statistics (mean 0, variance 1: random weights have no ImageNet statistics)"
+    parts = [
+        f"batch {settings.batch_size}",
+        f"{optimizer} lr {settings.learning_rate:g} ({settings.lr_schedule}, warm-up {settings.warmup_epochs} epochs)",
+        f"weight decay {settings.weight_decay:g}",
+        f"augment {settings.augment}",
+        f"label smoothing {settings.label_smoothing:g}",
+        f"frozen base for {settings.freeze_epochs} epochs",
+        f"patience {settings.patience or 'off'}",
+        f"TTA {spec.tta}",
+        bn,
+        f"mixed precision {'on' if settings.mixed_precision else 'off'}",
+        f"XLA {'on' if settings.xla else 'off'}",
+    ]
+    return ", ".join(parts)

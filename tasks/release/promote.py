@@ -59,12 +59,11 @@ from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.champions import CHAMPION_JSON, append_line, read_champion, read_history, split_identity
 from tnflow.tasks.release.model_card import add_champion_history
 from tnflow.tasks.release.significance import (
-    Baseline,
-    Comparison,
     against_baseline,
     compare,
     detectable_gain,
     detectable_over_baseline,
+    refusal,
     what_it_can_detect,
 )
 from tnflow.tasks.training.starting_point import dataset_key
@@ -133,11 +132,11 @@ def promote(
             detectable = what_it_can_detect(gain, len(labels), disagreements)
             champion_baseline = against_baseline(int((theirs == labels).sum()), labels, class_names)
             replaces_baseline = not champion_baseline.beaten(alpha) and baseline.beaten(alpha)
-            refusal = "" if replaces_baseline else _refusal(
+            refused = "" if replaces_baseline else refusal(
                 test_accuracy, champion_accuracy, comparison, margin, alpha, max_class_drop, baseline
             )  # fmt: skip
-            if refusal:
-                kept = f"kept the champion ({current['run_id']}): {refusal}{_on(rescored, current, split)}"
+            if refused:
+                kept = f"kept the champion ({current['run_id']}): {refused}{_on(rescored, current, split)}"
                 reason = f"{kept}; {detectable}"
                 return Decision(
                     False, reason, test_accuracy, champion_accuracy, str(line / "current"), split, rescored,
@@ -200,34 +199,6 @@ def gate_counts(promotion: dict[str, Any] | None) -> str:
         f"{found['only_champion']}, both wrong {found['both_wrong']}; McNemar's exact p = {found['p_value']:.3g} "
         f"(promotes below {promotion['alpha']:g})"
     )
-
-
-def _refusal(
-    accuracy: float,
-    champion_accuracy: float,
-    comparison: Comparison,
-    margin: float,
-    alpha: float,
-    max_class_drop: float | None,
-    baseline: Baseline,
-) -> str:
-    """Why the candidate does not replace the champion ('' when it does)."""
-    if not baseline.beaten(alpha):
-        return baseline.sentence(alpha)
-    if not accuracy > champion_accuracy + margin:
-        return f"{accuracy:.4f} does not beat {champion_accuracy:.4f} by more than {margin:g}"
-    if alpha < 1 and not comparison.p_value < alpha:  # 1: the test is off
-        return (
-            f"{accuracy:.4f} against {champion_accuracy:.4f} ({100 * (accuracy - champion_accuracy):+.1f} points) "
-            f"could be chance: McNemar's p = {comparison.p_value:.3g}, not below --promote-alpha {alpha:g} "
-            f"({comparison.counts})"
-        )
-    if max_class_drop is not None and comparison.worst_class_drop > max_class_drop:
-        return (
-            f"it loses {comparison.worst_class_drop:.1f} points on class {comparison.worst_class!r}, "
-            f"more than --max-class-drop {max_class_drop:g}"
-        )
-    return ""
 
 
 def _test_labels(cache_path: str | Path) -> tuple[np.ndarray, list[str]]:

@@ -40,6 +40,7 @@ from tnflow.tasks.release.figures import (
 )
 from tnflow.tasks.release.promote import Decision, gate_counts
 from tnflow.tasks.release.review import Review
+from tnflow.tasks.training.calibration import ece_text, temperature_text
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import Trained
 from tnflow.tasks.training.validate import write_metrics
@@ -156,8 +157,11 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
         ],
         "per_class": [(n, f"{a:.4f}") for n, a in zip(names, metrics["per_class_accuracy"], strict=True)],
         "calibration": [
-            ("temperature", "1", f"{metrics['calibration']['temperature']:.3f} (fitted on the validation split)"),
-            ("expected calibration error", *(f"{metrics['calibration'][k]:.4f}" for k in ("ece_before", "ece_after"))),
+            ("temperature", "1", temperature_text(metrics["calibration"])),
+            (
+                "expected calibration error (95% bootstrap interval)",
+                *(ece_text(metrics["calibration"], k) for k in ("before", "after")),
+            ),
         ],
         "config": sorted((k, str(v)) for k, v in config.items()),
         "machine": [*machine().items(), ("device", device)],

@@ -168,3 +168,31 @@ def compare(
         worst_class=worst,
         worst_class_drop=drop,
     )
+
+
+def refusal(
+    accuracy: float,
+    champion_accuracy: float,
+    comparison: Comparison,
+    margin: float,
+    alpha: float,
+    max_class_drop: float | None,
+    baseline: Baseline,
+) -> str:
+    """Why the candidate does not replace the champion ('' when it does)."""
+    if not baseline.beaten(alpha):
+        return baseline.sentence(alpha)
+    if not accuracy > champion_accuracy + margin:
+        return f"{accuracy:.4f} does not beat {champion_accuracy:.4f} by more than {margin:g}"
+    if alpha < 1 and not comparison.p_value < alpha:  # 1: the test is off
+        return (
+            f"{accuracy:.4f} against {champion_accuracy:.4f} ({100 * (accuracy - champion_accuracy):+.1f} points) "
+            f"could be chance: McNemar's p = {comparison.p_value:.3g}, not below --promote-alpha {alpha:g} "
+            f"({comparison.counts})"
+        )
+    if max_class_drop is not None and comparison.worst_class_drop > max_class_drop:
+        return (
+            f"it loses {comparison.worst_class_drop:.1f} points on class {comparison.worst_class!r}, "
+            f"more than --max-class-drop {max_class_drop:g}"
+        )
+    return ""

@@ -23,7 +23,7 @@ from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.config.specs import MAX_PIXELS, ModelSpec, TrainSettings
 from tnflow.tasks.tf import decode_graph, levers
 from tnflow.tasks.tf.inputs import Feed, input_pipeline
-from tnflow.tasks.tf.network import tower
+from tnflow.tasks.tf.network import bn_decay_input, tower
 from tnflow.tasks.tf.startup import visible_gpus
 
 tf1 = tf.compat.v1
@@ -90,6 +90,8 @@ class Net:
     steps: Steps | None = None  # built with `settings`
     pipeline: Pipeline | None = None  # built with a `feed`
     serving: Serving | None = None  # built for an export
+    bn_decay: tf.Tensor | None = None  # when BN trains: its moving averages' decay, fed by precise BN
+    bn_updates: list[tf.Operation] = field(default_factory=list)  # BN's moving-average updates (first tower)
 
 
 # -- building ---------------------------------------------------------------------------
@@ -143,6 +145,7 @@ def build(
         )
         with tf.device(devices[0]):
             global_step = tf1.train.get_or_create_global_step() if settings else None
+        bn_decay = bn_decay_input() if settings and settings.train_bn else None
         towers, outputs = [], []
         for index, (tower_device, (first, share, share_labels)) in enumerate(
             zip(devices, _shares(images, labels, len(devices)), strict=True)
@@ -153,7 +156,7 @@ def build(
             named = tf.name_scope(f"tower{index}") if index else nullcontext()
             with reuse, named, tf.device(tower_device):
                 rows = (first, tf.shape(images)[0])
-                logits, pretrained_t, head_t = tower(spec, share, is_training, settings, global_step, rows)
+                logits, pretrained_t, head_t = tower(spec, share, is_training, settings, global_step, rows, bn_decay)
                 losses_t = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=share_labels, logits=logits)
             if index == 0:
                 pretrained, head = pretrained_t, head_t
@@ -192,6 +195,8 @@ def build(
             steps=steps,
             pipeline=pipeline,
             serving=served,
+            bn_decay=bn_decay,
+            bn_updates=updates if bn_decay is not None else [],
         )
     if serving is None:  # an export adds its saver to the graph
         graph.finalize()

@@ -44,6 +44,7 @@ def tower(
     settings: TrainSettings | None,
     global_step: tf.Variable | None,
     rows: tuple[tf.Tensor, tf.Tensor],
+    bn_decay: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list, list]:
     """(logits, pretrained variables, head variables) of one replica, on the images it was handed."""
     if settings and settings.augment != "none":
@@ -53,8 +54,7 @@ def tower(
     count = tf.shape(x)[0]
     if spec.tta == "flip":  # evaluation sees each image and its mirror, in one batch
         x = if_training(is_training, lambda: x, lambda: tf.concat([x, tf.reverse(x, axis=[2])], 0))
-    bn_trains = bool(settings and settings.train_bn)
-    raw_logits, pretrained, head = _network(spec, x, is_training, bn_trains)
+    raw_logits, pretrained, head = _network(spec, x, is_training, bn_decay)
     raw_logits = tf.cast(raw_logits, tf.float32)
     if spec.tta != "flip":
         return raw_logits, pretrained, head
@@ -73,16 +73,27 @@ def if_training(is_training: tf.Tensor | bool, training: Callable, evaluating: C
     return tf.cond(is_training, training, evaluating)
 
 
-def _network(spec: ModelSpec, x: tf.Tensor, is_training: tf.Tensor, bn_trains: bool) -> tuple[tf.Tensor, list, list]:
+def bn_decay_input() -> tf.Tensor:
+    """The decay of BN's moving averages when BN trains: Keras' 0.99 while training, fed otherwise.
+
+    tensornets' slim-style 0.999 needs thousands of steps to forget where the statistics
+    started, and even 0.99 lags the weights of a short training from random values, whose
+    evaluation on them predicts one class. Feeding k / (k + 1) for the k-th of a run of batches
+    makes the averages those batches' exact mean instead: precise BN (`sessions.precise_bn`).
+    """
+    return tf1.placeholder_with_default(tf.constant(BN_MOMENTUM, tf.float32), [], name="bn_decay")
+
+
+def _network(
+    spec: ModelSpec, x: tf.Tensor, is_training: tf.Tensor, bn_decay: tf.Tensor | None
+) -> tuple[tf.Tensor, list, list]:
     """(logits, pretrained variables in file order, freshly initialised head variables).
 
-    BN on its stored statistics unless asked to train them; then its moving averages use
-    Keras' momentum 0.99 (tensornets' slim-style 0.999 needs thousands of steps to forget
-    where they started, so a short run evaluated on them predicts one class).
+    BN on its stored statistics unless `bn_decay` is given (BN trains, `bn_decay_input`).
     """
     backbone = BACKBONES[spec.model]
     constructor = getattr(nets, backbone.net)
-    with batch_norm_training(is_training if bn_trains else False, decay=BN_MOMENTUM if bn_trains else None):
+    with batch_norm_training(is_training if bn_decay is not None else False, decay=bn_decay):
         if spec.head == "gap" and backbone.full_head:
             # VGG's convolutional base, average pooling and a new `classes`-way layer.
             features = constructor(x, is_training=is_training, stem=True)

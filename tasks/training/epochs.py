@@ -20,11 +20,11 @@ from typing import Any
 from tnflow.tasks.cache.cache_reader import CacheFeed
 from tnflow.tasks.cache.h5cache import read_resize_mode, read_split_size
 from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
-from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
-from tnflow.tasks.training.calibration import fit_temperature
+from tnflow.tasks.training.calibration import choose_temperature
 from tnflow.tasks.training.pace import Pace
 from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
@@ -100,7 +100,7 @@ def fit_epochs(
         log.info(
             f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {', '.join(fit.net.devices)}: "
             f"{num_train} images; "
-            f"{describe_levers(settings, spec)}"
+            f"{describe_levers(settings, spec, pretrained=bool(weights_path or init_from))}"
         )
         total = num_train * (settings.epochs - done_epochs)
         fit.pace = Pace(total) if "GPU" not in fit.net.device.upper() else None
@@ -209,16 +209,21 @@ def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None
     its checkpoint (and, when best, its model) is complete, and older files are pruned after.
     """
     epoch = record["epoch"]
+    if fit.net.bn_updates:  # BN trains: statistics of this epoch's weights, before anything is saved
+        from tnflow.tasks.tf.sessions import precise_bn
+
+        precise_bn(fit.session, fit.net, fit.eval_batch_size)
     with new_directory(checkpoint_dir(fit.directory, epoch)) as tmp:
         fit.net.saver.save(fit.session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
     if fit.eval_session is not fit.session:
         fit.net.model_saver.restore(fit.eval_session, str(checkpoint_dir(fit.directory, epoch) / "ckpt"))
     valid = evaluate(fit.eval_session, fit.net, "valid", fit.eval_batch_size, fit.spec.num_classes)
     record = {**record, "valid_loss": valid["valid_loss"], "valid_accuracy": valid["valid_accuracy"]}
-    # Calibration: the temperature this epoch's model gets if it is the best (model.json).
-    record["temperature"] = fit_temperature(valid["logits"], valid["labels"])
-    order = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds")
-    record = {key: record[key] for key in (*order, "images_per_second", "trained", "temperature")}
+    # Calibration: the temperature this epoch's model gets if it is the best (model.json), and why.
+    choice = choose_temperature(valid["logits"], valid["labels"], fit.settings.seed)
+    record["temperature"], record["calibration"] = choice.temperature, asdict(choice)
+    order = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "images_per_second")
+    record = {key: record[key] for key in (*order, "trained", "temperature", "calibration")}
     state.setdefault("history", []).append(record)
     if record["valid_accuracy"] > state.get("best_valid_accuracy", -1.0):
         _export_model(fit, epoch, record)
@@ -262,31 +267,13 @@ def _stopped_early(state: dict[str, Any], settings: TrainSettings) -> bool:
     return settings.patience is not None and done - state.get("best_epoch", done) >= settings.patience
 
 
-def describe_levers(settings: TrainSettings, spec: ModelSpec) -> str:
-    """One line of every option that shapes training, for the log and the report."""
-    optimizer = "Adam" if settings.optimizer == "adam" else f"SGD momentum {settings.momentum:g}"
-    parts = [
-        f"batch {settings.batch_size}",
-        f"{optimizer} lr {settings.learning_rate:g} ({settings.lr_schedule}, warm-up {settings.warmup_epochs} epochs)",
-        f"weight decay {settings.weight_decay:g}",
-        f"augment {settings.augment}",
-        f"label smoothing {settings.label_smoothing:g}",
-        f"frozen base for {settings.freeze_epochs} epochs",
-        f"patience {settings.patience or 'off'}",
-        f"TTA {spec.tta}",
-        f"BN {'trains' if settings.train_bn else 'keeps ImageNet statistics'}",
-        f"mixed precision {'on' if settings.mixed_precision else 'off'}",
-        f"XLA {'on' if settings.xla else 'off'}",
-    ]
-    return ", ".join(parts)
-
-
 def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any], record: dict) -> dict:
     return {
         **asdict(spec),
         **origin,
         "preprocessing": PREPROCESSING[BACKBONES[spec.model].preprocessing],
         "temperature": record.get("temperature", 1.0),  # divides the logits of every probability given out
+        "calibration": record.get("calibration"),  # whether a fitted temperature was applied, and why
         "epoch": record["epoch"],
         "metrics": {k: v for k, v in record.items() if k != "epoch"},
         "training": asdict(settings),

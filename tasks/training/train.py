@@ -185,7 +185,9 @@ def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
         # as its weights' digest (a champion's path would not say which champion), and so are
         # the towers when they change the result (see `work_dir_for`): the work directory is
         # the identity's.
-        ignore=("eval_batch_size", "retrain", "start", "gpus", "towers"),
+        # The cache file counts by its training content (in the work directory's name): a new
+        # test split is a new file that trains nothing.
+        ignore=("eval_batch_size", "retrain", "start", "gpus", "towers", "cache_path"),
         identity=_identity,
         sound=trained_is_sound,
     ),

@@ -82,7 +82,13 @@ class Tally:
 
 
 def evaluate(
-    session: Any, net: Any, split: str, batch_size: int, num_classes: int, temperature: float = 1.0
+    session: Any,
+    net: Any,
+    split: str,
+    batch_size: int,
+    num_classes: int,
+    temperature: float = 1.0,
+    chosen: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model in `session` on every image of `split`, its calibration with `temperature` included.
 
@@ -97,7 +103,7 @@ def evaluate(
     for out in run_split(session, net, fetches, split, batch_size):
         tally.add(out["probs"], out["labels"], out["losses"], out["logits"])
     logits, labels = np.concatenate(tally.logits), np.concatenate(tally.labels)
-    metrics = {**tally.metrics(split), "calibration": calibration_metrics(logits, labels, temperature)}
+    metrics = {**tally.metrics(split), "calibration": calibration_metrics(logits, labels, temperature, chosen)}
     arrays = {"predicted": np.concatenate(tally.predicted), "logits": logits, "labels": labels}
     return {**metrics, **arrays, "probs": softmax(logits, temperature).astype(np.float32)}
 
@@ -128,10 +134,13 @@ def evaluate_model(
     net = build(spec, CacheFeed(cache_path, image_size=spec.image_size), temperature=temperature)
     with open_session(net) as session:
         net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
-        metrics = evaluate(session, net, split, batch_size, spec.num_classes, temperature)
+        chosen = meta.get("calibration")  # whether the temperature was applied, and why (models since issue 28)
+        metrics = evaluate(session, net, split, batch_size, spec.num_classes, temperature, chosen)
         for other in also:
             if read_split_size(cache_path, other):
-                metrics[f"also_{other}"] = evaluate(session, net, other, batch_size, spec.num_classes, temperature)
+                metrics[f"also_{other}"] = evaluate(
+                    session, net, other, batch_size, spec.num_classes, temperature, chosen
+                )
     metrics["class_names"] = meta["class_names"]
     return metrics
 

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tnflow.tasks.cache.h5cache import training_content
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
@@ -50,7 +51,9 @@ def work_dir_for(
     own share's statistics.
     """
     key_source = {
-        "cache": Path(cache_path).name,  # the cache's name already holds its spec, source and code
+        # The train and valid splits' content and how it was made; not the test split, whose
+        # changes re-validate and re-gate but train nothing.
+        "cache": training_content(cache_path),
         "weights": weights_md5 or "none",
         "spec": asdict(spec),
         "settings": asdict(settings),
