@@ -18,18 +18,57 @@ from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.release.drift import PSI_FLAG, psi, reference_of, uncertainty
 from tnflow.tasks.release.predict import drift_of, score, write_to_label
-from tnflow.tasks.release.review import REVIEW_CSV, disputed, review
+from tnflow.tasks.release.review import REVIEW_CSV, disputed, label_issues, review
 from tnflow.tasks.tf.model_dir import update_model_json
 from tnflow.tasks.training.train import train
 from tnflow.tasks.training.validate import read_probabilities, validate
 
 
-def test_only_confident_disagreements_are_listed():
-    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.55, 0.45]])
-    labels = np.array([0, 0, 1, 1])
-    rows = disputed(probs, labels, split="test", paths=[], class_names=["cat", "dog"])
-    assert [(r.index, r.given, r.predicted) for r in rows] == [(1, "cat", "dog"), (3, "dog", "cat")]
-    assert [r.confidence for r in rows] == [0.6, 0.55] and rows[0].path == ""
+def planted(n: int = 300, classes: int = 3, errors: int = 20, sure: float = 0.45, seed: int = 0):
+    """Probabilities of a hesitant model (`sure` on the true class, on average) and labels with planted errors."""
+    rng = np.random.default_rng(seed)
+    truth = np.arange(n) % classes
+    probs = rng.dirichlet(np.ones(classes), n) * (1 - sure)
+    probs[np.arange(n), truth] += sure
+    labels = truth.copy()
+    wrong = rng.choice(n, errors, replace=False)
+    labels[wrong] = (truth[wrong] + 1 + rng.integers(0, classes - 1, errors)) % classes
+    return probs, labels, set(wrong.tolist())
+
+
+def test_confident_learning_puts_planted_errors_first():
+    probs, labels, wrong = planted()
+    rows, margin = label_issues(probs, labels)
+    assert len(rows) >= 10 and len(set(rows.tolist()) & wrong) >= 0.9 * len(rows), "what it flags is planted"
+    assert list(margin[rows]) == sorted(margin[rows]), "most clearly mislabelled first"
+    found = disputed(probs, labels, split="valid", paths=[], class_names=["cat", "dog", "frog"])
+    assert [r.index for r in found] == rows.tolist() and found[0].margin == margin[rows[0]] < 0
+
+
+def test_the_ranking_is_cleanlabs():
+    from cleanlab.filter import find_label_issues
+
+    for seed in range(3):
+        probs, labels, _ = planted(seed=seed, sure=0.3 + 0.2 * seed)
+        theirs = find_label_issues(
+            labels, probs, filter_by="confident_learning", return_indices_ranked_by="normalized_margin"
+        )
+        assert label_issues(probs, labels)[0].tolist() == theirs.tolist(), seed
+
+
+def test_a_model_at_chance_disputes_little_and_the_ranking_is_linear():
+    import time
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 300)
+    chance = rng.dirichlet(np.ones(5) * 50, 300)  # near-uniform, unrelated to the labels
+    rows, _ = label_issues(chance, labels)
+    assert len(rows) < 300 and set(rows.tolist()) <= set(range(300))
+    big_probs = np.tile(planted()[0], (1000, 1))
+    big_labels = np.tile(planted()[1], 1000)
+    started = time.perf_counter()
+    label_issues(big_probs, big_labels)  # 300,000 pictures
+    assert time.perf_counter() - started < 2
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +106,8 @@ def test_pictures_put_in_the_wrong_class_folder_top_the_list(misfiled):
     assert found.count == len(rows) >= 3
     assert sorted(row["path"] for row in rows[:3]) == sorted(misfiled["wrong"]), rows[:5]
     assert all(row["given_label"] == "class-1" and row["predicted_label"] == "class-0" for row in rows[:3])
-    confidences = [float(row["confidence"]) for row in rows]
-    assert confidences == sorted(confidences, reverse=True) and confidences[-1] >= 0.5
+    margins = [float(row["margin"]) for row in rows]
+    assert margins == sorted(margins) and margins[0] < 0
 
 
 # -- batch scoring: what to label next, and drift ------------------------------------------

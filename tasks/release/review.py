@@ -1,11 +1,20 @@
-"""Pictures whose label the model disputes: held-out images it confidently calls something else.
+"""Pictures whose label the model disputes, found by confident learning over the held-out splits.
 
 Mislabelled pictures in a user's folder silently cap accuracy, and public benchmarks carry a
-few percent of them. After validation, every held-out picture (validation and test splits)
-whose given label the model contradicts with a calibrated confidence of at least
-`REVIEW_CONFIDENCE` is listed, most confident first, in `<run>/label_review.csv`: a human
-looks at the top of the list and fixes the folder, and the next run learns from the fix. The
-confidence is the calibrated one (`tasks.training.calibration`), so "0.95" means what it says.
+few percent of them. After validation, the held-out pictures (validation and test splits)
+are screened as confident learning does (Northcutt et al., 2021; cleanlab's
+`find_label_issues(filter_by="confident_learning")`): each class gets a threshold, the model's
+average probability for that class over the pictures labelled with it, so a model that is
+rarely sure of anything still flags what it is relatively sure of; a picture is disputed when
+the class it confidently belongs to is not its label (and the model's own answer differs
+too). The list, in `<run>/label_review.csv`, is ranked by normalised margin (the given
+label's probability minus the best other class's): most clearly mislabelled first. A human
+looks at the top of it and fixes the folder, and the next run learns from the fix.
+
+A fixed cut-off (0.5, before issue 28) found none of 20 planted errors that a model at 0.44
+confidence disputed. The ranking is linear in the pictures; `tests/test_review.py` checks it
+against cleanlab's on the same probabilities (cleanlab itself is not a runtime dependency: it
+brings scikit-learn and pandas for these few array operations).
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.training.validate import evaluate_model, read_probabilities
 
 REVIEW_CSV = "label_review.csv"
-REVIEW_CONFIDENCE = 0.5  # the model's class is more likely than every other class together
 HELD_OUT = ("valid", "test")
 SHOWN = 16  # in the report, with thumbnails
 
@@ -42,7 +50,8 @@ class Disputed:
     path: str  # the file, for a folder; empty for CIFAR (the split and index say which image)
     given: str
     predicted: str
-    confidence: float
+    confidence: float  # the model's probability for `predicted`
+    margin: float  # normalised margin: P(given) - max P(other); the lower, the more clearly mislabelled
 
 
 @dataclass(frozen=True)
@@ -54,34 +63,56 @@ class Review:
     top: tuple[Disputed, ...]
 
 
+def label_issues(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of disputed pictures, most clearly mislabelled first; every picture's normalised margin).
+
+    Confident learning's filter: per-class thresholds from the model's own mean confidence in
+    each class over the pictures labelled with it; a picture's confident class is the one
+    above its threshold (the most probable, when several are); disputed when that class is not
+    its label and neither is the model's prediction. As cleanlab computes it, in O(pictures).
+    """
+    n, k = probs.shape
+    labels = np.asarray(labels, dtype=np.int64)
+    sums = np.zeros(k)
+    np.add.at(sums, labels, probs[np.arange(n), labels])
+    counts = np.bincount(labels, minlength=k)
+    thresholds = np.where(counts > 0, sums / np.maximum(counts, 1), np.inf)  # a class no picture has: never
+    confident = probs >= thresholds - 1e-6
+    several = confident.sum(axis=1) > 1
+    guess = np.where(several, probs.argmax(axis=1), confident.argmax(axis=1))
+    flagged = confident.any(axis=1) & (guess != labels) & (probs.argmax(axis=1) != labels)
+    given = probs[np.arange(n), labels]
+    others = probs.copy()
+    others[np.arange(n), labels] = -np.inf
+    margin = given - others.max(axis=1)
+    rows = np.flatnonzero(flagged)
+    return rows[np.argsort(margin[rows], kind="stable")], margin
+
+
 def disputed(
-    probs: np.ndarray,
-    labels: np.ndarray,
-    *,
-    split: str,
-    paths: list[str],
-    class_names: list[str],
-    min_confidence: float = REVIEW_CONFIDENCE,
+    probs: np.ndarray, labels: np.ndarray, *, split: str, paths: list[str], class_names: list[str]
 ) -> list[Disputed]:
-    """The images of one split whose predicted class is not their label, at `min_confidence` or more."""
+    """The pictures of one split confident learning disputes, most clearly mislabelled first."""
+    rows, margin = label_issues(probs, labels)
     predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
-    rows = np.flatnonzero((predicted != labels) & (confidence >= min_confidence))
     return [
         Disputed(
             split, int(i), paths[i] if paths else "", class_names[labels[i]], class_names[predicted[i]],
-            float(confidence[i]),
+            float(confidence[i]), float(margin[i]),
         )
         for i in rows
     ]  # fmt: skip
 
 
 def write_review(run_dir: Path, rows: list[Disputed]) -> Path:
-    """`label_review.csv`, most confident first, written whole or not at all."""
-    rows = sorted(rows, key=lambda r: -r.confidence)
+    """`label_review.csv`, most clearly mislabelled first (`ranked`), written whole or not at all."""
+    rows = ranked(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["split", "index", "path", "given_label", "predicted_label", "confidence"])
-    writer.writerows([r.split, r.index, r.path, r.given, r.predicted, f"{r.confidence:.4f}"] for r in rows)
+    writer.writerow(["split", "index", "path", "given_label", "predicted_label", "confidence", "margin"])
+    writer.writerows(
+        [r.split, r.index, r.path, r.given, r.predicted, f"{r.confidence:.4f}", f"{r.margin:.4f}"] for r in rows
+    )
     path = run_dir / REVIEW_CSV
     write_atomic(path, buffer.getvalue())
     return path
@@ -101,8 +132,12 @@ def review(model_dir: str | Path, cache_path: str | Path, run_dir: str | Path, b
             probs = evaluate_model(model_dir, cache_path, split, batch_size)["probs"]
         rows += disputed(probs, labels, split=split, paths=paths, class_names=class_names)
     path = write_review(run_dir, rows)
-    ranked = sorted(rows, key=lambda r: -r.confidence)
-    return Review(str(path), len(rows), tuple(ranked[:SHOWN]))
+    return Review(str(path), len(rows), tuple(ranked(rows)[:SHOWN]))
+
+
+def ranked(rows: list[Disputed]) -> list[Disputed]:
+    """Both held-out splits in one list: the lowest normalised margin first."""
+    return sorted(rows, key=lambda r: r.margin)
 
 
 def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -121,9 +156,6 @@ def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str]
 def review_task(*, model_dir: str, cache_path: str, run_dir: str, batch_size: int) -> Review:
     found = review(model_dir, cache_path, run_dir, batch_size)
     get_run_logger().info(
-        "%d held-out pictures whose label the model disputes at %.0f%% confidence or more: %s",
-        found.count,
-        100 * REVIEW_CONFIDENCE,
-        found.csv_path,
+        "%d held-out pictures whose label the model disputes (confident learning): %s", found.count, found.csv_path
     )
     return found
