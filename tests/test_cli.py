@@ -236,3 +236,13 @@ def test_full_size_cifar10_through_the_console_script(prefect_api, tmp_path):
     second = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     assert second.returncode == 0 and second.stdout.splitlines()[-1] == str(cache_file)
     assert second.stderr.count("Finished in state Cached") == 2, second.stderr[-2000:]
+
+
+def test_tnflow_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    from tnflow.flows.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"tnflow {version('tnflow')}"

@@ -29,10 +29,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _version() -> str:
+    """The installed distribution's version (a checkout that is not installed says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tnflow")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tnflow", description="Transfer learning on CIFAR or your image folders as a Prefect pipeline."
     )
+    parser.add_argument("--version", action="version", version=f"tnflow {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     prepare = commands.add_parser(
         "prepare",
