@@ -2,6 +2,8 @@
 
 import errno
 import logging
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -60,6 +62,35 @@ def test_an_uncontended_lock_says_nothing(tmp_path, caplog):
     with caplog.at_level(logging.INFO), exclusive(tmp_path / "x"):
         pass
     assert "waiting" not in caplog.text
+
+
+@pytest.mark.slow  # four processes importing tnflow
+def test_a_released_lock_leaves_no_file_and_still_excludes_every_other_holder(tmp_path):
+    """Four processes take the same lock 6 times each; the lock file goes with each release.
+
+    The holds are long next to the waiters' polling, so a waiter often gets the lock on a file
+    its holder has just removed while a newcomer creates and locks a new one: without the check
+    that the locked file is still the path's, two processes then hold it at once.
+    """
+    target = tmp_path / "preds.csv"
+    with exclusive(target):
+        assert (tmp_path / "preds.csv.lock").is_file()
+    assert list(tmp_path.iterdir()) == [], "no .lock left beside the output"
+    script = (
+        "import sys, time, pathlib; from tnflow.tasks.core.files import exclusive\n"
+        "target, log = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+        "for _ in range(6):\n"
+        "    with exclusive(target):\n"
+        "        with log.open('a') as f: f.write('in\\n')\n"
+        "        time.sleep(0.1)\n"
+        "        with log.open('a') as f: f.write('out\\n')\n"
+    )
+    log = tmp_path / "log.txt"
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(target), str(log)]) for _ in range(4)]
+    assert [w.wait(120) for w in workers] == [0] * 4
+    lines = log.read_text().split()
+    assert lines == ["in", "out"] * 24, "two holders at once"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]
 
 
 def test_write_atomic_replaces_whole(tmp_path):

@@ -26,3 +26,37 @@ def test_sample_captions_do_not_cover_the_pictures_above(count):
     for axis in axes:  # each caption also stays clear of its own picture
         if axis.images:
             assert axis.title.get_window_extent(renderer).y0 >= axis.images[0].get_window_extent(renderer).y1 - 1
+
+
+# -- the baselines and what to do next ------------------------------------------------------
+
+
+def metrics_of(confusion, calibration=None):
+    names = [f"class-{i}" for i in range(len(confusion))]
+    return {"confusion_matrix": confusion, "class_names": names, "calibration": calibration or {}}
+
+
+def test_a_model_at_chance_is_told_so_with_what_to_try():
+    from tnflow.tasks.release.advice import baseline_lines, next_steps
+
+    always_first = [[20, 0, 0, 0, 0]] + [[20, 0, 0, 0, 0]] * 4  # every picture called class-0
+    metrics = metrics_of(always_first, {"applied": False, "why": "only 34 validation pictures"})
+    lines = dict(baseline_lines(metrics))
+    assert lines["test accuracy"] == "0.2000 on 100 images (95% interval 0.133-0.289)"
+    assert lines["baselines"].startswith("always answering 'class-0' 0.2000, a uniform guess 0.2000; 0.200 is not")
+    steps = next_steps(metrics, None, 3, {"weights": "none", "learning_rate": 1e-5, "epochs": 2})
+    assert steps[0].startswith("At chance: 0.200 is not better than always answering 'class-0' (0.200, p = ")
+    assert "--learning-rate, now 1e-05" in steps[0] and "start from pretrained weights" in steps[0]
+    assert steps[1].startswith("Small test split: with 100 test pictures, gains under 11 points")
+    assert steps[2].startswith("3 held-out pictures have labels the model disputes")
+    assert steps[3] == "Calibration not applied (probabilities are the raw softmax): only 34 validation pictures."
+
+
+def test_a_good_model_on_a_large_split_needs_nothing():
+    from tnflow.tasks.release.advice import next_steps
+
+    confusion = (np.eye(10, dtype=int) * 900 + 10).tolist()  # 90% right on 10,000 pictures
+    steps = next_steps(metrics_of(confusion, {"applied": True}), None, 0, {})
+    assert steps == ["Nothing stands out: the model beats the baselines and the test split can see small gains."]
+    gate = {"detectable_gain": 0.08, "detectable": "with 300 test pictures and 20% disagreement, gains under 8 points"}
+    assert next_steps(metrics_of(confusion), gate, 0, {})[0] == f"Small test split: {gate['detectable']}."

@@ -9,6 +9,7 @@ temporary files, which the next writer removes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -47,17 +48,42 @@ def ensure_writable_dir(path: str | Path, option: str = "--cache-dir") -> Path:
 
 @contextmanager
 def exclusive(final: Path) -> Iterator[None]:
-    """Hold an advisory lock for writing `final`; the OS releases it if the process dies."""
+    """Hold an advisory lock for writing `final`; the OS releases it if the process dies.
+
+    The lock file (`<final>.lock`, beside it, so runs on other hosts sharing the directory see
+    it) is removed on release, so a finished `preds.csv` or model directory has no `.lock`
+    beside it. Removing it while holding it is safe: a waiter that then gets the lock finds
+    its file gone (another inode than the path's, or no path) and opens the path again. A
+    process killed while holding it leaves the file, which the next holder takes over.
+    """
     lock_path = final.with_name(final.name + ".lock")
-    with open(lock_path, "a+b") as handle:
-        _acquire(handle, lock_path, final)
+    while True:
+        handle = open(lock_path, "a+b")  # noqa: SIM115 - closed below, or kept for the block
+        try:
+            _acquire(handle, lock_path, final)
+        except BaseException:
+            handle.close()
+            raise
+        if _still_named(handle, lock_path):
+            break
+        handle.close()  # its holder removed it after we opened it: lock the path's current file
+    with handle:
         try:
             handle.truncate(0)
             handle.write(json.dumps(whoami()).encode())
             handle.flush()
             yield
         finally:
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _still_named(handle: IO[bytes], lock_path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path))
+    except FileNotFoundError:
+        return False
 
 
 def _acquire(handle: IO[bytes], lock_path: Path, final: Path) -> None:

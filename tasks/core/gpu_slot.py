@@ -101,7 +101,10 @@ def gpu_slot(name: str, log: Log, gpus: Sequence[str] = (), count: int = 1) -> I
         renewer = _Renewer(lease, log)
         held = tuple(paths.index(journal.path) for journal in journals) if gpus else ()
         named = f", and {_named(held, gpus)}" if held else ""
-        log.info("holding the GPU slot %r%s (released after validation)", name, named)
+        if gpus:
+            log.info("holding the GPU slot %r%s (released after validation)", name, named)
+        else:  # the slot still keeps concurrent runs from sharing this machine's cores and memory
+            log.info("holding the slot %r: no GPU here, one training at a time (released after validation)", name)
         try:
             yield held
         finally:

@@ -125,7 +125,7 @@ def render(meta: dict[str, Any], directory: Path) -> str:
         "",
         "## Model",
         "",
-        f"- backbone: {meta['model']} (ImageNet top-1 {backbone.get('imagenet_top1', '?')}%), head {meta['head']}, "
+        f"- backbone: {meta['model']}{_imagenet(backbone, pretrained)}, head {meta['head']}, "
         f"input {meta['image_size']}x{meta['image_size']} RGB",
         f"- preprocessing (inside every export): {meta.get('preprocessing', '?')}",
         f"- started from: {_origin(pretrained)}",
@@ -177,6 +177,13 @@ def render(meta: dict[str, Any], directory: Path) -> str:
     ]
     lines += _loading(meta, directory, card.get("exports", {}))
     return "\n".join(lines) + "\n"
+
+
+def _imagenet(backbone: dict[str, Any], pretrained: dict[str, Any]) -> str:
+    """The published weights' ImageNet accuracy, which says nothing of a model that did not start from them."""
+    if pretrained.get("source") in (None, "none"):
+        return ""
+    return f" (ImageNet top-1 {backbone.get('imagenet_top1', '?')}% with its published weights)"
 
 
 def _origin(pretrained: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 The report is what a user keeps from a run: configuration, which stages ran or came from the
 cache and how long each took, learning curves, test accuracy per class with the confusion
 matrix, the recipe's closing figure (sample test images with their top-3 predictions), what
-the champion gate compared, and the machine. Figures are drawn by `tasks.release.figures`.
+the champion gate compared, and the machine; first, the baselines and what to do next
+(`tasks.release.advice`). Figures are drawn by `tasks.release.figures`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
 from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.release.advice import baseline_lines, next_steps
 from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.figures import (
     confusion_heatmap,
@@ -118,6 +120,7 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
         (run_dir / "figures" / f"{name}.png").write_bytes(data)
 
     sections = _sections(config, history, metrics, stages, device, promotion)
+    sections["next"] = [(step,) for step in next_steps(metrics, promotion, review.count if review else None, config)]
     sections.update(data_sections(cache_path))
     shown = [(d.split, d.path or d.index, d.given, d.predicted, f"{d.confidence:.3f}") for d in disputed]
     total = f"{review.count} in {Path(review.csv_path).name}" if review else "not reviewed"
@@ -134,7 +137,7 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
     names = metrics["class_names"]
     return {
         "summary": [
-            ("test accuracy", f"{metrics['test_accuracy']:.4f} on {metrics['num_test']} images"),
+            *baseline_lines(metrics),
             ("test loss", f"{metrics['test_loss']:.4f}"),
             ("best epoch", f"{best['epoch']} (valid accuracy {best['valid_accuracy']:.4f})"),
             ("training speed", f"{np.mean([r['images_per_second'] for r in history]):.1f} images/s on {device}"),
@@ -169,6 +172,7 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
 
 
 _TABLES = {
+    "next": ("What to do next", ("",)),
     "data": ("Data", ("", "")),
     "class_counts": ("Images per class", ("class", "train", "valid", "test")),
     "skipped": ("Skipped files", ("file", "reason")),
