@@ -80,9 +80,12 @@ def test_a_folder_is_scored_recursively_into_a_csv(trained, tmp_path, capsys):
     (folder / "2026" / "readme.txt").write_text("not a picture")
     (folder / ".cache" / "p9.png").write_bytes(Path(trained["pngs"][5]).read_bytes())  # hidden: not scored
     out = tmp_path / "scores" / "predictions.csv"
-    assert main(["predict", trained["model_dir"], str(folder), "--out", str(out), "--batch-size", "2"]) == 0
+    assert main(["predict", trained["model_dir"], str(folder), "--out", str(out), "--batch-size", "2"]) == 1
     captured = capsys.readouterr()
-    assert captured.out.strip().splitlines()[-1] == str(out)
+    assert captured.out.strip().splitlines()[-1] == str(out), "the CSV is complete all the same"
+    assert captured.err.strip().splitlines()[-1] == (
+        f"tnflow predict: error: 1 of 6 files could not be read: the error column of {out} says why"
+    )
     rows = list(csv.DictReader(out.open()))
     names = [Path(r["path"]).name for r in rows]
     assert names == ["p0.png", "p2.png", "p4.png", "readme.txt", "p1.png", "p3.png"], (
@@ -97,6 +100,18 @@ def test_a_folder_is_scored_recursively_into_a_csv(trained, tmp_path, capsys):
         assert float(row["probability"]) == pytest.approx(float(top3[0][1]), abs=1e-4)
     assert "(unreadable) 1" in captured.err
     assert not list(out.parent.glob("*.tmp-*")), "no temporary file is left"
+
+
+@pytest.mark.slow  # a process of its own: TensorFlow's start-up lines come from a fresh import
+def test_predict_and_export_hide_tensorflows_start_up_lines_as_run_does(trained, tmp_path):
+    import subprocess
+    import sys
+
+    tnflow = str(Path(sys.executable).with_name("tnflow"))
+    done = subprocess.run([tnflow, "predict", trained["model_dir"], trained["pngs"][0]], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(trained["pngs"][0]), done.stderr[-2000:]
+    for chatter in ("cuInit", "oneDNN", "cuda drivers", "is deprecated", "Traceback"):
+        assert chatter not in done.stderr, f"start-up chatter on the console: {chatter}"
 
 
 def test_scoring_a_path_that_does_not_exist(trained, tmp_path, capsys):

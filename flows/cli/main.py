@@ -82,13 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify images (PNG, JPEG, any size and mode) with a saved model: "
         "a run's model/ directory, or `champion` for <output dir>/champion. Folders are read recursively.",
     )
-    predict.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
-    predict.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
+    predict.add_argument(
+        "model", metavar="MODEL_DIR_OR_CHAMPION", help="a run's model/ directory, or `champion` (the latest promoted)"
+    )
+    predict.add_argument(
+        "images", metavar="IMAGE_OR_DIR", nargs="+", help="image files, or folders of them (scored recursively)"
+    )
     predict.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
     predict.add_argument(
         "--out",
         metavar="CSV",
-        help="write path, class, probability, top3 and error per file to this CSV instead of printing",
+        help="write path, class, probability, margin, entropy, top3 and error per file to this CSV instead of "
+        "printing (files that cannot be read get a row with the error, and the command exits 1)",
     )
     predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="images scored at once (default: 32)")
     _champion_option(predict)
@@ -100,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write exports into a model directory (a run's model/, or `champion`), each checked against "
         "the SavedModel, and refresh its model card. (`tnflow run --export` makes them for every run.)",
     )
-    export.add_argument("model", metavar="MODEL_DIR_OR_CHAMPION")
+    export.add_argument(
+        "model", metavar="MODEL_DIR_OR_CHAMPION", help="a run's model/ directory, or `champion` (the latest promoted)"
+    )
     export.add_argument(
         "--format",
         default="savedmodel",
@@ -203,10 +210,13 @@ NEEDS_TENSORFLOW = ("run", "sweep", "predict", "export", "serve")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.debug and args.command in NEEDS_TENSORFLOW:
+    if args.command in NEEDS_TENSORFLOW and (args.debug or args.command in ("predict", "export")):
         from tnflow.tasks.tf.startup import start_tensorflow
 
-        start_tensorflow(verbose=True)  # nothing hidden: a fatal CUDA/cuDNN error at start-up stays visible
+        # --debug: nothing hidden, a fatal CUDA/cuDNN error at start-up stays visible. predict and
+        # export import TensorFlow on their way to the model (run's stages start it themselves):
+        # started here, its start-up lines are hidden for them as for run.
+        start_tensorflow(verbose=args.debug)
     from tnflow.flows.cli.console import disk_full_line, interrupted_line, user_errors_in_one_line
     from tnflow.tasks.core.processes import Interrupted, stop_on_signals
 

@@ -25,7 +25,14 @@ def predict(args: argparse.Namespace) -> str | None:
         counts = score(model_dir, args.images, args.out, args.batch_size)
         summary = ", ".join(f"{name} {n}" for name, n in counts.most_common())
         print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
-        return str(Path(args.out).expanduser().absolute())
+        written = str(Path(args.out).expanduser().absolute())
+        if unreadable := counts.get("(unreadable)", 0):  # as without --out: a file not scored fails the command
+            print(written)  # the CSV is complete all the same: the last line of output still names it
+            raise TnflowError(
+                f"{unreadable} of {sum(counts.values())} files could not be read: the error column of {written} "
+                "says why"
+            )
+        return written
     paths = image_paths(args.images)
     if not paths:
         raise TnflowError(f"no files in {' '.join(args.images)}; give image files, or folders that hold some")
