@@ -10,6 +10,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import api_post, stop_process_group
@@ -17,8 +18,9 @@ from tests.fake_weights import write_fake_weights
 from tests.fakes import make_archive
 from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
 from tnflow.tasks.core.errors import ConfigError
-from tnflow.tasks.sweeps.leaderboard import choose_winner, leaderboard_rows
+from tnflow.tasks.sweeps.leaderboard import choice_evidence, choose_winner, leaderboard_rows
 from tnflow.tasks.sweeps.trials import TrialResult
+from tnflow.tasks.training.validate import write_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -99,6 +101,39 @@ def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
     assert [r["trial"] for r in rows] == ["trial-2", "trial-1", "trial-3"] and rows[2]["state"] == "Failed"
     with pytest.raises(Exception, match="no trial finished"):
         choose_winner([result("trial-1", None, None, "Crashed")], logging.getLogger("t"))
+
+
+def trial_on(tmp_path: Path, name: str, right: np.ndarray, labels: np.ndarray, cache: Path) -> TrialResult:
+    """A finished trial whose validation predictions are right exactly where `right` is."""
+    run_dir = tmp_path / name
+    write_predictions(run_dir, "valid", np.where(right, labels, (labels + 1) % 2), np.zeros((len(labels), 2)))
+    accuracy = float(right.mean())
+    return TrialResult(name, {}, "Completed", run_dir=str(run_dir), cache_path=str(cache), valid_accuracy=accuracy)
+
+
+def test_a_choice_on_thirty_validation_pictures_says_when_it_is_a_coin_flip(tmp_path):
+    import h5py
+
+    labels = np.arange(30) % 2
+    with h5py.File(tmp_path / "cache.h5", "w") as f:
+        f["valid/labels"] = labels
+    cache = tmp_path / "cache.h5"
+    winner_right, runner_right = np.zeros(30, bool), np.zeros(30, bool)
+    winner_right[:12] = True  # 12 right only for the winner
+    runner_right[12:20] = True  # 8 right only for the runner-up
+    winner = trial_on(tmp_path, "trial-1", winner_right, labels, cache)
+    runner = trial_on(tmp_path, "trial-2", runner_right, labels, cache)
+    said = choice_evidence([runner, winner], winner)
+    assert said.startswith(
+        "a coin flip could have made this choice: 12 validation pictures right only for trial-1, 8 only for trial-2 "
+        "(of 30): McNemar's p = 0.5"
+    ), said
+    assert said.endswith("cannot be told from chance: add validation pictures")
+    runner_right[:] = False
+    runner_right[:1] = True  # the winner is right on 11 more pictures, the runner-up on none
+    clear = choice_evidence([trial_on(tmp_path, "trial-3", runner_right, labels, cache), winner], winner)
+    assert clear.startswith("unlikely to be chance: 11 validation pictures right only for trial-1, 0 only for trial-3")
+    assert choice_evidence([winner], winner) == "no other trial finished: nothing to choose between"
 
 
 # -- a grid on a work pool, through a process worker --------------------------------------

@@ -267,6 +267,12 @@ def training_content(path: str | Path) -> str:
     return str(found) if found else Path(path).name
 
 
+def read_labels(path: str | Path, split: str) -> np.ndarray:
+    """A split's labels, in the cache's row order."""
+    with h5py.File(path, "r") as f:
+        return f[f"{split}/labels"][:]
+
+
 def read_split_size(path: str | Path, split: str) -> int:
     with h5py.File(path, "r") as f:
         return int(f[f"{split}/labels"].shape[0])
