@@ -103,7 +103,7 @@ def test_local_copies(tmp_path, form):
 
 
 def test_missing_local_file(tmp_path):
-    with pytest.raises(DownloadError, match="no such file"):
+    with pytest.raises(DownloadError, match=r"no such file; check the path given to --data-url$"):
         fetch(str(tmp_path / "nope.tar.gz"), tmp_path, MD5)
 
 

@@ -36,8 +36,23 @@ def test_served_weights_are_verified_and_checked(file_server, tmp_path):
 def test_wrong_digest(file_server, tmp_path):
     md5 = write_fake_weights(tmp_path / "w.h5", "vgg19", count=VGG_CONV)
     file_server.files["w.h5"] = (tmp_path / "w.h5").read_bytes()
-    with pytest.raises(DownloadError, match=f"md5 is {md5} but {'0' * 32} was expected"):
+    with pytest.raises(DownloadError, match=f"md5 is {md5} but {'0' * 32} was expected.*\\(--weights-md5\\)$"):
         fetch_weights(file_server.url("w.h5"), "0" * 32, "vgg19", "gap", tmp_path / "cache")
+
+
+def test_weights_that_cannot_be_fetched_name_the_options_that_fix_it(tmp_path, monkeypatch):
+    import socket
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(DownloadError) as raised:
+        fetch_weights("https://example.invalid/w.h5", None, "vgg19", "gap", tmp_path / "cache")
+    assert str(raised.value).endswith("with --weights, or --weights none to start from random weights")
+    with pytest.raises(DownloadError, match=r"no such file; check the path given to --weights$"):
+        fetch_weights(str(tmp_path / "missing.h5"), None, "vgg19", "gap", tmp_path / "cache")
 
 
 def test_none_means_random_on_purpose(tmp_path):

@@ -69,10 +69,14 @@ def fetch(
     *,
     timeout: float = TIMEOUT_SECONDS,
     progress: ProgressFn | None = None,
+    option: str = "--data-url",
 ) -> Fetched:
-    """Make a verified copy of `url` under `dest_dir`, reusing one that is already there."""
+    """Make a verified copy of `url` under `dest_dir`, reusing one that is already there.
+
+    `option`: the one that named `url` (`--data-url` or `--weights`), which errors tell the user to fix.
+    """
     if md5 is None and is_local(url):
-        md5 = file_md5(_existing_local(url))  # keyed by content: an edited file is a new copy
+        md5 = file_md5(_existing_local(url, option))  # keyed by content: an edited file is a new copy
     final = target_path(url, dest_dir, md5)
     ensure_writable_dir(final.parent)
     with exclusive(final):
@@ -84,9 +88,9 @@ def fetch(
         part = final.with_name(final.name + ".part")
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
-            _fetch_http(url, part, timeout, progress)
+            _fetch_http(url, part, timeout, progress, option)
         elif is_local(url):
-            _copy_local(_existing_local(url), part, progress)
+            _copy_local(_existing_local(url, option), part, progress)
         else:
             raise DownloadError(f"{url}: unsupported URL scheme {scheme!r}; use https://, http://, file:// or a path")
         found = file_md5(part)
@@ -94,7 +98,7 @@ def fetch(
             part.unlink()
             raise DownloadError(
                 f"{url}: md5 is {found} but {md5} was expected; the bad copy was deleted. "
-                "Check the URL and its digest (--data-md5 or --weights-md5)"
+                f"Check the URL and its digest ({_DIGEST_OPTION.get(option, '--data-md5')})"
             )
         os.replace(part, final)
     return Fetched(str(final), found, final.stat().st_size)
@@ -104,7 +108,11 @@ def is_local(url: str) -> bool:
     return urlsplit(url).scheme.lower() in ("file", "")
 
 
-def _existing_local(url: str) -> Path:
+_DIGEST_OPTION = {"--data-url": "--data-md5", "--weights": "--weights-md5"}
+_INSTEAD = {"--weights": ", or --weights none to start from random weights"}
+
+
+def _existing_local(url: str, option: str = "--data-url") -> Path:
     parts = urlsplit(url)
     if parts.scheme.lower() != "file":
         path = Path(url).expanduser()
@@ -113,7 +121,7 @@ def _existing_local(url: str) -> Path:
     else:
         path = Path(unquote(parts.path))
     if not path.is_file():
-        raise DownloadError(f"{path}: no such file; check the path given to --data-url or --weights")
+        raise DownloadError(f"{path}: no such file; check the path given to {option}")
     return path
 
 
@@ -154,7 +162,7 @@ def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:
         raise DownloadError(f"cannot copy {source}: {exc.strerror or exc}") from None
 
 
-def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | None) -> None:
+def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | None, option: str) -> None:
     """One attempt: append to `part` from where it stops; raise Transient for what may pass."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
@@ -169,9 +177,9 @@ def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | Non
             raise TransientDownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL") from None
     except urllib.error.URLError as exc:
-        raise _connection_error(url, exc.reason) from None
+        raise _connection_error(url, exc.reason, option) from None
     except (OSError, http.client.HTTPException) as exc:
-        raise _connection_error(url, exc) from None
+        raise _connection_error(url, exc, option) from None
 
     with response:
         if response.status == 206:
@@ -216,12 +224,12 @@ def _parse_content_range(value: str) -> tuple[int, int | None]:
     return int(match.group(1)), None if total == "*" else int(total)
 
 
-def _connection_error(url: str, reason: object) -> DownloadError:
+def _connection_error(url: str, reason: object, option: str) -> DownloadError:
     if isinstance(reason, socket.gaierror):
         host = urlsplit(url).hostname
         return DownloadError(
             f"{url}: cannot resolve host {host!r} (no network?); download the file elsewhere "
-            "and pass its path or file:// URL with --data-url (or --weights)"
+            f"and pass its path or file:// URL with {option}{_INSTEAD.get(option, '')}"
         )
     return TransientDownloadError(f"{url}: cannot connect ({reason})")
 

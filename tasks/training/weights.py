@@ -157,7 +157,7 @@ def fetch_weights(
     if source is None:
         return WeightsFile(path=None, md5=None, source="none")
     url, md5 = source
-    fetched = fetch(url, cache_dir, md5, progress=progress)
+    fetched = fetch(url, cache_dir, md5, progress=progress, option="--weights")
     from tnflow.tasks.tf.graph import pretrained_shapes  # TensorFlow: the graph says what the file must hold
 
     found = [(name, array.shape) for name, array in read_weights(fetched.path, BACKBONES[model].weights_format)]
