@@ -137,3 +137,16 @@ def test_a_full_disk_reaching_a_command_is_one_line(tmp_path, capsys, monkeypatc
         f"tnflow gc: error: no space left on {tmp_path / 'cache' / 'x.h5'} while gc; free space and run again "
         "(finished work is kept)"
     ]
+
+
+def test_progress_closes_with_a_line_only_when_there_was_work(caplog):
+    from tnflow.tasks.core.progress import Progress
+
+    log = logging.getLogger("tnflow.test-progress")
+    with caplog.at_level(logging.INFO, logger="tnflow.test-progress"):
+        Progress("weights none", unit="B", logger=log).finish()
+        assert caplog.records == [], "nothing fetched: no '0.0 MB at 0.0 MB/s'"
+        fetched = Progress("weights w.h5", unit="B", logger=log)
+        fetched(2_000_000, 2_000_000)
+        fetched.finish()
+    assert caplog.records[-1].getMessage().startswith("weights w.h5: 2.0/2.0 MB (100%) at ")

@@ -57,7 +57,9 @@ class Progress:
             self._report()
 
     def finish(self) -> None:
-        self._report()
+        """The closing line, when there was work (no `weights none: 0.0 MB at 0.0 MB/s`)."""
+        if self.done or self.total:
+            self._report()
 
     def _report(self) -> None:
         elapsed = max(time.monotonic() - self.start, 1e-9)
