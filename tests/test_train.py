@@ -477,12 +477,18 @@ def test_a_cpu_training_of_more_than_an_hour_says_so_once_with_what_fits():
     assert "pip install 'tnflow[gpu]'" in warning and "--model mobilenet35v2 --image-size 96" in warning
     assert cpu_estimate_warning(500.0, recipe, 320) is None, "10.5 minutes: nothing to say"
 
-    pace, said = Pace(recipe), []
-    for batch in range(3 * PACE_BATCHES):  # the first batch warms up; then 32 images every 10 s
-        said.append(pace.step(32, 100.0 + 10.0 * batch))
-    warnings = [w for w in said if w]
-    assert len(warnings) == 1 and said.index(warnings[0]) == PACE_BATCHES, "once, after the measured batches"
-    assert "at 3.2 images/s (measured over 320 images)" in warnings[0]
+    def first_warning(seconds_per_batch: float) -> tuple[int, str]:
+        pace, said = Pace(recipe), []
+        for batch in range(3 * PACE_BATCHES):  # the first batch warms up; then 32 images each
+            said.append(pace.step(32, 100.0 + seconds_per_batch * batch))
+        warnings = [w for w in said if w]
+        assert len(warnings) == 1, "once"
+        return said.index(warnings[0]), warnings[0]
+
+    assert first_warning(30.0)[0] == 2, "slow batches: after a minute measured over two of them"
+    at, warning = first_warning(10.0)
+    assert at == 6 and "at 3.2 images/s (measured over 192 images)" in warning, "a minute: six batches"
+    assert first_warning(1.0)[0] == PACE_BATCHES, "fast batches: after the measured batches"
 
 
 def test_a_slow_cpu_training_warns_in_its_log(tiny_cache, tmp_path, caplog, monkeypatch):

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 CPU_HOURS_WARNING = 3600.0  # seconds of training on the CPU from which a run says how long, and what fits
 PACE_BATCHES = 10  # measured batches (after the first, which builds and warms up) before estimating
+# ... or sooner, once this long has been measured over at least two batches: VGG19 at 224 takes
+# 30 s a batch on two cores, and ten of them kept the warning back for six minutes.
+PACE_SECONDS = 60.0
 
 
 @dataclass
@@ -29,7 +32,9 @@ class Pace:
             self.started, self.remaining = now, self.remaining - images
             return None
         self.images += images
-        if self.said or self.batches <= PACE_BATCHES or now <= self.started:
+        measured = self.batches - 1
+        enough = measured >= PACE_BATCHES or (measured >= 2 and now - self.started >= PACE_SECONDS)
+        if self.said or not enough or now <= self.started:
             return None
         self.said = True
         rate = self.images / (now - self.started)
