@@ -103,6 +103,18 @@ def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
         choose_winner([result("trial-1", None, None, "Crashed")], logging.getLogger("t"))
 
 
+def test_a_temporary_servers_flow_runs_are_named_not_linked(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    import tnflow.tasks.core.prefect_server as server
+
+    ended = TrialResult("trial-1", {}, "Completed", flow_run_id="abc", flow_run_name="brave-fox", valid_accuracy=0.5)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4999/api", PREFECT_UI_URL: "http://127.0.0.1:4999"}):
+        assert leaderboard_rows([ended])[0]["flow run"] == "[brave-fox](http://127.0.0.1:4999/runs/flow-run/abc)"
+        monkeypatch.setattr(server, "_TEMPORARY", {"http://127.0.0.1:4999/api"})
+        assert leaderboard_rows([ended])[0]["flow run"].startswith("brave-fox (a temporary server's: set PREFECT")
+
+
 def trial_on(tmp_path: Path, name: str, right: np.ndarray, labels: np.ndarray, cache: Path) -> TrialResult:
     """A finished trial whose validation predictions are right exactly where `right` is."""
     run_dir = tmp_path / name

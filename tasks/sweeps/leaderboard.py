@@ -25,13 +25,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.settings import PREFECT_UI_URL
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 from tnflow.tasks.cache.h5cache import read_labels
 from tnflow.tasks.config.sweeps import Trial
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.host_slots import Log
+from tnflow.tasks.core.prefect_server import is_temporary
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.release.figures import accuracy_by_option, png
 from tnflow.tasks.release.promote import Decision
@@ -137,6 +138,8 @@ def _link(result: TrialResult) -> str:
     ui = PREFECT_UI_URL.value()
     if not result.flow_run_id:
         return ""
+    if is_temporary(str(PREFECT_API_URL.value())):  # its UI is gone when the command ends: a dead link
+        return f"{result.flow_run_name} (a temporary server's: set PREFECT_API_URL to keep runs and links)"
     return f"[{result.flow_run_name}]({ui}/runs/flow-run/{result.flow_run_id})" if ui else str(result.flow_run_name)
 
 
