@@ -148,7 +148,12 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
     promotion = json.loads((unasked / "metrics.json").read_text())["promotion"]
     assert not promotion["promoted"] and not (tmp_path / "runs" / "champion").exists(), "subsets do not promote"
 
-    asked = Path(transfer_learning(**smoke, promote=True))
+    # Asked to promote, a model at chance is still no champion (it does not beat the majority class)...
+    refused = json.loads((Path(transfer_learning(**smoke, promote=True)) / "metrics.json").read_text())["promotion"]
+    assert not refused["promoted"] and refused["reason"].startswith("no champion yet: "), refused["reason"]
+    # ... unless the gate's tests are off (--promote-alpha 1): then it becomes the line's first champion,
+    # as any first model did before the baseline rule.
+    asked = Path(transfer_learning(**smoke, promote=True, promote_alpha=1.0))
     assert json.loads((asked / "metrics.json").read_text())["promotion"]["promoted"]
 
     # Two epochs: with one, this tiny setup (7 steps from fake weights) is still at chance on the

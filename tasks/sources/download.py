@@ -109,7 +109,10 @@ def is_local(url: str) -> bool:
 
 
 _DIGEST_OPTION = {"--data-url": "--data-md5", "--weights": "--weights-md5"}
-_INSTEAD = {"--weights": ", or --weights none to start from random weights"}
+_INSTEAD = {
+    "--weights": ", or --weights none to start from random weights",
+    "--data-url": " (without a network the pretrained weights need a local copy too: --weights)",
+}
 
 
 def _existing_local(url: str, option: str = "--data-url") -> Path:
