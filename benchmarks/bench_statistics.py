@@ -21,6 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.test_promote import disagreeing  # noqa: E402
 from tests.test_review import planted  # noqa: E402
 from tnflow.tasks.release.review import label_issues  # noqa: E402
 from tnflow.tasks.release.significance import compare, mcnemar_exact  # noqa: E402
@@ -43,12 +44,7 @@ def main() -> None:
         new, p = timed(mcnemar_exact, a, b)
         old, q = timed(sum_of_terms, a, b)
         print(f"  {a:>6} vs {b:<6}            {1000 * new:10.2f} ms        {1000 * old:10.1f} ms   {abs(p - q) < 1e-9}")
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 200_000)
-    champion = np.where(rng.random(200_000) < 0.8, labels, (labels + 1) % 10)
-    candidate = champion.copy()
-    flip = rng.permutation(200_000)[:40_000]
-    candidate[flip] = np.where(champion[flip] == labels[flip], (labels[flip] + 1) % 10, labels[flip])
+    labels, candidate, champion = disagreeing(200_000, 40_000)
     seconds, result = timed(compare, candidate, champion, labels, [f"c{i}" for i in range(10)])
     print(f"compare(), 200,000 images, 40,000 disagreements: {1000 * seconds:.0f} ms (p = {result.p_value:.3g})")
 

@@ -439,6 +439,17 @@ def test_the_detectable_gain_is_the_smallest_one_found_four_times_in_five():
     assert detectable_gain(10_000, 3_000, 0.05) < detectable_gain(1_000, 300, 0.05) < detectable_gain(100, 30, 0.05)
 
 
+def disagreeing(images: int, disagreements: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, candidate, champion) over 10 classes: the champion 80% right, the two differing on `disagreements`."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, images)
+    champion = np.where(rng.random(images) < 0.8, labels, (labels + 1) % 10)
+    candidate = champion.copy()
+    flip = rng.permutation(images)[:disagreements]
+    candidate[flip] = np.where(champion[flip] == labels[flip], (labels[flip] + 1) % 10, labels[flip])
+    return labels, candidate, champion
+
+
 def test_the_gate_compares_200000_test_images_in_linear_time():
     import time
 
@@ -446,12 +457,7 @@ def test_the_gate_compares_200000_test_images_in_linear_time():
 
     from tnflow.tasks.release.significance import compare
 
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, 200_000)
-    champion = np.where(rng.random(200_000) < 0.8, labels, (labels + 1) % 10)
-    candidate = champion.copy()
-    flip = rng.permutation(200_000)[:40_000]
-    candidate[flip] = np.where(champion[flip] == labels[flip], (labels[flip] + 1) % 10, labels[flip])
+    labels, candidate, champion = disagreeing(200_000, 40_000)
     started = time.perf_counter()
     result = compare(candidate, champion, labels, [f"c{i}" for i in range(10)])
     seconds = time.perf_counter() - started
