@@ -4,9 +4,9 @@ Gate: McNemar's exact p for a comparison's disagreements, tnflow's (scipy's bino
 time) next to the term-by-term sum of binomial coefficients tnflow used before issue 28, and
 `compare` end to end on 200,000 test images with 40,000 disagreements. Label review: planted
 label errors in the probabilities of a hesitant model, ranked by tnflow's confident learning and
-by cleanlab's `find_label_issues`.
+by cleanlab's `find_label_issues` (not a tnflow dependency: `pip install cleanlab` first).
 
-    python benchmarks/bench_statistics.py
+    pip install cleanlab && python benchmarks/bench_statistics.py
 """
 
 from __future__ import annotations

@@ -261,9 +261,16 @@ def image_offsets(images: h5py.Dataset) -> np.ndarray | None:
 
 
 def training_content(path: str | Path) -> str:
-    """What training reads from this cache (`TRAINING_CONTENT`); a cache from before it: its file name."""
-    with h5py.File(path, "r") as f:
-        found = f.attrs.get(TRAINING_CONTENT)
+    """What training reads from this cache (`TRAINING_CONTENT`); a cache from before it: its file name.
+
+    A file that cannot be opened is named by its file name too: training then fails on it with
+    the reader's own message, not inside a cache key.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            found = f.attrs.get(TRAINING_CONTENT)
+    except OSError:
+        found = None
     return str(found) if found else Path(path).name
 
 

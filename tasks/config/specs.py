@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.digests import short_digest
 
 MAX_PIXELS = 50_000_000  # a 12-megapixel phone photo is 12M; anything past this is a bomb or a scan
@@ -98,10 +97,13 @@ class GateSettings:
     enabled: bool = True  # false for --no-promote and, unless asked, for runs on subsets
 
 
-def describe_levers(settings: TrainSettings, spec: ModelSpec, pretrained: bool = True) -> str:
-    """One line of every option that shapes training, for the log and the report."""
+def describe_levers(settings: TrainSettings, spec: ModelSpec, *, pretrained: bool, batch_norm: bool) -> str:
+    """One line of every option that shapes training, for the log and the report.
+
+    `pretrained`: training started from weights (or a model); `batch_norm`: the backbone has BN layers.
+    """
     optimizer = "Adam" if settings.optimizer == "adam" else f"SGD momentum {settings.momentum:g}"
-    if not BACKBONES[spec.model].batch_norm:
+    if not batch_norm:
         bn = "BN none in this network"
     elif settings.train_bn:
         bn = "BN trains (statistics re-estimated on training batches before each validation)"

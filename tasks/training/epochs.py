@@ -97,10 +97,12 @@ def fit_epochs(
             _resume(fit, state, done_epochs)
         else:
             _start(fit, weights_path, init_from)
+        levers = describe_levers(
+            settings, spec, pretrained=bool(weights_path or init_from), batch_norm=BACKBONES[spec.model].batch_norm
+        )
         log.info(
             f"training {spec.model} ({spec.head} head, {spec.image_size}px) on {', '.join(fit.net.devices)}: "
-            f"{num_train} images; "
-            f"{describe_levers(settings, spec, pretrained=bool(weights_path or init_from))}"
+            f"{num_train} images; {levers}"
         )
         total = num_train * (settings.epochs - done_epochs)
         fit.pace = Pace(total) if "GPU" not in fit.net.device.upper() else None
