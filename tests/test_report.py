@@ -58,5 +58,7 @@ def test_a_good_model_on_a_large_split_needs_nothing():
     confusion = (np.eye(10, dtype=int) * 900 + 10).tolist()  # 90% right on 10,000 pictures
     steps = next_steps(metrics_of(confusion, {"applied": True}), None, 0, {})
     assert steps == ["Nothing stands out: the model beats the baselines and the test split can see small gains."]
+    not_gated = {"detectable_gain": None, "detectable": "", "reason": "not considered (--no-promote ...)"}
+    assert next_steps(metrics_of(confusion, {"applied": True}), not_gated, 0, {}) == steps, "no gate: the baseline's"
     gate = {"detectable_gain": 0.08, "detectable": "with 300 test pictures and 20% disagreement, gains under 8 points"}
     assert next_steps(metrics_of(confusion), gate, 0, {})[0] == f"Small test split: {gate['detectable']}."

@@ -65,9 +65,13 @@ def next_steps(
             f"{options.get('learning_rate', '?')}), train longer (--epochs, now {options.get('epochs', '?')}), or "
             f"{start}."
         )
-    gain = (promotion or {}).get("detectable_gain", detectable_over_baseline(len(labels), base.accuracy, ALPHA))
+    gated = promotion if (promotion or {}).get("detectable") else None  # a run the gate did not consider: none
+    if gated:
+        gain, said = gated.get("detectable_gain"), gated["detectable"]
+    else:
+        gain = detectable_over_baseline(len(labels), base.accuracy, ALPHA)
+        said = what_it_can_detect(gain, len(labels))
     if gain is None or gain > WORTH_SAYING:
-        said = (promotion or {}).get("detectable") or what_it_can_detect(gain, len(labels))
         steps.append(f"Small test split: {said}.")
     if disputed:
         steps.append(
