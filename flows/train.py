@@ -1,4 +1,4 @@
-"""transfer_learning: source -> cache -> start -> train -> validate -> label review -> export -> promote -> report."""
+"""transfer_learning: source, cache, start, train, validate, (cross-fit,) review, export, gate, report."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tnflow.tasks.release.report import report_task, run_directory
 from tnflow.tasks.release.review import review_task
 from tnflow.tasks.sources.download import download_task
 from tnflow.tasks.tf.startup import visible_gpus
+from tnflow.tasks.training.cross_fit import cross_fit_task
 from tnflow.tasks.training.starting_point import starting_point_task
 from tnflow.tasks.training.train import train_task
 from tnflow.tasks.training.validate import validate_task
@@ -72,8 +73,29 @@ def transfer_learning(config: RunConfig) -> str:
             out_dir=run_dir,
             gpus=held,
         )
+        out_of_fold = (  # --review-train K: the training split scored by K models that did not see it
+            cross_fit_task(
+                cache_path=cache.path,
+                start=start,
+                spec=config.model_spec(len(cache.class_names)),
+                settings=config.train_settings(),
+                folds=config.review_train,
+                output_dir=config.output_dir,
+                run_dir=run_dir,
+                class_names=list(cache.class_names),
+                eval_batch_size=config.eval_batch_size,
+                gpus=held,
+                towers=towers,
+            )
+            if config.review_train
+            else None
+        )
         review = review_task(
-            model_dir=trained.model_dir, cache_path=cache.path, run_dir=run_dir, batch_size=config.eval_batch_size
+            model_dir=trained.model_dir,
+            cache_path=cache.path,
+            run_dir=run_dir,
+            batch_size=config.eval_batch_size,
+            out_of_fold=out_of_fold,
         )
     # Exported before the gate: a promotion then links the whole directory, exports and card
     # included, into the new champion before it switches over, so the champion's exports are

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from tests.readers import iter_batches
-from tnflow.tasks.cache.cache_reader import ALIGNMENT, CacheFeed, SplitReader
+from tnflow.tasks.cache.cache_reader import ALIGNMENT, CacheFeed, SplitReader, fold_of, fold_rows
 from tnflow.tasks.cache.h5cache import inspect_cache, write_cache
+from tnflow.tasks.config.specs import fold_split, parse_split
 from tnflow.tasks.core.errors import TnflowError
 
 COUNT, SIZE = 70, 8  # three chunks of 32 images, the last one partial
@@ -115,3 +116,47 @@ def test_the_graph_reads_the_feeds_batches_in_order_with_several_threads(cache):
             for (got_images, got_labels), (images_, labels_) in zip(got, expected, strict=True):
                 np.testing.assert_array_equal(got_images, images_)
                 np.testing.assert_array_equal(got_labels, labels_)
+
+
+def test_the_folds_of_a_split_are_stratified_disjoint_and_cover_it(cache):
+    labels = np.repeat(np.arange(3), [50, 31, 9])  # unequal classes
+    folds = fold_of(labels, 4)
+    assert sorted(np.bincount(folds).tolist()) == [22, 22, 23, 23], "fold sizes differ by one at most"
+    for c in range(3):  # each class spread over the folds in proportion
+        per_fold = np.bincount(folds[labels == c], minlength=4)
+        assert per_fold.max() - per_fold.min() <= 1, (c, per_fold)
+    np.testing.assert_array_equal(folds, fold_of(labels.copy(), 4))  # a function of the labels: resumable
+    assert not np.array_equal(fold_of(labels, 4)[:50], np.arange(50) % 4), "shuffled within a class"
+    for fold in range(4):
+        inside = fold_rows(labels, fold, 4, held_out=True)
+        outside = fold_rows(labels, fold, 4, held_out=False)
+        assert sorted([*inside, *outside]) == list(range(90)) and not set(inside) & set(outside)
+
+    # A fold's name reads those rows, in the split's order; the cache file is not changed.
+    with h5py.File(cache) as f:
+        stored, stored_labels = f["train/images"][:], f["train/labels"][:]
+    name = fold_split("train", 1, 3, held_out=True)
+    assert parse_split(name) == ("train", (1, 3, True)) and parse_split("train") == ("train", None)
+    rows = fold_rows(stored_labels, 1, 3, held_out=True)
+    reader = SplitReader(cache, name)
+    assert len(reader) == len(rows) and 0 < len(rows) < COUNT
+    images, got = reader.read(np.arange(len(rows)))
+    np.testing.assert_array_equal(images, stored[rows])
+    np.testing.assert_array_equal(got, stored_labels[rows])
+    rest = SplitReader(cache, fold_split("train", 1, 3, held_out=False))
+    assert len(rest) + len(reader) == COUNT
+    with pytest.raises(ValueError):
+        fold_split("train", 3, 3, held_out=True)
+
+
+def test_folds_of_many_pictures_take_linear_time():
+    import time
+
+    def seconds(n):
+        labels = np.arange(n) % 10
+        started = time.perf_counter()
+        fold_of(labels, 5)
+        return time.perf_counter() - started
+
+    small, big = min(seconds(100_000) for _ in range(3)), min(seconds(1_000_000) for _ in range(3))
+    assert big < 30 * small, f"10x the pictures took {big / small:.0f}x the time"

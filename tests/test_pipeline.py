@@ -152,9 +152,13 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
     refused = json.loads((Path(transfer_learning(**smoke, promote=True)) / "metrics.json").read_text())["promotion"]
     assert not refused["promoted"] and refused["reason"].startswith("no champion yet: "), refused["reason"]
     # ... unless the gate's tests are off (--promote-alpha 1): then it becomes the line's first champion,
-    # as any first model did before the baseline rule.
-    asked = Path(transfer_learning(**smoke, promote=True, promote_alpha=1.0))
+    # as any first model did before the baseline rule. With --review-train 2, two fold trainings
+    # score the training split for the label review.
+    state = transfer_learning(**smoke, promote=True, promote_alpha=1.0, review_train=2, return_state=True)
+    asked = Path(state.result())
     assert json.loads((asked / "metrics.json").read_text())["promotion"]["promoted"]
+    assert task_states(state)["cross-fit"] == "Completed" and (asked / "train_probabilities.npy").is_file()
+    assert "held-out and training in label_review.csv" in (asked / "report.md").read_text()
 
     # Two epochs: with one, this tiny setup (7 steps from fake weights) is still at chance on the
     # test split, as the smoke run is, and an equal model is rightly not promoted.
@@ -175,8 +179,9 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
         (["--batch-size", "0"], "--batch-size must be an integer from 1 to 4096"),
         (["--model", "resnet18"], "invalid choice: 'resnet18'"),
         (["--head", "full", "--image-size", "64"], "--head full needs --image-size 224"),
+        (["--review-train", "1"], "--review-train 1 leaves no picture out"),
     ],
-    ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64"],
+    ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64", "one-fold"],
 )
 def test_bad_parameters_fail_before_any_download(file_server, tmp_path, capsys, options, message):
     command = ["run", "--data-url", file_server.url("c10.tar.gz"), "--cache-dir", str(tmp_path), *options]

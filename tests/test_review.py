@@ -1,25 +1,31 @@
 """After validation and in batch scoring: the label review, what to label next, and drift.
 
-One model serves every test here: three learnable colour classes with three pictures of class 0
-filed under class 1 in the held-out folder.
+One model serves most tests here: three learnable colour classes with three pictures of class 0
+filed under class 1 in the held-out folder. The cross-fitted review trains models of its own.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 
 from tests.folders import make_split_folder, picture
+from tnflow.tasks.cache.cache_reader import fold_of
 from tnflow.tasks.cache.folder_cache import build_folder_cache
+from tnflow.tasks.cache.h5cache import read_labels
 from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.release.drift import PSI_FLAG, psi, reference_of, uncertainty
 from tnflow.tasks.release.predict import drift_of, score, write_to_label
 from tnflow.tasks.release.review import REVIEW_CSV, disputed, label_issues, review
 from tnflow.tasks.tf.model_dir import update_model_json
+from tnflow.tasks.training.cross_fit import cross_fit
+from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import train
 from tnflow.tasks.training.validate import read_probabilities, validate
 
@@ -125,6 +131,51 @@ def test_pictures_put_in_the_wrong_class_folder_top_the_list(misfiled):
     assert all(row["given_label"] == "class-1" and row["predicted_label"] == "class-0" for row in rows[:3])
     margins = [float(row["margin"]) for row in rows]
     assert margins == sorted(margins) and margins[0] < 0
+
+
+@pytest.mark.slow  # two small trainings
+def test_cross_fitted_trainings_review_the_training_split_and_are_reused(tmp_path, caplog):
+    """--review-train 2: each training picture scored by the fold model that did not learn it."""
+    data = tmp_path / "photos"
+    make_split_folder(data, {"train": 50, "val": 4, "test": 4})
+    wrong = []
+    for i in range(3):  # three class-0 pictures filed under class 1
+        path = data / "train" / "class-1" / f"misfiled-{i}.png"
+        picture(0, 5000 + i).save(path)
+        wrong.append(str(path))
+    config = DataConfig.from_values({"data_dir": str(data), "image_size": 32})
+    cache = build_folder_cache(data, config.cache_spec(), tmp_path / "cache", workers=1)
+    labels = read_labels(cache.path, "train")
+    start = StartingPoint(None, None, "none", "random", None, "none")
+    spec, settings = ModelSpec("vgg19", "gap", 3, 32), TrainSettings(epochs=4, batch_size=16, learning_rate=1e-4)
+    run_dir = tmp_path / "run"
+    args = dict(output_dir=str(tmp_path / "out"), run_dir=run_dir, class_names=cache.class_names, eval_batch_size=64)
+    log = logging.getLogger("test.cross_fit")
+    with caplog.at_level(logging.INFO, logger="test.cross_fit"):
+        folds = cross_fit(cache.path, start, spec, settings, 2, log=log, **args)
+    trained_without = [int(m.split("without ")[1].split()[0]) for m in caplog.messages if m.startswith("fold ")]
+    assert sorted(trained_without) == sorted(np.bincount(fold_of(labels, 2)).tolist()), caplog.messages
+    assert len(set(folds.model_dirs)) == 2 and np.load(folds.probabilities).shape == (len(labels), 3)
+    assert not folds.caveat, "random weights: no model that saw these pictures"
+
+    found = review(folds.model_dirs[0], cache.path, run_dir, 64, folds)
+    assert found.splits == ("valid", "test", "train") and found.scope == "held-out and training"
+    rows = [r for r in csv.DictReader((run_dir / REVIEW_CSV).open()) if r["split"] == "train"]
+    assert len(rows) >= 2 and {r["path"] for r in rows} <= set(wrong), rows[:5]
+    assert all(r["given_label"] == "class-1" and r["predicted_label"] == "class-0" for r in rows)
+    # Out of fold, every planted picture is below every correctly filed one (confident learning
+    # flags those above its class's mean confidence: half-trained fold models leave one out at times).
+    _, margin = label_issues(np.load(folds.probabilities), labels)
+    with h5py.File(cache.path) as f:
+        paths = [str(data / p.decode()) for p in f["train/paths"][:]]
+    assert sorted(paths[i] for i in np.argsort(margin)[:3]) == sorted(wrong)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="test.cross_fit"):
+        again = cross_fit(cache.path, start, spec, settings, 2, log=log, **args)
+    assert again.model_dirs == folds.model_dirs
+    assert sum("training already finished" in m for m in caplog.messages) == 2, "each fold is reused, not trained"
+    np.testing.assert_array_equal(np.load(again.probabilities), np.load(folds.probabilities))
 
 
 # -- batch scoring: what to label next, and drift ------------------------------------------

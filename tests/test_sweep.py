@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
     assert choose_winner(tie, logging.getLogger("t")).name == "trial-1", "a tie goes to the earlier trial"
     rows = leaderboard_rows(results)
     assert [r["trial"] for r in rows] == ["trial-2", "trial-1", "trial-3"] and rows[2]["state"] == "Failed"
+    reused = dataclasses.replace(results[0], seconds=4.2, training_cached=True)
+    assert leaderboard_rows([reused])[0]["time"] == "4 s (training cached)", "a 4 s trial trained nothing"
+    assert leaderboard_rows([dataclasses.replace(reused, training_cached=False)])[0]["time"] == "4 s"
     with pytest.raises(Exception, match="no trial finished"):
         choose_winner([result("trial-1", None, None, "Crashed")], logging.getLogger("t"))
 
@@ -223,6 +227,9 @@ def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_
 
     board = json.loads((first / "leaderboard.json").read_text())
     assert [b["name"] for b in board] == ["trial-1", "trial-2", "trial-3"]
+    assert not any(b["training_cached"] for b in board), "the first sweep trains every trial"
+    cached = json.loads((again / "leaderboard.json").read_text())
+    assert all(b["training_cached"] for b in cached), "the second one trains none"
     best = max(board, key=lambda b: (b["valid_accuracy"], -board.index(b)))
     champion = json.loads((tmp_path / "runs" / "champion" / "champion.json").read_text())
     assert champion["run_id"] == Path(best["run_dir"]).name, "the winner is the best by validation"

@@ -11,6 +11,10 @@ exactly.
 Shuffled epochs are a seeded permutation of every image (not of whole chunks), so batches
 differ from epoch to epoch and each image is seen once per epoch.
 
+A split's name may also name a fold of it (`tasks.config.specs.fold_split`): the cross-fitted trainings of the
+label review (`--review-train K`) each train on every training picture but one fold's, and
+score that fold, which no training of theirs saw.
+
 Batches are allocated 64-byte aligned: TensorFlow then takes the array as a tensor without
 copying it (an unaligned one is copied, which halved the rate at 224 px).
 """
@@ -26,6 +30,7 @@ import h5py
 import numpy as np
 
 from tnflow.tasks.cache.h5cache import image_offsets
+from tnflow.tasks.config.specs import parse_split
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.sources.resize import fit_square
 
@@ -47,10 +52,33 @@ def epoch_order(num_images: int, shuffle: bool, seed: int, epoch: int) -> np.nda
     return np.random.default_rng([seed, epoch]).permutation(num_images)
 
 
-class SplitReader:
-    """One split of a cache file: its labels in memory, its images read through a memory map."""
+def fold_of(labels: np.ndarray, folds: int) -> np.ndarray:
+    """Each picture's fold, stratified: every fold holds each class's pictures in proportion.
 
-    def __init__(self, path: str | Path, split: str):
+    Within each class the pictures, in a fixed shuffled order, are dealt round the folds,
+    continuing where the previous class stopped, so fold sizes differ by one at most. A pure
+    function of the labels and the number of folds (resuming fold trainings find the same
+    folds); O(n log n).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    key = np.random.default_rng([0, folds]).random(len(labels))
+    order = np.lexsort((key, labels))  # by class, shuffled within it
+    ranks = np.empty(len(labels), dtype=np.int64)
+    ranks[order] = np.arange(len(labels))
+    return ranks % folds
+
+
+def fold_rows(labels: np.ndarray, fold: int, folds: int, *, held_out: bool) -> np.ndarray:
+    """The rows of a split in fold `fold` (`held_out`), or in every other fold, in the split's order."""
+    in_fold = fold_of(labels, folds) == fold
+    return np.flatnonzero(in_fold if held_out else ~in_fold)
+
+
+class SplitReader:
+    """One split of a cache file, or a fold of it: its labels in memory, its images through a memory map."""
+
+    def __init__(self, path: str | Path, name: str):
+        split, fold = parse_split(name)
         with h5py.File(path, "r") as f:
             images = f[f"{split}/images"]
             self.labels = f[f"{split}/labels"][:]
@@ -61,6 +89,9 @@ class SplitReader:
                 f"{path} is not a cache tnflow wrote (its {split} images are not plain uncompressed chunks); "
                 "run the cache stage again (`tnflow prepare`), which rebuilds it"
             )
+        if fold:
+            rows = fold_rows(self.labels, fold[0], fold[1], held_out=fold[2])
+            self.labels, offsets = self.labels[rows], offsets[rows]
         self.offsets = offsets
         with open(path, "rb") as file:
             self.map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if len(offsets) else None

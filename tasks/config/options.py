@@ -23,7 +23,14 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tnflow.tasks.config.backbones import BACKBONES, MODELS
 from tnflow.tasks.config.parameters import Configuration, option
-from tnflow.tasks.config.specs import MAX_PIXELS, CacheSpec, FolderSpec, GateSettings, ModelSpec, TrainSettings
+from tnflow.tasks.config.specs import (
+    MAX_PIXELS,
+    CacheSpec,
+    FolderSpec,
+    GateSettings,
+    ModelSpec,
+    TrainSettings,
+)
 
 # The official archives: name -> (URL, md5, number of classes). They are the defaults of
 # --data-url and --data-md5; a mirror or local copy is the same file, so it gets the same md5.
@@ -385,6 +392,14 @@ class RunConfig(DataConfig):
         description="refuse a candidate that loses more than this many points on any class (default: off)",
         json_schema_extra={"metavar": "POINTS"},
     )
+    review_train: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="also review the training split's labels: K cross-fitted trainings, each on all but a K-th "
+        "of it, score the pictures they did not see (K more trainings; 0: the held-out splits only)",
+        json_schema_extra={"metavar": "K"},
+    )
     export: str = Field(
         "savedmodel",
         description=f"formats the model (and a champion) is exported in, comma-separated: "
@@ -433,6 +448,13 @@ class RunConfig(DataConfig):
             raise ValueError(f"--warmup-epochs {self.warmup_epochs} is longer than --epochs {self.epochs}")
         return self
 
+    @field_validator("review_train")
+    @classmethod
+    def _folds(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("--review-train 1 leaves no picture out: give 2 folds or more (5 is usual), or 0 for none")
+        return value
+
     @field_validator("export")
     @classmethod
     def _formats(cls, value: str) -> str:
@@ -457,7 +479,7 @@ class RunConfig(DataConfig):
         return GateSettings(self.promote_margin, self.promote_alpha, self.max_class_drop, self.promotes)
 
     def train_settings(self) -> TrainSettings:
-        names = [f.name for f in dataclasses.fields(TrainSettings)]
+        names = [f.name for f in dataclasses.fields(TrainSettings) if f.name != "train_split"]  # all of it
         return TrainSettings(**{name: getattr(self, name) for name in names})
 
 

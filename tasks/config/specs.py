@@ -7,6 +7,7 @@ A leaf module: stages, tests and the model directory import it without pydantic.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,6 +86,32 @@ class TrainSettings:
     freeze_epochs: int = 0
     patience: int | None = None
     train_bn: bool = False
+    # The pictures it trains on: the cache's training split, or all of it but one fold
+    # (`tasks.cache.cache_reader.fold_split`) for the label review's cross-fitted trainings.
+    train_split: str = "train"
+
+
+_FOLD = re.compile(r"(?P<split>[a-z]+)-(?P<side>fold|without-fold)-(?P<fold>\d+)-of-(?P<folds>\d+)")
+
+
+def fold_split(split: str, fold: int, folds: int, *, held_out: bool) -> str:
+    """The name of fold `fold` of `folds` folds of `split` (`held_out`), or of every picture but that fold's.
+
+    A name, not a new split in the cache file: the cache stays as it is, and a name is what
+    the input pipeline and a training's settings carry (`tasks.cache.cache_reader.fold_of`
+    says which pictures a fold holds). Folds count from 0.
+    """
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}")
+    return f"{split}-{'fold' if held_out else 'without-fold'}-{fold}-of-{folds}"
+
+
+def parse_split(name: str) -> tuple[str, tuple[int, int, bool] | None]:
+    """(the cache's split, and (fold, folds, held_out) when `name` is one of `fold_split`'s)."""
+    match = _FOLD.fullmatch(name)
+    if not match:
+        return name, None
+    return match["split"], (int(match["fold"]), int(match["folds"]), match["side"] == "fold")
 
 
 @dataclass(frozen=True)
@@ -124,4 +151,6 @@ def describe_levers(settings: TrainSettings, spec: ModelSpec, *, pretrained: boo
         f"mixed precision {'on' if settings.mixed_precision else 'off'}",
         f"XLA {'on' if settings.xla else 'off'}",
     ]
+    if settings.train_split != "train":  # a cross-fitted training of the label review
+        parts.insert(0, f"pictures {settings.train_split}")
     return ", ".join(parts)

@@ -48,9 +48,16 @@ def baseline_lines(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def next_steps(
-    metrics: dict[str, Any], promotion: dict[str, Any] | None, disputed: int | None, options: dict[str, Any]
+    metrics: dict[str, Any],
+    promotion: dict[str, Any] | None,
+    disputed: int | None,
+    options: dict[str, Any],
+    reviewed: str = "held-out",
 ) -> list[str]:
-    """What the run saw that asks for action, most important first (one line when nothing does)."""
+    """What the run saw that asks for action, most important first (one line when nothing does).
+
+    `disputed`: pictures the label review lists (None: not reviewed), of the `reviewed` splits.
+    """
     labels, correct = _test_counts(metrics)
     base = against_baseline(correct, labels, metrics["class_names"])
     steps = []
@@ -75,9 +82,11 @@ def next_steps(
         steps.append(f"Small test split: {said}.")
     if disputed:
         steps.append(
-            f"{disputed} held-out pictures have labels the model disputes: look at the top of label_review.csv "
+            f"{disputed} {reviewed} pictures have labels the model disputes: look at the top of label_review.csv "
             "and move misfiled pictures to their class folder."
         )
+        if reviewed == "held-out" and options.get("review_train", 0) == 0:
+            steps[-1] += " Most label errors are in the training split: --review-train 5 reviews it too."
     calibration = metrics.get("calibration", {})
     if calibration.get("applied") is False:
         steps.append(f"Calibration not applied (probabilities are the raw softmax): {calibration['why']}.")

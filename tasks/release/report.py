@@ -104,12 +104,13 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     run_dir = Path(run_dir)
     names = list(metrics["class_names"])
     disputed = list(review.top) if review else []
+    count, scope = (review.count, review.scope) if review else (None, "held-out")
     with h5py.File(cache_path, "r") as f:
         sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
         disputed_images = [f[f"{d.split}/images"][d.index] for d in disputed]
     captions = [f"filed as {d.given}\nsays {d.predicted} {d.confidence:.0%}" for d in disputed]
     pngs = {
-        "disputed": png(picture_grid(disputed_images, captions, empty="no held-out picture disputed")),
+        "disputed": png(picture_grid(disputed_images, captions, empty=f"no {scope} picture disputed")),
         "reliability": png(reliability_diagram(metrics["calibration"])),
         "learning_curves": png(learning_curves(history)),
         "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
@@ -120,16 +121,19 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
         (run_dir / "figures" / f"{name}.png").write_bytes(data)
 
     sections = _sections(config, history, metrics, stages, device, promotion)
-    sections["next"] = [(step,) for step in next_steps(metrics, promotion, review.count if review else None, config)]
+    sections["next"] = [(step,) for step in next_steps(metrics, promotion, count, config, scope)]
     sections.update(data_sections(cache_path))
     shown = [(d.split, d.path or d.index, d.given, d.predicted, f"{d.confidence:.3f}") for d in disputed]
-    total = f"{review.count} in {Path(review.csv_path).name}" if review else "not reviewed"
-    sections["disputed"] = [*shown, ("", total, "", "", "")]
+    total = f"{count} {scope} in {Path(review.csv_path).name}{review.caveat and '; '}{review.caveat}" if review else ""
+    sections["disputed"] = [*shown, ("", total or "not reviewed", "", "", "")]
     markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
     write_atomic(run_dir / "report.md", markdown)
     write_atomic(run_dir / "report.html", page)
     return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
+
+
+_FIGURES = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")  # per epoch, in the history table
 
 
 def _sections(config, history, metrics, stages, device, promotion) -> dict[str, Any]:
@@ -147,15 +151,7 @@ def _sections(config, history, metrics, stages, device, promotion) -> dict[str, 
         ],
         "stages": [(s["name"], f"{s['seconds']:.1f} s", "hit" if s["cached"] else "miss", s["state"]) for s in stages],
         "history": [
-            (
-                r["epoch"],
-                f"{r['train_loss']:.4f}",
-                f"{r['train_accuracy']:.4f}",
-                f"{r['valid_loss']:.4f}",
-                f"{r['valid_accuracy']:.4f}",
-                f"{r['seconds']:.1f}",
-                f"{r['images_per_second']:.1f}",
-            )
+            (r["epoch"], *(f"{r[k]:.4f}" for k in _FIGURES), f"{r['seconds']:.1f}", f"{r['images_per_second']:.1f}")
             for r in history
         ],
         "per_class": [(n, f"{a:.4f}") for n, a in zip(names, metrics["per_class_accuracy"], strict=True)],
@@ -287,6 +283,7 @@ def report_task(
     # What a sweep reads of its trials, wherever they ran: the figures and where the model is.
     summary = {"run_dir": str(run), "model_dir": model_dir, "cache": cache_path, "device": device}
     summary |= {"valid_accuracy": best["valid_accuracy"], "test_accuracy": metrics["test_accuracy"]}
+    summary["training_cached"] = any(s["name"] == "train" and s["cached"] for s in stages)
     create_table_artifact(table=[summary], key=RUN_SUMMARY)
     logger.info(
         "test accuracy %.4f on %d images; training %.1f images/s on %s; report %s",

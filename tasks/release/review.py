@@ -1,4 +1,4 @@
-"""Pictures whose label the model disputes, found by confident learning over the held-out splits.
+"""Pictures whose label the model disputes, by confident learning over the held-out splits (and the training one).
 
 Mislabelled pictures in a user's folder silently cap accuracy, and public benchmarks carry a
 few percent of them. After validation, the held-out pictures (validation and test splits)
@@ -10,6 +10,12 @@ the class it confidently belongs to is not its label (and the model's own answer
 too). The list, in `<run>/label_review.csv`, is ranked by normalised margin (the given
 label's probability minus the best other class's): most clearly mislabelled first. A human
 looks at the top of it and fixes the folder, and the next run learns from the fix.
+
+The training split, where most label errors live, is reviewed with `--review-train K`: the
+main model has learned its pictures' labels, wrong ones included, so they are scored by the K
+cross-fitted trainings that did not see them (`tasks.training.cross_fit`). Each split is
+screened with its own thresholds: out-of-fold probabilities come from weaker models than the
+held-out ones.
 
 A fixed cut-off (0.5, before issue 28) found none of 20 planted errors that a model at 0.44
 confidence disputed. The ranking is linear in the pictures; `benchmarks/bench_statistics.py`
@@ -35,6 +41,7 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.training.cross_fit import OutOfFold
 from tnflow.tasks.training.validate import evaluate_model, read_probabilities
 
 REVIEW_CSV = "label_review.csv"
@@ -57,11 +64,18 @@ class Disputed:
 
 @dataclass(frozen=True)
 class Review:
-    """What the report shows: the list's file, how many pictures it holds, and the most confident of them."""
+    """What the report shows: the list's file, how many pictures it holds, and the most clearly mislabelled."""
 
     csv_path: str
     count: int
     top: tuple[Disputed, ...]
+    splits: tuple[str, ...] = HELD_OUT  # the splits reviewed
+    caveat: str = ""  # why the training split's review may miss errors (`OutOfFold.caveat`)
+
+    @property
+    def scope(self) -> str:
+        """The pictures reviewed, for the report: `held-out`, or `held-out and training`."""
+        return "held-out and training" if "train" in self.splits else "held-out"
 
 
 def label_issues(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,25 +133,37 @@ def write_review(run_dir: Path, rows: list[Disputed]) -> Path:
     return path
 
 
-def review(model_dir: str | Path, cache_path: str | Path, run_dir: str | Path, batch_size: int) -> Review:
-    """List the held-out pictures the model disputes, from the probabilities validation kept (else evaluated now)."""
+def review(
+    model_dir: str | Path,
+    cache_path: str | Path,
+    run_dir: str | Path,
+    batch_size: int,
+    out_of_fold: OutOfFold | None = None,
+) -> Review:
+    """List the pictures the model disputes: held-out ones from the probabilities validation kept (else
+    evaluated now), training ones from `out_of_fold`'s cross-fitted probabilities when given."""
     run_dir = Path(run_dir)
-    rows = []
-    for split in HELD_OUT:
+    rows, splits = [], HELD_OUT + (("train",) if out_of_fold else ())
+    for split in splits:
         labels, paths, class_names = _split_of(cache_path, split)
         if not len(labels):  # no validation split (--valid-size 0 is refused, but an old cache may have none)
             continue
-        if (run_dir / f"{split}_probabilities.npy").is_file():  # kept by validate
+        if split == "train":
+            probs = read_probabilities(Path(out_of_fold.probabilities).parent, split)
+        elif (run_dir / f"{split}_probabilities.npy").is_file():  # kept by validate
             probs = read_probabilities(run_dir, split)
         else:
             probs = evaluate_model(model_dir, cache_path, split, batch_size)["probs"]
+        if len(probs) != len(labels):
+            raise TnflowError(f"{split}: {len(probs)} probabilities for {len(labels)} pictures; run again")
         rows += disputed(probs, labels, split=split, paths=paths, class_names=class_names)
     path = write_review(run_dir, rows)
-    return Review(str(path), len(rows), tuple(ranked(rows)[:SHOWN]))
+    caveat = out_of_fold.caveat if out_of_fold else ""
+    return Review(str(path), len(rows), tuple(ranked(rows)[:SHOWN]), splits, caveat)
 
 
 def ranked(rows: list[Disputed]) -> list[Disputed]:
-    """Both held-out splits in one list: the lowest normalised margin first."""
+    """Every split's disputed pictures in one list: the lowest normalised margin first."""
     return sorted(rows, key=lambda r: r.margin)
 
 
@@ -154,9 +180,12 @@ def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str]
 @task(
     name="label-review", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless(TnflowError), **STAGE_HOOKS
 )
-def review_task(*, model_dir: str, cache_path: str, run_dir: str, batch_size: int) -> Review:
-    found = review(model_dir, cache_path, run_dir, batch_size)
+def review_task(
+    *, model_dir: str, cache_path: str, run_dir: str, batch_size: int, out_of_fold: OutOfFold | None = None
+) -> Review:
+    found = review(model_dir, cache_path, run_dir, batch_size, out_of_fold)
     get_run_logger().info(
-        "%d held-out pictures whose label the model disputes (confident learning): %s", found.count, found.csv_path
-    )
+        "%d %s pictures whose label the model disputes (confident learning): %s",
+        found.count, found.scope, found.csv_path,
+    )  # fmt: skip
     return found

@@ -81,11 +81,18 @@ def leaderboard_rows(results: list[TrialResult]) -> list[dict[str, Any]]:
                 "state": result.state,
                 "valid accuracy": _figure(result.valid_accuracy),
                 "test accuracy": _figure(result.test_accuracy),
-                "time": f"{result.seconds:.0f} s" if result.seconds is not None else "",
+                "time": _time(result),
                 "flow run": _link(result),
             }
         )
     return rows
+
+
+def _time(result: TrialResult) -> str:
+    """The trial's wall time, saying when its training came from the cache (a 4 s trial trained nothing)."""
+    if result.seconds is None:
+        return ""
+    return f"{result.seconds:.0f} s" + (" (training cached)" if result.training_cached else "")
 
 
 def choose_winner(results: list[TrialResult], log: Log) -> TrialResult:

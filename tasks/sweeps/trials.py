@@ -51,6 +51,7 @@ class TrialResult:
     cache_path: str | None = None
     valid_accuracy: float | None = None
     test_accuracy: float | None = None
+    training_cached: bool = False  # its training came from the cache: its time is not a training's
 
     @property
     def finished(self) -> bool:
@@ -211,4 +212,5 @@ def _result(client: Any, trial: Trial, flow_run: FlowRun) -> TrialResult:
         cache_path=row["cache"],
         valid_accuracy=float(row["valid_accuracy"]),
         test_accuracy=float(row["test_accuracy"]),
+        training_cached=bool(row.get("training_cached")),
     )

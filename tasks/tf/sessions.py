@@ -142,7 +142,9 @@ def run_split(
 PRECISE_BN_IMAGES = 4096  # training pictures BN's statistics are re-estimated on: a few seconds on a GPU
 
 
-def precise_bn(session: tf1.Session, net: Net, batch_size: int, images: int = PRECISE_BN_IMAGES) -> int:
+def precise_bn(
+    session: tf1.Session, net: Net, batch_size: int, split: str = "train", images: int = PRECISE_BN_IMAGES
+) -> int:
     """BN's moving statistics as the mean of the first batches (`images` in all) of the training split.
 
     The moving averages lag the weights they should describe: after a few hundred steps from
@@ -153,7 +155,7 @@ def precise_bn(session: tf1.Session, net: Net, batch_size: int, images: int = PR
     Unshuffled, so a resumed training re-estimates the same values. Returns the images used.
     """
     split_arg, epoch_arg, shuffle_arg, batch_arg = net.pipeline.args
-    session.run(net.pipeline.init, {split_arg: "train", epoch_arg: 0, shuffle_arg: False, batch_arg: batch_size})
+    session.run(net.pipeline.init, {split_arg: split, epoch_arg: 0, shuffle_arg: False, batch_arg: batch_size})
     used = 0
     for k in range(-(-images // batch_size)):
         try:

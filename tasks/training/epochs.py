@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tnflow.tasks.cache.cache_reader import CacheFeed
-from tnflow.tasks.cache.h5cache import read_resize_mode, read_split_size
+from tnflow.tasks.cache.h5cache import read_resize_mode
 from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
@@ -123,8 +123,8 @@ def _graph(fit: _Fit) -> tuple[Any, int]:
     from tnflow.tasks.tf.sessions import describe_devices, gpu_details, nvidia_devices
 
     settings = fit.settings
-    num_train = read_split_size(fit.cache_path, "train")
     feed = CacheFeed(fit.cache_path, seed=settings.seed)
+    num_train = len(feed.reader(settings.train_split))
     steps = -(-num_train // settings.batch_size)
     net = build(fit.spec, feed, settings=settings, steps_per_epoch=steps, devices=tower_devices(fit.towers))
     switches = {"mixed_precision": settings.mixed_precision, "xla": settings.xla}
@@ -182,7 +182,7 @@ def _train_epoch(fit: _Fit, epoch: int, *, seen: int, total: int) -> dict[str, A
     started = time.monotonic()
     count, loss_sum, correct = 0, 0.0, 0
     batches = run_split(
-        fit.session, net, fetches, "train", settings.batch_size, epoch=epoch, shuffle=True, training=True
+        fit.session, net, fetches, settings.train_split, settings.batch_size, epoch=epoch, shuffle=True, training=True
     )
     for out in batches:
         count += len(out["labels"])
@@ -214,7 +214,7 @@ def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None
     if fit.net.bn_updates:  # BN trains: statistics of this epoch's weights, before anything is saved
         from tnflow.tasks.tf.sessions import precise_bn
 
-        precise_bn(fit.session, fit.net, fit.eval_batch_size)
+        precise_bn(fit.session, fit.net, fit.eval_batch_size, fit.settings.train_split)
     with new_directory(checkpoint_dir(fit.directory, epoch)) as tmp:
         fit.net.saver.save(fit.session, str(tmp / "ckpt"), write_meta_graph=False, write_state=False)
     if fit.eval_session is not fit.session:
