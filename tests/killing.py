@@ -22,7 +22,10 @@ def small_cifar(root: Path) -> tuple[Path, str]:
     return root / "c10.tar.gz", md5
 
 
-EPOCHS = 60  # long enough to kill in training, short enough to finish after a resume
+# Long enough to kill in training, and for a run that lost its server to be still training
+# when it notices (about 15 epochs after the loss at about 1 s each); short enough to finish
+# after a resume (the finishing runs were most of the two killing tests' 2 minutes at 60).
+EPOCHS = 30
 
 
 def run_command(cifar, out: Path, cache: Path, slot: str, epochs: int = EPOCHS) -> list[str]:

@@ -46,7 +46,7 @@ def test_real_pictures_then_ten_percent_more(prefect_api, tmp_path):
     common = [
         "run", "--data-dir", str(photos), "--image-size", "32", "--epochs", "2", "--weights", "none",
         "--learning-rate", "1e-4", "--batch-size", "16", "--test-size", "0.25", "--valid-size", "0.1",
-        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"),
+        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "runs"), "--export", "none",
     ]  # fmt: skip
     first = tnflow(prefect_api, *common)
     metrics = json.loads((first / "metrics.json").read_text())
