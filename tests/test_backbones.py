@@ -18,8 +18,11 @@ from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.training.epochs import load_weights_file
 from tnflow.tasks.training.weights import check_weights, read_weights
 
+# ResNet-101's 10 s of graph and fake file (the deepest in the zoo) run with the slow tests.
+LAYOUTS = [pytest.param(m, marks=pytest.mark.slow) if m == "resnet101" else m for m in MODELS]
 
-@pytest.mark.parametrize("model", MODELS)
+
+@pytest.mark.parametrize("model", LAYOUTS)
 def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
     from tnflow.tasks.tf.graph import build
     from tnflow.tasks.tf.sessions import open_session
@@ -74,6 +77,7 @@ def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path
     assert not unchanged, "every other variable trains after the frozen epochs"
 
 
+@pytest.mark.slow  # builds and steps a MobileNet training graph: 12 s
 def test_batch_norm_can_train_its_statistics():
     from tnflow.tasks.tf.graph import build
     from tnflow.tasks.tf.sessions import open_session
@@ -113,6 +117,7 @@ def test_a_batch_normalised_backbone_learns_from_random_weights(tmp_path):
     assert max(valid) >= 0.25 and trained.history[-1]["valid_loss"] < np.log(10) - 0.2, trained.history
 
 
+@pytest.mark.slow  # builds a cache and a training graph: 10 s
 def test_precise_bn_makes_the_statistics_the_mean_over_training_batches(tmp_path):
     from tests.fakes import make_archive
     from tnflow.tasks.cache.cache_reader import CacheFeed

@@ -49,6 +49,17 @@ def tiny_cache(tmp_path_factory):
     return build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 40, None, None, 0), root / "cache")
 
 
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    """50 training images (40 train + 10 valid) and 10 test images: for tests of mechanics, not of learning.
+
+    Four times less computing per epoch than `tiny_cache`: VGG19's steps are most of a training test.
+    """
+    root = tmp_path_factory.mktemp("small")
+    _, md5 = make_archive(root / "c10.tar.gz", n_train=50, n_test=10)
+    return build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 10, None, None, 0), root / "cache")
+
+
 RANDOM = StartingPoint(weights_path=None, model_dir=None, digest="none", source="none", md5=None, check="none")
 
 
@@ -75,22 +86,22 @@ def base_values(work, epoch):
 
 
 @pytest.fixture(scope="module")
-def levers_reference(tiny_cache, fake_weights, tmp_path_factory):
+def levers_reference(small_cache, fake_weights, tmp_path_factory):
     """An uninterrupted two-epoch run with every lever on, and its base variables after each epoch."""
     work = tmp_path_factory.mktemp("levers")
     snapshots = {}
     trained = train(
-        tiny_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=tiny_cache.class_names,
+        small_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=small_cache.class_names,
         eval_batch_size=64, on_epoch_end=lambda epoch: snapshots.update({epoch: base_values(work, epoch)}),
     )  # fmt: skip
     return trained, snapshots
 
 
 @pytest.fixture(scope="module")
-def one_epoch(tiny_cache, tmp_path_factory):
+def one_epoch(small_cache, tmp_path_factory):
     """A finished one-epoch training (its best epoch is its last), to copy and break."""
     work = tmp_path_factory.mktemp("one-epoch") / "work"
-    return train(tiny_cache.path, None, GAP32, ONE_EPOCH, work, class_names=tiny_cache.class_names)
+    return train(small_cache.path, None, GAP32, ONE_EPOCH, work, class_names=small_cache.class_names)
 
 
 def copy_of(trained, tmp_path) -> Path:
@@ -148,7 +159,7 @@ def test_a_finished_training_returns_at_once(reference, tiny_cache, monkeypatch,
 
 
 def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
-    levers_reference, tiny_cache, fake_weights, tmp_path, caplog
+    levers_reference, small_cache, fake_weights, tmp_path, caplog
 ):
     reference, _ = levers_reference
     work = tmp_path / "work"
@@ -158,10 +169,10 @@ def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
         "from tnflow.tasks.training.train import train\n"
         "kill = lambda epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"train(sys.argv[1], sys.argv[3], {GAP32_TTA!r}, {LEVERS!r}, sys.argv[2],"
-        f" class_names={list(tiny_cache.class_names)!r}, eval_batch_size=64, on_epoch_end=kill)\n"
+        f" class_names={list(small_cache.class_names)!r}, eval_batch_size=64, on_epoch_end=kill)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", child, tiny_cache.path, str(work), str(fake_weights)], cwd=REPO, capture_output=True
+        [sys.executable, "-c", child, small_cache.path, str(work), str(fake_weights)], cwd=REPO, capture_output=True
     )
     assert done.returncode == -9, done.stderr.decode()[-2000:]
     state = json.loads((work / "generation-1" / "state.json").read_text())
@@ -169,7 +180,7 @@ def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
 
     with caplog.at_level(logging.INFO, logger="tnflow.train"):
         resumed = train(
-            tiny_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=tiny_cache.class_names,
+            small_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=small_cache.class_names,
             eval_batch_size=64,
         )  # fmt: skip
     assert "resuming at epoch 2 of 2" in caplog.text
@@ -194,14 +205,14 @@ def test_a_frozen_first_epoch_leaves_the_base_bit_identical(levers_reference, fa
     assert all(not np.array_equal(snapshots[2][n], expected[n]) for n in names), "epoch 2 trains everything"
 
 
-def test_patience_stops_when_validation_stops_improving_and_keeps_the_best(tiny_cache, tmp_path, caplog):
+def test_patience_stops_when_validation_stops_improving_and_keeps_the_best(small_cache, tmp_path, caplog):
     stuck = TrainSettings(epochs=5, batch_size=16, learning_rate=0.0, seed=0, patience=2)  # nothing can improve
-    trained = again(tiny_cache, tmp_path / "work", caplog, settings=stuck, eval_batch_size=64)
+    trained = again(small_cache, tmp_path / "work", caplog, settings=stuck, eval_batch_size=64)
     assert [r["epoch"] for r in trained.history] == [1, 2, 3] and trained.best_epoch == 1
     state = json.loads((tmp_path / "work" / "generation-1" / "state.json").read_text())
     assert state["finished"] and state["stopped_early"] == 3
     assert "stopped after epoch 3: validation accuracy has not improved for 2 epochs (best: epoch 1)" in caplog.text
-    assert again(tiny_cache, tmp_path / "work", caplog, settings=stuck).history == trained.history, "finished"
+    assert again(small_cache, tmp_path / "work", caplog, settings=stuck).history == trained.history, "finished"
 
 
 @pytest.mark.parametrize("head, size", [("gap", 32), ("full", 224)], ids=["gap-32", "full-224"])
@@ -278,10 +289,10 @@ def test_not_a_model_dir(tmp_path, tiny_cache):
 # -- recovery, retraining, and what the work directory's key holds ------------------------
 
 
-def test_a_deleted_best_model_is_reexported_from_its_checkpoint(one_epoch, tiny_cache, tmp_path, caplog):
+def test_a_deleted_best_model_is_reexported_from_its_checkpoint(one_epoch, small_cache, tmp_path, caplog):
     work = copy_of(one_epoch, tmp_path)
     shutil.rmtree(work / "generation-1" / "models" / "epoch-1")
-    recovered = again(tiny_cache, work, caplog)
+    recovered = again(small_cache, work, caplog)
     assert "re-exported it from its checkpoint" in caplog.text and "epoch 1/1:" not in caplog.text
     assert recovered.model_dir == str(work / "generation-1" / "models" / "epoch-1")
     assert json.loads((Path(recovered.model_dir) / "model.json").read_text())["epoch"] == 1
@@ -291,25 +302,25 @@ def test_a_deleted_best_model_is_reexported_from_its_checkpoint(one_epoch, tiny_
     assert np.array_equal(reader.get_tensor(name), original.get_tensor(name)), "the same model, not a new one"
 
 
-def test_a_deleted_best_model_without_its_checkpoint_is_trained_again(one_epoch, tiny_cache, tmp_path, caplog):
+def test_a_deleted_best_model_without_its_checkpoint_is_trained_again(one_epoch, small_cache, tmp_path, caplog):
     work = copy_of(one_epoch, tmp_path)
     shutil.rmtree(work / "generation-1" / "models" / "epoch-1")
     shutil.rmtree(work / "generation-1" / "checkpoints" / "epoch-1")
-    recovered = again(tiny_cache, work, caplog)
+    recovered = again(small_cache, work, caplog)
     assert "training again from the start" in caplog.text and "epoch 1/1:" in caplog.text
     assert Path(recovered.model_dir, "model.json").is_file()
     assert without_timing(recovered.history) == without_timing(one_epoch.history), "deterministic on the CPU"
 
 
-def test_a_kill_between_export_and_state_leaves_a_resumable_generation(tiny_cache, tmp_path, caplog, monkeypatch):
+def test_a_kill_between_export_and_state_leaves_a_resumable_generation(small_cache, tmp_path, caplog, monkeypatch):
     def killed(directory, state):
         raise KeyboardInterrupt("killed after the model was exported, before state.json")
 
     monkeypatch.setattr(epochs_module, "write_state", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
+        train(small_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=small_cache.class_names)
     monkeypatch.undo()
-    finished = again(tiny_cache, tmp_path / "work", caplog)
+    finished = again(small_cache, tmp_path / "work", caplog)
     assert read_model_ok(finished.model_dir) and finished.best_epoch == 1
 
 
@@ -325,15 +336,15 @@ def test_pruning_keeps_exactly_what_the_state_names(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-3"]
 
 
-def test_retrain_starts_a_new_generation_and_keeps_the_old_model(one_epoch, tiny_cache, tmp_path, caplog):
+def test_retrain_starts_a_new_generation_and_keeps_the_old_model(one_epoch, small_cache, tmp_path, caplog):
     work = copy_of(one_epoch, tmp_path)
-    retrained = again(tiny_cache, work, caplog, retrain=True)
+    retrained = again(small_cache, work, caplog, retrain=True)
     assert retrained.generation == 2 and "epoch 1/1:" in caplog.text
     assert retrained.model_dir == str(work / "generation-2" / "models" / "epoch-1")
     assert (work / "generation-1" / "models" / "epoch-1" / "model.json").is_file(), "runs may still refer to it"
     assert not (work / "generation-1" / "checkpoints").exists(), "resume checkpoints of old generations go"
     caplog.clear()
-    assert again(tiny_cache, work, caplog) == retrained and "training already finished" in caplog.text
+    assert again(small_cache, work, caplog) == retrained and "training already finished" in caplog.text
 
 
 def test_the_work_directory_key_holds_what_changes_the_model():
@@ -376,7 +387,7 @@ def test_a_finished_training_is_a_prefect_cache_hit(prefect_api, reference, tiny
     assert Path(other.result().work_dir) != Path(reference.work_dir)
 
 
-def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cache, tmp_path, monkeypatch):
+def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(small_cache, tmp_path, monkeypatch):
     """The float16 rewrite is for the training step; the best epoch is chosen on float32 numbers."""
     from tensorflow.core.protobuf import rewriter_config_pb2
 
@@ -389,39 +400,41 @@ def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(tiny_cac
     evaluate = epochs_module.evaluate
     monkeypatch.setattr(epochs_module, "evaluate", spy)
     settings = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0, mixed_precision=True)
-    trained = train(tiny_cache.path, None, GAP32, settings, tmp_path / "work", class_names=tiny_cache.class_names)
+    trained = train(small_cache.path, None, GAP32, settings, tmp_path / "work", class_names=small_cache.class_names)
     assert rewrites == [rewriter_config_pb2.RewriterConfig.OFF], "a plain session, restored from the epoch"
-    final = validate(trained.model_dir, tiny_cache.path, "valid", 64, tmp_path / "out")
+    final = validate(trained.model_dir, small_cache.path, "valid", 64, tmp_path / "out")
     best = trained.history[trained.best_epoch - 1]
     assert (final["valid_accuracy"], final["valid_loss"]) == pytest.approx((best["valid_accuracy"], best["valid_loss"]))
 
 
-def test_a_damaged_state_json_resumes_after_its_last_checkpoint(one_epoch, tiny_cache, tmp_path, caplog):
+def test_a_damaged_state_json_resumes_after_its_last_checkpoint(one_epoch, small_cache, tmp_path, caplog):
     work = copy_of(one_epoch, tmp_path)
     state = work / "generation-1" / "state.json"
     state.write_text(state.read_text()[:40])  # torn by a crash or a full disk
     with caplog.at_level(logging.INFO, logger="tnflow"):
-        recovered = again(tiny_cache, work, caplog)
+        recovered = again(small_cache, work, caplog)
     assert f"{state} was damaged: rebuilt from its files (resuming after epoch 1" in caplog.text
     assert "epoch 1/1:" not in caplog.text, "the finished epoch is not trained again"
     assert recovered.model_dir == one_epoch.model_dir.replace(str(Path(one_epoch.work_dir)), str(work))
     assert json.loads(state.read_text())["finished"] is True, "a sound state.json again"
 
 
-def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_next_run_finishes(tiny_cache, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_next_run_finishes(
+    small_cache, tmp_path, monkeypatch
+):
     def no_space(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "tmp/ckpt.data-00000-of-00001; No space left on device")
 
     monkeypatch.setattr(tf.compat.v1.train.Saver, "save", no_space)
     with pytest.raises(TnflowError) as raised:
-        train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
+        train(small_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=small_cache.class_names)
     assert str(raised.value) == (
         f"no space left on {tmp_path / 'work'} while saving training checkpoints; free space and run again "
         "(finished work is kept)"
     )
     assert not list((tmp_path / "work").rglob("*.tmp-*")), "nothing half-written is left"
     monkeypatch.undo()
-    finished = train(tiny_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=tiny_cache.class_names)
+    finished = train(small_cache.path, None, GAP32, ONE_EPOCH, tmp_path / "work", class_names=small_cache.class_names)
     assert read_model_ok(finished.model_dir)
 
 
@@ -491,7 +504,7 @@ def test_a_cpu_training_of_more_than_an_hour_says_so_once_with_what_fits():
     assert first_warning(1.0)[0] == PACE_BATCHES, "fast batches: after the measured batches"
 
 
-def test_a_slow_cpu_training_warns_in_its_log(tiny_cache, tmp_path, caplog, monkeypatch):
+def test_a_slow_cpu_training_warns_in_its_log(small_cache, tmp_path, caplog, monkeypatch):
     import logging
 
     import tnflow.tasks.training.pace as pace
@@ -500,20 +513,20 @@ def test_a_slow_cpu_training_warns_in_its_log(tiny_cache, tmp_path, caplog, monk
     monkeypatch.setattr(pace, "PACE_BATCHES", 2)
     log = logging.getLogger("tnflow.test-pace")
     with caplog.at_level(logging.WARNING, logger=log.name):
-        settings = dataclasses.replace(ONE_EPOCH, batch_size=16)
-        train(tiny_cache.path, None, GAP32, settings, tmp_path / "w", class_names=tiny_cache.class_names, log=log)
+        settings = dataclasses.replace(ONE_EPOCH, batch_size=8)  # 5 batches: the third has two more to go
+        train(small_cache.path, None, GAP32, settings, tmp_path / "w", class_names=small_cache.class_names, log=log)
     said = [r.getMessage() for r in caplog.records if "training on the CPU: about" in r.getMessage()]
     assert len(said) == 1 and "--model mobilenet35v2 --image-size 96" in said[0]
 
 
-def test_training_and_validation_claim_the_gpu_the_run_holds(tiny_cache, tmp_path, monkeypatch):
+def test_training_and_validation_claim_the_gpu_the_run_holds(small_cache, tmp_path, monkeypatch):
     import tnflow.tasks.training.validate as validate_module
 
     claimed = []
     monkeypatch.setattr(epochs_module, "claim_gpus", claimed.append)
     monkeypatch.setattr(validate_module, "claim_gpus", claimed.append)
     work = tmp_path / "w"
-    trained = train(tiny_cache.path, None, GAP32, ONE_EPOCH, work, class_names=tiny_cache.class_names, gpus=(1,))
+    trained = train(small_cache.path, None, GAP32, ONE_EPOCH, work, class_names=small_cache.class_names, gpus=(1,))
     assert claimed == [(1,)] and trained.device.startswith("GPU 1 of this machine"), trained.device
-    validate(trained.model_dir, tiny_cache.path, "test", 64, tmp_path / "out", gpus=(1,))
+    validate(trained.model_dir, small_cache.path, "test", 64, tmp_path / "out", gpus=(1,))
     assert claimed == [(1,), (1,)], "validation computes on the same GPU"
