@@ -81,6 +81,7 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
         # champion this test's weekly retrain and batch scoring need. Its tests are not this
         # test's subject (test_promote.py): --promote-alpha 1 turns them off, the margin decides.
         "promote_alpha": 1.0,
+        "export": "none",  # scoring reads the model directory; exports are test_export.py's
         "cache_dir": str(tmp_path / "cache"),
         "output_dir": str(tmp_path / "runs"),
     }
