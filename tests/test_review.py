@@ -22,7 +22,7 @@ from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.release.drift import PSI_FLAG, psi, reference_of, uncertainty
 from tnflow.tasks.release.predict import drift_of, score, write_to_label
-from tnflow.tasks.release.review import REVIEW_CSV, disputed, label_issues, review
+from tnflow.tasks.release.review import REVIEW_CSV, disputed, label_issues, review, screen
 from tnflow.tasks.tf.model_dir import update_model_json
 from tnflow.tasks.training.cross_fit import cross_fit
 from tnflow.tasks.training.starting_point import StartingPoint
@@ -92,6 +92,20 @@ def test_a_model_at_chance_disputes_little_and_the_ranking_is_linear():
     started = time.perf_counter()
     label_issues(big_probs, big_labels)  # 300,000 pictures
     assert time.perf_counter() - started < 2
+
+
+def test_a_split_the_model_is_at_chance_on_lists_nothing_and_says_why():
+    """A sure but random model (a trained one at chance) would have confident learning flag most pictures."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, 300)
+    random = rng.dirichlet(np.ones(5) * 0.3, 300)  # confident, unrelated to the labels
+    assert len(label_issues(random, labels)[0]) > 100, "what confident learning alone would list"
+    names = ["a", "b", "c", "d", "e"]
+    found, why = screen(random, labels, split="test", paths=[], class_names=names)
+    assert found == [] and why.startswith("test: 0.") and "is not better than always answering" in why
+    probs, planted_labels, wrong = planted()  # a model that knows the classes: reviewed
+    found, why = screen(probs, planted_labels, split="valid", paths=[], class_names=names[:3])
+    assert why == "" and len({r.index for r in found} & wrong) >= 0.9 * len(found) > 0
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,7 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     shown = [(d.split, d.path or d.index, d.given, d.predicted, f"{d.confidence:.3f}") for d in disputed]
     total = f"{count} {scope} in {Path(review.csv_path).name}{review.caveat and '; '}{review.caveat}" if review else ""
     sections["disputed"] = [*shown, ("", total or "not reviewed", "", "", "")]
+    sections["disputed"] += [("", f"not reviewed: {why}", "", "", "") for why in (review.unreviewed if review else ())]
     markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
     write_atomic(run_dir / "report.md", markdown)

@@ -11,6 +11,10 @@ too). The list, in `<run>/label_review.csv`, is ranked by normalised margin (the
 label's probability minus the best other class's): most clearly mislabelled first. A human
 looks at the top of it and fixes the folder, and the next run learns from the fix.
 
+A model no better than always answering the majority class disputes pictures at random (at
+chance, most of a split would be listed), so a split on which the model does not beat that
+baseline (exact binomial test at 5%) is not listed, and the report says why.
+
 The training split, where most label errors live, is reviewed with `--review-train K`: the
 main model has learned its pictures' labels, wrong ones included, so they are scored by the K
 cross-fitted trainings that did not see them (`tasks.training.cross_fit`). Each split is
@@ -41,12 +45,14 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.release.significance import against_baseline
 from tnflow.tasks.training.cross_fit import OutOfFold
 from tnflow.tasks.training.validate import evaluate_model, read_probabilities
 
 REVIEW_CSV = "label_review.csv"
 HELD_OUT = ("valid", "test")
 SHOWN = 16  # in the report, with thumbnails
+ALPHA = 0.05  # a split is reviewed when the model beats its majority class at this level
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class Review:
     top: tuple[Disputed, ...]
     splits: tuple[str, ...] = HELD_OUT  # the splits reviewed
     caveat: str = ""  # why the training split's review may miss errors (`OutOfFold.caveat`)
+    unreviewed: tuple[str, ...] = ()  # per split left out: the model is no better than its majority class there
 
     @property
     def scope(self) -> str:
@@ -119,6 +126,16 @@ def disputed(
     ]  # fmt: skip
 
 
+def screen(
+    probs: np.ndarray, labels: np.ndarray, *, split: str, paths: list[str], class_names: list[str]
+) -> tuple[list[Disputed], str]:
+    """(the split's disputed pictures, ""), or (none, why) when the model does not beat the majority class on it."""
+    base = against_baseline(int((probs.argmax(axis=1) == labels).sum()), labels, class_names)
+    if not base.beaten(ALPHA):
+        return [], f"{split}: {base.sentence(ALPHA)}; its disagreements say nothing about the labels"
+    return disputed(probs, labels, split=split, paths=paths, class_names=class_names), ""
+
+
 def write_review(run_dir: Path, rows: list[Disputed]) -> Path:
     """`label_review.csv`, most clearly mislabelled first (`ranked`), written whole or not at all."""
     rows = ranked(rows)
@@ -143,7 +160,7 @@ def review(
     """List the pictures the model disputes: held-out ones from the probabilities validation kept (else
     evaluated now), training ones from `out_of_fold`'s cross-fitted probabilities when given."""
     run_dir = Path(run_dir)
-    rows, splits = [], HELD_OUT + (("train",) if out_of_fold else ())
+    rows, splits, unreviewed = [], HELD_OUT + (("train",) if out_of_fold else ()), []
     for split in splits:
         labels, paths, class_names = _split_of(cache_path, split)
         if not len(labels):  # no validation split (--valid-size 0 is refused, but an old cache may have none)
@@ -156,10 +173,12 @@ def review(
             probs = evaluate_model(model_dir, cache_path, split, batch_size)["probs"]
         if len(probs) != len(labels):
             raise TnflowError(f"{split}: {len(probs)} probabilities for {len(labels)} pictures; run again")
-        rows += disputed(probs, labels, split=split, paths=paths, class_names=class_names)
+        found, why = screen(probs, labels, split=split, paths=paths, class_names=class_names)
+        rows += found
+        unreviewed += [why] if why else []
     path = write_review(run_dir, rows)
     caveat = out_of_fold.caveat if out_of_fold else ""
-    return Review(str(path), len(rows), tuple(ranked(rows)[:SHOWN]), splits, caveat)
+    return Review(str(path), len(rows), tuple(ranked(rows)[:SHOWN]), splits, caveat, tuple(unreviewed))
 
 
 def ranked(rows: list[Disputed]) -> list[Disputed]:
@@ -184,8 +203,11 @@ def review_task(
     *, model_dir: str, cache_path: str, run_dir: str, batch_size: int, out_of_fold: OutOfFold | None = None
 ) -> Review:
     found = review(model_dir, cache_path, run_dir, batch_size, out_of_fold)
-    get_run_logger().info(
+    logger = get_run_logger()
+    logger.info(
         "%d %s pictures whose label the model disputes (confident learning): %s",
         found.count, found.scope, found.csv_path,
     )  # fmt: skip
+    for why in found.unreviewed:
+        logger.info("not reviewed: %s", why)
     return found
