@@ -11,9 +11,9 @@ exactly.
 Shuffled epochs are a seeded permutation of every image (not of whole chunks), so batches
 differ from epoch to epoch and each image is seen once per epoch.
 
-A split's name may also name a fold of it (`tasks.config.specs.fold_split`): the cross-fitted trainings of the
-label review (`--review-train K`) each train on every training picture but one fold's, and
-score that fold, which no training of theirs saw.
+A split's name may also name a fold of it (`tasks.config.specs.fold_split`): the label review's
+cross-fitted trainings (`--review-train K`) each train on every training picture but one
+fold's, and score that fold, which they never saw.
 
 Batches are allocated 64-byte aligned: TensorFlow then takes the array as a tensor without
 copying it (an unaligned one is copied, which halved the rate at 224 px).

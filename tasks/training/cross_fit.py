@@ -31,7 +31,7 @@ from tnflow.tasks.core.files import full_disk_ends
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.training.starting_point import StartingPoint
-from tnflow.tasks.training.train import train, training_dir
+from tnflow.tasks.training.train import train_from
 from tnflow.tasks.training.validate import evaluate_model, write_predictions
 
 
@@ -81,20 +81,10 @@ def cross_fit(
     model_dirs, accuracies = [], []
     for fold in range(folds):
         fold_spec = fold_settings(settings, fold, folds)
-        trained = train(
-            cache_path,
-            start.weights_path,
-            spec,
-            fold_spec,
-            training_dir(output_dir, cache_path, start, spec, fold_spec, towers),
-            class_names=class_names,
-            eval_batch_size=eval_batch_size,
-            init_from=start.model_dir,
-            progress=progress,
-            log=log,
-            gpus=gpus,
-            towers=towers,
-        )
+        trained = train_from(
+            start, cache_path, spec, fold_spec, output_dir, class_names=class_names,
+            eval_batch_size=eval_batch_size, progress=progress, log=log, gpus=gpus, towers=towers,
+        )  # fmt: skip
         held_out = fold_split("train", fold, folds, held_out=True)
         scored = evaluate_model(trained.model_dir, cache_path, held_out, eval_batch_size, gpus)
         probs[fold_rows(labels, fold, folds, held_out=True)] = scored["probs"]

@@ -163,6 +163,19 @@ def training_dir(
     return work_dir_for(output_dir, cache_path, start.digest, spec, settings, CODE, towers)
 
 
+def train_from(
+    start: StartingPoint,
+    cache_path: str,
+    spec: ModelSpec,
+    settings: TrainSettings,
+    output_dir: str,
+    **options: Any,
+) -> Trained:
+    """`train` from a starting point, in the work directory its inputs name under `output_dir` (`training_dir`)."""
+    directory = training_dir(output_dir, cache_path, start, spec, settings, options.get("towers", 1))
+    return train(cache_path, start.weights_path, spec, settings, directory, init_from=start.model_dir, **options)
+
+
 def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
     """The work directory (named after the starting weights' digest) and the generation training would use."""
     directory = training_dir(
@@ -211,16 +224,15 @@ def train_task(
 ) -> Trained:
     logger = get_run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
-    trained = train(
+    trained = train_from(
+        start,
         cache_path,
-        start.weights_path,
         spec,
         settings,
-        training_dir(output_dir, cache_path, start, spec, settings, towers),
+        output_dir,
         class_names=class_names,
         eval_batch_size=eval_batch_size,
         retrain=retrain,
-        init_from=start.model_dir,
         progress=progress,
         log=logger,
         gpus=gpus,
