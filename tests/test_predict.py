@@ -114,6 +114,62 @@ def test_predict_and_export_hide_tensorflows_start_up_lines_as_run_does(trained,
         assert chatter not in done.stderr, f"start-up chatter on the console: {chatter}"
 
 
+@pytest.mark.slow  # processes of their own: a hang ends in the timeout, not in a stuck suite
+def test_a_file_name_that_is_not_utf8_is_scored_and_written_escaped(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tnflow = str(Path(sys.executable).with_name("tnflow"))
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / os.fsdecode(b"x\xff.png")).write_bytes(Path(trained["pngs"][0]).read_bytes())  # Latin-1 bytes
+    (folder / "plain.png").write_bytes(Path(trained["pngs"][1]).read_bytes())
+    out = tmp_path / "p.csv"
+    command = [tnflow, "predict", trained["model_dir"], str(folder)]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == str(out), done.stderr[-2000:]
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert sorted(Path(r["path"]).name for r in rows) == ["plain.png", "x\\xff.png"] and all(r["class"] for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox", "p.csv"], "no lock or temporary file left"
+    printed = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert printed.returncode == 0 and f"{folder}/x\\xff.png: " in printed.stdout, printed.stderr[-2000:]
+
+
+@pytest.mark.slow  # processes of their own: the hang was in the interpreter's exit
+@pytest.mark.parametrize("error", ["OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))", "ValueError('a bug')"])
+def test_a_failing_csv_write_ends_the_process_and_leaves_nothing(trained, tmp_path, error):
+    """The CSV writer fails on the second picture: a full disk is one line; even a bug ends the process.
+
+    A bug's traceback kept the suspended prediction generator, and its TensorFlow session, alive
+    until the interpreter's exit, whose session close then waited for ever (issue 29).
+    """
+    import subprocess
+    import sys
+
+    child = (
+        "import csv, errno, os, sys\n"
+        "import tnflow.tasks.release.predict as predict\n"
+        "class Failing:\n"
+        "    def __init__(self, handle): self.rows = 0\n"
+        "    def writerow(self, row):\n"
+        "        self.rows += 1\n"
+        f"        if self.rows == 3: raise {error}\n"
+        "predict.csv.writer = Failing\n"
+        "from tnflow.flows.cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "scores" / "p.csv"
+    command = [sys.executable, "-c", child, "predict", trained["model_dir"], *trained["pngs"][:4], "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # a hang fails here
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert list(out.parent.iterdir()) == [], "no partial CSV, no temporary file, no lock"
+    if error.startswith("OSError"):
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"tnflow predict: error: no space left on {out} while writing the --out CSV"), last
+
+
 def test_scoring_a_path_that_does_not_exist(trained, tmp_path, capsys):
     assert main(["predict", trained["model_dir"], str(tmp_path / "nowhere"), "--out", str(tmp_path / "p.csv")]) == 1
     assert "nowhere does not exist; give image files or folders of them" in capsys.readouterr().err

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -248,7 +250,13 @@ def test_a_drifted_batch_emits_an_event(misfiled, tmp_path, prefect_api, monkeyp
             model=str(model), folder=folder, output_dir=str(tmp_path), out=str(tmp_path / "s.csv"), batch_size=32
         )
 
-    assert not scoring(str(data / "val")).drifted and emitted == []
+    inbox = tmp_path / "inbox"  # the validation folder, one of its pictures under a name that is not UTF-8
+    shutil.copytree(data / "val", inbox)
+    shutil.copy(sorted((inbox / "class-0").iterdir())[0], inbox / "class-0" / os.fsdecode(b"\xe9t\xe9.png"))
+    calm = scoring(str(inbox))
+    assert not calm.drifted and emitted == []
+    rows = list(csv.DictReader(Path(calm.csv).read_text(encoding="utf-8").splitlines()))
+    assert [r["class"] for r in rows if r["path"].endswith("class-0/\\xe9t\\xe9.png")] == ["class-0"], "scored, escaped"
     result = scoring(str(data / "val" / "class-1"))
     assert result.drifted and [e["event"] for e in emitted] == [DRIFT_EVENT]
     assert emitted[0]["payload"]["folder"].endswith("class-1") and result.to_label.endswith(".to_label.csv")

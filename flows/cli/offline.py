@@ -7,6 +7,7 @@ raises `TnflowError` for the one-line error `flows.cli.main` prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -37,15 +38,16 @@ def predict(args: argparse.Namespace) -> str | None:
     if not paths:
         raise TnflowError(f"no files in {' '.join(args.images)}; give image files, or folders that hold some")
     failed, results = 0, []
-    for result in predict_files(model_dir, paths, batch_size=args.batch_size):
-        failed += "error" in result
-        if args.json:
-            results.append(result)
-        elif "error" in result:
-            print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
-        else:
-            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
-            print(f"{result['image']}: {top}", flush=True)
+    with contextlib.closing(predict_files(model_dir, paths, batch_size=args.batch_size)) as predicted:
+        for result in predicted:
+            failed += "error" in result
+            if args.json:
+                results.append(result)
+            elif "error" in result:
+                print(f"tnflow predict: error: {result['error']}", file=sys.stderr)
+            else:
+                top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+                print(f"{result['image']}: {top}", flush=True)
     if args.json:
         print(json.dumps(results, indent=2))
     if failed:

@@ -10,6 +10,7 @@ included for files it could not read.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -31,6 +32,7 @@ from tnflow.tasks.core.files import exclusive, renamed_when_complete, write_atom
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
+from tnflow.tasks.sources.folder import shown_name
 from tnflow.tasks.sources.images import ImageError, load_square
 from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
 
@@ -71,7 +73,15 @@ def load_image(path: str | Path, size: int, resize: str = "crop") -> np.ndarray:
 def predict_files(
     model_dir: str | Path, paths: list[str], top: int = TOP_K, batch_size: int = BATCH_SIZE
 ) -> Iterator[dict[str, Any]]:
-    """Per image, in order: {"image", "top": [{"class", "probability"}]} or {"image", "error"}."""
+    """Per image, in order: {"image", "top": [{"class", "probability"}]} or {"image", "error"}.
+
+    Close it (`contextlib.closing`) when the caller may stop early: its TensorFlow session is
+    open while it is suspended, and one left to the interpreter's exit hangs it (the session's
+    close starts a thread, which a finishing interpreter never runs).
+
+    "image" is the path as outputs show it: a name that is not UTF-8 has its bytes escaped
+    (`\\xff`), as the cache's records do, so CSVs, the console and artifacts can always write it.
+    """
     from tnflow.tasks.tf.graph import build
     from tnflow.tasks.tf.sessions import open_session, predict  # TensorFlow: only when predicting
 
@@ -84,11 +94,12 @@ def predict_files(
         for start in range(0, len(paths), batch_size):
             results, loaded = [], []
             for path in paths[start : start + batch_size]:
+                shown = shown_name(path)  # what every output says: valid UTF-8 whatever bytes the name has
                 try:
                     loaded.append((len(results), load_image(path, spec.image_size, meta.get("resize", "crop"))))
-                    results.append({"image": path})
+                    results.append({"image": shown})
                 except (OSError, ImageError) as exc:
-                    results.append({"image": path, "error": f"cannot read {path}: {exc}"})
+                    results.append({"image": shown, "error": f"cannot read {shown}: {shown_name(str(exc))}"})
             if loaded:
                 probs = predict(session, net, np.stack([image for _, image in loaded]))
                 for (index, _), row in zip(loaded, probs, strict=True):
@@ -156,7 +167,8 @@ def score(
         if not Path(source).exists():
             raise TnflowError(f"{source} does not exist; give image files or folders of them")
     paths = image_paths(sources)  # none (an empty inbox tonight): a CSV with its header only
-    return write_predictions(predict_files(model_dir, paths, batch_size=batch_size), out, seen)
+    with contextlib.closing(predict_files(model_dir, paths, batch_size=batch_size)) as results:
+        return write_predictions(results, out, seen)
 
 
 def drift_of(model_dir: str | Path, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
