@@ -181,8 +181,10 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
         (["--model", "resnet18"], "invalid choice: 'resnet18'"),
         (["--head", "full", "--image-size", "64"], "--head full needs --image-size 224"),
         (["--review-train", "1"], "--review-train 1 leaves no picture out"),
+        (["--gpus", "0"], "--gpus '0' is no number of GPUs: give 1 to 99, or all"),
+        (["--gpu-slot", "a b"], "--gpu-slot 'a b' may only hold letters, digits, '-' and '_'"),
     ],
-    ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64", "one-fold"],
+    ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64", "one-fold", "gpus-0", "slot-name"],
 )
 def test_bad_parameters_fail_before_any_download(file_server, tmp_path, capsys, options, message):
     command = ["run", "--data-url", file_server.url("c10.tar.gz"), "--cache-dir", str(tmp_path), *options]

@@ -355,7 +355,7 @@ class RunConfig(DataConfig):
         description="GPUs one training uses, N or all: a replica of the network on each, every batch of "
         "--batch-size split among them and their gradients averaged into one update (what one GPU computes "
         "with that batch)",
-        json_schema_extra={"metavar": "N|all"},
+        json_schema_extra={"metavar": "N|all", "pattern_says": "is no number of GPUs: give 1 to 99, or all"},
     )
     retrain: bool = Field(False, description="train again even if a finished training with these inputs exists")
     output_dir: str = Field(

@@ -18,6 +18,8 @@ from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from tnflow.tasks.core.errors import ConfigError
 
+NAME_CHARACTERS = "may only hold letters, digits, '-' and '_'"  # what a pattern-checked name allows
+
 
 class Configuration(BaseModel):
     """What every configuration shares: built from flow parameters or parsed options in one way."""
@@ -66,8 +68,9 @@ def _config_error(model: type[BaseModel], exc: ValidationError) -> ConfigError:
     annotation = str(field.annotation) if field else ""
     if error["type"] == "literal_error":
         return ConfigError(f"{option(name)} {value!r} is unknown; choose one of: {error['ctx']['expected']}")
-    if error["type"] == "string_pattern_mismatch":  # names Prefect takes
-        return ConfigError(f"{option(name)} {value!r} may only hold letters, digits, '-' and '_'")
+    if error["type"] == "string_pattern_mismatch":  # names Prefect takes, unless the field says what it expects
+        extra = field.json_schema_extra if field and isinstance(field.json_schema_extra, dict) else {}
+        return ConfigError(f"{option(name)} {value!r} {extra.get('pattern_says', NAME_CHARACTERS)}")
     if "bool" in annotation:
         return ConfigError(f"{option(name)} must be true or false, got {value!r}")
     kind = "an integer" if "int" in annotation else "a number" if "float" in annotation else "a string"
