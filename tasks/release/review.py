@@ -47,7 +47,7 @@ from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.significance import against_baseline
 from tnflow.tasks.training.cross_fit import OutOfFold
-from tnflow.tasks.training.validate import evaluate_model, read_probabilities
+from tnflow.tasks.training.validate import evaluate_model, read_kept, read_probabilities
 
 REVIEW_CSV = "label_review.csv"
 HELD_OUT = ("valid", "test")
@@ -166,7 +166,7 @@ def review(
         if not len(labels):  # no validation split (--valid-size 0 is refused, but an old cache may have none)
             continue
         if split == "train":
-            probs = read_probabilities(Path(out_of_fold.probabilities).parent, split)
+            probs = read_kept(out_of_fold.probabilities, "the out-of-fold probabilities")
         elif (run_dir / f"{split}_probabilities.npy").is_file():  # kept by validate
             probs = read_probabilities(run_dir, split)
         else:

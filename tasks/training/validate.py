@@ -180,11 +180,15 @@ def write_predictions(out_dir: Path, split: str, predicted: np.ndarray, probs: n
 
 def read_predictions(run_dir: str | Path, split: str, name: str = "predictions") -> np.ndarray:
     """What `validate` kept of a split (`predictions`: the predicted class per image), for later stages."""
-    path = Path(run_dir) / f"{split}_{name}.npy"
+    return read_kept(Path(run_dir) / f"{split}_{name}.npy", f"the run's {split} {name}")
+
+
+def read_kept(path: str | Path, what: str = "the run's array") -> np.ndarray:
+    """An array a stage kept (`write_predictions`'s files), plain arrays only; one line if it is gone or damaged."""
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise TnflowError(f"{path}: the run's {split} {name} are missing or damaged ({exc}); run again") from None
+        raise TnflowError(f"{path}: {what} are missing or damaged ({exc}); run again") from None
 
 
 def read_probabilities(run_dir: str | Path, split: str) -> np.ndarray:
