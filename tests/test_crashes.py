@@ -138,6 +138,25 @@ def test_what_a_killed_holder_owed_is_handed_to_the_next(tmp_path):
         assert journal.left == [], "a clean release owes nothing"
 
 
+def test_what_a_holder_owes_another_backend_is_carried_to_a_holder_of_that_backend(tmp_path):
+    """The lock is the machine's; a lease is a server's: a run gives back only what its own server counts."""
+    paths = [tmp_path / "gpu-0.lock"]
+    doomed = {"run": "doomed", "pid": 1, "host": "h"}
+    paths[0].write_text(json.dumps({**doomed, "owes": ["x:lease-1"]}))
+    log = logging.getLogger("tnflow.test")
+    with host_slot(paths, {"run": "y-run"}, log, "", mine=lambda entry: entry.startswith("y:")) as (journal,):
+        assert journal.left == [] and [entry for entry, _ in journal.kept] == ["x:lease-1"]
+        journal.write(["y:lease-2"])
+        record = json.loads(paths[0].read_text())
+        assert record["owes"] == ["y:lease-2"] and record["kept"] == [{"entry": "x:lease-1", "by": doomed}]
+        journal.write(None)
+    assert json.loads(paths[0].read_text())["owes"] == [], "let go cleanly, still carrying the other backend's lease"
+    with host_slot(paths, {"run": "x-run"}, log, "", mine=lambda entry: entry.startswith("x:")) as (journal,):
+        assert journal.owed == [("x:lease-1", doomed)], "named for who left it"
+        journal.write(None)
+    assert paths[0].read_text() == "{}", "paid back: nothing owed, nothing carried"
+
+
 def test_slots_are_taken_all_or_none(tmp_path):
     """A holder of several slots never sits on some while it waits for the rest: no two such holders deadlock."""
     paths = [tmp_path / f"slot-{i}.lock" for i in range(3)]

@@ -126,14 +126,14 @@ def test_a_run_killed_while_asking_for_the_slot_does_not_keep_it(prefect_server,
         slot_module.ensure_limit(name)
         api_post(api, "/v2/concurrency_limits/increment", {"names": [name], "slots": 1, "mode": "concurrency"})
         key = hashlib.sha256(slot_module.backend().encode()).hexdigest()[:8]
-        dead = {"run": "killed-mid-request", "run_id": str(uuid.uuid4()), "pid": 1, "host": "h", "owes": ["pending"]}
-        (tmp_path / f"{name}-{key}-0.lock").write_text(json.dumps(dead))
+        dead = {"run": "killed-mid-request", "run_id": str(uuid.uuid4()), "pid": 1, "host": "h"}
+        (tmp_path / f"{name}-0.lock").write_text(json.dumps({**dead, "owes": [f"{key}:pending"]}))
         log = logging.getLogger("tnflow.test")
         with caplog.at_level(logging.INFO, logger="tnflow.test"), slot_module.gpu_slot(name, log):
             assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 1, "its own, not the dead one's"
     assert "run 'killed-mid-request'" in caplog.text and "did not give back the GPU slot" in caplog.text
     assert api_get(api, f"/v2/concurrency_limits/{name}")["active_slots"] == 0
-    assert json.loads((tmp_path / f"{name}-{key}-0.lock").read_text() or "{}") == {}, "nothing owed after a clean end"
+    assert json.loads((tmp_path / f"{name}-0.lock").read_text() or "{}") == {}, "nothing owed after a clean end"
 
 
 HOLD_A_GPU = """
@@ -142,11 +142,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from tnflow.tasks.core.gpu_slot import gpu_slot
 
-name, out, release, count = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+name, out, release, count, visible = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 
 @flow(name="gpu-holder")
 def hold():
-    gpus = ["/device:GPU:0", "/device:GPU:1"]  # the device list the code sees: two GPUs
+    gpus = [f"/device:GPU:{i}" for i in range(visible)]  # the device list the code sees
     with gpu_slot(name, get_run_logger(), gpus=gpus, count=count) as held:
         out.write_text(json.dumps({"gpus": held}))
         while not release.exists():
@@ -167,7 +167,7 @@ def test_three_runs_on_two_gpus_two_hold_one_each_and_the_third_waits_for_the_fi
     def start(run: str, count: int = 1) -> None:
         log = open(tmp_path / f"{run}.log", "wb")  # noqa: SIM115 - closed with the process below
         command = [sys.executable, "-c", HOLD_A_GPU, name, str(tmp_path / f"{run}.json"), str(tmp_path / f"{run}.go")]
-        command.append(str(count))
+        command += [str(count), "2"]  # two GPUs
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         runs[run] = (process, log)
 
@@ -230,3 +230,59 @@ def test_a_limit_the_user_made_keeps_its_size(prefect_server):
     with temporary_settings(updates={PREFECT_API_URL: api}):
         assert ensure_limit(name, 8).limit == 1, "one run at a time, as the user asked, on an 8-GPU host"
         assert ensure_limit(f"{name}-new", 8).limit == 8
+
+
+def test_runs_reporting_to_different_prefect_backends_still_take_turns_on_one_gpu(prefect_server, tmp_path):
+    """The GPU is the machine's: the host lock is one file whatever server (or PREFECT_HOME) a run reports to.
+
+    The limit has two slots, so only the host lock can make the second run wait.
+    """
+    import json
+
+    from tnflow.tasks.core.gpu_slot import backend, ensure_limit, lock_paths
+
+    api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
+    urls = {"a": api, "b": api.replace("127.0.0.1", "localhost")}  # one database, two backends to the runs
+    backends = set()
+    for url in urls.values():
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            backends.add(backend())
+            assert ensure_limit(name, 2).limit == 2
+    assert len(backends) == 2, "the runs report to backends that the old lock names told apart"
+    runs: dict[str, subprocess.Popen] = {}
+
+    def start(run: str) -> None:
+        env = {**prefect_server["env"], "PREFECT_API_URL": urls[run], "PREFECT_HOME": str(tmp_path / f"home-{run}")}
+        env["TNFLOW_LOCK_DIR"] = str(tmp_path / "locks")
+        command = [sys.executable, "-c", HOLD_A_GPU, name, str(tmp_path / f"{run}.json"), str(tmp_path / f"{run}.go")]
+        with open(tmp_path / f"{run}.log", "wb") as log:
+            runs[run] = subprocess.Popen(
+                [*command, "1", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_for(run: str, condition) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert runs[run].poll() is None and time.monotonic() < deadline, (tmp_path / f"{run}.log").read_text()
+            time.sleep(0.2)
+
+    def holds(run: str) -> bool:
+        return (tmp_path / f"{run}.json").is_file() and bool((tmp_path / f"{run}.json").read_text())
+
+    try:
+        start("a")
+        wait_for("a", lambda: holds("a"))
+        start("b")
+        wait_for("b", lambda: "waiting for a GPU slot held by run '" in (tmp_path / "b.log").read_text())
+        assert not holds("b"), "the second run waits, on the lock of the one GPU"
+        (tmp_path / "a.go").touch()
+        assert runs["a"].wait(timeout=60) == 0
+        wait_for("b", lambda: holds("b"))
+        (tmp_path / "b.go").touch()
+        assert runs["b"].wait(timeout=60) == 0
+    finally:
+        for process in runs.values():
+            stop_process_group(process)
+    assert json.loads((tmp_path / "b.json").read_text()) == {"gpus": [0]}
+    assert sorted((tmp_path / "locks").iterdir()) == [tmp_path / "locks" / "gpu-0.lock"]
+    assert lock_paths("other-name", 1, 4)[0].name == "gpu-0.lock", "whatever the slot's name"

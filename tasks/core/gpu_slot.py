@@ -6,7 +6,7 @@ validate, so a run waits, and says for whom, instead of failing. A slot is two l
 
 - On this host, a file lock per GPU (`tasks.core.host_slots`; per slot on a host without
   GPUs): the run trains and validates on the GPU whose lock it holds, which no other tnflow
-  run on the host holds. A run of N towers (`--gpus N`) holds N locks, taken all at once or
+  run on the host holds, whatever Prefect backend it reports to: the GPU is the machine's. A run of N towers (`--gpus N`) holds N locks, taken all at once or
   not at all, and N slots of the limit as one lease. The kernel releases the lock when its process dies, whatever kills
   it, so a killed run never keeps its GPU.
 - On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created with
@@ -14,8 +14,9 @@ validate, so a run waits, and says for whom, instead of failing. A slot is two l
   UI counts it, and runs of other hosts on the same server take turns. It is a lease renewed
   from a background thread, so neither a slow nor a lost server stalls training.
 
-The holder writes its lease into its lock file and clears it when it lets go. A lease still
-written there when the next run takes the lock is a dead run's: its process was killed,
+The holder writes its lease, tagged with its backend, into its lock file and clears it when
+it lets go. A lease of this backend still written there when the next run takes the lock is a
+dead run's (one of another backend is carried on for a run of that backend to give back): its process was killed,
 and its lease died with a temporary server's memory, or with a restarted server. That slot
 is released, with a warning. A dead holder on another host is freed by its lease expiring
 (`LEASE_SECONDS`), which needs the server to keep its leases (README: leases that survive a
@@ -30,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+from pathlib import Path
 from uuid import UUID
 
 import httpx
@@ -92,12 +94,11 @@ def gpu_slot(name: str, log: Log, gpus: Sequence[str] = (), count: int = 1) -> I
             f"raise it (`prefect gcl update {name} --limit {count}`) or pass --gpu-slot none"
         )
     me = {**whoami(), "since": datetime.now(UTC).isoformat()}
-    key = short_digest(backend(), 8)  # the slots of one Prefect database
-    locks = len(gpus) or limit.limit  # a lock per GPU; without GPUs, per slot of the limit
-    paths = [lock_dir() / f"{name}-{key}-{i}.lock" for i in range(locks)]
-    waiting = _waiting(name, locks, "that run's training and validation end, or at once if its process dies")
-    with host_slot(paths, me, log, waiting, count) as journals:
-        lease = _server_slot(name, limit.limit, me, journals, count, log)
+    paths = lock_paths(name, len(gpus), limit.limit)
+    key = short_digest(backend(), 8)  # the server's slots are one Prefect database's
+    waiting = _waiting(name, len(paths), "that run's training and validation end, or at once if its process dies")
+    with host_slot(paths, me, log, waiting, count, mine=lambda entry: _backend_of(entry) in (key, "")) as journals:
+        lease = _server_slot(name, limit.limit, me, journals, count, log, key)
         renewer = _Renewer(lease, log)
         held = tuple(paths.index(journal.path) for journal in journals) if gpus else ()
         named = f", and {_named(held, gpus)}" if held else ""
@@ -112,6 +113,20 @@ def gpu_slot(name: str, log: Log, gpus: Sequence[str] = (), count: int = 1) -> I
             if best_effort(lambda: _release(lease), 5.0, "tnflow-gpu-slot-release"):
                 journals[0].write(None)
             # else the lease stays in the journal, and the next run on this host gives it back
+
+
+def lock_paths(name: str, gpus: int, slots: int) -> list[Path]:
+    """The host's lock files: one per GPU, named for the GPU alone (every run on the machine meets there,
+    whatever its slot name or Prefect backend); without GPUs, one per slot of the limit `name`."""
+    if gpus:
+        return [lock_dir() / f"gpu-{i}.lock" for i in range(gpus)]
+    return [lock_dir() / f"{name}-{i}.lock" for i in range(slots)]
+
+
+def _backend_of(entry: str) -> str:
+    """The backend key an owed entry is tagged with ('' for an untagged one, taken as this backend's)."""
+    tag, sep, _ = entry.partition(":")
+    return tag if sep else ""
 
 
 def gpu_count(option: str, visible: int) -> int:
@@ -142,16 +157,19 @@ def _waiting(name: str, slots: int, frees: str) -> str:
 # -- the server's slot --------------------------------------------------------------------
 
 
-def _server_slot(name: str, slots: int, me: dict[str, Any], journals: list[Journal], count: int, log: Log) -> UUID:
+def _server_slot(
+    name: str, slots: int, me: dict[str, Any], journals: list[Journal], count: int, log: Log, key: str
+) -> UUID:
     """Take `count` slots of the Prefect limit as one lease; first free those a dead run on this host left behind.
 
-    The first journal records the lease (as `lease*count` for several slots); the others'
-    leftovers move into its count of slots that may still be taken, and they are emptied.
+    The first journal records the lease (as `key:lease*count` for several slots, `key` naming
+    the backend); the others' leftovers move into its count of slots that may still be taken,
+    and they are emptied.
     """
     holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
     # Slots a dead holder may still count that the server knows no lease for: taken back only
     # if they block this run, and kept in the journal until then (a kill here loses none).
-    left = [(entry, journal.left_by) for journal in journals for entry in journal.left]
+    left = [(entry.partition(":")[2] or entry, record) for journal in journals for entry, record in journal.owed]
     gone = sum(_release_dead(name, entry, record, log) for entry, record in left)
     journal, others = journals[0], journals[1:]
     waiting = _waiting(
@@ -163,7 +181,7 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journals: list[Journ
     started, next_report = time.monotonic(), 0.0
     while True:
         with get_client(sync_client=True) as client:
-            journal.write([PENDING] * (gone + count))  # a kill while the server answers still leaves a trace
+            journal.write([f"{key}:{PENDING}"] * (gone + count))  # a kill while the server answers still leaves a trace
             for other in others:
                 other.write(None)  # what it owed is counted in the first journal now
             lease = _try_increment(client, name, holder, count)
@@ -172,11 +190,11 @@ def _server_slot(name: str, slots: int, me: dict[str, Any], journals: list[Journ
                 gone -= 1
                 continue
         if lease is not None:
-            journal.write([str(lease) if count == 1 else f"{lease}*{count}"])
+            journal.write([f"{key}:{lease}" if count == 1 else f"{key}:{lease}*{count}"])
             with contextlib.suppress(Exception):  # only for other runs' waiting messages
                 _set_holder(name, me)
             return lease
-        journal.write([PENDING] * gone)
+        journal.write([f"{key}:{PENDING}"] * gone)
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + WAIT_REPORT_SECONDS
             log.info(waiting.format(holders=_server_holder(name), waited=time.monotonic() - started))

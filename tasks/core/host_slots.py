@@ -5,6 +5,10 @@ when the process ends, however it ends. The file's content is a journal: who hol
 (for the messages of runs that wait) and what that holder still owes elsewhere (the Prefect
 lease it took). A holder that lets go cleanly empties it; what the next holder finds written
 there was left by a holder that died.
+
+The lock is the machine's, but what a holder owes may be owed to a server the next holder
+does not speak to (another Prefect backend): the next holder pays back only what is its own
+(`mine`) and carries the rest, with who left it, until a holder that can pay comes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +27,9 @@ from tnflow.tasks.core.files import holder_of
 
 WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
 POLL_SECONDS = 0.5
+
+Owed = tuple[str, dict[str, Any]]  # an entry still owed, and the record of the holder that left it
+Mine = Callable[[str], bool] | None  # which owed entries this holder can pay back (None: all)
 
 Log = logging.Logger | logging.LoggerAdapter
 
@@ -35,19 +42,32 @@ def lock_dir() -> Path:
 class Journal:
     """A held slot's lock file: who holds it, and what to give back if that holder dies."""
 
-    def __init__(self, handle: IO[bytes], me: dict[str, Any], path: Path | None = None):
+    def __init__(self, handle: IO[bytes], me: dict[str, Any], path: Path | None = None, mine: Mine = None):
         self.handle, self.me, self.path = handle, me, path
         self.left_by = _read_record(handle)  # what the previous holder left: owed, unless it let go
-        self.left: list[str] = list(self.left_by.get("owes") or [])
+        owed = [(str(entry), _holder(self.left_by)) for entry in self.left_by.get("owes") or []]
+        owed += [(str(item["entry"]), item.get("by") or {}) for item in self.left_by.get("kept") or [] if _kept(item)]
+        self.owed: list[Owed] = [item for item in owed if mine is None or mine(item[0])]
+        self.left: list[str] = [entry for entry, _ in self.owed]
+        self.kept: list[Owed] = [item for item in owed if mine is not None and not mine(item[0])]
 
     def write(self, owes: list[str] | None) -> None:
-        """Record what this holder owes (None: it let go cleanly, nothing is owed)."""
-        record = {} if owes is None else {**self.me, "owes": owes}
+        """Record what this holder owes (None: it let go cleanly), beside what it carries for others."""
+        kept = [{"entry": entry, "by": by} for entry, by in self.kept]
+        record = {**self.me, "owes": owes or [], "kept": kept} if owes is not None or kept else {}
         self.handle.seek(0)
         self.handle.truncate(0)
         self.handle.write(json.dumps(record).encode())
         self.handle.flush()
         os.fsync(self.handle.fileno())
+
+
+def _holder(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key not in ("owes", "kept")}
+
+
+def _kept(item: Any) -> bool:
+    return isinstance(item, dict) and isinstance(item.get("entry"), str)
 
 
 def _read_record(handle: IO[bytes]) -> dict[str, Any]:
@@ -60,12 +80,14 @@ def _read_record(handle: IO[bytes]) -> dict[str, Any]:
 
 
 @contextmanager
-def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str, count: int = 1) -> Iterator[list[Journal]]:
+def host_slot(
+    paths: list[Path], me: dict[str, Any], log: Log, waiting: str, count: int = 1, mine: Mine = None
+) -> Iterator[list[Journal]]:
     """Hold `count` free locks of `paths` (the first free ones, in order); while fewer are free, log `waiting`.
 
     All or nothing: a run that needs two slots never sits on one while it waits for the other,
     so runs that need several cannot block each other. `waiting` is a format string with
-    `{holders}` and `{waited}`.
+    `{holders}` and `{waited}`. `mine`: which owed entries this holder pays back.
     """
     if count > len(paths):
         raise ValueError(f"{count} slots asked of {len(paths)}")
@@ -76,7 +98,7 @@ def host_slot(paths: list[Path], me: dict[str, Any], log: Log, waiting: str, cou
         held = _take(paths, count)
         if held:
             try:
-                journals = [Journal(handle, me, path) for path, handle in held]
+                journals = [Journal(handle, me, path, mine) for path, handle in held]
                 for journal in journals:
                     journal.write(journal.left)  # still owed if this holder dies before paying it back
                 yield journals
