@@ -142,7 +142,8 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from tnflow.tasks.core.gpu_slot import gpu_slot
 
-name, out, release, count, visible = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+name, out, release = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+count, visible = int(sys.argv[4]), int(sys.argv[5])
 
 @flow(name="gpu-holder")
 def hold():

@@ -35,7 +35,8 @@ def trained(tmp_path_factory):
     for i, image in enumerate(fake.test_images[:8]):
         pngs.append(str(root / f"test-{i}.png"))
         Image.fromarray(image).save(pngs[-1])
-    return {"model_dir": model.model_dir, "metrics": metrics, "pngs": pngs, "names": list(cache.class_names)}
+    names = list(cache.class_names)
+    return {"model_dir": model.model_dir, "metrics": metrics, "pngs": pngs, "names": names, "cache": cache.path}
 
 
 @pytest.mark.slow
@@ -189,6 +190,44 @@ def test_printing_the_classes_of_an_empty_folder_fails_in_one_line(trained, tmp_
     assert err == [
         f"tnflow predict: error: no files in {tmp_path / 'inbox'}; give image files, or folders that hold some"
     ]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "another-save", "garbled"])
+def test_a_damaged_checkpoint_is_one_line_wherever_the_model_is_read(trained, tmp_path, capsys, damage):
+    """predict, export, the gate's re-scoring (validate) and --init-from: no TensorFlow traceback."""
+    import shutil
+
+    from tnflow.tasks.core.errors import TnflowError
+    from tnflow.tasks.tf.model_dir import check_can_start_from
+
+    copy = tmp_path / "model"
+    shutil.copytree(trained["model_dir"], copy)
+    (data,) = copy.glob("model.ckpt.data-*")
+    if damage == "missing":
+        data.unlink()
+    elif damage == "truncated":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif damage == "another-save":
+        data.write_bytes(data.read_bytes() + bytes(8))
+    else:  # the right size, other bytes: only TensorFlow's checksums see it, while restoring
+        data.write_bytes(bytes(255 - b for b in data.read_bytes()))
+    said = {
+        "missing": f"has no data file {data.name}",
+        "truncated": "where its index names",
+        "another-save": "where its index names",
+        "garbled": "TensorFlow cannot restore it",
+    }[damage]
+    for command in (["predict", str(copy), trained["pngs"][0]], ["export", str(copy), "--format", "savedmodel"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"tnflow {command[0]}: error: the model directory {copy}"), err
+        assert said in err[0] and "copy the model directory again" in err[0], err
+    assert not (copy / "saved_model").exists()
+    with pytest.raises(TnflowError, match=said):
+        validate(str(copy), trained["cache"], "test", 16, tmp_path / "run")
+    if damage != "garbled":  # a check of sizes, before the run waits for a GPU; the restore itself says the rest
+        with pytest.raises(TnflowError, match=said):
+            check_can_start_from(copy, "vgg19", "gap", trained["names"])
 
 
 def test_no_champion_yet(tmp_path, capsys):

@@ -6,8 +6,9 @@ validate, so a run waits, and says for whom, instead of failing. A slot is two l
 
 - On this host, a file lock per GPU (`tasks.core.host_slots`; per slot on a host without
   GPUs): the run trains and validates on the GPU whose lock it holds, which no other tnflow
-  run on the host holds, whatever Prefect backend it reports to: the GPU is the machine's. A run of N towers (`--gpus N`) holds N locks, taken all at once or
-  not at all, and N slots of the limit as one lease. The kernel releases the lock when its process dies, whatever kills
+  run on the host holds, whatever Prefect backend it reports to: the GPU is the machine's.
+  A run of N towers (`--gpus N`) holds N locks, taken all at once or not at all, and N slots
+  of the limit as one lease. The kernel releases the lock when its process dies, whatever kills
   it, so a killed run never keeps its GPU.
 - On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created with
   a slot per GPU of the host, or one without GPUs, if missing; a user's own limit stays): the
@@ -30,8 +31,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import httpx

@@ -34,7 +34,7 @@ from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
 from tnflow.tasks.sources.folder import shown_name
 from tnflow.tasks.sources.images import ImageError, load_square
-from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
+from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
 
 TOP_K = 3
 BATCH_SIZE = 32
@@ -90,7 +90,7 @@ def predict_files(
     names = meta["class_names"]
     net = build(spec, temperature=float(meta.get("temperature", 1.0)))  # calibrated probabilities
     with open_session(net) as session:
-        net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
+        restore_model(net.model_saver, session, model_dir)
         for start in range(0, len(paths), batch_size):
             results, loaded = [], []
             for path in paths[start : start + batch_size]:

@@ -26,7 +26,7 @@ import numpy as np
 from tnflow.tasks.config.options import EXPORT_FORMATS
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError, first_line
-from tnflow.tasks.tf.model_dir import CHECKPOINT
+from tnflow.tasks.tf.model_dir import restore_model
 from tnflow.tasks.tf.startup import start_tensorflow
 
 FILES = {
@@ -82,7 +82,7 @@ def _write_saved_model(source: Source, tmp: Path) -> dict[str, Any]:
                 inputs={"image_bytes": info(net.serving.encoded)}, outputs=outputs, method_name=method
             ),
         }
-        net.model_saver.restore(session, str(source.model_dir / CHECKPOINT))
+        restore_model(net.model_saver, session, source.model_dir)
         builder = tf1.saved_model.Builder(str(tmp))
         builder.add_meta_graph_and_variables(
             session, [tf1.saved_model.tag_constants.SERVING], signature_def_map=signatures, strip_default_attrs=True
@@ -208,7 +208,7 @@ def _frozen_graph(model_dir: Path, meta: dict[str, Any]) -> Any:
     temperature = float(meta.get("temperature", 1.0))
     net = build(ModelSpec.from_meta(meta), serving=ServingInput(bytes_input=False), temperature=temperature)
     with open_session(net) as session:
-        net.model_saver.restore(session, str(model_dir / CHECKPOINT))
+        restore_model(net.model_saver, session, model_dir)
         return tf.compat.v1.graph_util.convert_variables_to_constants(
             session, net.graph.as_graph_def(), [net.probs.op.name]
         )

@@ -8,11 +8,12 @@ configuration, so a model can be traced back to the run that made it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from tnflow.tasks.core.digests import short_digest
-from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.core.errors import TnflowError, first_line
 from tnflow.tasks.core.files import write_atomic
 
 MODEL_JSON = "model.json"
@@ -47,6 +48,62 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def restore_model(saver: Any, session: Any, path: str | Path) -> None:
+    """Restore a model directory's weights into `session`, or say in one line that its checkpoint is damaged.
+
+    The checkpoint is checked first (`check_checkpoint`), so a copy cut short or a lost data
+    file is named as such; whatever TensorFlow still finds wrong while restoring is one line too.
+    """
+    import tensorflow as tf
+
+    prefix = Path(path) / CHECKPOINT
+    check_checkpoint(prefix)
+    try:
+        saver.restore(session, str(prefix))
+    except (tf.errors.OpError, ValueError) as exc:
+        raise TnflowError(f"{_damaged(prefix)}: TensorFlow cannot restore it ({first_line(exc)}); {_AGAIN}") from None
+
+
+_AGAIN = "copy the model directory again from where it came from, or train it again"
+
+
+def _damaged(prefix: Path) -> str:
+    return f"the model directory {prefix.parent} is damaged"
+
+
+def check_checkpoint(prefix: Path) -> None:
+    """The checkpoint's data files are all there and hold as many bytes as its index names.
+
+    TensorFlow reads the index alone when it opens a checkpoint, and meets a missing or cut
+    data file only in the middle of a restore, as a long traceback. Numeric tensors are stored
+    back to back, so their shapes and types give the data's exact size; a checkpoint with
+    string tensors is only checked not to be shorter.
+    """
+    from tensorflow.python.training import py_checkpoint_reader
+
+    try:
+        reader = py_checkpoint_reader.NewCheckpointReader(str(prefix))
+    except Exception as exc:  # noqa: BLE001 - any failure to read the index is a damaged directory
+        unreadable = f"its index {prefix.name}.index is unreadable ({first_line(exc)})"
+        raise TnflowError(f"{_damaged(prefix)}: {unreadable}; {_AGAIN}") from None
+    shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    numeric = all(dtype.name != "string" for dtype in dtypes.values())
+    expected = sum(math.prod(shapes[name]) * dtypes[name].size for name in shapes if dtypes[name].name != "string")
+    files = {f.name: f.stat().st_size for f in prefix.parent.glob(f"{prefix.name}.data-*-of-*")}
+    shards = {name.rsplit("-of-", 1)[1] for name in files} or {"00001"}
+    wanted = [f"{prefix.name}.data-{i:05d}-of-{n}" for n in sorted(shards) for i in range(int(n))]
+    missing = [name for name in wanted if name not in files]
+    if missing or len(shards) > 1:
+        lost = f"no data file {missing[0]}" if missing else "data files of two saves"
+        raise TnflowError(f"{_damaged(prefix)}: its checkpoint has {lost}; {_AGAIN}")
+    size = sum(files.values())
+    if size < expected or (numeric and size != expected):
+        raise TnflowError(
+            f"{_damaged(prefix)}: its checkpoint's data is {size:,} bytes where its index names {expected:,} "
+            f"(cut short, or from another save); {_AGAIN}"
+        )
+
+
 def model_digest(path: str | Path) -> str:
     """Identifies a model's weights without reading them: model.json plus the checkpoint index,
     which holds a checksum of every tensor. The model card (`card`) is left out: exporting a
@@ -58,8 +115,9 @@ def model_digest(path: str | Path) -> str:
 
 
 def check_can_start_from(path: str | Path, model: str, head: str, class_names: list[str]) -> None:
-    """A model to continue training from must have this backbone, head and class list."""
+    """A model to continue training from must have this backbone, head and class list, and a whole checkpoint."""
     meta = read_model_dir(path)
+    check_checkpoint(Path(path) / CHECKPOINT)  # before the run waits for the GPU, not after
     if (meta["model"], meta["head"]) != (model, head):
         raise TnflowError(
             f"--init-from {path} is a {meta['model']} with the {meta['head']} head; this run trains a {model} with "

@@ -22,7 +22,7 @@ from tnflow.tasks.cache.h5cache import read_resize_mode
 from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
-from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json
+from tnflow.tasks.tf.model_dir import CHECKPOINT, restore_model, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
 from tnflow.tasks.training.calibration import choose_temperature
 from tnflow.tasks.training.pace import Pace
@@ -160,7 +160,7 @@ def _start(fit: _Fit, weights_path: str | None, init_from: str | None) -> None:
     """Fresh variables, then the trained model's, or the pretrained weights (the new head starts fresh)."""
     fit.session.run(fit.net.init)
     if init_from:
-        fit.net.model_saver.restore(fit.session, str(Path(init_from) / CHECKPOINT))
+        restore_model(fit.net.model_saver, fit.session, init_from)
         fit.log.info("started from the trained model %s (every layer, the head included)", init_from)
     elif weights_path:
         count = load_weights_file(fit.session, fit.net, weights_path, fit.spec.model)

@@ -24,7 +24,7 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
-from tnflow.tasks.tf.model_dir import CHECKPOINT, read_model_dir
+from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
 from tnflow.tasks.training.calibration import calibration_metrics, softmax
 
@@ -133,7 +133,7 @@ def evaluate_model(
     temperature = float(meta.get("temperature", 1.0))
     net = build(spec, CacheFeed(cache_path, image_size=spec.image_size), temperature=temperature)
     with open_session(net) as session:
-        net.model_saver.restore(session, str(Path(model_dir) / CHECKPOINT))
+        restore_model(net.model_saver, session, model_dir)
         chosen = meta.get("calibration")  # whether the temperature was applied, and why (models since issue 28)
         metrics = evaluate(session, net, split, batch_size, spec.num_classes, temperature, chosen)
         for other in also:
