@@ -92,6 +92,29 @@ def file_server() -> Iterator[FileServer]:
 
 
 @pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[object]:
+    """`small_disk(kb)`: a directory on a file system of that size (a tmpfs), or None where mounting is not allowed.
+
+    A real full disk is what made HDF5 crash at exit; where no mount can be made, a test injects
+    ENOSPC at the write call instead.
+    """
+    mounted: list[Path] = []
+
+    def make(kb: int) -> Path | None:
+        path = tmp_path / f"disk-{len(mounted)}"
+        path.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(path)]
+        if subprocess.run(command, capture_output=True, check=False).returncode != 0:
+            return None
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
+
+
+@pytest.fixture
 def cifar10(tmp_path: Path) -> tuple[FakeCifar, Path, str]:
     """A small CIFAR-10-format archive: 500 training and 100 test images."""
     path = tmp_path / "cifar-10-python.tar.gz"

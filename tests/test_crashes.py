@@ -21,7 +21,7 @@ import uuid
 
 import psutil
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from tests.folders import sample_archive
 from tests.killing import EPOCHS, TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
@@ -261,6 +261,31 @@ def test_a_temporary_server_that_does_not_start_is_one_line_naming_the_way_out(m
         "`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api "
         "(or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
     )
+
+
+def test_a_temporary_server_that_cannot_write_its_home_says_why_in_one_line(tmp_path):
+    """A read-only PREFECT_HOME: the cause the server printed (in 200 lines the console no longer shows), and where."""
+    home = tmp_path / "home"
+    home.mkdir()
+    read_only = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(home)]
+    mounted = subprocess.run(read_only, capture_output=True, check=False).returncode == 0
+    if not mounted:  # not allowed to mount: a directory without write permission does it for a user
+        home.chmod(0o500)
+    try:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: None, PREFECT_HOME: home}),
+            pytest.raises(TnflowError) as raised,
+            prefect_server.prefect_api(),
+        ):
+            pass
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(home)], check=False)
+        home.chmod(0o700)
+    assert str(raised.value).startswith(
+        "the temporary Prefect server did not start (it exited with code 3: OperationalError: unable to open "
+        f"database file; PREFECT_HOME is {home}); run one that stays"
+    ), raised.value
 
 
 def test_progress_for_the_ui_never_waits_on_the_server_and_its_last_value_arrives(monkeypatch):

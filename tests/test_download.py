@@ -1,4 +1,3 @@
-import errno
 import hashlib
 import os
 import socket
@@ -7,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tnflow.tasks.core.errors import DiskFullError, DownloadError, TransientDownloadError
+from tnflow.tasks.core.errors import DownloadError, TransientDownloadError
 from tnflow.tasks.sources.download import fetch, target_path
 
 BODY = os.urandom(3 << 20)  # three read blocks, so a dropped connection leaves a real partial file
@@ -138,41 +137,6 @@ def test_concurrent_fetches_download_once(served, tmp_path):
     assert not errors
     assert len({r.path for r in results}) == 1 and len(results) == 4
     assert len(server.requests) == 1
-
-
-def test_disk_full_keeps_the_partial_download_for_resuming(served, tmp_path, monkeypatch):
-    server, url = served
-    import tnflow.tasks.sources.download as download
-
-    class FullDisk:
-        """A file whose disk fills up after one block."""
-
-        def __init__(self, handle):
-            self.handle, self.written = handle, 0
-
-        def write(self, block):
-            if self.written:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            self.written += len(block)
-            return self.handle.write(block)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-    wrap = lambda path, mode: FullDisk(open(path, mode))  # noqa: E731, SIM115 - FullDisk closes it
-    monkeypatch.setattr(download, "open", wrap, raising=False)
-    with pytest.raises(DiskFullError, match=r"no space left on .*\.part while downloading .*free space") as raised:
-        fetch(url, tmp_path, MD5)
-    assert not isinstance(raised.value, TransientDownloadError), "retrying cannot free the disk"
-    final = target_path(url, tmp_path, MD5)
-    assert not final.exists() and final.with_name(final.name + ".part").stat().st_size > 0
-
-    monkeypatch.undo()
-    assert Path(fetch(url, tmp_path, MD5).path).read_bytes() == BODY
-    assert server.requests[-1][1] is not None, "the second attempt resumed"
 
 
 def test_a_local_file_edited_in_place_is_copied_again(tmp_path):

@@ -293,3 +293,27 @@ def test_a_full_disk_while_publishing_the_model_is_one_line_and_leaves_no_model(
     with pytest.raises(DiskFullError, match=r"^no space left on .*model_card.md while exporting the model; free space"):
         export_module.publish_model(fake_model(tmp_path, "m"), tmp_path / "run", (), {"data": {}})
     assert not (tmp_path / "run" / "model").exists() and not list((tmp_path / "run").glob("model.tmp-*"))
+
+
+def test_a_full_disk_while_exporting_is_one_line_naming_where(model, small_disk, monkeypatch, capsys):
+    import shutil
+
+    size = sum(path.stat().st_size for path in Path(model["dir"]).rglob("*") if path.is_file())
+    disk = small_disk(size // 1024 + 256)  # the model fits; its SavedModel does not
+    if disk is None:  # no mount on this machine: ENOSPC at the write call
+        import errno
+
+        import tnflow.tasks.release.export as export_module
+
+        def full(source, tmp):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setitem(export_module.WRITERS, "savedmodel", full)
+        disk = model["root"] / "no-mount"
+    copy = disk / "model"
+    shutil.copytree(model["dir"], copy)
+    assert main(["export", str(copy), "--format", "savedmodel"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tnflow export: error: no space left on {copy}"), err
+    assert "while exporting the model; free space and run again" in err[0], err
+    assert sorted(path.name for path in copy.iterdir()) == sorted(path.name for path in Path(model["dir"]).iterdir())

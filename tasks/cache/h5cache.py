@@ -21,9 +21,12 @@ file's bytes (`image_offsets`); a file laid out otherwise does not count as a ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,9 @@ def write_cache(
 ) -> None:
     """Write `splits` (labels, (offset, resized images) chunks) to `out`, a temporary name."""
     total, done = sum(len(labels) for labels, _ in splits.values()), 0
-    with h5py.File(out, "w") as f:
+    f = h5py.File(out, "w")
+    held = []  # every dataset open until the file closes (see `CacheWriter`)
+    with discarded_unless_closed(f):
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["image_size"] = image_size
         for name, value in attrs.items():
@@ -74,19 +79,50 @@ def write_cache(
         for split in SPLITS:
             labels, chunks = splits[split]
             group = f.create_group(split)
-            group.create_dataset("labels", data=labels.astype(np.int64))
+            held.append(group.create_dataset("labels", data=labels.astype(np.int64)))
             images = group.create_dataset(
                 "images",
                 shape=(len(labels), image_size, image_size, 3),
                 dtype=np.uint8,
                 chunks=(min(CHUNK_IMAGES, max(len(labels), 1)), image_size, image_size, 3),
             )
+            held.append(images)
             for offset, chunk in chunks:
                 images[offset : offset + len(chunk)] = chunk
                 done += len(chunk)
                 if progress:
                     progress(done, total)
             f.attrs[f"num_{split}"] = len(labels)
+        f.flush()  # a write that fails here leaves the file to `discarded_unless_closed`, not to a failed close
+        f.close()
+
+
+@contextmanager
+def discarded_unless_closed(file: h5py.File) -> Iterator[None]:
+    """Whatever stops the block before it closes `file`, the file is given up without one more byte on its disk.
+
+    HDF5 writes its metadata when a file closes. After a write failed for want of space, that
+    close fails too, half-way through closing the file's objects, and the process crashes
+    later (a segfault, below a screen of `errno = 28` lines). So writers flush before they
+    close, and a file given up is closed with its descriptor pointed at an anonymous file in
+    memory (it is a temporary about to be deleted): the close writes there and succeeds, and
+    the error that stopped the block goes on alone.
+    """
+    try:
+        yield
+    finally:
+        if file.id.valid:
+            discard(file)
+
+
+def discard(file: h5py.File) -> None:
+    """Close a file being given up, its last writes landing in memory (see `discarded_unless_closed`)."""
+    with contextlib.suppress(Exception):
+        sink = os.memfd_create("tnflow-discarded") if hasattr(os, "memfd_create") else os.open(os.devnull, os.O_RDWR)
+        os.dup2(sink, file.id.get_vfd_handle())
+        os.close(sink)
+    with contextlib.suppress(Exception):
+        file.close()
 
 
 def inspect_cache(path: str | Path) -> CacheInfo | None:
@@ -126,24 +162,40 @@ class CacheWriter:
     Images are written a whole HDF5 chunk at a time, straight to the file (the chunks are
     uncompressed, so their bytes are the array's): 7x faster than HDF5's own write path,
     which copies and converts, and a large share of the build on a machine with few cores.
+
+    Every dataset stays open until the file closes: HDF5 writes a dataset's cached chunks
+    when its last handle goes, and a write that fails there (a full disk) is only printed,
+    from a destructor, and leaves the library in a state that crashes the process later.
     """
 
     def __init__(self, out: Path, attrs: dict[str, Any], image_size: int):
         self.file = h5py.File(out, "w")
+        try:
+            self._start(attrs, image_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, attrs: dict[str, Any], image_size: int) -> None:
         self.file.attrs["format_version"] = FORMAT_VERSION
         self.file.attrs["image_size"] = image_size
         for name, value in attrs.items():
             self.file.attrs[name] = value
         shape = (image_size, image_size, 3)
         self.pending: dict[str, list[tuple[np.ndarray, list, list, list]]] = {split: [] for split in SPLITS}
+        self.datasets: dict[str, dict[str, h5py.Dataset]] = {}
         for split in SPLITS:
             group = self.file.create_group(split)
-            group.create_dataset(
-                "images", shape=(0, *shape), maxshape=(None, *shape), dtype=np.uint8, chunks=(CHUNK_IMAGES, *shape)
-            )
-            group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            group.create_dataset("digests", shape=(0,), maxshape=(None,), dtype="S64", chunks=(4096,))
-            group.create_dataset("paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,))
+            self.datasets[split] = {
+                "images": group.create_dataset(
+                    "images", shape=(0, *shape), maxshape=(None, *shape), dtype=np.uint8, chunks=(CHUNK_IMAGES, *shape)
+                ),
+                "labels": group.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,)),
+                "digests": group.create_dataset("digests", shape=(0,), maxshape=(None,), dtype="S64", chunks=(4096,)),
+                "paths": group.create_dataset(
+                    "paths", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(4096,)
+                ),
+            }
 
     def append(self, split: str, images: np.ndarray, labels: list[int], digests: list[str], paths: list[str]) -> None:
         self.pending[split].append((images, labels, digests, paths))
@@ -156,7 +208,7 @@ class CacheWriter:
         images = np.concatenate([p[0] for p in self.pending[split]])
         columns = [[value for p in self.pending[split] for value in p[k]] for k in (1, 2, 3)]
         n = len(images) - len(images) % CHUNK_IMAGES if whole_chunks else len(images)
-        group = self.file[split]
+        group = self.datasets[split]
         start = group["labels"].shape[0]  # a multiple of CHUNK_IMAGES: only the last write is partial
         for name, values in zip(("images", "labels", "digests", "paths"), (images, *columns), strict=True):
             group[name].resize(start + n, axis=0)
@@ -173,26 +225,28 @@ class CacheWriter:
 
     def labels(self, split: str) -> np.ndarray:
         self._write(split)
-        return self.file[split]["labels"][:]
+        return self.datasets[split]["labels"][:]
 
     def finish(self, manifest: dict[str, Any], summary: dict[str, int], recipe: str) -> None:
         """Mark the file complete; `recipe` digests what makes a picture's pixels (size, squaring, code)."""
-        self.file.create_dataset("manifest", data=json.dumps(manifest))
+        self.datasets["manifest"] = {"manifest": self.file.create_dataset("manifest", data=json.dumps(manifest))}
         self.file.attrs["summary"] = json.dumps(summary)
         for split in SPLITS:
             self._write(split)
         digest = hashlib.sha256(recipe.encode())
         for split in ("train", "valid"):  # in row order: the order training reads them in
-            digest.update(self.file[split]["labels"][:].tobytes())
-            digest.update(self.file[split]["digests"][:].tobytes())
+            digest.update(self.datasets[split]["labels"][:].tobytes())
+            digest.update(self.datasets[split]["digests"][:].tobytes())
         self.file.attrs[TRAINING_CONTENT] = digest.hexdigest()[:16]
         for split in SPLITS:
-            self.file.attrs[f"num_{split}"] = int(self.file[split]["labels"].shape[0])
+            self.file.attrs[f"num_{split}"] = int(self.datasets[split]["labels"].shape[0])
+        self.file.flush()  # as `write_cache` does: the close that follows has nothing left to write
         self.file.close()
 
     def close(self) -> None:
+        """Give the file up if `finish` did not close it (see `discarded_unless_closed`)."""
         if self.file.id.valid:
-            self.file.close()
+            discard(self.file)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -173,21 +173,22 @@ def renamed_when_complete(final: Path, stage: str = "building the cache") -> Ite
     try:
         yield tmp
         os.replace(tmp, final)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):  # h5py's say so in their text alone
             raise disk_full_error(final, stage) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace a small text file in one rename: readers see the old or the new content."""
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
 
 
 def switch_symlink(link: Path, target: Path) -> None:

@@ -4,7 +4,9 @@ Without PREFECT_API_URL Prefect starts a temporary server per process, but with 
 start-up limit (a fresh database is migrated in that time; on a loaded 2-core machine it
 is not) and as a child that outlives a killed parent. tnflow starts the same server itself
 (Prefect's app under uvicorn, in ephemeral mode): with `STARTUP_SECONDS` to answer, a
-parent-death signal so it ends with tnflow however tnflow ends, and one line if it fails.
+parent-death signal so it ends with tnflow however tnflow ends, and one line if it fails,
+with the cause the server gave. The server's own output (its tracebacks, its telemetry,
+which a temporary server has no use for) goes to a file of its own, not to the console.
 
 While a command runs, `watch` polls the API's health from a thread; a server gone for
 `lost_seconds()` interrupts the command, which then stops with one line naming the server.
@@ -14,14 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -76,6 +81,7 @@ def _temporary_server() -> Iterator[str]:
     env = {
         **os.environ,
         "PREFECT_UI_ENABLED": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
         **get_current_settings().to_environment_variables(exclude_unset=True),
@@ -84,12 +90,16 @@ def _temporary_server() -> Iterator[str]:
     command += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--log-level", "error", "--lifespan", "on"]
     parent = os.getpid()
-    server = subprocess.Popen(command, env=env, preexec_fn=lambda: die_with_parent(parent))
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, read if it fails to start
+    server = subprocess.Popen(
+        command, env=env, stdout=output, stderr=subprocess.STDOUT, preexec_fn=lambda: die_with_parent(parent)
+    )
     try:
-        _wait_until_healthy(url, server, startup_seconds())
+        _wait_until_healthy(url, server, startup_seconds(), output)
         _TEMPORARY.add(url)
         yield url
     finally:
+        output.close()
         _TEMPORARY.discard(url)
         _drain_prefect_workers(DRAIN_SECONDS)
         server.terminate()
@@ -119,7 +129,9 @@ def _drain_prefect_workers(seconds: float) -> None:
     best_effort(drain, seconds, "tnflow-drain")
 
 
-def _wait_until_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
+def _wait_until_healthy(url: str, server: subprocess.Popen, seconds: float, output: IO[bytes]) -> None:
+    from prefect.settings import PREFECT_HOME
+
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -127,12 +139,33 @@ def _wait_until_healthy(url: str, server: subprocess.Popen, seconds: float) -> N
         if healthy(url):
             return
         time.sleep(0.2)
-    how = f"it exited with code {server.returncode}" if server.poll() is not None else f"no answer in {seconds:.0f} s"
+    if server.poll() is not None:
+        output.seek(0)
+        cause = server_error(output.read().decode(errors="replace"))
+        said = f": {cause}" if cause else ""
+        how = f"it exited with code {server.returncode}{said}; PREFECT_HOME is {PREFECT_HOME.value()}"
+    else:
+        how = f"no answer in {seconds:.0f} s"
     raise TnflowError(
         f"the temporary Prefect server did not start ({how}); run one that stays: `prefect server start`, "
         "then export PREFECT_API_URL=http://127.0.0.1:4200/api "
         "(or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
     )
+
+
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+_WRAPPED = re.compile(r"^[(][\w.]+[)] ")
+
+
+def server_error(output: str) -> str:
+    """The last error a failed server printed, as part of a line: `OperationalError: unable to open database file`."""
+    for line in reversed(output.splitlines()):
+        found = _ERROR_LINE.match(line.strip())
+        if found:
+            kind, text = found.groups()
+            text = _WRAPPED.sub("", text)  # sqlalchemy's "(sqlite3.OperationalError) unable to open ..."
+            return f"{kind}: {text}"[:300]
+    return ""
 
 
 def healthy(url: str, timeout: float = 3.0) -> bool:

@@ -64,7 +64,8 @@ def export(model_dir: str | Path, formats: tuple[str, ...], target: str | Path |
     meta = read_model_dir(model_dir)
     needed = ("savedmodel", *formats) if formats and "savedmodel" not in formats else formats
     source = Source(model_dir, meta, target / FILES["savedmodel"])
-    with exclusive(target / ".exports"):  # a second run exporting the same model waits, then finds them
+    exporting = full_disk_ends("exporting the model", target)
+    with exclusive(target / ".exports"), exporting:  # a second run exporting the same model waits, then finds them
         for fmt in needed:
             final = target / FILES[fmt]
             remove_stale_temps(final)

@@ -18,8 +18,11 @@ import re
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from prefect import get_run_logger, task
@@ -153,16 +156,31 @@ def _copy_local(source: Path, part: Path, progress: ProgressFn | None) -> None:
     total = source.stat().st_size
     done = 0
     try:
-        with open(source, "rb") as src, open(part, "wb") as dst:
+        with _partial(part, "wb", f"copying {source}") as dst, open(source, "rb") as src:
             while block := src.read(CHUNK_BYTES):
                 dst.write(block)
                 done += len(block)
                 if progress:
                     progress(done, total)
     except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(part, "copying the download") from None
         raise DownloadError(f"cannot copy {source}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _partial(part: Path, mode: str, doing: str) -> Iterator[BinaryIO]:
+    """`part` open for writing; a full disk (in a write, or in the flush of its close) removes it.
+
+    The error is the first one, with the path and what was being done: the close's own ENOSPC
+    would otherwise replace it, and the partial file would keep the disk full.
+    """
+    try:
+        with open(part, mode) as out:
+            yield out
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        part.unlink(missing_ok=True)
+        raise disk_full_error(part, f"{doing} (the partial file was removed)") from None
 
 
 def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | None, option: str) -> None:
@@ -196,7 +214,7 @@ def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | Non
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         done = have
-        with open(part, mode) as out:
+        with _partial(part, mode, f"downloading {url}") as out:
             while True:
                 try:
                     block = response.read(CHUNK_BYTES)
@@ -206,12 +224,7 @@ def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | Non
                     ) from None
                 if not block:
                     break
-                try:
-                    out.write(block)
-                except OSError as exc:
-                    if is_disk_full(exc):
-                        raise disk_full_error(part, "downloading (the partial file is kept and resumes)") from None
-                    raise
+                out.write(block)
                 done += len(block)
                 if progress:
                     progress(done, total)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.core.files import write_atomic
+from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import run_logger
 
 SPLIT_DIRS = {"train": "train", "test": "test", "val": "valid", "valid": "valid", "validation": "valid"}
@@ -179,8 +179,9 @@ def _fingerprint(files: list[tuple[str, int, Path]], root: Path, index_path: Pat
             else:
                 new_index.pop(entry.path)
     if index_path is not None and new_index != index:
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(index_path, json.dumps(new_index))  # two scans may race: either result is right
+        with full_disk_ends("scanning the folder (writing its index of file digests)", index_path):
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(index_path, json.dumps(new_index))  # two scans may race: either result is right
     return [e for e in out if e is not None]
 
 
