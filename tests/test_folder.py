@@ -97,13 +97,40 @@ def test_a_class_missing_from_a_split_is_named(tmp_path):
     [
         (lambda root: make_folder(root, classes=1, per_class=5), "a classifier needs at least 2"),
         (lambda root: [(root / "a").mkdir(parents=True), (root / "b").mkdir()], "holds no readable images"),
-        (lambda root: [make_folder(root, 2, 5), *map(os.unlink, list((root / "class-1").iterdir())[1:])], "1 usable"),
+        (
+            lambda root: [make_folder(root, 2, 5), *map(os.unlink, list((root / "class-1").iterdir())[1:])],
+            r"has 1 class\(es\) with 2 usable pictures or more \('class-0' \(5\), 'class-1' \(1\)\); training needs 2",
+        ),
     ],
 )
 def test_nothing_to_learn_from_is_one_clear_error(tmp_path, arrange, message):
     arrange(tmp_path / "data")
     with pytest.raises(DataError, match=message):
         build(tmp_path / "data", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("left", [0, 1])
+def test_a_class_folder_without_two_usable_pictures_is_left_out_and_said_unless_strict(tmp_path, caplog, left):
+    """A folder made for a new class before it is filled must not stop every retrain."""
+    make_folder(tmp_path / "data", classes=3, per_class=10)
+    (tmp_path / "data" / "new-class").mkdir()
+    if left:
+        picture(0, 777).save(tmp_path / "data" / "new-class" / "only.png")
+    (tmp_path / "data" / "new-class" / "empty.png").write_bytes(b"")  # skipped as a file, not counted
+    info = build(tmp_path / "data", tmp_path / "cache", max_bad=0.05)
+    why = f"{left} usable picture{'' if left == 1 else 's'}; a class needs 2 (one to train on, one to test)"
+    assert info.class_names == ("class-0", "class-1", "class-2") and sum(info.counts.values()) == 30
+    assert read_manifest(info.path)["left_out"] == {"new-class": why}
+    assert ("class left out: new-class", why) in data_sections(info.path)["data"]
+    assert f"class 'new-class' left out: {why}. This run trains on 3 classes" in caplog.text
+    with h5py.File(info.path) as f:
+        assert sorted(set(f["train/labels"][:]) | set(f["test/labels"][:])) == [0, 1, 2], "numbered as listed"
+
+    with pytest.raises(DataError) as raised:
+        build(tmp_path / "data", tmp_path / "cache", max_bad=0.05, strict_classes=True)
+    assert (
+        str(raised.value) == f"class 'new-class' has {why}: add pictures, or drop --strict-classes to train without it"
+    )
 
 
 # -- bad files, duplicates, leakage ----------------------------------------------------

@@ -119,6 +119,14 @@ def build_folder_cache(
         log.warning(
             "%d file(s) skipped (all are listed in the cache's manifest and the report): %s", len(skipped), shown
         )
+    for name, why in manifest.get("left_out", {}).items():
+        log.warning(
+            "class %r left out: %s. This run trains on %d classes; add pictures to train it, "
+            "or pass --strict-classes to stop instead",
+            name,
+            why,
+            len(info.class_names),
+        )
     unsafe = manifest.get("unpacked_skipped", [])
     if unsafe:
         log.warning("%d archive member(s) %s: %s", len(unsafe), UNSAFE_MEMBER, "; ".join(unsafe[:3]))

@@ -50,7 +50,7 @@ def write_folder_cache(
     plan = plan_splits(scan, spec, before.get("splits", {}))
     tally = _Tally(len(scan.entries), spec.max_bad, plan, before.get("bad_digests", {}))
     check_free_space(out.parent, tally.images * spec.image_size**2 * 3 + (64 << 20))
-    writer = CacheWriter(out, _attributes(scan, spec, identity), spec.image_size)
+    writer = CacheWriter(out, _attributes(scan, plan, spec, identity), spec.image_size)
     try:
         with pool as decoding:
             for split in SPLITS:
@@ -61,7 +61,7 @@ def write_folder_cache(
                 fresh = [e for e in fresh if not tally.known_bad(e)]  # skipped again, not decoded again
                 _decode_rows(scan, fresh, spec, decoding, writer, split, tally, progress)
         tally.check(final=True)
-        _every_class_trains(writer, scan.class_names)
+        _every_class_trains(writer, plan.class_names)
         manifest = _manifest(scan, identity, previous, unpacked_skipped, plan, tally)
         writer.finish(manifest, tally.summary(scan), recipe)
     finally:
@@ -118,10 +118,10 @@ class _Tally:
         }
 
 
-def _attributes(scan: Scan, spec: FolderSpec, identity: str) -> dict[str, Any]:
+def _attributes(scan: Scan, plan: Plan, spec: FolderSpec, identity: str) -> dict[str, Any]:
     return {
         "dataset": spec.dataset,
-        "class_names": list(scan.class_names),
+        "class_names": list(plan.class_names),  # the scan's, but those left out for want of pictures
         "source_md5": scan.version,
         "source_id": short_digest(identity),
         "source": identity,
@@ -142,6 +142,7 @@ def _manifest(
         "layout": scan.layout,
         "previous": previous.name if previous else None,
         "skipped": sorted(plan.skipped),
+        "left_out": plan.left_out,
         "duplicates": plan.duplicates,
         "leaked": plan.leaked,
         "ignored": scan.ignored,

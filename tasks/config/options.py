@@ -159,6 +159,11 @@ class DataConfig(Configuration):
         description="fail when more than this fraction of a folder's files cannot be used",
         json_schema_extra={"metavar": "X"},
     )
+    strict_classes: bool = Field(
+        False,
+        description="stop when a class folder has fewer than 2 usable pictures, instead of training without "
+        "that class (and saying so)",
+    )
     dask_address: str | None = Field(
         default_factory=lambda: os.environ.get("TNFLOW_DASK_ADDRESS") or None,
         description="decode and resize a folder on this Dask scheduler (default: $TNFLOW_DASK_ADDRESS, "
@@ -237,7 +242,7 @@ class DataConfig(Configuration):
         if self.dataset != FOLDER:
             return CacheSpec(*common)
         test = _count(self.test_size if self.test_size is not None else 0.2)
-        return FolderSpec(*common, test, self.resize, self.max_pixels, self.max_bad)
+        return FolderSpec(*common, test, self.resize, self.max_pixels, self.max_bad, self.strict_classes)
 
 
 def _count(size: float) -> int | float:

@@ -29,7 +29,16 @@ class CacheSpec:
 
     def digest(self, code: str = "") -> str:
         """Short stable hash of the spec and the code version that builds from it."""
-        return short_digest({**asdict(self), "code": code}, 12)
+        return short_digest({**self.fields(), "code": code}, 12)
+
+    def fields(self) -> dict[str, Any]:
+        """The spec as its digest sees it: an option at its default since it was added is left out."""
+        return {k: v for k, v in asdict(self).items() if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+
+
+# Options added after caches were built, at the value that builds what was built before: a
+# cache keeps its name until the option is used.
+_ADDED_LATER: dict[str, Any] = {"strict_classes": False}
 
 
 @dataclass(frozen=True)
@@ -40,14 +49,16 @@ class FolderSpec(CacheSpec):
     resize: str = "crop"
     max_pixels: int = MAX_PIXELS
     max_bad: float = 0.01
+    strict_classes: bool = False  # stop on a class with fewer than 2 usable pictures, instead of leaving it out
 
     def lineage(self, source: str, code: str = "") -> str:
         """Caches whose pixels and splits a newer version of the same folder may take over.
 
-        Everything but what screens files (`max_bad`) and what picks subsets (the limits):
+        Everything but what screens files and classes (`max_bad`, `strict_classes`) and what picks subsets (the limits):
         those change which rows a version keeps, never what a kept row holds.
         """
-        keep = {k: v for k, v in asdict(self).items() if k not in ("max_bad", "limit_train", "limit_test")}
+        screens = ("max_bad", "strict_classes", "limit_train", "limit_test")
+        keep = {k: v for k, v in asdict(self).items() if k not in screens}
         return short_digest({**keep, "source": source, "code": code})
 
 

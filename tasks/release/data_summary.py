@@ -24,6 +24,8 @@ def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
     counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
     counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
     source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
+    # A class folder without enough pictures is not trained on: the class list is shorter than the folder's.
+    source += [(f"class left out: {name}", why) for name, why in manifest.get("left_out", {}).items()]
     left_out = [*manifest.get("skipped", []), *((m, UNSAFE_MEMBER) for m in manifest.get("unpacked_skipped", []))]
     skipped = [(p, r) for p, r in left_out[:SKIPPED_SHOWN]]
     more = len(left_out) - len(skipped)

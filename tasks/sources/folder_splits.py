@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class Plan:
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, the copy that was kept)
     leaked: list[str] = field(default_factory=list)  # training copies of test (or validation) images
     assignment: dict[str, str] = field(default_factory=dict)  # digest -> split, before any --limit-* subset
+    class_names: tuple[str, ...] = ()  # the classes trained on: the scan's, but those left out
+    left_out: dict[str, str] = field(default_factory=dict)  # class -> why it was left out
 
 
 def plan_splits(scan: Scan, spec: FolderSpec, previous: dict[str, str] | None = None) -> Plan:
@@ -58,13 +60,7 @@ def plan_splits(scan: Scan, spec: FolderSpec, previous: dict[str, str] | None = 
     images = sorted(kept.values(), key=lambda e: e.path)
     if not images:
         raise DataError(f"{scan.root} holds no readable images; put pictures in DIR/<class>/ folders")
-    per_class = Counter(e.label for e in images)
-    for label, name in enumerate(scan.class_names):
-        if per_class[label] < 2:
-            raise DataError(
-                f"class {name!r} has {per_class[label]} usable image(s); each class needs at least 2 "
-                "(one to train on, one to test)"
-            )
+    images = _without_thin_classes(images, scan, spec.strict_classes, plan)
     given = defaultdict(list)
     for entry in images:
         given[entry.pool].append(entry)
@@ -89,6 +85,35 @@ def plan_splits(scan: Scan, spec: FolderSpec, previous: dict[str, str] | None = 
             picked = stratified_subset(np.array([e.label for e in rows]), limit, rng)
             plan.splits[split] = [rows[i] for i in picked]
     return plan
+
+
+def _without_thin_classes(images: list[Entry], scan: Scan, strict: bool, plan: Plan) -> list[Entry]:
+    """Leave out the classes with fewer than 2 usable pictures (one to train on, one to test), and say why.
+
+    A user who makes the folder of a new class before filling it must not stop every retrain;
+    `strict` (--strict-classes) stops the build instead. The classes kept are numbered again.
+    """
+    per_class = Counter(e.label for e in images)
+    thin = [label for label in range(len(scan.class_names)) if per_class[label] < 2]
+    for label in thin:
+        name, count = scan.class_names[label], per_class[label]
+        why = f"{count} usable picture{'' if count == 1 else 's'}; a class needs 2 (one to train on, one to test)"
+        if strict:
+            raise DataError(
+                f"class {name!r} has {why}: add pictures, or drop --strict-classes to train without it"
+            )
+        plan.left_out[name] = why
+    kept = [label for label in range(len(scan.class_names)) if label not in thin]
+    if len(kept) < 2:
+        names = ", ".join(f"{scan.class_names[label]!r} ({per_class[label]})" for label in kept + thin)
+        raise DataError(
+            f"{scan.root} has {len(kept)} class(es) with 2 usable pictures or more ({names}); training needs 2 classes"
+        )
+    plan.class_names = tuple(scan.class_names[label] for label in kept)
+    if not thin:
+        return images
+    number = {old: new for new, old in enumerate(kept)}
+    return [replace(e, label=number[e.label]) for e in images if e.label in number]
 
 
 def _carve(
