@@ -157,6 +157,21 @@ def test_what_a_holder_owes_another_backend_is_carried_to_a_holder_of_that_backe
     assert paths[0].read_text() == "{}", "paid back: nothing owed, nothing carried"
 
 
+def test_a_lock_directory_that_cannot_be_written_is_one_line(tmp_path):
+    from tnflow.tasks.core.errors import TnflowError
+
+    (tmp_path / "locks").write_text("a file where the directory should be")
+    with (
+        pytest.raises(TnflowError) as raised,
+        host_slot([tmp_path / "locks" / "gpu-0.lock"], {}, logging.getLogger(), ""),
+    ):
+        pass
+    assert str(raised.value) == (
+        f"TNFLOW_LOCK_DIR {tmp_path / 'locks'} is not a writable directory (it is a file); "
+        "choose another with TNFLOW_LOCK_DIR"
+    )
+
+
 def test_slots_are_taken_all_or_none(tmp_path):
     """A holder of several slots never sits on some while it waits for the rest: no two such holders deadlock."""
     paths = [tmp_path / f"slot-{i}.lock" for i in range(3)]

@@ -177,10 +177,34 @@ def test_scoring_a_path_that_does_not_exist(trained, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_an_empty_folder_gives_a_csv_with_its_header_only(trained, tmp_path, capsys):
+def test_an_empty_folder_fails_the_command_but_gives_the_nightly_job_a_csv_with_its_header_only(
+    trained, tmp_path, capsys
+):
+    from tnflow.tasks.release.predict import score
+
     (tmp_path / "inbox").mkdir()
-    assert main(["predict", trained["model_dir"], str(tmp_path / "inbox"), "--out", str(tmp_path / "p.csv")]) == 0
+    assert main(["predict", trained["model_dir"], str(tmp_path / "inbox"), "--out", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"tnflow predict: error: no files in {tmp_path / 'inbox'}; give image files, or folders that hold some"
+    ]
+    assert not (tmp_path / "p.csv").exists(), "as without --out: nothing asked for was scored"
+    assert score(trained["model_dir"], [str(tmp_path / "inbox")], tmp_path / "p.csv") == {}  # tonight's empty inbox
     assert (tmp_path / "p.csv").read_text().strip() == "path,class,probability,margin,entropy,top3,error"
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-directory"])
+def test_an_out_that_cannot_be_written_is_one_line(trained, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    out = tmp_path / "file" / "p.csv" if where == "under-a-file" else tmp_path / "dir"
+    assert main(["predict", trained["model_dir"], trained["pngs"][0], "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    said = {
+        "under-a-file": f"--out {out.parent} is not a writable directory (it is a file); choose another with --out",
+        "a-directory": f"--out {out} is a directory; give the CSV's file name ({out / 'predictions.csv'})",
+    }[where]
+    assert err == [f"tnflow predict: error: {said}"]
 
 
 def test_printing_the_classes_of_an_empty_folder_fails_in_one_line(trained, tmp_path, capsys):

@@ -17,13 +17,13 @@ from tnflow.tasks.core.errors import ConfigError, TnflowError
 
 
 def predict(args: argparse.Namespace) -> str | None:
-    from tnflow.tasks.release.predict import image_paths, model_directory, predict_files, score
+    from tnflow.tasks.release.predict import files_to_score, model_directory, predict_files, score
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be an integer of at least 1, got {args.batch_size}")
     model_dir = model_directory(args.model, args.output_dir or default_output_dir())
     if args.out:
-        counts = score(model_dir, args.images, args.out, args.batch_size)
+        counts = score(model_dir, args.images, args.out, args.batch_size, empty_ok=False)
         summary = ", ".join(f"{name} {n}" for name, n in counts.most_common())
         print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
         written = str(Path(args.out).expanduser().absolute())
@@ -34,9 +34,7 @@ def predict(args: argparse.Namespace) -> str | None:
                 "says why"
             )
         return written
-    paths = image_paths(args.images)
-    if not paths:
-        raise TnflowError(f"no files in {' '.join(args.images)}; give image files, or folders that hold some")
+    paths = files_to_score(args.images)
     failed, results = 0, []
     with contextlib.closing(predict_files(model_dir, paths, batch_size=args.batch_size)) as predicted:
         for result in predicted:

@@ -34,6 +34,8 @@ _POLL_SECONDS = 0.5
 def ensure_writable_dir(path: str | Path, option: str = "--cache-dir") -> Path:
     """Create `path` if needed and prove a file can be written there."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TnflowError(f"{option} {path} is not a writable directory (it is a file); choose another with {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f"{_TMP_MARK}probe-{os.getpid()}-{secrets.token_hex(4)}"

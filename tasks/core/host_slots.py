@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from tnflow.tasks.core.files import holder_of
+from tnflow.tasks.core.files import ensure_writable_dir, holder_of
 
 WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
 POLL_SECONDS = 0.5
@@ -91,8 +91,8 @@ def host_slot(
     """
     if count > len(paths):
         raise ValueError(f"{count} slots asked of {len(paths)}")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    for parent in dict.fromkeys(path.parent for path in paths):
+        ensure_writable_dir(parent, "TNFLOW_LOCK_DIR")  # the host's locks: every run on the machine meets there
     started, next_report = time.monotonic(), 0.0
     while True:
         held = _take(paths, count)

@@ -28,7 +28,7 @@ from prefect.runtime import flow_run
 
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
-from tnflow.tasks.core.files import exclusive, renamed_when_complete, write_atomic
+from tnflow.tasks.core.files import ensure_writable_dir, exclusive, renamed_when_complete, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
@@ -62,6 +62,21 @@ def image_paths(sources: Iterable[str]) -> list[str]:
                 paths += [str(Path(root) / f) for f in sorted(files) if not f.startswith(".")]
         else:  # a file, or a name that is not there: reported with the other unreadable files
             paths.append(source)
+    return paths
+
+
+def files_to_score(sources: list[str], empty_ok: bool = False) -> list[str]:
+    """The files under `sources`, which must exist.
+
+    No file at all is an empty list where that is news (tonight's inbox was empty, `empty_ok`:
+    a CSV with its header only), and an error where someone asked for these pictures.
+    """
+    for source in sources:
+        if not Path(source).exists():
+            raise TnflowError(f"{source} does not exist; give image files or folders of them")
+    paths = image_paths(sources)
+    if not paths and not empty_ok:
+        raise TnflowError(f"no files in {' '.join(sources)}; give image files, or folders that hold some")
     return paths
 
 
@@ -117,7 +132,9 @@ def write_predictions(
     Returns the counts per class; `seen` collects the readable images' results, for what comes after.
     """
     out = Path(out).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise TnflowError(f"--out {out} is a directory; give the CSV's file name ({out / 'predictions.csv'})")
+    ensure_writable_dir(out.parent, "--out")
     counts: Counter = Counter()
     with (
         exclusive(out),
@@ -161,12 +178,10 @@ def score(
     out: str | Path,
     batch_size: int = BATCH_SIZE,
     seen: list[dict[str, Any]] | None = None,
+    empty_ok: bool = True,
 ) -> Counter:
     """Batch scoring: every picture under `sources` by the model in `model_dir`, into the CSV `out`."""
-    for source in sources:
-        if not Path(source).exists():
-            raise TnflowError(f"{source} does not exist; give image files or folders of them")
-    paths = image_paths(sources)  # none (an empty inbox tonight): a CSV with its header only
+    paths = files_to_score(sources, empty_ok)
     with contextlib.closing(predict_files(model_dir, paths, batch_size=batch_size)) as results:
         return write_predictions(results, out, seen)
 

@@ -99,9 +99,7 @@ def _without_thin_classes(images: list[Entry], scan: Scan, strict: bool, plan: P
         name, count = scan.class_names[label], per_class[label]
         why = f"{count} usable picture{'' if count == 1 else 's'}; a class needs 2 (one to train on, one to test)"
         if strict:
-            raise DataError(
-                f"class {name!r} has {why}: add pictures, or drop --strict-classes to train without it"
-            )
+            raise DataError(f"class {name!r} has {why}: add pictures, or drop --strict-classes to train without it")
         plan.left_out[name] = why
     kept = [label for label in range(len(scan.class_names)) if label not in thin]
     if len(kept) < 2:
