@@ -109,6 +109,16 @@ def test_nothing_to_learn_from_is_one_clear_error(tmp_path, arrange, message):
         build(tmp_path / "data", tmp_path / "cache")
 
 
+def test_a_training_subset_smaller_than_the_classes_blames_the_option(tmp_path):
+    make_folder(tmp_path / "data", classes=3, per_class=10)
+    with pytest.raises(DataError) as raised:
+        build(tmp_path / "data", tmp_path / "cache", limit_train=2)
+    assert str(raised.value) == (
+        "--limit-train 2 is fewer than the 3 classes, and every class needs a training image; "
+        "pass --limit-train 3 or more"
+    )
+
+
 @pytest.mark.parametrize("left", [0, 1])
 def test_a_class_folder_without_two_usable_pictures_is_left_out_and_said_unless_strict(tmp_path, caplog, left):
     """A folder made for a new class before it is filled must not stop every retrain."""

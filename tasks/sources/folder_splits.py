@@ -18,7 +18,7 @@ import numpy as np
 from tnflow.tasks.config.specs import FolderSpec
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.sources.folder import Entry, Scan
-from tnflow.tasks.sources.splits import class_quotas, stratified_subset
+from tnflow.tasks.sources.splits import class_quotas, limited
 
 
 @dataclass
@@ -80,9 +80,8 @@ def plan_splits(scan: Scan, spec: FolderSpec, previous: dict[str, str] | None = 
     for split, limit in (("train", spec.limit_train), ("test", spec.limit_test)):
         rows = plan.splits[split]
         if limit is not None:
-            if limit > len(rows):
-                raise DataError(f"--limit-{split} {limit} exceeds the {len(rows)} {split} images of {scan.root}")
-            picked = stratified_subset(np.array([e.label for e in rows]), limit, rng)
+            labels, what = np.array([e.label for e in rows]), f"{split} images of {scan.root}"
+            picked = limited(labels, split, limit, what, rng, every_class=True)
             plan.splits[split] = [rows[i] for i in picked]
     return plan
 

@@ -35,6 +35,27 @@ def stratified_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> n
     return np.sort(np.concatenate(picked))
 
 
+def limited(
+    labels: np.ndarray, split: str, limit: int, what: str, rng: np.random.Generator, every_class: bool = False
+) -> np.ndarray:
+    """`--limit-<split>`: sorted indices of a stratified subset of `limit` of `labels`, or one line on why not.
+
+    `what` names the images it is taken from, for the message. Where every class must have a
+    training image (`every_class`: a folder's classes), a training subset smaller than the
+    number of classes is the option's fault, and said so, not a class's. (A CIFAR smoke run
+    may train on fewer pictures than it has classes.)
+    """
+    if limit > len(labels):
+        raise DataError(f"--limit-{split} {limit} exceeds the {len(labels)} {what}")
+    classes = len(np.unique(labels))
+    if every_class and split == "train" and limit < classes:
+        raise DataError(
+            f"--limit-train {limit} is fewer than the {classes} classes, and every class needs a training image; "
+            f"pass --limit-train {classes} or more"
+        )
+    return stratified_subset(labels, limit, rng)
+
+
 def split_indices(dataset: Dataset, spec: CacheSpec) -> dict[str, np.ndarray]:
     """Indices per split: `valid` held out of the training batches, `test` in official order."""
     n_train = len(dataset.train_labels)
@@ -48,14 +69,9 @@ def split_indices(dataset: Dataset, spec: CacheSpec) -> dict[str, np.ndarray]:
     valid = stratified_subset(dataset.train_labels, int(valid_size), rng)
     train = np.setdiff1d(np.arange(n_train), valid)
     if spec.limit_train is not None:
-        if spec.limit_train > len(train):
-            raise DataError(
-                f"--limit-train {spec.limit_train} exceeds the {len(train)} training images left after validation"
-            )
-        train = train[stratified_subset(dataset.train_labels[train], spec.limit_train, rng)]
+        left = "training images left after validation"
+        train = train[limited(dataset.train_labels[train], "train", spec.limit_train, left, rng)]
     test = np.arange(len(dataset.test_labels))
     if spec.limit_test is not None:
-        if spec.limit_test > len(test):
-            raise DataError(f"--limit-test {spec.limit_test} exceeds the {len(test)} test images")
-        test = stratified_subset(dataset.test_labels, spec.limit_test, rng)
+        test = limited(dataset.test_labels, "test", spec.limit_test, "test images", rng)
     return {"train": train, "valid": valid, "test": test}
