@@ -1,8 +1,9 @@
 """What a user error looks like on the console: tnflow's one line, not Prefect's tracebacks.
 
 Prefect logs a failed task or flow with its traceback through the engine's frames, which
-reads like a crash even when the cause is a wrong path or digest. For tnflow's own error
-types the console handlers drop those records; the run's log in the Prefect UI (the API
+reads like a crash even when the cause is a wrong path or digest, and a run stopped by
+SIGTERM or Ctrl-C as "Crash detected!". For tnflow's own error types and for interruptions
+the console handlers drop those records; the run's log in the Prefect UI (the API
 handler) keeps them whole, and `--debug` keeps them on the console too. Unexpected errors
 keep their tracebacks everywhere.
 """
@@ -31,6 +32,20 @@ class _DropUserErrors(logging.Filter):
         )
 
 
+# What Prefect's engine logs of a run stopped by a signal (its state's message), which tnflow's
+# own line ("interrupted by SIGTERM during train; finished work is kept ...") says better.
+_INTERRUPTED = ("aborted by a termination signal", "aborted by an interrupt signal", "Interrupted:")
+
+
+class _DropInterruptions(logging.Filter):
+    """Drops Prefect's 'Crash detected!' and 'Finished in state Crashed(...)' lines for a run a signal stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        crashed = message.startswith(("Crash detected!", "Finished in state Crashed("))
+        return not (crashed and any(mark in record.getMessage() for mark in _INTERRUPTED))
+
+
 def _user_errors(kind: type[BaseException] = TnflowError) -> list[str]:
     return [kind.__name__, *(name for sub in kind.__subclasses__() for name in _user_errors(sub))]
 
@@ -44,14 +59,16 @@ def user_errors_in_one_line(enabled: bool = True) -> Iterator[None]:
     import prefect.logging.configuration  # noqa: F401 - Prefect sets up its console handler on import
 
     handlers = [h for h in logging.getLogger().handlers if not _sends_to_api(h)]
-    dropper = _DropUserErrors()
+    droppers = (_DropUserErrors(), _DropInterruptions())
     for handler in handlers:
-        handler.addFilter(dropper)
+        for dropper in droppers:
+            handler.addFilter(dropper)
     try:
         yield
     finally:
         for handler in handlers:
-            handler.removeFilter(dropper)
+            for dropper in droppers:
+                handler.removeFilter(dropper)
 
 
 def _sends_to_api(handler: logging.Handler) -> bool:

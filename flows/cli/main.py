@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # started here, its start-up lines are hidden for them as for run.
         start_tensorflow(verbose=args.debug)
     from tnflow.flows.cli.console import disk_full_line, interrupted_line, user_errors_in_one_line
-    from tnflow.tasks.core.processes import Interrupted, stop_on_signals
+    from tnflow.tasks.core.processes import Interrupted, say_last, stop_on_signals
 
     with user_errors_in_one_line(enabled=not args.debug):
         try:
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.stop = stop
                 result = args.handler(args)
         except Interrupted as stopped:
-            print(interrupted_line(args.command, stopped), file=sys.stderr)
+            say_last(interrupted_line(args.command, stopped))  # once, if a second signal's hard exit said it first
             return stopped.code
         except TnflowError as exc:
             if args.debug:

@@ -58,6 +58,30 @@ def best_effort(call: Callable[[], object], seconds: float, name: str) -> bool:
     return done.wait(seconds)
 
 
+_STOPPING: list[Interrupted] = []  # set once a signal (or a lost server) asked the run to stop
+_SAID: list[str] = []  # the run's last line, once printed
+_SAYING = threading.Lock()
+
+
+def say_last(line: str) -> None:
+    """Print the run's last line once, whoever gets there first: the main thread, or the hard exit."""
+    with _SAYING:
+        if not _SAID:
+            _SAID.append(line)
+            print(line, file=sys.stderr, flush=True)
+
+
+def stop_requested() -> None:
+    """Raise the run's `Interrupted` in this thread if it was asked to stop.
+
+    The signal handler interrupts the main thread only; work in other threads (a sweep's
+    trials run as subflows in threads of the sweep) calls this between steps, so it stops
+    with the main thread instead of running on until the hard exit.
+    """
+    if _STOPPING:
+        raise _STOPPING[0]
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT (or a lost server) asked the run to stop."""
 
@@ -91,10 +115,11 @@ def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callab
         with lock:
             if not first:
                 first.append(Interrupted(signal.Signals(signum).name, 128 + signum))
+            _STOPPING[:] = first  # other threads stop at their next step (`stop_requested`)
             return first[0]
 
     def hard_exit(reason: Interrupted) -> None:
-        print(last_words(reason), file=sys.stderr, flush=True)
+        say_last(last_words(reason))
         os._exit(reason.code)
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -131,6 +156,7 @@ def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callab
     try:
         yield stop
     finally:
+        _STOPPING.clear()
         signal.set_wakeup_fd(previous_fd)
         for signum, old in previous.items():
             signal.signal(signum, old)

@@ -149,7 +149,8 @@ def _in_this_process(
         claim_gpus(held)
         if gpus:
             trials = [Trial(t.name, t.options, t.config.model_copy(update={"gpu_slot": "none"})) for t in trials]
-        with ThreadPoolExecutor(parallel, thread_name_prefix="tnflow-trial") as pool:
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="tnflow-trial")
+        try:
             # Each thread runs in a copy of the sweep's context, so each trial is a child of the sweep's run.
             futures = [
                 pool.submit(contextvars.copy_context().run, _subflow, subflow, trial, sweep_name) for trial in trials
@@ -159,6 +160,12 @@ def _in_this_process(
                 trial, flow_run = future.result()
                 with get_client(sync_client=True) as client:
                     results.append(_ended(client, trial, flow_run, on_finished, log))
+        except BaseException:
+            # Interrupted (or failed): no trial starts any more, and a running one stops at its next step
+            # (`stop_requested`); waiting for the queue here would train on until the hard exit.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     return results
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
+from tnflow.tasks.core.processes import stop_requested
 from tnflow.tasks.tf.inputs import PREFETCH_BATCHES, READ_THREADS
 from tnflow.tasks.tf.startup import gpus_named, physical_gpus
 
@@ -128,11 +129,12 @@ def run_split(
     shuffle: bool = False,
     training: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Run `fetches` on every batch of `split`, from the input pipeline."""
+    """Run `fetches` on every batch of `split`, from the input pipeline; a run asked to stop stops between batches."""
     split_arg, epoch_arg, shuffle_arg, batch_arg = net.pipeline.args
     session.run(net.pipeline.init, {split_arg: split, epoch_arg: epoch, shuffle_arg: shuffle, batch_arg: batch_size})
     feed = {net.is_training: True} if training else None
     while True:
+        stop_requested()  # in a sweep's trial thread too, not only where the signal lands
         try:
             yield session.run(fetches, feed)
         except tf.errors.OutOfRangeError:
