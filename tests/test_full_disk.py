@@ -118,3 +118,39 @@ def test_a_full_disk_during_a_download_keeps_its_first_error_and_removes_the_par
     assert not part.exists() and not target_path(url, dest, MD5).exists()
     monkeypatch.undo()
     assert Path(fetch(url, tmp_path / "roomy", MD5).path).read_bytes() == BODY, "with room, the same call completes"
+
+
+def test_a_one_line_error_raised_from_none_pickles_without_the_error_it_replaced():
+    """Prefect stores a failed state's exception; with tblib installed (Dask and TensorFlow install it) a pickle
+    carries the exception's chain, and a TensorFlow error in it (its graph operation) cannot be pickled: Prefect
+    then warned "Failed to write result" beside the one line."""
+    import pickle
+
+    from tblib import pickling_support
+
+    class Operation:
+        def __reduce__(self):
+            raise TypeError("cannot pickle 'Operation' object")
+
+    class TensorFlowError(Exception):
+        def __init__(self, message):
+            super().__init__(message)
+            self.op = Operation()
+
+    pickling_support.install()
+    try:
+        try:
+            raise TensorFlowError("No space left on device")
+        except TensorFlowError:
+            raise DiskFullError("no space left on /x while saving training checkpoints") from None
+    except DiskFullError as raised:
+        error = raised
+    assert error.__suppress_context__ and error.__context__ is None
+    assert str(pickle.loads(pickle.dumps(error))) == "no space left on /x while saving training checkpoints"
+    try:
+        try:
+            raise ValueError("the cause")
+        except ValueError:
+            raise DiskFullError("raised inside the handler, without from None")  # noqa: B904 - on purpose
+    except DiskFullError as raised:
+        assert repr(raised.__context__) == "ValueError('the cause')", "a context not suppressed stays"

@@ -12,8 +12,26 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     return text[0][:limit] if text else type(exc).__name__
 
 
+_CONTEXT = BaseException.__context__  # the slot Python fills with the error being handled at a raise
+
+
 class TnflowError(Exception):
-    """A failure the user can fix; the message says how."""
+    """A failure the user can fix; the message says how.
+
+    Raised `from None` it is the whole story, and has no context: Python still records the
+    error it replaced, and libraries that pickle exceptions with their chain (tblib, which
+    Dask and TensorFlow install) then try to pickle that error too (a TensorFlow error holds
+    its graph operation, which cannot be), so Prefect could not store the failed state's
+    result and said so in a warning beside the one line.
+    """
+
+    @property  # type: ignore[override]
+    def __context__(self) -> BaseException | None:
+        return None if self.__suppress_context__ else _CONTEXT.__get__(self)
+
+    @__context__.setter
+    def __context__(self, value: BaseException | None) -> None:
+        _CONTEXT.__set__(self, value)
 
 
 class ConfigError(TnflowError, ValueError):
