@@ -295,6 +295,7 @@ def test_a_full_disk_while_publishing_the_model_is_one_line_and_leaves_no_model(
     assert not (tmp_path / "run" / "model").exists() and not list((tmp_path / "run").glob("model.tmp-*"))
 
 
+@pytest.mark.slow  # the model fixture: built once for the slow export tests
 def test_a_full_disk_while_exporting_is_one_line_naming_where(model, small_disk, monkeypatch, capsys):
     import shutil
 

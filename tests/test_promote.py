@@ -200,7 +200,8 @@ def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
     write_model_json(model, {"model": "vgg19", "head": "gap", "num_classes": 2, "image_size": 32,
                              "class_names": ["cat", "dog"]})  # fmt: skip
     (model / "model.ckpt.index").write_bytes(b"weights")
-    check_can_start_from(model, "vgg19", "gap", ["cat", "dog"])
+    with pytest.raises(TnflowError, match=r"is damaged: its index model\.ckpt\.index is unreadable"):
+        check_can_start_from(model, "vgg19", "gap", ["cat", "dog"])  # the right model, but no real checkpoint
     with pytest.raises(TnflowError, match=r"other classes than this dataset's \(differs in: fox\)"):
         check_can_start_from(model, "vgg19", "gap", ["cat", "dog", "fox"])
     with pytest.raises(TnflowError, match="another order"):

@@ -17,6 +17,9 @@ keyed by it, so a new or changed test picture re-validates and re-gates but trai
 The num_* attributes are written last, so a file whose writer died reads as incomplete.
 Images are stored in uncompressed chunks, which `tasks.cache.cache_reader` reads straight from the
 file's bytes (`image_offsets`); a file laid out otherwise does not count as a cache.
+
+Longer than 300 lines because it is the format's one owner: both writers, the check of a
+finished file, the manifest and the training key live beside the layout they depend on.
 """
 
 from __future__ import annotations

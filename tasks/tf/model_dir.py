@@ -117,7 +117,6 @@ def model_digest(path: str | Path) -> str:
 def check_can_start_from(path: str | Path, model: str, head: str, class_names: list[str]) -> None:
     """A model to continue training from must have this backbone, head and class list, and a whole checkpoint."""
     meta = read_model_dir(path)
-    check_checkpoint(Path(path) / CHECKPOINT)  # before the run waits for the GPU, not after
     if (meta["model"], meta["head"]) != (model, head):
         raise TnflowError(
             f"--init-from {path} is a {meta['model']} with the {meta['head']} head; this run trains a {model} with "
@@ -130,3 +129,4 @@ def check_can_start_from(path: str | Path, model: str, head: str, class_names: l
             f"--init-from {path} was trained on other classes than this dataset's (differs in: "
             f"{', '.join(diff[:5])}); start from --weights imagenet instead"
         )
+    check_checkpoint(Path(path) / CHECKPOINT)  # before the run waits for the GPU, not after
