@@ -58,6 +58,37 @@ def test_a_signal_ends_the_process_within_the_grace_even_if_cleanup_hangs(signum
     assert err.strip().splitlines()[-1] == f"last words: {signum.name}"
 
 
+def test_a_signal_stops_work_in_other_threads_at_its_next_step_and_starts_no_queued_work():
+    """A sweep's trials run in threads; the signal lands in the main thread. Before, the queue was waited
+    for, and the running trial trained on until the hard exit (8 s)."""
+    script = textwrap.dedent(
+        """
+        import time
+        import tnflow.tasks.core.processes as processes
+
+        def trial(name):
+            print(f"{name} started", flush=True)
+            while True:
+                processes.stop_requested()  # as every batch of a training or an evaluation does
+                time.sleep(0.02)
+
+        with processes.stop_on_signals(lambda stopped: f"hard exit: {stopped.reason}"):
+            try:
+                processes.run_in_threads([lambda: trial("first"), lambda: trial("second")], 1, print)
+            except processes.Interrupted as stopped:
+                print(f"interrupted by {stopped.reason}", flush=True)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "first started"
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=20)
+    assert time.monotonic() - started < 3, "the running work stopped too: no wait for the hard exit"
+    assert child.returncode == 0 and out.strip().splitlines() == ["interrupted by SIGTERM"], (out, err[-2000:])
+    assert "hard exit" not in err
+
+
 def test_children_die_with_a_sigkilled_parent(tmp_path):
     """A temporary server and decoding workers are started this way; nothing outlives the parent."""
     script = textwrap.dedent(

@@ -255,31 +255,3 @@ def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_
     states = stage_states(api, [t["id"] for t in trials], dict.fromkeys(stages, 3))
     for stage in stages:
         assert states[stage] == ["Cached"] * 3, (stage, states[stage])
-
-
-@pytest.mark.slow
-def test_sigterm_stops_a_sweep_and_its_running_trial_in_seconds_and_starts_no_other(prefect_server, tmp_path):
-    """The trials are subflows in threads: the signal lands in the main thread, the trial stops at its next step."""
-    import signal
-
-    from tests.killing import finish, small_cifar, start, wait_for
-
-    archive, md5 = small_cifar(tmp_path)
-    command = [str(BIN / "tnflow"), "sweep", "--grid", "learning_rate=1e-4,1e-3", "--data-url", str(archive)]
-    command += ["--data-md5", md5, "--model", "mobilenet35v2", "--weights", "none", "--image-size", "32"]
-    command += ["--valid-size", "40", "--epochs", "30", "--export", "none", "--cache-dir", str(tmp_path / "cache")]
-    command += ["--output-dir", str(tmp_path / "runs"), "--gpu-slot", f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"]
-    command += ["--parallel", "1"]  # the second trial waits in the queue
-    log = tmp_path / "sweep.log"
-    sweep = start(command, log, {**prefect_server["env"], "TNFLOW_LOCK_DIR": str(tmp_path)})
-    wait_for(log, r"train epoch 1/30, loss", sweep)  # training: its first batch is done
-    sweep.send_signal(signal.SIGTERM)
-    stopped = time.monotonic()
-    text = finish(sweep, log, seconds=30)
-    assert time.monotonic() - stopped < 4, "not the 8 s hard stop: the trial's thread stopped too"
-    assert sweep.returncode == 128 + signal.SIGTERM, text[-3000:]
-    assert text.strip().splitlines()[-1].startswith("tnflow sweep: interrupted by SIGTERM during train"), text[-2000:]
-    assert text.count("tnflow sweep: interrupted") == 1, "one line, once"
-    assert "Crash detected" not in text and "Finished in state Crashed" not in text, "Prefect's lines stay in the UI"
-    assert "trial-1" in text and "trial-2" not in text, "the queued trial never started"
-    assert int(text.split("epoch ")[-1].split("/")[0]) < 10, "it trained no further"

@@ -34,7 +34,7 @@ def predict(args: argparse.Namespace) -> str | None:
                 "says why"
             )
         return written
-    paths = files_to_score(args.images)
+    paths = files_to_score(args.images, missing_ok=True)  # a missing file is reported with the unreadable ones
     failed, results = 0, []
     with contextlib.closing(predict_files(model_dir, paths, batch_size=args.batch_size)) as predicted:
         for result in predicted:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from tnflow.tasks.core.files import (
 from tnflow.tasks.core.progress import ProgressFn, run_logger
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER, unpack
 from tnflow.tasks.sources.decode import decoder, refuse_in_a_worker
-from tnflow.tasks.sources.folder import scan_folder
+from tnflow.tasks.sources.folder import is_utf8, scan_folder, shown_name
 
 # The code that decides a folder cache's content: a change to any of it builds new files.
 FOLDER_CODE = code_version(
@@ -49,6 +50,8 @@ FOLDER_CODE = code_version(
 
 def folder_cache_path(cache_dir: str | Path, source: str, spec: FolderSpec, version: str) -> Path:
     name = Path(source.rstrip("/")).name.split(".")[0] or "folder"
+    if not is_utf8(name):  # a name of another system's encoding: a file name that any tool can write and show
+        name = re.sub(r"[^\w-]", "_", shown_name(name))
     key = short_digest(json.dumps([spec.digest(FOLDER_CODE), source, version]), 12)
     return Path(cache_dir) / f"folder-{name}-{spec.image_size}px-{key}.h5"
 

@@ -25,7 +25,7 @@ from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import check_free_space
 from tnflow.tasks.core.progress import ProgressFn
 from tnflow.tasks.sources.decode import JOB_IMAGES
-from tnflow.tasks.sources.folder import Entry, Scan
+from tnflow.tasks.sources.folder import Entry, Scan, shown_name
 from tnflow.tasks.sources.folder_splits import Plan, plan_splits
 from tnflow.tasks.sources.resize import RESIZE_METHOD
 
@@ -124,7 +124,7 @@ def _attributes(scan: Scan, plan: Plan, spec: FolderSpec, identity: str) -> dict
         "class_names": list(plan.class_names),  # the scan's, but those left out for want of pictures
         "source_md5": scan.version,
         "source_id": short_digest(identity),
-        "source": identity,
+        "source": shown_name(identity),  # for people: the manifest keeps the path exactly
         "resize_method": RESIZE_METHOD,
         "resize": spec.resize,
         "valid_size": spec.valid_size,
@@ -138,7 +138,7 @@ def _manifest(
 ) -> dict[str, Any]:
     return {
         "version": scan.version,
-        "source": identity,
+        "source": identity,  # exactly, whatever bytes its name has (JSON escapes them)
         "layout": scan.layout,
         "previous": previous.name if previous else None,
         "skipped": sorted(plan.skipped),

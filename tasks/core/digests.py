@@ -8,9 +8,13 @@ from typing import Any
 
 
 def short_digest(content: str | bytes | Any, length: int = 16) -> str:
-    """The first `length` hex digits of SHA-256 of text, bytes, or anything JSON holds (keys sorted)."""
+    """The first `length` hex digits of SHA-256 of text, bytes, or anything JSON holds (keys sorted).
+
+    Text is digested as the bytes it came from: a path that is not UTF-8 (its bytes held as
+    surrogate escapes) has a digest, which is that of its bytes; UTF-8 text digests as ever.
+    """
     if isinstance(content, str):
-        content = content.encode()
+        content = content.encode("utf-8", "surrogateescape")
     elif not isinstance(content, bytes):
         content = json.dumps(content, sort_keys=True).encode()
     return hashlib.sha256(content).hexdigest()[:length]

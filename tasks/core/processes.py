@@ -17,9 +17,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from types import FrameType
+from typing import TypeVar
 
+R = TypeVar("R")
 _PR_SET_PDEATHSIG = 1
 GRACE_SECONDS = 8.0  # SIGTERM to exit: schedulers allow 10 s or more
 
@@ -80,6 +83,26 @@ def stop_requested() -> None:
     """
     if _STOPPING:
         raise _STOPPING[0]
+
+
+def run_in_threads(calls: list[Callable[[], R]], parallel: int, on_result: Callable[[R], None]) -> None:
+    """Run `calls` in at most `parallel` threads (each in a copy of the caller's context); `on_result` hears each
+    result as it comes, in the caller's thread.
+
+    An interruption (or an error) in the caller starts no call that is still queued, and does
+    not wait for the running ones: they stop at their next step (`stop_requested`). Waiting
+    for the queue, as a `with ThreadPoolExecutor` block does, kept a sweep training after
+    SIGTERM until the hard exit.
+    """
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="tnflow-worker")
+    try:
+        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
+        for future in as_completed(futures):
+            on_result(future.result())
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 class Interrupted(BaseException):

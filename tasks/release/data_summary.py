@@ -10,6 +10,7 @@ import numpy as np
 
 from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER
+from tnflow.tasks.sources.folder import shown_name
 
 SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
 
@@ -23,7 +24,7 @@ def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
     manifest = read_manifest(cache_path)
     counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
     counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))
-    source = [("source", str(manifest.get("source", "")) or "CIFAR archive"), *((k, v) for k, v in summary.items())]
+    source = [("source", shown_name(str(manifest.get("source", ""))) or "CIFAR archive"), *summary.items()]
     # A class folder without enough pictures is not trained on: the class list is shorter than the folder's.
     source += [(f"class left out: {name}", why) for name, why in manifest.get("left_out", {}).items()]
     left_out = [*manifest.get("skipped", []), *((m, UNSAFE_MEMBER) for m in manifest.get("unpacked_skipped", []))]

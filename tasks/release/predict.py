@@ -65,14 +65,14 @@ def image_paths(sources: Iterable[str]) -> list[str]:
     return paths
 
 
-def files_to_score(sources: list[str], empty_ok: bool = False) -> list[str]:
-    """The files under `sources`, which must exist.
+def files_to_score(sources: list[str], empty_ok: bool = False, missing_ok: bool = False) -> list[str]:
+    """The files under `sources`, which must exist (`missing_ok`: a missing one is scored as unreadable).
 
     No file at all is an empty list where that is news (tonight's inbox was empty, `empty_ok`:
     a CSV with its header only), and an error where someone asked for these pictures.
     """
     for source in sources:
-        if not Path(source).exists():
+        if not missing_ok and not Path(source).exists():
             raise TnflowError(f"{source} does not exist; give image files or folders of them")
     paths = image_paths(sources)
     if not paths and not empty_ok:

@@ -13,11 +13,10 @@ after its last finished epoch.
 
 from __future__ import annotations
 
-import contextvars
+import functools
 import json
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from tnflow.tasks.config.sweeps import Trial
 from tnflow.tasks.core.errors import ConfigError
 from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
 from tnflow.tasks.core.host_slots import Log
+from tnflow.tasks.core.processes import run_in_threads
 from tnflow.tasks.release.report import RUN_SUMMARY
 
 POLL_SECONDS = 1.0  # how often a sweep asks the server whether its trials ended
@@ -149,23 +149,14 @@ def _in_this_process(
         claim_gpus(held)
         if gpus:
             trials = [Trial(t.name, t.options, t.config.model_copy(update={"gpu_slot": "none"})) for t in trials]
-        pool = ThreadPoolExecutor(parallel, thread_name_prefix="tnflow-trial")
-        try:
-            # Each thread runs in a copy of the sweep's context, so each trial is a child of the sweep's run.
-            futures = [
-                pool.submit(contextvars.copy_context().run, _subflow, subflow, trial, sweep_name) for trial in trials
-            ]
-            results = []
-            for future in as_completed(futures):
-                trial, flow_run = future.result()
-                with get_client(sync_client=True) as client:
-                    results.append(_ended(client, trial, flow_run, on_finished, log))
-        except BaseException:
-            # Interrupted (or failed): no trial starts any more, and a running one stops at its next step
-            # (`stop_requested`); waiting for the queue here would train on until the hard exit.
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
+        results: list[TrialResult] = []
+
+        def ended(done: tuple[Trial, FlowRun]) -> None:
+            with get_client(sync_client=True) as client:
+                results.append(_ended(client, *done, on_finished, log))
+
+        # Each thread runs in a copy of the sweep's context, so each trial is a child of the sweep's run.
+        run_in_threads([functools.partial(_subflow, subflow, trial, sweep_name) for trial in trials], parallel, ended)
     return results
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError, first_line
 from tnflow.tasks.core.files import write_atomic
+from tnflow.tasks.tf.startup import start_tensorflow
 
 MODEL_JSON = "model.json"
 CHECKPOINT = "model.ckpt"
@@ -79,6 +80,7 @@ def check_checkpoint(prefix: Path) -> None:
     back to back, so their shapes and types give the data's exact size; a checkpoint with
     string tensors is only checked not to be shorter.
     """
+    start_tensorflow()  # quietly, even where a stage checks a model before TensorFlow is started (--init-from)
     from tensorflow.python.training import py_checkpoint_reader
 
     try:
