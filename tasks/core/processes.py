@@ -133,6 +133,7 @@ def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callab
         return
     first: list[Interrupted] = []
     lock = threading.Lock()
+    _STOPPING.clear()  # a stop asked of an earlier command in this process (tests call `main` often) is not ours
 
     def interruption(signum: int) -> Interrupted:
         with lock:
@@ -179,7 +180,8 @@ def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callab
     try:
         yield stop
     finally:
-        _STOPPING.clear()
+        # `_STOPPING` stays set: threads of this run may still be finishing a step, and must see it
+        # (it is cleared when a next run in this process starts watching, above).
         signal.set_wakeup_fd(previous_fd)
         for signum, old in previous.items():
             signal.signal(signum, old)
