@@ -33,6 +33,7 @@ def steps() -> dict:
     return towers("step", *(f"{optimizer}={rate}" for optimizer, rate in STEPS.items()))
 
 
+@pytest.mark.slow  # the fixture is a fresh process with two TensorFlow graphs per optimizer: 13 s
 @pytest.mark.parametrize("optimizer", list(STEPS))
 def test_a_two_tower_step_is_the_one_device_step_at_the_same_global_batch(steps, optimizer):
     """5 images (shares of 3 and 2), flip-crop, label smoothing and weight decay: every weight within 1e-5."""
