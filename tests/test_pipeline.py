@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import shutil
 import socket
 from html.parser import HTMLParser
@@ -183,8 +184,22 @@ def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_pat
         (["--review-train", "1"], "--review-train 1 leaves no picture out"),
         (["--gpus", "0"], "--gpus '0' is no number of GPUs: give 1 to 99, or all"),
         (["--gpu-slot", "a b"], "--gpu-slot 'a b' may only hold letters, digits, '-' and '_'"),
+        (
+            ["--output-dir", os.fsdecode(b"/tmp/caf\xe9")],
+            "--output-dir /tmp/caf\\xe9 is not valid UTF-8 (a name in another system's encoding), and a run's "
+            "options travel to Prefect as text: rename it, or link it under a UTF-8 name (ln -s)",
+        ),
     ],
-    ids=["negative-epochs", "batch-size-0", "unknown-model", "full-head-at-64", "one-fold", "gpus-0", "slot-name"],
+    ids=[
+        "negative-epochs",
+        "batch-size-0",
+        "unknown-model",
+        "full-head-at-64",
+        "one-fold",
+        "gpus-0",
+        "slot-name",
+        "path-not-utf8",
+    ],
 )
 def test_bad_parameters_fail_before_any_download(file_server, tmp_path, capsys, options, message):
     command = ["run", "--data-url", file_server.url("c10.tar.gz"), "--cache-dir", str(tmp_path), *options]

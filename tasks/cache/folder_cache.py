@@ -27,14 +27,16 @@ from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import (
     ensure_writable_dir,
     exclusive,
+    is_utf8,
     remove_stale_temps,
     renamed_when_complete,
+    shown_name,
     write_atomic,
 )
 from tnflow.tasks.core.progress import ProgressFn, run_logger
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER, unpack
 from tnflow.tasks.sources.decode import decoder, refuse_in_a_worker
-from tnflow.tasks.sources.folder import is_utf8, scan_folder, shown_name
+from tnflow.tasks.sources.folder import scan_folder
 
 # The code that decides a folder cache's content: a change to any of it builds new files.
 FOLDER_CODE = code_version(

@@ -22,10 +22,10 @@ from tnflow.tasks.cache.h5cache import SPLITS, CacheWriter, read_digests, read_m
 from tnflow.tasks.config.specs import FolderSpec
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.core.files import check_free_space
+from tnflow.tasks.core.files import check_free_space, shown_name
 from tnflow.tasks.core.progress import ProgressFn
 from tnflow.tasks.sources.decode import JOB_IMAGES
-from tnflow.tasks.sources.folder import Entry, Scan, shown_name
+from tnflow.tasks.sources.folder import Entry, Scan
 from tnflow.tasks.sources.folder_splits import Plan, plan_splits
 from tnflow.tasks.sources.resize import RESIZE_METHOD
 

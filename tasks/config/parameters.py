@@ -14,9 +14,10 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, PrivateAttr, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from tnflow.tasks.core.errors import ConfigError
+from tnflow.tasks.core.files import is_utf8, shown_name
 
 NAME_CHARACTERS = "may only hold letters, digits, '-' and '_'"  # what a pattern-checked name allows
 
@@ -25,6 +26,18 @@ class Configuration(BaseModel):
     """What every configuration shares: built from flow parameters or parsed options in one way."""
 
     _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text_prefect_can_send(cls, value: Any, info: ValidationInfo) -> Any:
+        """A run's options travel to Prefect as JSON text, which cannot hold a path of another system's encoding."""
+        if isinstance(value, str) and not is_utf8(value):
+            raise ValueError(
+                f"{option(info.field_name or '')} {shown_name(value)} is not valid UTF-8 (a name in another "
+                "system's encoding), and a run's options travel to Prefect as text: rename it, or link it "
+                "under a UTF-8 name (ln -s)"
+            )
+        return value
 
     @classmethod
     def from_values(cls, values: dict[str, Any]) -> Self:

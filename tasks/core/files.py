@@ -222,6 +222,20 @@ def remove_stale_temps(final: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def shown_name(name: str) -> str:
+    """A file name as outputs show it: valid UTF-8 whatever bytes it has (undecodable ones as `\\xNN`)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name with bytes of another system's encoding (Python holds them as surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """True for ENOSPC, including h5py errors that only say so in their message."""
     return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)

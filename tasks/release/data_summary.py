@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 
 from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.core.files import shown_name
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER
-from tnflow.tasks.sources.folder import shown_name
 
 SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
 

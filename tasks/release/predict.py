@@ -28,11 +28,10 @@ from prefect.runtime import flow_run
 
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
-from tnflow.tasks.core.files import ensure_writable_dir, exclusive, renamed_when_complete, write_atomic
+from tnflow.tasks.core.files import ensure_writable_dir, exclusive, renamed_when_complete, shown_name, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.core.retries import retry_unless
 from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
-from tnflow.tasks.sources.folder import shown_name
 from tnflow.tasks.sources.images import ImageError, load_square
 from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
 

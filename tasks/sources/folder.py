@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tnflow.tasks.core.errors import DataError
-from tnflow.tasks.core.files import full_disk_ends, write_atomic
+from tnflow.tasks.core.files import full_disk_ends, is_utf8, shown_name, write_atomic
 from tnflow.tasks.core.progress import run_logger
 
 SPLIT_DIRS = {"train": "train", "test": "test", "val": "valid", "valid": "valid", "validation": "valid"}
@@ -104,18 +104,6 @@ def scan_folder(root: str | Path, index_path: Path | None = None) -> Scan:
 def _rel(path: Path, root: Path) -> str:
     """The path as recorded: valid UTF-8 always (undecodable bytes shown as \\xNN), so any file name can be listed."""
     return shown_name(path.relative_to(root).as_posix())
-
-
-def shown_name(name: str) -> str:
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # bytes the file system gave that are not UTF-8 (surrogate escapes)
-        return False
-    return True
 
 
 def _subdirs(folder: Path, ignored: list[str], root: Path) -> list[Path]:
