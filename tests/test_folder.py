@@ -346,14 +346,15 @@ def test_an_unguarded_script_fails_fast_instead_of_hanging(tmp_path):
 
 
 def test_a_folder_whose_own_name_is_not_utf8_builds_and_is_shown_escaped(tmp_path):
-    """Read where it is: its path (bytes of another encoding) is kept exactly and shown escaped."""
+    """Called from Python (the CLI and the flows refuse such a path: Prefect sends options as text), the folder is
+    read where it is: its path (bytes of another encoding) is kept exactly and shown escaped."""
     root = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9")))
     make_folder(root, classes=2, per_class=10)
-    info = build(root, tmp_path / "cache")
+    info = build_folder_cache(root, spec(tmp_path), tmp_path / "cache", workers=2)
     assert Path(info.path).name.startswith("folder-caf_xe9-32px-") and sum(info.counts.values()) == 20
     assert read_manifest(info.path)["source"] == str(root), "exactly: the watch and the review find it again"
     assert ("source", f"{tmp_path}/caf\\xe9") in data_sections(info.path)["data"], "shown escaped in the report"
-    assert build(root, tmp_path / "cache").path == info.path, "found again"
+    assert build_folder_cache(root, spec(tmp_path), tmp_path / "cache", workers=2).path == info.path, "found again"
 
 
 def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path):
