@@ -8,20 +8,20 @@ validate, so a run waits, and says for whom, instead of failing. A slot is two l
   GPUs): the run trains and validates on the GPU whose lock it holds, which no other tnflow
   run on the host holds, whatever Prefect backend it reports to: the GPU is the machine's.
   A run of N towers (`--gpus N`) holds N locks, taken all at once or not at all, and N slots
-  of the limit as one lease. The kernel releases the lock when its process dies, whatever kills
-  it, so a killed run never keeps its GPU.
+  of the limit as one lease. The kernel releases the lock when its process dies, whatever
+  kills it, so a killed run never keeps its GPU.
 - On the Prefect server, one slot of the global concurrency limit `--gpu-slot` (created with
   a slot per GPU of the host, or one without GPUs, if missing; a user's own limit stays): the
   UI counts it, and runs of other hosts on the same server take turns. It is a lease renewed
   from a background thread, so neither a slow nor a lost server stalls training.
 
 The holder writes its lease, tagged with its backend, into its lock file and clears it when
-it lets go. A lease of this backend still written there when the next run takes the lock is a
-dead run's (one of another backend is carried on for a run of that backend to give back): its process was killed,
-and its lease died with a temporary server's memory, or with a restarted server. That slot
-is released, with a warning. A dead holder on another host is freed by its lease expiring
-(`LEASE_SECONDS`), which needs the server to keep its leases (README: leases that survive a
-restart)."""
+it lets go. A lease of this backend still written there when the next run takes the lock is
+a dead run's: its process was killed, and its lease died with a temporary server's memory,
+or with a restarted server. That slot is released, with a warning. (A lease of another
+backend is carried on, for a run of that backend to give back.) A dead holder on another
+host is freed by its lease expiring (`LEASE_SECONDS`), which needs the server to keep its
+leases (README: leases that survive a restart)."""
 
 from __future__ import annotations
 

@@ -134,6 +134,7 @@ def stop_on_signals(last_words: Callable[[Interrupted], str]) -> Iterator[Callab
     first: list[Interrupted] = []
     lock = threading.Lock()
     _STOPPING.clear()  # a stop asked of an earlier command in this process (tests call `main` often) is not ours
+    _SAID.clear()  # nor is the last line it printed
 
     def interruption(signum: int) -> Interrupted:
         with lock:
