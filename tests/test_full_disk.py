@@ -36,8 +36,12 @@ rows.check_free_space = stage.check_free_space = lambda *args, **kwargs: None
 if inject == "yes":  # no mount on this machine: ENOSPC at the write call
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_chunks(*args, **kwargs):  # a generator, as resized_chunks: it fails when the writer asks for pixels
+        yield full()
+
     h5cache.CacheWriter.append = full
-    stage.resized_chunks = full
+    stage.resized_chunks = full_chunks
 try:
     if kind == "folder":
         from tnflow.tasks.cache.folder_cache import build_folder_cache
@@ -54,15 +58,16 @@ except DiskFullError as exc:
 """
 
 
+@pytest.mark.parametrize("how", ["small-disk", "injected"])
 @pytest.mark.parametrize("kind", ["folder", "cifar"])
-def test_a_full_disk_during_the_cache_build_is_one_line_and_leaves_no_cache(kind, small_disk, tmp_path):
+def test_a_full_disk_during_the_cache_build_is_one_line_and_leaves_no_cache(kind, how, small_disk, tmp_path):
     if kind == "folder":
         source, md5 = tmp_path / "pictures", ""
         make_folder(source, classes=3, per_class=40)  # 120 pictures: 370 KB of pixels at 32 px
     else:
         source = tmp_path / "c10.tar.gz"
         _, md5 = make_archive(source, n_train=160, n_test=40)
-    disk = small_disk(160)
+    disk = small_disk(160) if how == "small-disk" else None
     cache_dir = disk or tmp_path / "cache"
     command = [sys.executable, "-c", BUILD, kind, str(source), md5, str(cache_dir), "no" if disk else "yes"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
