@@ -98,7 +98,7 @@ def gpu_slot(name: str, log: Log, gpus: Sequence[str] = (), count: int = 1) -> I
     paths = lock_paths(name, len(gpus), limit.limit)
     key = short_digest(backend(), 8)  # the server's slots are one Prefect database's
     waiting = _waiting(name, len(paths), "that run's training and validation end, or at once if its process dies")
-    with host_slot(paths, me, log, waiting, count, mine=lambda entry: _backend_of(entry) in (key, "")) as journals:
+    with host_slot(paths, me, log, waiting, count, mine=lambda entry: _tagged(entry)[0] in (key, "")) as journals:
         lease = _server_slot(name, limit.limit, me, journals, count, log, key)
         renewer = _Renewer(lease, log)
         held = tuple(paths.index(journal.path) for journal in journals) if gpus else ()
@@ -124,10 +124,10 @@ def lock_paths(name: str, gpus: int, slots: int) -> list[Path]:
     return [lock_dir() / f"{name}-{i}.lock" for i in range(slots)]
 
 
-def _backend_of(entry: str) -> str:
-    """The backend key an owed entry is tagged with ('' for an untagged one, taken as this backend's)."""
-    tag, sep, _ = entry.partition(":")
-    return tag if sep else ""
+def _tagged(entry: str) -> tuple[str, str]:
+    """An owed entry's backend key and what is owed ('' for an untagged entry, taken as this backend's)."""
+    tag, sep, owed = entry.partition(":")
+    return (tag, owed) if sep else ("", entry)
 
 
 def gpu_count(option: str, visible: int) -> int:
@@ -170,7 +170,7 @@ def _server_slot(
     holder = ConcurrencyLeaseHolder(type="flow_run", id=me["run_id"]) if me["run_id"] else None
     # Slots a dead holder may still count that the server knows no lease for: taken back only
     # if they block this run, and kept in the journal until then (a kill here loses none).
-    left = [(entry.partition(":")[2] or entry, record) for journal in journals for entry, record in journal.owed]
+    left = [(_tagged(entry)[1], record) for journal in journals for entry, record in journal.owed]
     gone = sum(_release_dead(name, entry, record, log) for entry, record in left)
     journal, others = journals[0], journals[1:]
     waiting = _waiting(
