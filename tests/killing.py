@@ -22,9 +22,9 @@ def small_cifar(root: Path) -> tuple[Path, str]:
     return root / "c10.tar.gz", md5
 
 
-# Long enough to kill in training, and for a run that lost its server to be still training
-# when it notices (about 15 epochs after the loss at about 1 s each); short enough to finish
-# after a resume (the finishing runs were most of the two killing tests' 2 minutes at 60).
+# Long enough for a run that lost its server to be still training when it notices (about 15
+# epochs after the loss at about 1 s each); short enough to finish after a resume (the finishing
+# runs were most of the killing tests' 2 minutes at 60). A test that only kills passes fewer.
 EPOCHS = 30
 
 

@@ -24,7 +24,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from tests.folders import sample_archive
-from tests.killing import EPOCHS, TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
+from tests.killing import TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
 from tnflow.tasks.core import host_slots, prefect_server
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.host_slots import host_slot
@@ -236,7 +236,10 @@ def test_with_temporary_servers_a_killed_run_frees_everything_and_sigterm_stops_
     """First run on a fresh machine under load; SIGKILL in training; SIGTERM in training; each next run resumes."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "fresh-prefect-home"), "TNFLOW_LOCK_DIR": str(tmp_path)}
     env.pop("PREFECT_API_URL", None)
-    command = run_command(cifar, tmp_path / "runs", tmp_path / "cache", f"gpu-{uuid.uuid4().hex[:8]}")
+    # Ten epochs: killed in the third, stopped in the first after the resume, finished by the third run
+    # (at 30, the finishing run was a third of the test).
+    epochs = 10
+    command = run_command(cifar, tmp_path / "runs", tmp_path / "cache", f"gpu-{uuid.uuid4().hex[:8]}", epochs)
     logs = [tmp_path / f"run-{i}.log" for i in range(3)]
 
     burners = busy_cores()
@@ -246,12 +249,12 @@ def test_with_temporary_servers_a_killed_run_frees_everything_and_sigterm_stops_
     finally:
         for burner in burners:
             burner.kill()
-    wait_for(logs[0], rf"epoch 3/{EPOCHS}:", first)
+    wait_for(logs[0], rf"epoch 3/{epochs}:", first)
     sigkill_leaving_nothing(first)
 
     second = start(command, logs[1], env)
-    wait_for(logs[1], rf"resuming at epoch \d+ of {EPOCHS}", second)
-    wait_for(logs[1], rf"epoch \d+/{EPOCHS}:", second)
+    wait_for(logs[1], rf"resuming at epoch \d+ of {epochs}", second)
+    wait_for(logs[1], rf"epoch \d+/{epochs}:", second)
     second.send_signal(signal.SIGTERM)
     stopped = time.monotonic()
     second.wait(timeout=30)
@@ -266,12 +269,12 @@ def test_with_temporary_servers_a_killed_run_frees_everything_and_sigterm_stops_
     ), text[-2000:]
     assert "Crash detected" not in text and "Finished in state Crashed" not in text, "Prefect's lines stay in the UI"
     assert "Failed to send telemetry" not in logs[0].read_text(), "a temporary server's own output stays off"
-    done = int(re.findall(rf"epoch (\d+)/{EPOCHS}:", text)[-1])
+    done = int(re.findall(rf"epoch (\d+)/{epochs}:", text)[-1])
 
     third = start(command, logs[2], env)
     third_text = finish(third, logs[2])
     assert third.returncode == 0, third_text[-3000:]
-    resumed = int(re.search(rf"resuming at epoch (\d+) of {EPOCHS}", third_text).group(1))
+    resumed = int(re.search(rf"resuming at epoch (\d+) of {epochs}", third_text).group(1))
     assert resumed >= done + 1, "the run resumes after the last finished epoch"
 
 
