@@ -10,7 +10,8 @@ from tnflow.tasks.config.parameters import flow_parameters
 from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
 from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.promote import promote_task
-from tnflow.tasks.sweeps.leaderboard import Leaderboard, choose_winner, sweep_directory, sweep_report_task
+from tnflow.tasks.store.layout import new_sweep_dir
+from tnflow.tasks.sweeps.leaderboard import Leaderboard, choose_winner, sweep_report_task
 from tnflow.tasks.sweeps.trials import check_deployment, run_trials
 
 
@@ -23,7 +24,7 @@ def sweep(config: SweepConfig) -> str:
     trials = plan_trials(config)
     if config.deployment:
         check_deployment(config.deployment)
-    sweep_dir = sweep_directory(config.output_dir, flow_run.name)
+    sweep_dir = new_sweep_dir(config.output_dir, flow_run.name)
     board = Leaderboard(sweep_dir, trials)
     results = run_trials(
         trials,

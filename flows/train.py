@@ -12,9 +12,11 @@ from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
 from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
-from tnflow.tasks.release.report import report_task, run_directory
+from tnflow.tasks.release.report import report_task
 from tnflow.tasks.release.review import review_task
 from tnflow.tasks.sources.download import download_task
+from tnflow.tasks.store.in_use import reading
+from tnflow.tasks.store.layout import new_run_dir
 from tnflow.tasks.tf.startup import visible_gpus
 from tnflow.tasks.training.cross_fit import cross_fit_task
 from tnflow.tasks.training.starting_point import starting_point_task
@@ -27,7 +29,7 @@ from tnflow.tasks.training.validate import validate_task
 def transfer_learning(config: RunConfig) -> str:
     """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns the run directory."""
     quiet_hook_lines()
-    run_dir = run_directory(config.output_dir, flow_run.name)
+    run_dir = new_run_dir(config.output_dir, flow_run.name)
     source = download_task(
         folder=config.data_dir, url=config.source_url, dest_dir=config.cache_dir, md5=config.source_md5
     )
@@ -39,87 +41,92 @@ def transfer_learning(config: RunConfig) -> str:
         dask_address=config.dask_address,
         origin=config.data_url,
     )
-    start = starting_point_task(
-        init_from=config.init_from,
-        weights=config.weights,
-        weights_md5=config.weights_md5,
-        model=config.model,
-        head=config.head,
-        cache_path=cache.path,
-        class_names=list(cache.class_names),
-        output_dir=config.output_dir,
-        cache_dir=config.cache_dir,
-    )
-    gpus = visible_gpus()
-    towers = gpu_count(config.gpus, len(gpus))
-    with gpu_slot(config.gpu_slot, get_run_logger(), gpus=gpus, count=towers) as held:  # GPUs of its own, or turns
-        trained = train_task(
+    with reading(config.output_dir, run_dir, cache.path):  # `tnflow gc` keeps it until the report names it
+        start = starting_point_task(
+            init_from=config.init_from,
+            weights=config.weights,
+            weights_md5=config.weights_md5,
+            model=config.model,
+            head=config.head,
             cache_path=cache.path,
-            start=start,
-            spec=config.model_spec(len(cache.class_names)),
-            settings=config.train_settings(),
-            output_dir=config.output_dir,
             class_names=list(cache.class_names),
-            eval_batch_size=config.eval_batch_size,
-            retrain=config.retrain,
-            gpus=held,
-            towers=towers,
+            output_dir=config.output_dir,
+            cache_dir=config.cache_dir,
         )
-        test = validate_task(
-            model_dir=trained.model_dir,
-            cache_path=cache.path,
-            split="test",
-            batch_size=config.eval_batch_size,
-            out_dir=run_dir,
-            gpus=held,
-        )
-        out_of_fold = (  # --review-train K: the training split scored by K models that did not see it
-            cross_fit_task(
+        gpus = visible_gpus()
+        towers = gpu_count(config.gpus, len(gpus))
+        with gpu_slot(config.gpu_slot, get_run_logger(), gpus=gpus, count=towers) as held:  # GPUs of its own, or turns
+            trained = train_task(
                 cache_path=cache.path,
                 start=start,
                 spec=config.model_spec(len(cache.class_names)),
                 settings=config.train_settings(),
-                folds=config.review_train,
                 output_dir=config.output_dir,
-                run_dir=run_dir,
                 class_names=list(cache.class_names),
                 eval_batch_size=config.eval_batch_size,
+                retrain=config.retrain,
                 gpus=held,
                 towers=towers,
             )
-            if config.review_train
-            else None
-        )
-        review = review_task(
+            test = validate_task(
+                model_dir=trained.model_dir,
+                cache_path=cache.path,
+                split="test",
+                batch_size=config.eval_batch_size,
+                out_dir=run_dir,
+                gpus=held,
+            )
+            out_of_fold = (  # --review-train K: the training split scored by K models that did not see it
+                cross_fit_task(
+                    cache_path=cache.path,
+                    start=start,
+                    spec=config.model_spec(len(cache.class_names)),
+                    settings=config.train_settings(),
+                    folds=config.review_train,
+                    output_dir=config.output_dir,
+                    run_dir=run_dir,
+                    class_names=list(cache.class_names),
+                    eval_batch_size=config.eval_batch_size,
+                    gpus=held,
+                    towers=towers,
+                )
+                if config.review_train
+                else None
+            )
+            review = review_task(
+                model_dir=trained.model_dir,
+                cache_path=cache.path,
+                run_dir=run_dir,
+                batch_size=config.eval_batch_size,
+                out_of_fold=out_of_fold,
+            )
+        # Exported before the gate: a promotion then links the whole directory, exports and card
+        # included, into the new champion before it switches over, so the champion's exports are
+        # never from another model than its checkpoint.
+        model_dir = export_task(
             model_dir=trained.model_dir,
-            cache_path=cache.path,
             run_dir=run_dir,
-            batch_size=config.eval_batch_size,
-            out_of_fold=out_of_fold,
+            cache_path=cache.path,
+            formats=config.export_formats,
+            start=start,
         )
-    # Exported before the gate: a promotion then links the whole directory, exports and card
-    # included, into the new champion before it switches over, so the champion's exports are
-    # never from another model than its checkpoint.
-    model_dir = export_task(
-        model_dir=trained.model_dir, run_dir=run_dir, cache_path=cache.path, formats=config.export_formats, start=start
-    )
-    promotion = promote_task(
-        model_dir=model_dir,
-        run_dir=run_dir,
-        test_accuracy=test.accuracy,
-        cache_path=cache.path,
-        output_dir=config.output_dir,
-        gate=config.gate_settings(),
-        eval_batch_size=config.eval_batch_size,
-    )
-    report_task(
-        run_dir=run_dir,
-        model_dir=model_dir,
-        cache_path=cache.path,
-        config=config.model_dump(),
-        start=start,
-        trained=trained,
-        promotion=promotion,
-        review=review,
-    )
+        promotion = promote_task(
+            model_dir=model_dir,
+            run_dir=run_dir,
+            test_accuracy=test.accuracy,
+            cache_path=cache.path,
+            output_dir=config.output_dir,
+            gate=config.gate_settings(),
+            eval_batch_size=config.eval_batch_size,
+        )
+        report_task(
+            run_dir=run_dir,
+            model_dir=model_dir,
+            cache_path=cache.path,
+            config=config.model_dump(),
+            start=start,
+            trained=trained,
+            promotion=promotion,
+            review=review,
+        )
     return run_dir

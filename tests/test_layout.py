@@ -1,6 +1,7 @@
 """The house rules: rooms whose imports run one way, TensorFlow in one room, modules a newcomer can read."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def dotted(path: Path) -> str:
 
 MODULES = {dotted(path): path for folder in PACKAGES for path in sorted((REPO / folder).rglob("*.py"))}
 # tasks/ rooms, in the order imports may run: a room imports only from rooms before it (and itself).
-ROOMS = ("core", "config", "sources", "cache", "tf", "training", "release", "sweeps")
+ROOMS = ("core", "config", "store", "sources", "cache", "tf", "training", "release", "sweeps")
 # A flow whose runs are the children of another's: a sweep's trials are transfer-learning runs.
 SUBFLOWS = {("tnflow.flows.sweep", "tnflow.flows.train")}
 TENSORFLOW = {"tensorflow", "tensornets", "tf_keras", "keras", "tf2onnx", "onnx", "onnxruntime"}
@@ -179,6 +180,57 @@ def test_long_modules_say_why(name):
     if source.count("\n") > 300:
         docstring = " ".join((ast.get_docstring(ast.parse(source)) or "").split())
         assert "Longer than 300 lines because" in docstring, f"{name}: say why in its docstring, or split it"
+
+
+# -- one owner for the on-disk layout -------------------------------------------------------
+
+# The names in the output and cache directories' layout (`tasks.store.layout`), as a part of a
+# path literal would name them; and the variables that hold those directories.
+LAYOUT_NAME = re.compile(
+    r"^(champions?|current|training|sweeps|watch|folders|unpacked|predictions|figures|checkpoints|models|in-use"
+    r"|metrics\.json|report\.(md|html)|label_review\.csv|leaderboard\.json|champion\.json|state\.json"
+    r"|history\.jsonl|stat-index\.json)$|^generation-|^epoch-|\.latest$|\.skipped$|^folder-|\.npy$"
+)
+LAYOUT_ROOTS = {"output_dir", "cache_dir", "run_dir", "sweep_dir", "work_dir", "out_dir"}
+STORE = "tnflow.tasks.store.layout"
+
+
+def names_the_layout(literal: ast.expr) -> bool:
+    if isinstance(literal, ast.Constant) and isinstance(literal.value, str):
+        text = literal.value
+    elif isinstance(literal, ast.JoinedStr):
+        text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in literal.values)
+    else:
+        return False
+    return any(LAYOUT_NAME.search(part) for part in text.split("/"))
+
+
+def layout_joins(source: str) -> list[str]:
+    """`x / "literal"` joins and `.glob(...)` calls that name the layout, or join onto one of its roots."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            roots = {n.id for n in ast.walk(node.left) if isinstance(n, ast.Name)} & LAYOUT_ROOTS
+            if names_the_layout(node.right) or roots:
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "glob":
+            roots = {n.id for n in ast.walk(node.func.value) if isinstance(n, ast.Name)} & LAYOUT_ROOTS
+            if (node.args and names_the_layout(node.args[0])) or roots:
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_only_the_store_joins_paths_under_the_output_and_cache_directories():
+    joins = {name: layout_joins(path.read_text()) for name, path in MODULES.items() if name != STORE}
+    assert {name: found for name, found in joins.items() if found} == {}
+
+
+def test_the_layout_check_sees_joins_and_globs():
+    assert "Path(output_dir) / 'champions'" in layout_joins('p = Path(output_dir) / "champions" / key')
+    assert layout_joins('p = Path(out) / f"{split}_{name}.npy"') == ["Path(out) / f'{split}_{name}.npy'"]
+    assert layout_joins("p = Path(cache_dir) / name") == ["Path(cache_dir) / name"]
+    assert layout_joins('found = output.glob("*/metrics.json")') == ["output.glob('*/metrics.json')"]
+    assert layout_joins('p = Path(model) / "model.ckpt"') == [], "a model directory's own files are its format's"
 
 
 # -- importing does no work ---------------------------------------------------------------

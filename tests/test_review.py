@@ -24,7 +24,8 @@ from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.release.drift import PSI_FLAG, psi, reference_of, uncertainty
 from tnflow.tasks.release.predict import drift_of, score, write_to_label
-from tnflow.tasks.release.review import REVIEW_CSV, disputed, label_issues, review, screen
+from tnflow.tasks.release.review import disputed, label_issues, review, screen
+from tnflow.tasks.store.layout import review_csv
 from tnflow.tasks.tf.model_dir import update_model_json
 from tnflow.tasks.training.cross_fit import cross_fit
 from tnflow.tasks.training.starting_point import StartingPoint
@@ -141,7 +142,7 @@ def test_pictures_put_in_the_wrong_class_folder_top_the_list(misfiled):
     assert misfiled["metrics"]["test_accuracy"] > 0.8, "a model that learnt the classes"
     run_dir = misfiled["run"]
     found = review(misfiled["trained"].model_dir, misfiled["cache"].path, run_dir, 64)
-    rows = list(csv.DictReader((run_dir / REVIEW_CSV).open()))
+    rows = list(csv.DictReader(review_csv(run_dir).open()))
     assert found.count == len(rows) >= 3
     assert sorted(row["path"] for row in rows[:3]) == sorted(misfiled["wrong"]), rows[:5]
     assert all(row["given_label"] == "class-1" and row["predicted_label"] == "class-0" for row in rows[:3])
@@ -176,7 +177,7 @@ def test_cross_fitted_trainings_review_the_training_split_and_are_reused(tmp_pat
 
     found = review(folds.model_dirs[0], cache.path, run_dir, 64, folds)
     assert found.splits == ("valid", "test", "train") and found.scope == "held-out and training"
-    rows = [r for r in csv.DictReader((run_dir / REVIEW_CSV).open()) if r["split"] == "train"]
+    rows = [r for r in csv.DictReader(review_csv(run_dir).open()) if r["split"] == "train"]
     assert len(rows) >= 2 and {r["path"] for r in rows} <= set(wrong), rows[:5]
     assert all(r["given_label"] == "class-1" and r["predicted_label"] == "class-0" for r in rows)
     # Out of fold, every planted picture is below every correctly filed one (confident learning

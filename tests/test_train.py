@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import tnflow.tasks.store.layout as layout
 import tnflow.tasks.training.epochs as epochs_module
 import tnflow.tasks.training.workdir as workdir
 from tests.fake_weights import VGG_CONV, write_fake_weights
@@ -79,7 +80,7 @@ def fake_weights(tmp_path_factory):
 
 def base_values(work, epoch):
     """The pretrained (base) variables in the checkpoint an epoch wrote."""
-    prefix = str(workdir.checkpoint_dir(Path(work) / "generation-1", epoch) / "ckpt")
+    prefix = str(layout.checkpoint_dir(layout.generation_dir(work, 1), epoch) / "ckpt")
     reader = tf.train.load_checkpoint(prefix)
     names = [n for n, _ in tf.train.list_variables(prefix)]
     return {n: reader.get_tensor(n) for n in names if n.startswith("vgg19/") and "/Momentum" not in n}

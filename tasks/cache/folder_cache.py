@@ -10,7 +10,6 @@ learn from or more than `max_bad` of the files are bad.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from tnflow.tasks.cache.folder_rows import write_folder_cache
 from tnflow.tasks.cache.h5cache import CacheInfo, CacheWriter, inspect_cache, read_manifest
 from tnflow.tasks.config.specs import FolderSpec
 from tnflow.tasks.core.cache_policy import code_version
-from tnflow.tasks.core.digests import short_digest
+from tnflow.tasks.core.digests import Digest, short_digest
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import (
     ensure_writable_dir,
@@ -37,6 +36,7 @@ from tnflow.tasks.core.progress import ProgressFn, run_logger
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER, unpack
 from tnflow.tasks.sources.decode import decoder, refuse_in_a_worker
 from tnflow.tasks.sources.folder import scan_folder
+from tnflow.tasks.store.layout import folder_cache_file, lineage_pointer, stat_index
 
 # The code that decides a folder cache's content: a change to any of it builds new files.
 FOLDER_CODE = code_version(
@@ -55,7 +55,7 @@ def folder_cache_path(cache_dir: str | Path, source: str, spec: FolderSpec, vers
     if not is_utf8(name):  # a name of another system's encoding: a file name that any tool can write and show
         name = re.sub(r"[^\w-]", "_", shown_name(name))
     key = short_digest(json.dumps([spec.digest(FOLDER_CODE), source, version]), 12)
-    return Path(cache_dir) / f"folder-{name}-{spec.image_size}px-{key}.h5"
+    return folder_cache_file(cache_dir, name, spec.image_size, key)
 
 
 def build_folder_cache(
@@ -82,7 +82,7 @@ def build_folder_cache(
     root, unpacked_skipped = unpack(source, archive_md5, cache_dir) if archive_md5 else (Path(source), [])
     identity = origin or (f"md5:{archive_md5}" if archive_md5 else source)  # the lineage and the champion line
     started = time.monotonic()
-    scan = scan_folder(root, cache_dir / "folders" / short_digest(identity) / "stat-index.json")
+    scan = scan_folder(root, stat_index(cache_dir, identity))
     log.info(
         "%s: %d files in %d classes (%s layout), version %s, scanned in %.1f s",
         root,
@@ -93,7 +93,7 @@ def build_folder_cache(
         time.monotonic() - started,
     )
     final = folder_cache_path(cache_dir, identity, spec, scan.version)
-    latest = cache_dir / "folders" / f"{spec.lineage(identity, FOLDER_CODE)}.latest"
+    latest = lineage_pointer(cache_dir, spec.lineage(identity, FOLDER_CODE))
     with exclusive(final):
         info = inspect_cache(final)
         if info is None:
@@ -151,7 +151,7 @@ def folder_identity(inputs: dict[str, Any]) -> Any:
     source = Path(inputs["source"])
     if not source.is_dir():
         return None  # an archive: its path is keyed by its md5 already
-    digest = hashlib.sha256()
+    digest = Digest()
     for current, dirs, names in os.walk(source):
         dirs.sort()
         for name in sorted(names):
@@ -159,5 +159,5 @@ def folder_identity(inputs: dict[str, Any]) -> Any:
                 st = os.stat(os.path.join(current, name))
             except OSError:
                 continue
-            digest.update(f"{os.path.join(current, name)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+            digest.update(f"{os.path.join(current, name)}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    return digest.hex()

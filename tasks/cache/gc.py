@@ -2,8 +2,8 @@
 
 Every version of a growing folder keeps its cache file, so a run can be reproduced and a
 champion re-scored on the images it was tested on. A version may go once no run directory
-(its metrics.json) or champion names it and it is not the latest of its lineage (the one
-the next build takes its pixels from).
+(its metrics.json) or champion names it, no live run reads it (`tasks.store.in_use`), and it
+is not the latest of its lineage (the one the next build takes its pixels from).
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 
 from tnflow.tasks.core.files import exclusive
+from tnflow.tasks.store.in_use import caches_in_use
+from tnflow.tasks.store.layout import champion_records, folder_cache_files, lineage_pointers, run_metrics_files
 
 
 def referenced_caches(output_dir: str | Path) -> set[str]:
     """Names of the cache files that runs and champions under `output_dir` point at."""
-    output_dir = Path(output_dir)
-    records = [*output_dir.glob("*/metrics.json"), *output_dir.glob("champions/*/*/champion.json")]
+    records = [*run_metrics_files(output_dir), *champion_records(output_dir)]
     names = set()
     for record in records:
         try:
@@ -30,11 +31,10 @@ def referenced_caches(output_dir: str | Path) -> set[str]:
 
 
 def unreferenced_caches(cache_dir: str | Path, output_dir: str | Path) -> list[Path]:
-    cache_dir = Path(cache_dir)
-    keep = referenced_caches(output_dir)
-    for pointer in cache_dir.glob("folders/*.latest"):
+    keep = referenced_caches(output_dir) | caches_in_use(output_dir)
+    for pointer in lineage_pointers(cache_dir):
         keep.add(pointer.read_text().strip())
-    return sorted(p for p in cache_dir.glob("folder-*.h5") if p.name not in keep)
+    return [p for p in folder_cache_files(cache_dir) if p.name not in keep]
 
 
 def collect(cache_dir: str | Path, output_dir: str | Path, *, dry_run: bool = False) -> list[tuple[Path, int]]:

@@ -23,7 +23,7 @@ from tnflow.tasks.cache.h5cache import CHUNK_IMAGES, TRAINING_CONTENT, CacheInfo
 from tnflow.tasks.config.specs import CacheSpec, FolderSpec
 from tnflow.tasks.core.cache_policy import StageCache, code_version
 from tnflow.tasks.core.digests import short_digest
-from tnflow.tasks.core.errors import DataError, TnflowError
+from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import (
     check_free_space,
     ensure_writable_dir,
@@ -32,10 +32,11 @@ from tnflow.tasks.core.files import (
     renamed_when_complete,
 )
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.sources.cifar import read_archive
 from tnflow.tasks.sources.resize import RESIZE_METHOD, bilinear_matrix, resize_batch, resized_chunks
 from tnflow.tasks.sources.splits import split_indices
+from tnflow.tasks.store.layout import dataset_cache_file
 
 # The code that decides the cache's content: a change to any of it builds a new file.
 CODE = code_version(
@@ -45,7 +46,7 @@ CODE = code_version(
 
 def cache_path(cache_dir: str | Path, spec: CacheSpec, source_md5: str) -> Path:
     """The cache file for these inputs and this code; a re-run with the same inputs finds it."""
-    return Path(cache_dir) / f"{spec.dataset}-{spec.image_size}px-{spec.digest(CODE)}-{source_md5[:8]}.h5"
+    return dataset_cache_file(cache_dir, spec.dataset, spec.image_size, spec.digest(CODE), source_md5)
 
 
 def build_cache(
@@ -113,8 +114,7 @@ def cache_is_sound(info: CacheInfo) -> bool:
         sound=cache_is_sound,
     ),
     persist_result=True,
-    retries=1,
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
 def build_cache_task(

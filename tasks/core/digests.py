@@ -18,3 +18,24 @@ def short_digest(content: str | bytes | Any, length: int = 16) -> str:
     elif not isinstance(content, bytes):
         content = json.dumps(content, sort_keys=True).encode()
     return hashlib.sha256(content).hexdigest()[:length]
+
+
+class Digest:
+    """SHA-256 fed in parts (a file read in blocks, a list of rows): `short_digest` of the parts joined.
+
+    Text parts are their bytes as `short_digest` takes them, so a file name that is not UTF-8
+    digests rather than raising.
+    """
+
+    def __init__(self, first: str | bytes = b""):
+        self._hash = hashlib.sha256()
+        self.update(first)
+
+    def update(self, part: str | bytes) -> None:
+        self._hash.update(part.encode("utf-8", "surrogateescape") if isinstance(part, str) else part)
+
+    def hex(self, length: int = 64) -> str:
+        return self._hash.hexdigest()[:length]
+
+    def raw(self) -> bytes:
+        return self._hash.digest()

@@ -90,13 +90,13 @@ def _still_named(handle: IO[bytes], lock_path: Path) -> bool:
 
 def _acquire(handle: IO[bytes], lock_path: Path, final: Path) -> None:
     """Take the lock, logging to the run's log whose lock this waits for, and for how long."""
-    if _try_lock(handle):
+    if try_lock(handle):
         return
     log = run_logger()
     started = time.monotonic()
     log.info("waiting for %s, which holds %s", holder_of(lock_path), final)
     next_report = started + WAIT_REPORT_SECONDS
-    while not _try_lock(handle):
+    while not try_lock(handle):
         time.sleep(_POLL_SECONDS)
         if time.monotonic() >= next_report:
             next_report += WAIT_REPORT_SECONDS
@@ -104,9 +104,10 @@ def _acquire(handle: IO[bytes], lock_path: Path, final: Path) -> None:
             log.info("still waiting for %s, which holds %s (%.0f s so far)", holder_of(lock_path), final, waited)
 
 
-def _try_lock(handle: IO[bytes]) -> bool:
+def try_lock(handle: IO[bytes], *, shared: bool = False) -> bool:
+    """Take `handle`'s flock without waiting (exclusive, or `shared`); False while another holds it."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
@@ -166,17 +167,20 @@ def new_directory(final: Path) -> Iterator[Path]:
 
 @contextmanager
 def renamed_when_complete(final: Path, stage: str = "building the cache") -> Iterator[Path]:
-    """A temporary name to write `final` under; renamed to `final` only if the block completes.
+    """A temporary name to write `final` under (a file or a directory); renamed to `final` only if the block completes.
 
-    Whatever stops the block (an error, a full disk, Ctrl-C) removes the temporary file, so
-    nothing that looks finished is ever left half-written.
+    Whatever stops the block (an error, a full disk, Ctrl-C) removes the temporary, so nothing
+    that looks finished is ever left half-written.
     """
     tmp = temp_path(final)
     try:
         yield tmp
         os.replace(tmp, final)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):  # h5py's say so in their text alone
             raise disk_full_error(final, stage) from None
         raise

@@ -8,6 +8,7 @@ from prefect import Task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import is_disk_full
 
 RetryCondition = Callable[[Task, TaskRun, State], bool]
@@ -41,3 +42,8 @@ def _exception(state: State) -> BaseException | None:
     except BaseException as raised:  # noqa: BLE001 - we only classify it
         return raised
     return None
+
+
+# Every stage's retry rule: once, for what a second try can fix (a worker lost, a flaky file
+# system), never for the user's input or a full disk. A retry resumes where the stage stopped.
+STAGE_RETRIES: dict = {"retries": 1, "retry_condition_fn": retry_unless(TnflowError)}

@@ -1,7 +1,7 @@
-"""A champion line on disk: which test images a model was measured on, its record, and its history.
+"""A champion line's records: which test images a model was measured on, its record, and its history.
 
-    <output dir>/champions/<dataset key>/current/champion.json   the champion's record
-    <output dir>/champions/<dataset key>/history.jsonl          every promotion, oldest first
+Where they live (`current/champion.json`, `history.jsonl` in the line's directory) is
+`tasks.store.layout`'s.
 
 A record torn or damaged by a crash never closes the gate for good: `read_champion` rebuilds
 it from the history, or sets it aside (no champion), with a warning either way.
@@ -21,8 +21,7 @@ import numpy as np
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import run_logger
-
-CHAMPION_JSON = "champion.json"
+from tnflow.tasks.store.layout import champion_history, champion_line, champion_record, current_champion
 
 
 def split_identity(cache_path: str | Path) -> str:
@@ -42,7 +41,7 @@ def split_identity(cache_path: str | Path) -> str:
 
 def read_history(line: Path) -> list[dict[str, Any]]:
     """Every promotion of a champion line so far, oldest first (a row torn by a crash is left out)."""
-    path = line / "history.jsonl"
+    path = champion_history(line)
     rows = path.read_text().splitlines() if path.is_file() else []
     records = [record for record in map(_json_object, rows) if record is not None]
     if len(records) < sum(1 for row in rows if row.strip()):
@@ -52,8 +51,8 @@ def read_history(line: Path) -> list[dict[str, Any]]:
 
 def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
     """The champion's record; a damaged one is rebuilt from the line's history, or set aside (no champion)."""
-    line = Path(output_dir) / "champions" / key
-    path = line / "current" / CHAMPION_JSON
+    line = champion_line(output_dir, key)
+    path = champion_record(current_champion(line))
     if not path.is_file():
         return None
     record = _json_object(path.read_text(errors="replace"))
@@ -61,7 +60,7 @@ def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
         return record
     run_id = path.parent.resolve().name
     recorded = [r for r in read_history(line) if r.get("run_id") == run_id]
-    aside = path.with_name(f"{CHAMPION_JSON}.damaged")
+    aside = path.with_name(f"{path.name}.damaged")
     with contextlib.suppress(FileNotFoundError):  # another run set it aside first
         os.replace(path, aside)
     if recorded:

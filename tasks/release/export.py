@@ -22,14 +22,12 @@ one rename before the champion gate, which links the whole directory into a new 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import (
     exclusive,
     full_disk_ends,
@@ -37,14 +35,15 @@ from tnflow.tasks.core.files import (
     link_tree,
     new_directory,
     remove_stale_temps,
-    temp_path,
+    renamed_when_complete,
     write_atomic,
 )
 from tnflow.tasks.core.progress import STAGE_HOOKS
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.drift import reference_of
 from tnflow.tasks.release.model_card import card_data, write_card
+from tnflow.tasks.store.layout import metrics_file, run_model_dir, shared_exports_dir
 from tnflow.tasks.tf.converters import FILES, WRITERS, Source
 from tnflow.tasks.tf.model_dir import model_digest, read_model_dir, update_model_json
 from tnflow.tasks.training.starting_point import StartingPoint
@@ -71,13 +70,8 @@ def export(model_dir: str | Path, formats: tuple[str, ...], target: str | Path |
             remove_stale_temps(final)
             if final.exists():
                 continue
-            tmp = temp_path(final)
-            try:
+            with renamed_when_complete(final, "exporting the model") as tmp:
                 _record_check(target, fmt, WRITERS[fmt](source, tmp))
-                tmp.rename(final)
-            except BaseException:
-                _remove(tmp)
-                raise
         write_atomic(target / LABELS, "".join(f"{name}\n" for name in meta["class_names"]))
         return {fmt: _read_check(target, fmt) for fmt in formats}
 
@@ -85,7 +79,7 @@ def export(model_dir: str | Path, formats: tuple[str, ...], target: str | Path |
 def exports_of(model_dir: str | Path, formats: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
     """The shared exports of a trained model: beside it, named by its digest, made at most once."""
     model_dir = Path(model_dir)
-    shared = model_dir.with_name(f"{model_dir.name}.exports-{model_digest(model_dir)}")
+    shared = shared_exports_dir(model_dir, model_digest(model_dir))
     shared.mkdir(exist_ok=True)
     return shared, export(model_dir, formats, shared)
 
@@ -103,13 +97,6 @@ def _read_check(target: Path, fmt: str) -> dict[str, Any]:
     return checks.get(fmt, {"file": FILES[fmt]})
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 # -- the run's model directory ------------------------------------------------------------
 
 
@@ -122,7 +109,7 @@ def publish_model(
 ) -> tuple[Path, dict[str, Any]]:
     """<run dir>/model: the trained model, its exports and its card, put in place in one rename."""
     shared, checks = exports_of(model_dir, formats) if formats else (None, {})
-    final = Path(run_dir) / "model"
+    final = run_model_dir(run_dir)
     with full_disk_ends("exporting the model", run_dir), new_directory(final) as tmp:  # hard links: no extra space
         link_tree(model_dir, tmp)
         for check in checks.values():
@@ -156,8 +143,7 @@ def export_into_model_dir(model_dir: str | Path, formats: tuple[str, ...]) -> di
 @task(
     name="export",
     cache_policy=NO_CACHE,  # writes this run's model directory; the exports themselves are made once
-    retries=1,
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
 def export_task(
@@ -165,7 +151,7 @@ def export_task(
 ) -> str:
     """<run dir>/model with the exports asked for and the model card; returns its path."""
     logger = get_run_logger()
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    metrics = json.loads(metrics_file(run_dir).read_text())
     card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), start.origin)
     reference = reference_of(read_probabilities(run_dir, "test"))
     final, checks = publish_model(model_dir, run_dir, formats, card, reference)

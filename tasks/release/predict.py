@@ -30,9 +30,10 @@ from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, exclusive, renamed_when_complete, shown_name, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
 from tnflow.tasks.sources.images import ImageError, load_square
+from tnflow.tasks.store.layout import latest_champion, predictions_csv
 from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
 
 TOP_K = 3
@@ -43,7 +44,7 @@ TO_LABEL_COLUMNS = ("path", "class", "probability", "margin", "entropy")
 
 def model_directory(model: str, output_dir: str | Path) -> Path:
     """The model `model` names, resolved now: `champion` stays the model it was when scoring began."""
-    path = Path(output_dir) / "champion" if model == "champion" else Path(model).expanduser()
+    path = latest_champion(output_dir) if model == "champion" else Path(model).expanduser()
     if model == "champion" and not path.exists():
         raise TnflowError(f"there is no champion in {output_dir} yet; train one with `tnflow run`, or pass a model dir")
     read_model_dir(path)  # a clear error before TensorFlow starts
@@ -217,8 +218,7 @@ DRIFT_EVENT = "tnflow.scoring.drift"
 @task(
     name="score-folder",
     cache_policy=NO_CACHE,  # the folder and the champion change between runs
-    retries=1,
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
 def score_folder_task(
@@ -227,7 +227,7 @@ def score_folder_task(
     """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv), list the least
     confident in <csv>.to_label.csv, and publish the class counts and the drift against the model's test split."""
     logger = get_run_logger()
-    out = out or str(Path(output_dir) / "predictions" / f"{flow_run.name or 'predictions'}.csv")
+    out = out or str(predictions_csv(output_dir, flow_run.name or "predictions"))
     model_dir = model_directory(model, output_dir)
     logger.info("scoring %s with %s", folder, model_dir)
     seen: list[dict[str, Any]] = []

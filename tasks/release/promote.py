@@ -2,12 +2,10 @@
 
 What a scheduled retrain should leave is a better model in a known place, never a silent
 regression, and never a gate that can no longer open. Champions are kept per dataset
-identity (dataset, source digest, class names):
-
-    <output dir>/champions/<dataset key>/<run>/         the run's model (exports and card included) plus champion.json
-    <output dir>/champions/<dataset key>/current  ->    <run>
-    <output dir>/champions/<dataset key>/history.jsonl  every decision that promoted
-    <output dir>/champion -> champions/<dataset key>/<run>   the latest promotion (`tnflow predict champion`)
+identity (dataset, source digest, class names), in a champion line (`tasks.store.layout`): each
+champion's directory (the run's model, exports and card included, plus champion.json), a
+`current` link to the line's champion, every promotion's record in the line's history, and the
+output directory's `champion` link to the latest promotion (`tnflow predict champion`).
 
 A first model becomes the line's champion only when it beats always answering the test split's
 most common class (an exact binomial test at `alpha`): a model at chance is no champion, and
@@ -31,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -44,7 +41,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.config.specs import GateSettings
-from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import (
     ensure_writable_dir,
@@ -52,11 +48,12 @@ from tnflow.tasks.core.files import (
     full_disk_ends,
     link_tree,
     new_directory,
+    renamed_when_complete,
     switch_symlink,
 )
 from tnflow.tasks.core.progress import STAGE_HOOKS
-from tnflow.tasks.core.retries import retry_unless
-from tnflow.tasks.release.champions import CHAMPION_JSON, append_line, read_champion, read_history, split_identity
+from tnflow.tasks.core.retries import STAGE_RETRIES
+from tnflow.tasks.release.champions import append_line, read_champion, read_history, split_identity
 from tnflow.tasks.release.model_card import add_champion_history
 from tnflow.tasks.release.significance import (
     against_baseline,
@@ -66,10 +63,19 @@ from tnflow.tasks.release.significance import (
     refusal,
     what_it_can_detect,
 )
+from tnflow.tasks.store.layout import (
+    champion_dir,
+    champion_history,
+    champion_line,
+    champion_predictions,
+    champion_record,
+    current_champion,
+    latest_champion,
+    latest_champion_target,
+)
 from tnflow.tasks.training.starting_point import dataset_key
 from tnflow.tasks.training.validate import evaluate_model, read_predictions
 
-PREDICTIONS = "predictions"  # in a champion's directory: <split digest>.npy, its predicted class per test image
 Rescore = Callable[[str, str], np.ndarray]  # (champion model dir, candidate cache) -> predicted class per test image
 
 
@@ -109,9 +115,9 @@ def promote(
         raise TnflowError(f"{len(predictions)} test predictions for the {len(labels)} test images of {cache_path}")
     test_accuracy = float((predictions == labels).mean())
     baseline = against_baseline(int((predictions == labels).sum()), labels, class_names)
-    line = output_dir / "champions" / key
+    line = champion_line(output_dir, key)
     line.mkdir(parents=True, exist_ok=True)
-    with full_disk_ends("promoting the champion", output_dir), exclusive(line / "current"):
+    with full_disk_ends("promoting the champion", output_dir), exclusive(current_champion(line)):
         current = read_champion(output_dir, key)
         champion_accuracy, rescored, comparison, replaces_baseline = None, False, None, False
         if current is None:
@@ -124,7 +130,7 @@ def promote(
                     detectable, gain,
                 )  # fmt: skip
         else:
-            theirs, rescored = _champion_predictions(line / "current", split, cache_path, rescore)
+            theirs, rescored = _champion_predictions(current_champion(line), split, cache_path, rescore)
             champion_accuracy = float((theirs == labels).mean())
             comparison = compare(predictions, theirs, labels, class_names)
             disagreements = comparison.only_candidate + comparison.only_champion
@@ -139,7 +145,7 @@ def promote(
                 kept = f"kept the champion ({current['run_id']}): {refused}{_on(rescored, current, split)}"
                 reason = f"{kept}; {detectable}"
                 return Decision(
-                    False, reason, test_accuracy, champion_accuracy, str(line / "current"), split, rescored,
+                    False, reason, test_accuracy, champion_accuracy, str(current_champion(line)), split, rescored,
                     asdict(comparison), alpha, asdict(baseline), detectable, gain,
                 )  # fmt: skip
 
@@ -159,15 +165,15 @@ def promote(
             "baseline": asdict(baseline),
             "detectable_gain": gain,
         }
-        with new_directory(line / run_id) as tmp:  # itself a model directory, exports and card included
+        with new_directory(champion_dir(line, run_id)) as tmp:  # itself a model directory, exports and card included
             link_tree(model_dir, tmp)
-            (tmp / CHAMPION_JSON).write_text(json.dumps(record, indent=2))
-            (tmp / PREDICTIONS).mkdir()
-            np.save(tmp / PREDICTIONS / f"{short_digest(split, 16)}.npy", predictions.astype(np.int32))
+            champion_record(tmp).write_text(json.dumps(record, indent=2))
+            champion_predictions(tmp, split).parent.mkdir()
+            np.save(champion_predictions(tmp, split), predictions.astype(np.int32))
             add_champion_history(tmp, [*read_history(line), record])
-        switch_symlink(line / "current", Path(run_id))
-        switch_symlink(output_dir / "champion", Path("champions") / key / run_id)
-        append_line(line / "history.jsonl", json.dumps(record))
+        switch_symlink(current_champion(line), Path(run_id))
+        switch_symlink(latest_champion(output_dir), latest_champion_target(key, run_id))
+        append_line(champion_history(line), json.dumps(record))
     if current is None or comparison is None:
         reason = f"promoted: first champion of {key}: {baseline.sentence(alpha)}"
     elif replaces_baseline:
@@ -183,7 +189,7 @@ def promote(
             f"{comparison.p_value:.3g} (--promote-alpha {alpha:g}; {comparison.counts}){_on(rescored, current, split)}"
         )
     decision = Decision(
-        True, f"{reason}; {detectable}", test_accuracy, champion_accuracy, str(output_dir / "champion"), split,
+        True, f"{reason}; {detectable}", test_accuracy, champion_accuracy, str(latest_champion(output_dir)), split,
         rescored, asdict(comparison) if comparison else None, alpha, asdict(baseline), detectable, gain,
     )  # fmt: skip
     return decision
@@ -213,16 +219,14 @@ def _champion_predictions(
 
     Returns them and whether the champion was scored now.
     """
-    path = champion / PREDICTIONS / f"{short_digest(split, 16)}.npy"
+    path = champion_predictions(champion, split)
     if path.is_file():
         with contextlib.suppress(ValueError, OSError):  # damaged: scored again below
             return np.load(path, allow_pickle=False), False
     predicted = np.asarray(rescore(str(champion), str(cache_path)), dtype=np.int32)
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    with renamed_when_complete(path, "keeping the champion's predictions") as tmp, open(tmp, "wb") as handle:
         np.save(handle, predicted)
-    os.replace(tmp, path)
     return predicted, True
 
 
@@ -242,8 +246,7 @@ def _on(rescored: bool, current: dict[str, Any], split: str) -> str:
 @task(
     name="promote",
     cache_policy=NO_CACHE,  # the champion may have changed since any earlier decision
-    retries=1,
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
 def promote_task(

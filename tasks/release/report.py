@@ -15,7 +15,6 @@ import json
 import os
 import platform
 from dataclasses import asdict
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.advice import baseline_lines, next_steps
 from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.figures import (
@@ -42,25 +40,16 @@ from tnflow.tasks.release.figures import (
 )
 from tnflow.tasks.release.promote import Decision, gate_counts
 from tnflow.tasks.release.review import Review
+from tnflow.tasks.store.layout import figure_file, metrics_file, report_files
 from tnflow.tasks.training.calibration import ece_text, temperature_text
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import Trained
 from tnflow.tasks.training.validate import write_metrics
 
-# -- the run directory ------------------------------------------------------------------
+# -- the run summary --------------------------------------------------------------------
 
 
 RUN_SUMMARY = "tnflow-run-summary"  # the key of every run's one-row table of results
-
-
-def run_directory(output_dir: str | Path, run_name: str | None) -> str:
-    """`<output dir>/<flow run name>` (or a timestamp outside a flow run), never an existing one."""
-    base = run_name or datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
-    path, n = Path(output_dir) / base, 1
-    while path.exists():
-        n += 1
-        path = Path(output_dir) / f"{base}-{n}"
-    return str(path)
 
 
 def machine() -> dict[str, str]:
@@ -116,9 +105,9 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
         "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
         "samples": png(sample_grid(sample_images, metrics["samples"], names)),
     }
-    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
     for name, data in pngs.items():
-        (run_dir / "figures" / f"{name}.png").write_bytes(data)
+        figure_file(run_dir, name).parent.mkdir(parents=True, exist_ok=True)
+        figure_file(run_dir, name).write_bytes(data)
 
     sections = _sections(config, history, metrics, stages, device, promotion)
     sections["next"] = [(step,) for step in next_steps(metrics, promotion, count, config, scope)]
@@ -127,11 +116,12 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     total = f"{count} {scope} in {Path(review.csv_path).name}{review.caveat and '; '}{review.caveat}" if review else ""
     sections["disputed"] = [*shown, ("", total or "not reviewed", "", "", "")]
     sections["disputed"] += [("", f"not reviewed: {why}", "", "", "") for why in (review.unreviewed if review else ())]
-    markdown = _markdown(sections, {n: f"figures/{n}.png" for n in pngs})
+    markdown = _markdown(sections, {n: figure_file("", n).as_posix() for n in pngs})  # beside report.md
     page = _html(sections, {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()})
-    write_atomic(run_dir / "report.md", markdown)
-    write_atomic(run_dir / "report.html", page)
-    return {"html": str(run_dir / "report.html"), "markdown": str(run_dir / "report.md")}
+    markdown_path, html_path = report_files(run_dir)
+    write_atomic(markdown_path, markdown)
+    write_atomic(html_path, page)
+    return {"html": str(html_path), "markdown": str(markdown_path)}
 
 
 _FIGURES = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")  # per epoch, in the history table
@@ -227,7 +217,7 @@ def _html(sections: dict[str, Any], images: dict[str, str]) -> str:
 # -- Prefect ----------------------------------------------------------------------------
 
 
-@task(name="report", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless(TnflowError), **STAGE_HOOKS)
+@task(name="report", cache_policy=NO_CACHE, **STAGE_RETRIES, **STAGE_HOOKS)
 def report_task(
     *,
     run_dir: str,
@@ -245,7 +235,7 @@ def report_task(
     history, device = list(trained.history), trained.device
     promotion = asdict(promotion) if promotion is not None else None
     run = Path(run_dir)
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads(metrics_file(run).read_text())
     stages = stages_so_far()
     best = max(history, key=lambda r: r["valid_accuracy"])
     write_metrics(
@@ -272,7 +262,7 @@ def report_task(
         promotion=promotion,
         review=review,
     )
-    markdown = (run / "report.md").read_text()
+    markdown = report_files(run)[0].read_text()
     create_markdown_artifact(markdown=markdown.split("\n## Learning curves")[0], key="tnflow-report")
     create_table_artifact(
         table=[

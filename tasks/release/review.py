@@ -44,12 +44,12 @@ from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.significance import against_baseline
+from tnflow.tasks.store.layout import review_csv, split_array
 from tnflow.tasks.training.cross_fit import OutOfFold
 from tnflow.tasks.training.validate import evaluate_model, read_kept, read_probabilities
 
-REVIEW_CSV = "label_review.csv"
 HELD_OUT = ("valid", "test")
 SHOWN = 16  # in the report, with thumbnails
 ALPHA = 0.05  # a split is reviewed when the model beats its majority class at this level
@@ -145,7 +145,7 @@ def write_review(run_dir: Path, rows: list[Disputed]) -> Path:
     writer.writerows(
         [r.split, r.index, r.path, r.given, r.predicted, f"{r.confidence:.4f}", f"{r.margin:.4f}"] for r in rows
     )
-    path = run_dir / REVIEW_CSV
+    path = review_csv(run_dir)
     write_atomic(path, buffer.getvalue())
     return path
 
@@ -167,7 +167,7 @@ def review(
             continue
         if split == "train":
             probs = read_kept(out_of_fold.probabilities, "the out-of-fold probabilities")
-        elif (run_dir / f"{split}_probabilities.npy").is_file():  # kept by validate
+        elif split_array(run_dir, split, "probabilities").is_file():  # kept by validate
             probs = read_probabilities(run_dir, split)
         else:
             probs = evaluate_model(model_dir, cache_path, split, batch_size)["probs"]
@@ -196,9 +196,7 @@ def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str]
         return f[f"{split}/labels"][:], paths, names
 
 
-@task(
-    name="label-review", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless(TnflowError), **STAGE_HOOKS
-)
+@task(name="label-review", cache_policy=NO_CACHE, **STAGE_RETRIES, **STAGE_HOOKS)
 def review_task(
     *, model_dir: str, cache_path: str, run_dir: str, batch_size: int, out_of_fold: OutOfFold | None = None
 ) -> Review:

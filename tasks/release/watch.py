@@ -6,7 +6,7 @@ are unchanged is not read again), against the pictures of the cache its champion
 on, and counts new, changed and removed pictures. At `min_new` or more (a count, or a fraction
 of the champion's pictures) it emits the Prefect event `tnflow.dataset.changed`, which the
 `retrain-on-new-data` deployment's trigger turns into a flow run. What it announced is
-recorded (`<output dir>/watch/`), so each change set triggers once; the next one is announced
+recorded (`tasks.store.layout.watch_record`), so each change set triggers once; the next one is announced
 when the folder changes again.
 """
 
@@ -26,8 +26,8 @@ from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
-from tnflow.tasks.release.champions import CHAMPION_JSON
 from tnflow.tasks.sources.folder import scan_folder
+from tnflow.tasks.store.layout import champion_record, current_champions, stat_index, watch_record
 
 CHANGED_EVENT = "tnflow.dataset.changed"
 
@@ -56,7 +56,7 @@ def folder_changes(folder: str | Path, cache_dir: str | Path, output_dir: str | 
     if not root.is_dir():
         raise DataError(f"--data-dir {root} is not a folder; give the image folder to watch")
     # The same stat index the cache stage keeps for this folder: unchanged files are not read again.
-    scan = scan_folder(root, Path(cache_dir) / "folders" / short_digest(str(root)) / "stat-index.json")
+    scan = scan_folder(root, stat_index(cache_dir, str(root)))
     current = {e.path: e.digest for e in scan.entries if e.digest}
     baseline, skipped, champion = _champion_pictures(root, Path(output_dir))
     return Changes(
@@ -73,8 +73,9 @@ def folder_changes(folder: str | Path, cache_dir: str | Path, output_dir: str | 
 def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], set[str], str | None]:
     """(path -> content digest, skipped paths, run) of the newest champion trained on `root`'s folder."""
     found = []
-    for record_path in (output_dir / "champions").glob(f"*/current/{CHAMPION_JSON}"):
+    for current in current_champions(output_dir):
         try:
+            record_path = champion_record(current)
             record = json.loads(record_path.read_text())
             if read_manifest(record["cache"]).get("source") == str(root):
                 found.append(record)
@@ -106,7 +107,7 @@ def announce(changes: Changes, min_new: float, output_dir: str | Path) -> Change
     """Emit `tnflow.dataset.changed` for a change set past the threshold that was not announced before."""
     from prefect.events import emit_event
 
-    record_path = Path(output_dir) / "watch" / f"{short_digest(changes.folder, 16)}.json"
+    record_path = watch_record(output_dir, changes.folder)
     try:
         announced = json.loads(record_path.read_text()).get("version")
     except (OSError, ValueError):

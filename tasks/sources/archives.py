@@ -19,6 +19,7 @@ from typing import IO
 
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import check_free_space, exclusive, new_directory, remove_stale_temps, write_atomic
+from tnflow.tasks.store.layout import unpacked_dir, unpacked_skipped
 
 # Why a member is in the manifest's `unpacked_skipped`: it would have been written outside the folder.
 UNSAFE_MEMBER = "not unpacked from the archive (an absolute path, '..' or a link)"
@@ -27,8 +28,7 @@ UNSAFE_MEMBER = "not unpacked from the archive (an absolute path, '..' or a link
 def unpack(archive: str | Path, digest: str, cache_dir: str | Path) -> tuple[Path, list[str]]:
     """The folder an archive holds, unpacked once under `cache_dir/unpacked/<digest>`, and the
     members that were not written (unsafe names, links, devices)."""
-    final = Path(cache_dir) / "unpacked" / digest
-    listing = final.with_name(digest + ".skipped")  # beside the folder, so no scan sees it
+    final, listing = unpacked_dir(cache_dir, digest), unpacked_skipped(cache_dir, digest)
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final):
         if not final.is_dir():

@@ -36,8 +36,8 @@ from tnflow.tasks.core.prefect_server import is_temporary
 from tnflow.tasks.core.progress import STAGE_HOOKS
 from tnflow.tasks.release.figures import accuracy_by_option, png
 from tnflow.tasks.release.promote import Decision
-from tnflow.tasks.release.report import run_directory
 from tnflow.tasks.release.significance import compare, detectable_gain, what_it_can_detect
+from tnflow.tasks.store.layout import figure_file, leaderboard_file, report_files
 from tnflow.tasks.sweeps.trials import TrialResult
 from tnflow.tasks.training.validate import read_predictions, write_metrics
 
@@ -46,16 +46,11 @@ ALPHA = 0.05  # how sure a choice between two trials must be not to be called a 
 LEADERBOARD = "tnflow-sweep-leaderboard"
 
 
-def sweep_directory(output_dir: str, sweep_name: str | None) -> str:
-    """`<output dir>/sweeps/<sweep run name>`: the leaderboard and the report."""
-    return run_directory(Path(output_dir) / "sweeps", sweep_name)
-
-
 class Leaderboard:
     """Every trial's row, rewritten (file and artifact) each time a trial ends."""
 
     def __init__(self, sweep_dir: str, trials: list[Trial]):
-        self.path = Path(sweep_dir) / "leaderboard.json"
+        self.path = leaderboard_file(sweep_dir)
         self.results: dict[str, TrialResult] = {t.name: TrialResult(t.name, t.options, "Pending") for t in trials}
 
     def record(self, result: TrialResult) -> None:
@@ -171,12 +166,16 @@ def write_sweep_report(
         ("model", str(winner.model_dir)),
     ]
     by_option = {name: _by_value(results, name) for name in varied}
-    (sweep_dir / "figures").mkdir(parents=True, exist_ok=True)
     if figure:
-        (sweep_dir / "figures" / "validation_by_option.png").write_bytes(figure)
-    write_atomic(sweep_dir / "report.md", _markdown(summary, rows, by_option, bool(figure)))
-    write_atomic(sweep_dir / "report.html", _html(summary, rows, by_option, figure))
-    return {"html": str(sweep_dir / "report.html"), "markdown": str(sweep_dir / "report.md")}
+        figure_file(sweep_dir, FIGURE).parent.mkdir(parents=True, exist_ok=True)
+        figure_file(sweep_dir, FIGURE).write_bytes(figure)
+    markdown_path, html_path = report_files(sweep_dir)
+    write_atomic(markdown_path, _markdown(summary, rows, by_option, bool(figure)))
+    write_atomic(html_path, _html(summary, rows, by_option, figure))
+    return {"html": str(html_path), "markdown": str(markdown_path)}
+
+
+FIGURE = "validation_by_option"
 
 
 def _by_value(results: list[TrialResult], name: str) -> list[tuple[str, int, str, str]]:
@@ -200,7 +199,7 @@ def _markdown(summary, rows, by_option, has_figure: bool) -> str:
         lines += [f"### {name}", ""]
         lines += [*_md_table([name, "finished trials", "best valid accuracy", "mean valid accuracy"], table), ""]
     if has_figure:
-        lines.append("![validation accuracy by option](figures/validation_by_option.png)")
+        lines.append(f"![validation accuracy by option]({figure_file('', FIGURE).as_posix()})")
     return "\n".join(lines) + "\n"
 
 

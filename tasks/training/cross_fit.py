@@ -29,7 +29,8 @@ from tnflow.tasks.config.specs import ModelSpec, TrainSettings, fold_split
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
+from tnflow.tasks.store.layout import split_array
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import train_from
 from tnflow.tasks.training.validate import evaluate_model, write_predictions
@@ -103,7 +104,7 @@ def cross_fit(
         )
         log.warning(caveat)
     return OutOfFold(
-        str(Path(run_dir) / "train_probabilities.npy"), folds, tuple(model_dirs), tuple(accuracies), caveat
+        str(split_array(run_dir, "train", "probabilities")), folds, tuple(model_dirs), tuple(accuracies), caveat
     )
 
 
@@ -115,8 +116,7 @@ def cross_fit(
     # Each fold's training is cached in its own work directory (a finished fold returns at
     # once), and the probabilities are this run's file.
     cache_policy=NO_CACHE,
-    retries=1,  # a retry resumes the fold it was in
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,  # a retry resumes the fold it was in
     **STAGE_HOOKS,
 )
 def cross_fit_task(

@@ -22,13 +22,14 @@ from tnflow.tasks.cache.h5cache import read_resize_mode
 from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
+from tnflow.tasks.store.layout import checkpoint_dir, epoch_model_dir
 from tnflow.tasks.tf.model_dir import CHECKPOINT, restore_model, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
 from tnflow.tasks.training.calibration import choose_temperature
 from tnflow.tasks.training.pace import Pace
 from tnflow.tasks.training.validate import evaluate
 from tnflow.tasks.training.weights import check_weights, read_weights
-from tnflow.tasks.training.workdir import best_model_ok, checkpoint_dir, model_dir, prune, write_state
+from tnflow.tasks.training.workdir import best_model_ok, prune, write_state
 
 
 @dataclass
@@ -284,6 +285,6 @@ def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any]
 
 def _export_model(fit: _Fit, epoch: int, record: dict[str, Any]) -> None:
     """The epoch's model directory: its weights (no optimizer state) and the model.json that rebuilds it."""
-    with new_directory(model_dir(fit.directory, epoch)) as tmp:
+    with new_directory(epoch_model_dir(fit.directory, epoch)) as tmp:
         fit.net.model_saver.save(fit.session, str(tmp / CHECKPOINT), write_meta_graph=False, write_state=False)
         write_model_json(tmp, _model_meta(fit.spec, fit.settings, fit.origin, record))

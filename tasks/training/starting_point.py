@@ -21,6 +21,7 @@ from tnflow.tasks.core.cache_policy import StageCache
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
 from tnflow.tasks.sources.download import DOWNLOAD_RETRIES, source_identity
+from tnflow.tasks.store.layout import champion_line, current_champion
 from tnflow.tasks.tf.model_dir import MODEL_JSON, check_can_start_from, model_digest
 from tnflow.tasks.training.weights import WEIGHTS_CODE, WeightsFile, fetch_weights, weights_are_sound
 
@@ -54,7 +55,7 @@ def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Pat
     None while there is none (a scheduled retrain's first run starts from --weights)."""
     if init_from != "champion":
         return Path(init_from).expanduser().absolute()
-    current = Path(output_dir) / "champions" / dataset_key(cache_path) / "current"
+    current = current_champion(champion_line(output_dir, dataset_key(cache_path)))
     return current.resolve() if (current / MODEL_JSON).is_file() else None
 
 

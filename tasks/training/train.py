@@ -25,16 +25,15 @@ from tnflow.tasks.core.cache_policy import StageCache, code_version
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, exclusive, full_disk_ends
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
+from tnflow.tasks.store.layout import epoch_model_dir, generation_dir, training_lock
 from tnflow.tasks.tf.model_dir import read_model_dir
 from tnflow.tasks.training.epochs import fit_epochs
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.workdir import (
     best_model_ok,
     can_reexport,
-    generation_dir,
     generation_for,
-    model_dir,
     prune_older_generations,
     read_state,
     work_dir_for,
@@ -98,7 +97,7 @@ def train(
     work_dir = ensure_writable_dir(work_dir, option="--output-dir")
     # Chosen before waiting for the lock: two retrains started together share one new generation.
     generation = generation_for(work_dir, retrain)
-    with full_disk_ends("saving training checkpoints", work_dir), exclusive(work_dir / "training"):
+    with full_disk_ends("saving training checkpoints", work_dir), exclusive(training_lock(work_dir)):
         directory = generation_dir(work_dir, generation)
         directory.mkdir(exist_ok=True)
         state = read_state(directory)
@@ -134,7 +133,7 @@ def train(
 
 def _result(work_dir: Path, generation: int, state: dict[str, Any]) -> Trained:
     return Trained(
-        model_dir=str(model_dir(generation_dir(work_dir, generation), state["best_epoch"])),
+        model_dir=str(epoch_model_dir(generation_dir(work_dir, generation), state["best_epoch"])),
         work_dir=str(work_dir),
         generation=generation,
         best_epoch=int(state["best_epoch"]),
@@ -205,8 +204,7 @@ def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
         sound=trained_is_sound,
     ),
     persist_result=True,
-    retries=1,  # a retry resumes after the last finished epoch
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,  # a retry resumes after the last finished epoch
     **STAGE_HOOKS,
 )
 def train_task(

@@ -21,9 +21,10 @@ from tnflow.tasks.cache.cache_reader import CacheFeed
 from tnflow.tasks.cache.h5cache import read_split_size
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
-from tnflow.tasks.core.files import full_disk_ends, write_atomic
+from tnflow.tasks.core.files import full_disk_ends, renamed_when_complete, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS
-from tnflow.tasks.core.retries import retry_unless
+from tnflow.tasks.core.retries import STAGE_RETRIES
+from tnflow.tasks.store.layout import metrics_file, split_array
 from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
 from tnflow.tasks.training.calibration import calibration_metrics, softmax
@@ -171,16 +172,14 @@ def write_predictions(out_dir: Path, split: str, predicted: np.ndarray, probs: n
     """`<split>_predictions.npy` and `<split>_probabilities.npy` (calibrated) in `out_dir`, in the cache's order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, values in (("predictions", predicted.astype(np.int32)), ("probabilities", probs)):
-        path = out_dir / f"{split}_{name}.npy"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
+        path = split_array(out_dir, split, name)
+        with renamed_when_complete(path, "writing the predictions") as tmp, open(tmp, "wb") as handle:
             np.save(handle, values)
-        tmp.replace(path)
 
 
 def read_predictions(run_dir: str | Path, split: str, name: str = "predictions") -> np.ndarray:
     """What `validate` kept of a split (`predictions`: the predicted class per image), for later stages."""
-    return read_kept(Path(run_dir) / f"{split}_{name}.npy", f"the run's {split} {name}")
+    return read_kept(split_array(run_dir, split, name), f"the run's {split} {name}")
 
 
 def read_kept(path: str | Path, what: str = "the run's array") -> np.ndarray:
@@ -199,7 +198,7 @@ def read_probabilities(run_dir: str | Path, split: str) -> np.ndarray:
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
     """Merge into `<out_dir>/metrics.json`, atomically (readers never see half a file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "metrics.json"
+    path = metrics_file(out_dir)
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update(metrics)
     write_atomic(path, json.dumps(merged, indent=2))
@@ -222,8 +221,7 @@ class Measured:
 @task(
     name="validate",
     cache_policy=NO_CACHE,  # it writes this run's metrics.json; its inputs include the run directory
-    retries=1,
-    retry_condition_fn=retry_unless(TnflowError),
+    **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
 def validate_task(

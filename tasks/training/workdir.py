@@ -4,20 +4,17 @@ Prefect retries do not cover a killed process, so training keeps its state in a 
 whose path is a function of everything that changes what it produces (`work_dir_for`). Each
 training of those inputs is a generation; `--retrain` starts a new one once the latest has
 finished, and resumes the latest while it has not, so a killed retrain picks up where it
-stopped.
+stopped. A generation (`tasks.store.layout`) holds its state (epochs done, history, best
+epoch: the truth), the last finished epoch's checkpoint for resuming, and the best epoch's
+model.
 
-    <work dir>/generation-G/state.json            epochs done, history, best epoch (the truth)
-    <work dir>/generation-G/checkpoints/epoch-N/  the last finished epoch, for resuming
-    <work dir>/generation-G/models/epoch-N/       the best epoch's model (model.ckpt + model.json)
-
-state.json is written after the files it names and before anything is pruned, and pruning
+The state is written after the files it names and before anything is pruned, and pruning
 keeps exactly what it names, so a kill at any moment leaves a generation that resumes.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -29,10 +26,17 @@ from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import run_logger
+from tnflow.tasks.store.layout import (
+    checkpoint_dir,
+    epoch_entries,
+    epoch_model_dir,
+    generation_dir,
+    generation_numbers,
+    resume_checkpoints,
+    state_file,
+    training_dir,
+)
 from tnflow.tasks.tf.model_dir import read_model_dir
-
-STATE = "state.json"
-_GENERATION = re.compile(r"^generation-(\d+)$")
 
 
 def work_dir_for(
@@ -61,19 +65,12 @@ def work_dir_for(
     }
     if settings.train_bn and towers > 1:
         key_source["bn_towers"] = towers
-    key = short_digest(key_source, 12)
-    return Path(output_dir) / "training" / f"{spec.model}-{spec.head}-{spec.image_size}px-{key}"
-
-
-def generations(work_dir: str | Path) -> list[int]:
-    root = Path(work_dir)
-    found = [_GENERATION.match(p.name) for p in root.iterdir()] if root.is_dir() else []
-    return sorted(int(m.group(1)) for m in found if m)
+    return training_dir(output_dir, spec.model, spec.head, spec.image_size, short_digest(key_source, 12))
 
 
 def generation_for(work_dir: str | Path, retrain: bool) -> int:
     """The generation a run works on: the latest, or a new one when retraining a finished one."""
-    existing = generations(work_dir)
+    existing = generation_numbers(work_dir)
     if not existing:
         return 1
     latest = existing[-1]
@@ -82,16 +79,12 @@ def generation_for(work_dir: str | Path, retrain: bool) -> int:
     return latest
 
 
-def generation_dir(work_dir: str | Path, generation: int) -> Path:
-    return Path(work_dir) / f"generation-{generation}"
-
-
 # -- state --------------------------------------------------------------------------------
 
 
 def read_state(directory: Path) -> dict[str, Any]:
     """The generation's state; a damaged one is rebuilt from the checkpoints and models it would name."""
-    path = directory / STATE
+    path = state_file(directory)
     if not path.is_file():
         return {}
     try:
@@ -103,11 +96,11 @@ def read_state(directory: Path) -> dict[str, Any]:
 
 def rebuilt_state(directory: Path) -> dict[str, Any]:
     """What a damaged state.json said, read back from the files it names: resume after the last checkpoint."""
-    done = max((e for e, p in _epochs(directory / "checkpoints") if (p / "ckpt.index").is_file()), default=0)
+    done = max((e for e, p in _epochs(directory, "checkpoints") if (p / "ckpt.index").is_file()), default=0)
     state: dict[str, Any] = {"epochs_done": done} if done else {}
-    for best in sorted((e for e, _ in _epochs(directory / "models")), reverse=True):
+    for best in sorted((e for e, _ in _epochs(directory, "models")), reverse=True):
         try:
-            meta = read_model_dir(model_dir(directory, best))
+            meta = read_model_dir(epoch_model_dir(directory, best))
         except TnflowError:
             continue
         record = {"epoch": best, **meta.get("metrics", {})}
@@ -117,7 +110,7 @@ def rebuilt_state(directory: Path) -> dict[str, Any]:
         _WARNED.add(str(directory))
         run_logger().warning(
             "%s was damaged: rebuilt from its files (%s; the learning curve before it is lost)",
-            directory / STATE,
+            state_file(directory),
             f"resuming after epoch {done}" if done else "no finished epoch, starting over",
         )
     return state
@@ -126,28 +119,20 @@ def rebuilt_state(directory: Path) -> dict[str, Any]:
 _WARNED: set[str] = set()  # say it once per process, however often the state is read
 
 
-def _epochs(folder: Path) -> list[tuple[int, Path]]:
+def _epochs(directory: Path, kind: str) -> list[tuple[int, Path]]:
     """(epoch, path) of the finished `epoch-N` directories (a temporary name holds a dot)."""
-    return [(int(p.name.removeprefix("epoch-")), p) for p in folder.glob("epoch-*") if p.name[6:].isdigit()]
+    return [(int(name[6:]), p) for name, p in epoch_entries(directory, kind) if name[6:].isdigit()]
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
-    write_atomic(directory / STATE, json.dumps(state, indent=2))
-
-
-def checkpoint_dir(directory: Path, epoch: int) -> Path:
-    return directory / "checkpoints" / f"epoch-{epoch}"
-
-
-def model_dir(directory: Path, epoch: int) -> Path:
-    return directory / "models" / f"epoch-{epoch}"
+    write_atomic(state_file(directory), json.dumps(state, indent=2))
 
 
 def best_model_ok(directory: Path, state: dict[str, Any]) -> bool:
     if "best_epoch" not in state:
         return False
     try:
-        read_model_dir(model_dir(directory, state["best_epoch"]))
+        read_model_dir(epoch_model_dir(directory, state["best_epoch"]))
     except TnflowError:
         return False
     return True
@@ -163,14 +148,14 @@ def prune(directory: Path, state: dict[str, Any]) -> None:
     """Drop checkpoints and models that state.json does not name (call after writing it); a model's
     exports (`epoch-N.exports-<digest>`) go with it."""
     keep = {"checkpoints": state.get("epochs_done"), "models": state.get("best_epoch")}
-    for folder, epoch in keep.items():
-        for old in (directory / folder).glob("epoch-*"):
-            if old.name.split(".")[0] != f"epoch-{epoch}":
+    for kind, epoch in keep.items():
+        for name, old in epoch_entries(directory, kind):
+            if name.split(".")[0] != f"epoch-{epoch}":
                 shutil.rmtree(old, ignore_errors=True)
 
 
 def prune_older_generations(work_dir: Path, current: int) -> None:
     """Earlier generations keep their models (runs may refer to them) but not their resume checkpoints."""
-    for generation in generations(work_dir):
+    for generation in generation_numbers(work_dir):
         if generation < current:
-            shutil.rmtree(generation_dir(work_dir, generation) / "checkpoints", ignore_errors=True)
+            shutil.rmtree(resume_checkpoints(generation_dir(work_dir, generation)), ignore_errors=True)
