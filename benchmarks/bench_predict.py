@@ -43,7 +43,7 @@ from tnflow.tasks.release.predict import predict_files  # noqa: E402
 from tnflow.tasks.sources.images import load_square  # noqa: E402
 from tnflow.tasks.tf.converters import saved_model_probabilities, tflite_runner  # noqa: E402
 from tnflow.tasks.tf.graph import build  # noqa: E402
-from tnflow.tasks.tf.model_dir import CHECKPOINT, write_model_json  # noqa: E402
+from tnflow.tasks.tf.model_files import CHECKPOINT, write_model_json  # noqa: E402
 from tnflow.tasks.tf.sessions import open_session  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -69,7 +69,7 @@ def class_folder(root: Path, name: str, classes: tuple[str, ...], pictures: Path
 def export_weights(model_dir: str, spec: ModelSpec, path: Path) -> None:
     """A trained model as the backbone's pretrained-weights file (what `--weights PATH` reads)."""
     from tnflow.tasks.tf.graph import build
-    from tnflow.tasks.tf.model_dir import CHECKPOINT
+    from tnflow.tasks.tf.model_files import CHECKPOINT
     from tnflow.tasks.tf.sessions import open_session
 
     net = build(spec)

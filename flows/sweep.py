@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 
 from tnflow.flows.train import transfer_learning
 from tnflow.tasks.config.parameters import flow_parameters
 from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
-from tnflow.tasks.core.progress import quiet_hook_lines
+from tnflow.tasks.core.progress import quiet_hook_lines, run_logger
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.store.layout import new_sweep_dir
 from tnflow.tasks.sweeps.leaderboard import Leaderboard, choose_winner, sweep_report_task
@@ -20,7 +20,7 @@ from tnflow.tasks.sweeps.trials import check_deployment, run_trials
 def sweep(config: SweepConfig) -> str:
     """Train a trial per set of options, choose by validation accuracy, gate only the winner; returns the sweep dir."""
     quiet_hook_lines()
-    log = get_run_logger()
+    log = run_logger()
     trials = plan_trials(config)
     if config.deployment:
         check_deployment(config.deployment)

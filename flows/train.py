@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
 
 from tnflow.tasks.cache.stage import build_cache_task
 from tnflow.tasks.config.options import RunConfig
 from tnflow.tasks.config.parameters import flow_parameters
 from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
-from tnflow.tasks.core.progress import quiet_hook_lines
+from tnflow.tasks.core.progress import quiet_hook_lines, run_logger
 from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.release.report import report_task
@@ -55,7 +55,7 @@ def transfer_learning(config: RunConfig) -> str:
         )
         gpus = visible_gpus()
         towers = gpu_count(config.gpus, len(gpus))
-        with gpu_slot(config.gpu_slot, get_run_logger(), gpus=gpus, count=towers) as held:  # GPUs of its own, or turns
+        with gpu_slot(config.gpu_slot, run_logger(), gpus=gpus, count=towers) as held:  # GPUs of its own, or turns
             trained = train_task(
                 cache_path=cache.path,
                 start=start,

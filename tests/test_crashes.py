@@ -25,7 +25,7 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from tests.folders import sample_archive
 from tests.killing import TNFLOW, finish, run_command, sigkill_leaving_nothing, small_cifar, start, wait_for
-from tnflow.tasks.core import host_slots, prefect_server
+from tnflow.tasks.core import files, host_slots, prefect_server
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.host_slots import host_slot
 
@@ -123,7 +123,7 @@ WAITING = "held by {holders}, {waited:.1f}"
 
 
 def test_a_waiting_run_says_every_few_seconds_for_whom_and_how_long(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(host_slots, "WAIT_REPORT_SECONDS", 0.3)
+    monkeypatch.setattr(files, "WAIT_REPORT_SECONDS", 0.3)
     paths = [tmp_path / "slot-0.lock"]
     taken, release = threading.Event(), threading.Event()
 

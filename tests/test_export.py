@@ -29,7 +29,7 @@ from tnflow.tasks.release.significance import wilson_interval
 from tnflow.tasks.sources.images import load_square
 from tnflow.tasks.tf.converters import probe_images, saved_model_probabilities, tflite_runner
 from tnflow.tasks.tf.decode_graph import decode_square
-from tnflow.tasks.tf.model_dir import update_model_json, write_model_json
+from tnflow.tasks.tf.model_files import update_model_json, write_model_json
 from tnflow.tasks.training.train import train
 
 SIZE = 32

@@ -27,7 +27,8 @@ def test_gc_keeps_what_runs_champions_and_the_next_build_need(tmp_path, capsys):
     (runs / "run-a").mkdir(parents=True)
     (runs / "run-a" / "metrics.json").write_text(json.dumps({"cache": versions[0]}))
     (runs / "champions" / "folder-x" / "run-b").mkdir(parents=True)
-    (runs / "champions" / "folder-x" / "run-b" / "champion.json").write_text(json.dumps({"cache": versions[1]}))
+    record = {"run_id": "run-b", "test_accuracy": 0.9, "test_split": "folder:x:3:abc", "cache": versions[1]}
+    (runs / "champions" / "folder-x" / "run-b" / "champion.json").write_text(json.dumps(record))
     (runs / "broken").mkdir()
     (runs / "broken" / "metrics.json").write_text("{not json")
 

@@ -248,7 +248,7 @@ def test_a_damaged_checkpoint_is_one_line_wherever_the_model_is_read(trained, tm
     import shutil
 
     from tnflow.tasks.core.errors import TnflowError
-    from tnflow.tasks.tf.model_dir import check_can_start_from
+    from tnflow.tasks.tf.model_files import check_can_start_from
 
     copy = tmp_path / "model"
     shutil.copytree(trained["model_dir"], copy)

@@ -12,7 +12,7 @@ import tnflow.tasks.release.promote as promote_module
 from tnflow.tasks.core.errors import DiskFullError
 from tnflow.tasks.release.champions import read_champion
 from tnflow.tasks.release.promote import promote
-from tnflow.tasks.tf.model_dir import read_model_dir, write_model_json
+from tnflow.tasks.tf.model_files import read_model_dir, write_model_json
 from tnflow.tasks.training.starting_point import dataset_key
 
 
@@ -100,7 +100,7 @@ def test_first_model_becomes_champion_and_better_ones_replace_it(gate):
     assert better.promoted and better.champion_accuracy == 0.80 and champion_tag(out) == "b"
     assert "on the same test split" in better.reason and not better.rescored
     record = read_champion(out, dataset_key(full))
-    assert (record["run_id"], record["test_accuracy"], record["replaced_accuracy"]) == ("run-b", 0.85, 0.80)
+    assert (record.run_id, record.test_accuracy, record.replaced_accuracy) == ("run-b", 0.85, 0.80)
     history = (out / "champions" / dataset_key(full) / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["run_id"] for line in history] == ["run-a", "run-b"]
 
@@ -146,7 +146,7 @@ def test_datasets_keep_their_own_champions(gate, tmp_path):
     rescore = Rescore(0.0)
     mine = run("mine", 0.70, cache=other, rescore=rescore)
     assert mine.promoted and "first champion" in mine.reason and rescore.calls == []
-    assert read_champion(out, dataset_key(full))["run_id"] == "run-cifar", "the other line is untouched"
+    assert read_champion(out, dataset_key(full)).run_id == "run-cifar", "the other line is untouched"
     assert champion_tag(out) == "mine", "<output>/champion is the latest promotion"
 
 
@@ -163,7 +163,7 @@ def test_an_interrupted_promotion_leaves_the_old_champion_whole(gate, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         run("b", 0.90)
     assert tree(out / "champion") == before, "the old champion's checkpoint, exports and card, all as they were"
-    assert champion_tag(out) == "a" and read_champion(out, dataset_key(full))["run_id"] == "run-a"
+    assert champion_tag(out) == "a" and read_champion(out, dataset_key(full)).run_id == "run-a"
 
     monkeypatch.undo()
     again = run("c", 0.90)
@@ -193,7 +193,7 @@ def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tm
 def test_a_starting_model_must_match_backbone_head_and_classes(tmp_path):
     from tnflow.tasks.core.errors import TnflowError
     from tnflow.tasks.release.model_card import add_champion_history
-    from tnflow.tasks.tf.model_dir import check_can_start_from, model_digest
+    from tnflow.tasks.tf.model_files import check_can_start_from, model_digest
 
     model = tmp_path / "m"
     model.mkdir()
@@ -309,7 +309,7 @@ def test_three_tenths_of_a_point_on_1000_images_is_noise_and_five_points_is_not(
     assert promoted.promoted and champion_tag(out) == "better" and promoted.comparison["p_value"] < 1e-9
     assert "+5.0 points" in promoted.reason and "only the candidate 60, only the champion 10" in promoted.reason
     record = read_champion(out, dataset_key(cache))
-    assert record["comparison"]["only_candidate"] == 60 and record["alpha"] == 0.05, "the history keeps the counts"
+    assert record.comparison["only_candidate"] == 60 and record.alpha == 0.05, "the history keeps the counts"
     assert not run("noise-again", 0.0, cache=cache, predictions=discordant(labels, noise), alpha=1.0).promoted, (
         "against the new champion it is worse"
     )

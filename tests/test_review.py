@@ -26,7 +26,7 @@ from tnflow.tasks.release.drift import PSI_FLAG, psi, reference_of, uncertainty
 from tnflow.tasks.release.predict import drift_of, score, write_to_label
 from tnflow.tasks.release.review import disputed, label_issues, review, screen
 from tnflow.tasks.store.layout import review_csv
-from tnflow.tasks.tf.model_dir import update_model_json
+from tnflow.tasks.tf.model_files import update_model_json
 from tnflow.tasks.training.cross_fit import cross_fit
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import train

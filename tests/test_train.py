@@ -112,7 +112,7 @@ def copy_of(trained, tmp_path) -> Path:
 
 
 def again(cache, work, caplog, settings=ONE_EPOCH, **options):
-    with caplog.at_level(logging.INFO, logger="tnflow.train"):
+    with caplog.at_level(logging.INFO, logger="tnflow"):
         return train(cache.path, None, GAP32, settings, work, class_names=cache.class_names, **options)
 
 
@@ -179,7 +179,7 @@ def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
     state = json.loads((work / "generation-1" / "state.json").read_text())
     assert state["epochs_done"] == 1 and not state.get("finished")
 
-    with caplog.at_level(logging.INFO, logger="tnflow.train"):
+    with caplog.at_level(logging.INFO, logger="tnflow"):
         resumed = train(
             small_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=small_cache.class_names,
             eval_batch_size=64,

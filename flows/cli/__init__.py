@@ -1,5 +1,7 @@
 """The `tnflow` command: options parsed into the configuration, a flow called, errors in one line.
 
-`main` holds the commands, `parser` builds the options from the declared configuration,
-`console` keeps the console readable, `serve` serves the deployments file.
+`main` holds the commands that run flows, `offline` those that do not (predict, export, gc,
+models), `arguments` builds the options from the declared configuration, `console` keeps the
+console readable (user errors, interruptions and full disks in one line), `serve` serves the
+deployments file.
 """

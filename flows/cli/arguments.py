@@ -7,14 +7,13 @@ applies; the help text shows that default as the configuration declares it.
 from __future__ import annotations
 
 import argparse
-import types
 import typing
 from typing import Any
 
 from pydantic.fields import FieldInfo
 
 from tnflow.tasks.config.options import DataConfig, RunConfig
-from tnflow.tasks.config.parameters import option
+from tnflow.tasks.config.parameters import option, value_type
 from tnflow.tasks.config.sweeps import SweepConfig
 
 
@@ -31,9 +30,7 @@ def add_config_options(parser: argparse.ArgumentParser, model: type[DataConfig])
 
 
 def _argument(field: FieldInfo) -> dict[str, Any]:
-    kind = field.annotation
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: the option takes an X
-        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    kind = value_type(field)  # X of X | None: the option takes an X
     if kind is bool:
         if field.default is None:  # tri-state: yes, no, or decided from other options
             return {"action": argparse.BooleanOptionalAction, "default": None}

@@ -14,20 +14,18 @@ from pathlib import Path
 from tnflow.tasks.core.files import exclusive
 from tnflow.tasks.store.in_use import caches_in_use
 from tnflow.tasks.store.layout import champion_records, folder_cache_files, lineage_pointers, run_metrics_files
+from tnflow.tasks.store.records import read_champion_file
 
 
 def referenced_caches(output_dir: str | Path) -> set[str]:
     """Names of the cache files that runs and champions under `output_dir` point at."""
-    records = [*run_metrics_files(output_dir), *champion_records(output_dir)]
-    names = set()
-    for record in records:
+    caches = [record.cache for path in champion_records(output_dir) if (record := read_champion_file(path))]
+    for path in run_metrics_files(output_dir):
         try:
-            cache = json.loads(record.read_text()).get("cache")
-        except (OSError, ValueError):
+            caches.append(json.loads(path.read_text()).get("cache"))
+        except (OSError, ValueError, AttributeError):
             continue
-        if cache:
-            names.add(Path(cache).name)
-    return names
+    return {Path(cache).name for cache in caches if cache}
 
 
 def unreferenced_caches(cache_dir: str | Path, output_dir: str | Path) -> list[Path]:

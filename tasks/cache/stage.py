@@ -16,7 +16,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from tnflow.tasks.cache.folder_cache import FOLDER_CODE, build_folder_cache, folder_identity
 from tnflow.tasks.cache.h5cache import CHUNK_IMAGES, TRAINING_CONTENT, CacheInfo, inspect_cache, write_cache
@@ -31,7 +31,7 @@ from tnflow.tasks.core.files import (
     remove_stale_temps,
     renamed_when_complete,
 )
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.sources.cifar import read_archive
 from tnflow.tasks.sources.resize import RESIZE_METHOD, bilinear_matrix, resize_batch, resized_chunks
@@ -126,7 +126,7 @@ def build_cache_task(
     origin: str | None = None,
 ) -> CacheInfo:
     """A CIFAR archive, an image folder, or an archive of one (`source_md5` given, fetched from `origin`)."""
-    progress = Progress(f"resize to {spec.image_size}px", unit="img", logger=get_run_logger())
+    progress = Progress(f"resize to {spec.image_size}px", unit="img", logger=run_logger())
     if isinstance(spec, FolderSpec):
         info = build_folder_cache(
             source,
@@ -140,5 +140,5 @@ def build_cache_task(
     else:
         info = build_cache(source, source_md5, spec, cache_dir, progress=progress)
     progress.finish()
-    get_run_logger().info("cache %s: %s", info.path, info.counts)
+    run_logger().info("cache %s: %s", info.path, info.counts)
     return info

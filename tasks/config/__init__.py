@@ -1,8 +1,9 @@
 """Config: the declared options, the small specs each stage takes, and the backbone table.
 
 `options` is the one configuration the CLI, the flows and the deployments share; `specs` are
-the frozen values stages take from it; `parameters` turns options into command-line options,
-flow signatures and one-line errors; `backbones` is the zoo as a table; `sweeps` is a sweep's
+the frozen values stages take from it; `parameters` turns the options into flow signatures
+and one-line errors, and reads a field's type for the command line (`flows/cli/arguments.py`
+builds the options) and a sweep's grid; `backbones` is the zoo as a table; `sweeps` is a sweep's
 options, the ranges `--random` draws from, and the trials they make.
 
 May import: tasks.core.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Self, TypeVar
 
@@ -78,16 +80,29 @@ def _config_error(model: type[BaseModel], exc: ValidationError) -> ConfigError:
     name = str(error["loc"][0]) if error["loc"] else ""
     value = error.get("input")
     field = model.model_fields.get(name)
-    annotation = str(field.annotation) if field else ""
+    kind = value_type(field) if field else str
     if error["type"] == "literal_error":
         return ConfigError(f"{option(name)} {value!r} is unknown; choose one of: {error['ctx']['expected']}")
     if error["type"] == "string_pattern_mismatch":  # names Prefect takes, unless the field says what it expects
         extra = field.json_schema_extra if field and isinstance(field.json_schema_extra, dict) else {}
         return ConfigError(f"{option(name)} {value!r} {extra.get('pattern_says', NAME_CHARACTERS)}")
-    if "bool" in annotation:
+    if kind is bool:
         return ConfigError(f"{option(name)} must be true or false, got {value!r}")
-    kind = "an integer" if "int" in annotation else "a number" if "float" in annotation else "a string"
-    return ConfigError(f"{option(name)} must be {kind}{_span(field)}, got {value!r}")
+    return ConfigError(f"{option(name)} must be {KIND_NAMES.get(kind, 'a string')}{_span(field)}, got {value!r}")
+
+
+KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def value_type(field: Any) -> Any:
+    """What one value of an option is: X of `X | None`, else the annotation (bool, int, float, str, Literal[...], ...).
+
+    The one reading of a field's type: the command line's parsing, the errors and a sweep's grid values use it.
+    """
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    return kind
 
 
 def _span(field: Any) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from tnflow.tasks.config.options import AUGMENTS, DataConfig, RunConfig
-from tnflow.tasks.config.parameters import option
+from tnflow.tasks.config.parameters import KIND_NAMES, option, value_type
 from tnflow.tasks.core.errors import ConfigError
 
 MAX_TRIALS = 256
@@ -173,15 +173,12 @@ def _can_vary(name: str, flag: str) -> None:
 
 def _typed(name: str, text: str) -> Any:
     """A grid value as the option's type; the configuration then checks its bounds and choices."""
-    annotation = str(RunConfig.model_fields[name].annotation)
+    kind = value_type(RunConfig.model_fields[name])
     try:
-        if "bool" in annotation:
+        if kind is bool:
             return {"true": True, "yes": True, "false": False, "no": False}[text.lower()]
-        if "int" in annotation:
-            return int(text)
-        if "float" in annotation:
-            return float(text)
+        if kind in (int, float):
+            return kind(text)
     except (KeyError, ValueError):
-        kind = "true or false" if "bool" in annotation else "an integer" if "int" in annotation else "a number"
-        raise ConfigError(f"--grid {name}={text}: {option(name)} must be {kind}") from None
+        raise ConfigError(f"--grid {name}={text}: {option(name)} must be {KIND_NAMES[kind]}") from None
     return text

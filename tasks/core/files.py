@@ -18,17 +18,18 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from tnflow.tasks.core.errors import DiskFullError, TnflowError
 from tnflow.tasks.core.progress import run_logger
 
 _TMP_MARK = ".tmp-"
-WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it is still waiting
-_POLL_SECONDS = 0.5
+WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it is still waiting, and for whom
+POLL_SECONDS = 0.5
+T = TypeVar("T")
 
 
 def ensure_writable_dir(path: str | Path, option: str = "--cache-dir") -> Path:
@@ -90,18 +91,29 @@ def _still_named(handle: IO[bytes], lock_path: Path) -> bool:
 
 def _acquire(handle: IO[bytes], lock_path: Path, final: Path) -> None:
     """Take the lock, logging to the run's log whose lock this waits for, and for how long."""
-    if try_lock(handle):
-        return
-    log = run_logger()
-    started = time.monotonic()
-    log.info("waiting for %s, which holds %s", holder_of(lock_path), final)
-    next_report = started + WAIT_REPORT_SECONDS
-    while not try_lock(handle):
-        time.sleep(_POLL_SECONDS)
+
+    def report(waited: float) -> None:
+        if waited < WAIT_REPORT_SECONDS:
+            run_logger().info("waiting for %s, which holds %s", holder_of(lock_path), final)
+        else:
+            run_logger().info(
+                "still waiting for %s, which holds %s (%.0f s so far)", holder_of(lock_path), final, waited
+            )
+
+    wait_for(lambda: try_lock(handle), report)
+
+
+def wait_for(take: Callable[[], T], report: Callable[[float], None], poll: float = POLL_SECONDS) -> T:
+    """Call `take` every `poll` seconds until it gives something true, and return that: every wait for
+    a lock or a slot. `report(seconds waited)` runs at the first miss and every WAIT_REPORT_SECONDS
+    after, so a waiting run always says for whom and how long."""
+    started, next_report = time.monotonic(), 0.0
+    while not (taken := take()):
         if time.monotonic() >= next_report:
-            next_report += WAIT_REPORT_SECONDS
-            waited = time.monotonic() - started
-            log.info("still waiting for %s, which holds %s (%.0f s so far)", holder_of(lock_path), final, waited)
+            next_report = time.monotonic() + WAIT_REPORT_SECONDS
+            report(time.monotonic() - started)
+        time.sleep(poll)
+    return taken
 
 
 def try_lock(handle: IO[bytes], *, shared: bool = False) -> bool:

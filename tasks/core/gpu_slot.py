@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -45,8 +44,8 @@ from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError, first_line
-from tnflow.tasks.core.files import describe_holder, whoami
-from tnflow.tasks.core.host_slots import WAIT_REPORT_SECONDS, Journal, Log, host_slot, lock_dir
+from tnflow.tasks.core.files import describe_holder, wait_for, whoami
+from tnflow.tasks.core.host_slots import Journal, Log, host_slot, lock_dir
 from tnflow.tasks.core.processes import best_effort, in_background
 
 NO_SLOT = "none"
@@ -179,27 +178,31 @@ def _server_slot(
         f"that run's training and validation end, or within {LEASE_SECONDS} s of its process dying "
         f"(`prefect gcl inspect {name}` shows the count)",
     )
-    started, next_report = time.monotonic(), 0.0
-    while True:
-        with get_client(sync_client=True) as client:
-            journal.write([f"{key}:{PENDING}"] * (gone + count))  # a kill while the server answers still leaves a trace
-            for other in others:
-                other.write(None)  # what it owed is counted in the first journal now
-            lease = _try_increment(client, name, holder, count)
-            if lease is None and gone:
-                client.release_concurrency_slots([name], 1, occupancy_seconds=1.0)
-                gone -= 1
-                continue
-        if lease is not None:
-            journal.write([f"{key}:{lease}" if count == 1 else f"{key}:{lease}*{count}"])
-            with contextlib.suppress(Exception):  # only for other runs' waiting messages
-                _set_holder(name, me)
+
+    def take() -> UUID | None:
+        nonlocal gone
+        while True:
+            with get_client(sync_client=True) as client:
+                journal.write([f"{key}:{PENDING}"] * (gone + count))  # a kill while the server answers leaves a trace
+                for other in others:
+                    other.write(None)  # what it owed is counted in the first journal now
+                lease = _try_increment(client, name, holder, count)
+                if lease is None and gone:
+                    client.release_concurrency_slots([name], 1, occupancy_seconds=1.0)
+                    gone -= 1
+                    continue
+            if lease is None:
+                journal.write([f"{key}:{PENDING}"] * gone)
             return lease
-        journal.write([f"{key}:{PENDING}"] * gone)
-        if time.monotonic() >= next_report:
-            next_report = time.monotonic() + WAIT_REPORT_SECONDS
-            log.info(waiting.format(holders=_server_holder(name), waited=time.monotonic() - started))
-        time.sleep(2.0)
+
+    def report(waited: float) -> None:
+        log.info(waiting.format(holders=_server_holder(name), waited=waited))
+
+    lease = wait_for(take, report, poll=2.0)
+    journal.write([f"{key}:{lease}" if count == 1 else f"{key}:{lease}*{count}"])
+    with contextlib.suppress(Exception):  # only for other runs' waiting messages
+        _set_holder(name, me)
+    return lease
 
 
 def _try_increment(client: Any, name: str, holder: ConcurrencyLeaseHolder | None, count: int) -> UUID | None:

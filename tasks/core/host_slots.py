@@ -13,20 +13,15 @@ does not speak to (another Prefect backend): the next holder pays back only what
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from tnflow.tasks.core.files import ensure_writable_dir, holder_of
-
-WAIT_REPORT_SECONDS = 30.0  # how often a waiting run says it still waits, and for whom
-POLL_SECONDS = 0.5
+from tnflow.tasks.core.files import ensure_writable_dir, holder_of, try_lock, wait_for
 
 Owed = tuple[str, dict[str, Any]]  # an entry still owed, and the record of the holder that left it
 Mine = Callable[[str], bool] | None  # which owed entries this holder can pay back (None: all)
@@ -93,24 +88,20 @@ def host_slot(
         raise ValueError(f"{count} slots asked of {len(paths)}")
     for parent in dict.fromkeys(path.parent for path in paths):
         ensure_writable_dir(parent, "TNFLOW_LOCK_DIR")  # the host's locks: every run on the machine meets there
-    started, next_report = time.monotonic(), 0.0
-    while True:
-        held = _take(paths, count)
-        if held:
-            try:
-                journals = [Journal(handle, me, path, mine) for path, handle in held]
-                for journal in journals:
-                    journal.write(journal.left)  # still owed if this holder dies before paying it back
-                yield journals
-            finally:
-                for _, handle in held:
-                    handle.close()  # closing releases the lock
-            return
-        if time.monotonic() >= next_report:
-            next_report = time.monotonic() + WAIT_REPORT_SECONDS
-            holders = ", ".join(dict.fromkeys(holder_of(path) for path in paths))
-            log.info(waiting.format(holders=holders, waited=time.monotonic() - started))
-        time.sleep(POLL_SECONDS)
+
+    def report(waited: float) -> None:
+        holders = ", ".join(dict.fromkeys(holder_of(path) for path in paths))
+        log.info(waiting.format(holders=holders, waited=waited))
+
+    held = wait_for(lambda: _take(paths, count), report)
+    try:
+        journals = [Journal(handle, me, path, mine) for path, handle in held]
+        for journal in journals:
+            journal.write(journal.left)  # still owed if this holder dies before paying it back
+        yield journals
+    finally:
+        for _, handle in held:
+            handle.close()  # closing releases the lock
 
 
 def _take(paths: list[Path], count: int) -> list[tuple[Path, IO[bytes]]]:
@@ -118,9 +109,7 @@ def _take(paths: list[Path], count: int) -> list[tuple[Path, IO[bytes]]]:
     held: list[tuple[Path, IO[bytes]]] = []
     for path in paths:
         handle = open(path, "a+b")  # noqa: SIM115 - held for the block, closed by the caller
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(handle):
             handle.close()
             continue
         held.append((path, handle))

@@ -1,7 +1,7 @@
 """A champion line's records: which test images a model was measured on, its record, and its history.
 
 Where they live (`current/champion.json`, `history.jsonl` in the line's directory) is
-`tasks.store.layout`'s.
+`tasks.store.layout`'s; what a record holds is `tasks.store.records.ChampionRecord`.
 
 A record torn or damaged by a crash never closes the gate for good: `read_champion` rebuilds
 it from the history, or sets it aside (no champion), with a warning either way.
@@ -10,18 +10,16 @@ it from the history, or sets it aside (no champion), with a warning either way.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
 from tnflow.tasks.core.digests import short_digest
-from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import run_logger
 from tnflow.tasks.store.layout import champion_history, champion_line, champion_record, current_champion
+from tnflow.tasks.store.records import ChampionRecord, read_champion_file, read_history_rows, write_champion_file
 
 
 def split_identity(cache_path: str | Path) -> str:
@@ -39,51 +37,32 @@ def split_identity(cache_path: str | Path) -> str:
     return ":".join(parts) + ":" + short_digest(content, 12)
 
 
-def read_history(line: Path) -> list[dict[str, Any]]:
+def read_history(line: Path) -> list[ChampionRecord]:
     """Every promotion of a champion line so far, oldest first (a row torn by a crash is left out)."""
     path = champion_history(line)
-    rows = path.read_text().splitlines() if path.is_file() else []
-    records = [record for record in map(_json_object, rows) if record is not None]
-    if len(records) < sum(1 for row in rows if row.strip()):
+    records, damaged = read_history_rows(path)
+    if damaged:
         run_logger().warning("%s has damaged lines; they are left out of the champion's history", path)
     return records
 
 
-def read_champion(output_dir: str | Path, key: str) -> dict[str, Any] | None:
+def read_champion(output_dir: str | Path, key: str) -> ChampionRecord | None:
     """The champion's record; a damaged one is rebuilt from the line's history, or set aside (no champion)."""
     line = champion_line(output_dir, key)
     path = champion_record(current_champion(line))
     if not path.is_file():
         return None
-    record = _json_object(path.read_text(errors="replace"))
-    if record is not None and "test_accuracy" in record and "test_split" in record:
+    record = read_champion_file(path)
+    if record is not None and record.test_split:
         return record
     run_id = path.parent.resolve().name
-    recorded = [r for r in read_history(line) if r.get("run_id") == run_id]
+    recorded = [r for r in read_history(line) if r.run_id == run_id]
     aside = path.with_name(f"{path.name}.damaged")
     with contextlib.suppress(FileNotFoundError):  # another run set it aside first
         os.replace(path, aside)
     if recorded:
-        write_atomic(path, json.dumps(recorded[-1], indent=2))
+        write_champion_file(path, recorded[-1])
         run_logger().warning("%s was damaged (kept as %s): rebuilt from history.jsonl", path, aside.name)
         return recorded[-1]
     run_logger().warning("%s was damaged (kept as %s) and is not in history.jsonl: no champion", path, aside.name)
     return None
-
-
-def append_line(path: Path, text: str) -> None:
-    """Append a row; a row torn by a crash is ended first, so it cannot swallow this one."""
-    with open(path, "a+b") as handle:
-        torn = False
-        if handle.seek(0, os.SEEK_END) > 0:
-            handle.seek(-1, os.SEEK_END)
-            torn = handle.read(1) != b"\n"
-        handle.write((("\n" if torn else "") + text + "\n").encode())
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text) if text.strip() else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tnflow.tasks.training.calibration import confidence_bins
+
 PSI_FLAG = 0.25
 CONFIDENCE_DROP = 0.10
 CONFIDENCE_BINS = 10
@@ -36,8 +38,7 @@ def uncertainty(probs: np.ndarray) -> tuple[float, float, float]:
 def shares(classes: np.ndarray, confidences: np.ndarray, num_classes: int) -> dict[str, Any]:
     """The summary drift compares: predicted-class shares, confidence-bin shares, mean confidence."""
     n = max(len(classes), 1)
-    edges = np.linspace(0.0, 1.0, CONFIDENCE_BINS + 1)
-    bins = np.clip(np.digitize(confidences, edges[1:-1], right=True), 0, CONFIDENCE_BINS - 1)
+    bins = confidence_bins(confidences, CONFIDENCE_BINS)
     return {
         "images": len(classes),
         "class_shares": (np.bincount(classes, minlength=num_classes) / n).tolist(),

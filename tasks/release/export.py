@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.core.files import (
@@ -38,14 +38,14 @@ from tnflow.tasks.core.files import (
     renamed_when_complete,
     write_atomic,
 )
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.drift import reference_of
 from tnflow.tasks.release.model_card import card_data, write_card
 from tnflow.tasks.store.layout import metrics_file, run_model_dir, shared_exports_dir
 from tnflow.tasks.tf.converters import FILES, WRITERS, Source
-from tnflow.tasks.tf.model_dir import model_digest, read_model_dir, update_model_json
+from tnflow.tasks.tf.model_files import model_digest, read_model_dir, update_model_json
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.validate import read_probabilities
 
@@ -150,7 +150,7 @@ def export_task(
     *, model_dir: str, run_dir: str, cache_path: str, formats: tuple[str, ...], start: StartingPoint
 ) -> str:
     """<run dir>/model with the exports asked for and the model card; returns its path."""
-    logger = get_run_logger()
+    logger = run_logger()
     metrics = json.loads(metrics_file(run_dir).read_text())
     card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), start.origin)
     reference = reference_of(read_probabilities(run_dir, "test"))

@@ -17,7 +17,7 @@ import h5py
 from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.release.significance import wilson_interval
-from tnflow.tasks.tf.model_dir import read_model_dir, update_model_json
+from tnflow.tasks.tf.model_files import read_model_dir, update_model_json
 
 CARD = "model_card.md"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -29,12 +29,12 @@ from prefect.runtime import flow_run
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, exclusive, renamed_when_complete, shown_name, write_atomic
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.drift import drift_rows, shares, uncertainty
 from tnflow.tasks.sources.images import ImageError, load_square
 from tnflow.tasks.store.layout import latest_champion, predictions_csv
-from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
+from tnflow.tasks.tf.model_files import read_model_dir, restore_model
 
 TOP_K = 3
 BATCH_SIZE = 32
@@ -226,7 +226,7 @@ def score_folder_task(
 ) -> Scored:
     """Score a folder into a CSV (default: <output dir>/predictions/<flow run name>.csv), list the least
     confident in <csv>.to_label.csv, and publish the class counts and the drift against the model's test split."""
-    logger = get_run_logger()
+    logger = run_logger()
     out = out or str(predictions_csv(output_dir, flow_run.name or "predictions"))
     model_dir = model_directory(model, output_dir)
     logger.info("scoring %s with %s", folder, model_dir)

@@ -28,7 +28,6 @@ history are `tasks.release.champions`.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -37,7 +36,7 @@ from typing import Any
 
 import h5py
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.config.specs import GateSettings
@@ -51,9 +50,9 @@ from tnflow.tasks.core.files import (
     renamed_when_complete,
     switch_symlink,
 )
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
-from tnflow.tasks.release.champions import append_line, read_champion, read_history, split_identity
+from tnflow.tasks.release.champions import read_champion, read_history, split_identity
 from tnflow.tasks.release.model_card import add_champion_history
 from tnflow.tasks.release.significance import (
     against_baseline,
@@ -73,6 +72,7 @@ from tnflow.tasks.store.layout import (
     latest_champion,
     latest_champion_target,
 )
+from tnflow.tasks.store.records import ChampionRecord, append_history_row, write_champion_file
 from tnflow.tasks.training.starting_point import dataset_key
 from tnflow.tasks.training.validate import evaluate_model, read_predictions
 
@@ -142,49 +142,49 @@ def promote(
                 test_accuracy, champion_accuracy, comparison, margin, alpha, max_class_drop, baseline
             )  # fmt: skip
             if refused:
-                kept = f"kept the champion ({current['run_id']}): {refused}{_on(rescored, current, split)}"
+                kept = f"kept the champion ({current.run_id}): {refused}{_on(rescored, current, split)}"
                 reason = f"{kept}; {detectable}"
                 return Decision(
                     False, reason, test_accuracy, champion_accuracy, str(current_champion(line)), split, rescored,
                     asdict(comparison), alpha, asdict(baseline), detectable, gain,
                 )  # fmt: skip
 
-        record = {
-            "run_id": run_id,
-            "dataset": key,
-            "test_accuracy": test_accuracy,
-            "test_split": split,
-            "cache": str(cache_path),
-            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "replaced_run_id": current["run_id"] if current else None,
-            "replaced_accuracy": champion_accuracy,
-            "replaced_rescored": rescored,
-            "margin": margin,
-            "alpha": alpha,
-            "comparison": asdict(comparison) if comparison else None,
-            "baseline": asdict(baseline),
-            "detectable_gain": gain,
-        }
+        record = ChampionRecord(
+            run_id=run_id,
+            dataset=key,
+            test_accuracy=test_accuracy,
+            test_split=split,
+            cache=str(cache_path),
+            promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            replaced_run_id=current.run_id if current else None,
+            replaced_accuracy=champion_accuracy,
+            replaced_rescored=rescored,
+            margin=margin,
+            alpha=alpha,
+            comparison=asdict(comparison) if comparison else None,
+            baseline=asdict(baseline),
+            detectable_gain=gain,
+        )
         with new_directory(champion_dir(line, run_id)) as tmp:  # itself a model directory, exports and card included
             link_tree(model_dir, tmp)
-            champion_record(tmp).write_text(json.dumps(record, indent=2))
+            write_champion_file(champion_record(tmp), record)
             champion_predictions(tmp, split).parent.mkdir()
             np.save(champion_predictions(tmp, split), predictions.astype(np.int32))
-            add_champion_history(tmp, [*read_history(line), record])
+            add_champion_history(tmp, [r.model_dump() for r in (*read_history(line), record)])
         switch_symlink(current_champion(line), Path(run_id))
         switch_symlink(latest_champion(output_dir), latest_champion_target(key, run_id))
-        append_line(champion_history(line), json.dumps(record))
+        append_history_row(champion_history(line), record)
     if current is None or comparison is None:
         reason = f"promoted: first champion of {key}: {baseline.sentence(alpha)}"
     elif replaces_baseline:
         reason = (
-            f"promoted: the champion ({current['run_id']}) scores {champion_accuracy:.3f}, no better than always "
+            f"promoted: the champion ({current.run_id}) scores {champion_accuracy:.3f}, no better than always "
             f"answering {baseline.class_name!r} ({baseline.accuracy:.3f}), so any model that is better replaces it: "
             f"{baseline.sentence(alpha)}{_on(rescored, current, split)}"
         )
     else:
         reason = (
-            f"promoted: {test_accuracy:.4f} beats {champion_accuracy:.4f} ({current['run_id']}) by "
+            f"promoted: {test_accuracy:.4f} beats {champion_accuracy:.4f} ({current.run_id}) by "
             f"{100 * (test_accuracy - champion_accuracy):+.1f} points, more than {margin:g}, McNemar's p = "
             f"{comparison.p_value:.3g} (--promote-alpha {alpha:g}; {comparison.counts}){_on(rescored, current, split)}"
         )
@@ -230,13 +230,13 @@ def _champion_predictions(
     return predicted, True
 
 
-def _on(rescored: bool, current: dict[str, Any], split: str) -> str:
-    if current["test_split"] == split:
+def _on(rescored: bool, current: ChampionRecord, split: str) -> str:
+    if current.test_split == split:
         scored = " (the champion scored once on it now: no predictions were kept for it)" if rescored else ""
         return f" on the same test split{scored}"
     return (
         f" on this run's test split (the champion was scored on it{' now' if rescored else ' before'}; it had "
-        f"{current['test_accuracy']:.4f} on its own split {current['test_split']})"
+        f"{current.test_accuracy:.4f} on its own split {current.test_split})"
     )
 
 
@@ -260,7 +260,7 @@ def promote_task(
     eval_batch_size: int,
 ) -> Decision:
     """The champion gate, unless the run's options turned it off."""
-    logger = get_run_logger()
+    logger = run_logger()
     if not gate.enabled:
         decision = Decision(
             False, "not considered (--no-promote, a run on a subset, or a sweep's trial)", test_accuracy, None, ""

@@ -21,12 +21,12 @@ from typing import Any
 
 import h5py
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
-from tnflow.tasks.core.progress import STAGE_HOOKS, stages_so_far
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger, stages_so_far
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.advice import baseline_lines, next_steps
 from tnflow.tasks.release.data_summary import data_sections
@@ -230,7 +230,7 @@ def report_task(
     review: Review | None = None,
 ) -> dict[str, str]:
     """Write the run's report beside its model (never cached: it describes this run)."""
-    logger = get_run_logger()
+    logger = run_logger()
     config = {**config, "weights_check": start.check}
     history, device = list(trained.history), trained.device
     promotion = asdict(promotion) if promotion is not None else None

@@ -37,13 +37,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.significance import against_baseline
 from tnflow.tasks.store.layout import review_csv, split_array
@@ -201,7 +201,7 @@ def review_task(
     *, model_dir: str, cache_path: str, run_dir: str, batch_size: int, out_of_fold: OutOfFold | None = None
 ) -> Review:
     found = review(model_dir, cache_path, run_dir, batch_size, out_of_fold)
-    logger = get_run_logger()
+    logger = run_logger()
     logger.info(
         "%d %s pictures whose label the model disputes (confident learning): %s",
         found.count, found.scope, found.csv_path,

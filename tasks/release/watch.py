@@ -18,16 +18,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import h5py
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import write_atomic
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.sources.folder import scan_folder
 from tnflow.tasks.store.layout import champion_record, current_champions, stat_index, watch_record
+from tnflow.tasks.store.records import read_champion_file
 
 CHANGED_EVENT = "tnflow.dataset.changed"
 
@@ -74,24 +75,23 @@ def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], se
     """(path -> content digest, skipped paths, run) of the newest champion trained on `root`'s folder."""
     found = []
     for current in current_champions(output_dir):
+        record = read_champion_file(champion_record(current))
         try:
-            record_path = champion_record(current)
-            record = json.loads(record_path.read_text())
-            if read_manifest(record["cache"]).get("source") == str(root):
+            if record is not None and read_manifest(record.cache).get("source") == str(root):
                 found.append(record)
         except (OSError, ValueError, KeyError):
-            continue  # a damaged record or a cache since removed: not this folder's baseline
+            continue  # a cache since removed: not this folder's baseline
     if not found:
         return {}, set(), None
-    record = max(found, key=lambda r: r.get("promoted_at", ""))
+    record = max(found, key=lambda r: r.promoted_at)
     pictures = {}
-    with h5py.File(record["cache"], "r") as f:
+    with h5py.File(record.cache, "r") as f:
         for split in ("train", "valid", "test"):
             if "paths" in f[split]:
                 for path, digest in zip(f[f"{split}/paths"][:], f[f"{split}/digests"][:], strict=True):
                     pictures[_text(path)] = _text(digest)
-    skipped = {str(entry[0]) for entry in read_manifest(record["cache"]).get("skipped", [])}
-    return pictures, skipped, str(record["run_id"])
+    skipped = {str(entry[0]) for entry in read_manifest(record.cache).get("skipped", [])}
+    return pictures, skipped, record.run_id
 
 
 def _text(value: object) -> str:
@@ -128,7 +128,7 @@ def announce(changes: Changes, min_new: float, output_dir: str | Path) -> Change
 @task(name="watch-folder", cache_policy=NO_CACHE, **STAGE_HOOKS)
 def watch_task(*, folder: str, cache_dir: str, output_dir: str, min_new: float) -> Changes:
     changes = announce(folder_changes(folder, cache_dir, output_dir), min_new, output_dir)
-    get_run_logger().info(
+    run_logger().info(
         "%s: %d new, %d changed, %d removed against %s (%d pictures); %s",
         changes.folder,
         changes.new,

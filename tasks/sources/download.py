@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.tasks import exponential_backoff
 
 from tnflow.tasks.core.cache_policy import StageCache
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DownloadError, TransientDownloadError
 from tnflow.tasks.core.files import disk_full_error, ensure_writable_dir, exclusive, is_disk_full
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, ProgressFn, run_logger
 from tnflow.tasks.core.retries import retry_on
 
 CHUNK_BYTES = 1 << 20
@@ -279,7 +279,7 @@ def download_task(*, folder: str | None, url: str, dest_dir: str, md5: str | Non
     """The source's pictures on this machine: a `folder` (--data-dir) where it is, anything else fetched."""
     if folder is not None:
         return Fetched(path=folder, md5=None, size=0)
-    progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=get_run_logger())
+    progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=run_logger())
     fetched = fetch(url, dest_dir, md5, progress=progress)
     progress.finish()
     return fetched

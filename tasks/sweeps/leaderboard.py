@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
@@ -33,7 +33,7 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.host_slots import Log
 from tnflow.tasks.core.prefect_server import is_temporary
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.release.figures import accuracy_by_option, png
 from tnflow.tasks.release.promote import Decision
 from tnflow.tasks.release.significance import compare, detectable_gain, what_it_can_detect
@@ -251,5 +251,5 @@ def sweep_report_task(
     paths = write_sweep_report(sweep_dir, results, winner, promotion)
     markdown = Path(paths["markdown"]).read_text()
     create_markdown_artifact(markdown=markdown.split("\n## Validation accuracy")[0], key="tnflow-sweep-report")
-    get_run_logger().info("sweep report %s", paths["html"])
+    run_logger().info("sweep report %s", paths["html"])
     return paths

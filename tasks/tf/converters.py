@@ -26,7 +26,7 @@ import numpy as np
 from tnflow.tasks.config.options import EXPORT_FORMATS
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError, first_line
-from tnflow.tasks.tf.model_dir import restore_model
+from tnflow.tasks.tf.model_files import restore_model
 from tnflow.tasks.tf.startup import start_tensorflow
 
 FILES = {

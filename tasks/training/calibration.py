@@ -107,11 +107,17 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     return Temperature(fitted, fitted, True, why)
 
 
+def confidence_bins(confidence: np.ndarray, bins: int = BINS) -> np.ndarray:
+    """Each picture's bin among `bins` equal bins of [0, 1] (a bin holds its upper edge; 0 is in the first)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = BINS) -> list[dict[str, float]]:
     """Per confidence bin: its range, images, mean confidence and accuracy (bins without images left out)."""
     confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    index = confidence_bins(confidence, bins)
     rows = []
     for b in range(bins):
         inside = index == b
@@ -142,7 +148,7 @@ def ece_interval(probs: np.ndarray, labels: np.ndarray, bins: int = BINS, seed: 
         return 0.0, 0.0
     confidence = probs.max(axis=1)
     right = (probs.argmax(axis=1) == labels).astype(np.float64)
-    index = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
+    index = confidence_bins(confidence, bins)
     rng = np.random.default_rng(seed)
     values = np.empty(BOOTSTRAP)
     for b in range(BOOTSTRAP):

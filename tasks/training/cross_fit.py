@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.cache.cache_reader import fold_rows
@@ -28,7 +28,7 @@ from tnflow.tasks.cache.h5cache import read_labels
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings, fold_split
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.store.layout import split_array
 from tnflow.tasks.training.starting_point import StartingPoint
@@ -69,7 +69,7 @@ def cross_fit(
     progress: Callable[..., None] | None = None,
 ) -> OutOfFold:
     """Train (or reuse) the K fold models and write every training picture's out-of-fold probabilities."""
-    log = log or logging.getLogger("tnflow.cross_fit")
+    log = log or run_logger()
     if folds < 2:
         raise TnflowError(f"--review-train {folds}: cross-fitting needs 2 folds or more")
     labels = read_labels(cache_path, "train")
@@ -133,7 +133,7 @@ def cross_fit_task(
     gpus: tuple[int, ...] = (),
     towers: int = 1,
 ) -> OutOfFold:
-    logger = get_run_logger()
+    logger = run_logger()
     with full_disk_ends("writing the training split's out-of-fold probabilities", run_dir):
         return cross_fit(
             cache_path,

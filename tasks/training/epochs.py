@@ -23,7 +23,7 @@ from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.store.layout import checkpoint_dir, epoch_model_dir
-from tnflow.tasks.tf.model_dir import CHECKPOINT, restore_model, write_model_json
+from tnflow.tasks.tf.model_files import CHECKPOINT, restore_model, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
 from tnflow.tasks.training.calibration import choose_temperature
 from tnflow.tasks.training.pace import Pace

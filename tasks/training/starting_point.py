@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-from prefect import get_run_logger, task
+from prefect import task
 
 from tnflow.tasks.core.cache_policy import StageCache
 from tnflow.tasks.core.digests import short_digest
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, run_logger
 from tnflow.tasks.sources.download import DOWNLOAD_RETRIES, source_identity
 from tnflow.tasks.store.layout import champion_line, current_champion
-from tnflow.tasks.tf.model_dir import MODEL_JSON, check_can_start_from, model_digest
+from tnflow.tasks.tf.model_files import MODEL_JSON, check_can_start_from, model_digest
 from tnflow.tasks.training.weights import WEIGHTS_CODE, WeightsFile, fetch_weights, weights_are_sound
 
 
@@ -73,7 +73,7 @@ def starting_point(
     progress: Progress | None = None,
 ) -> StartingPoint:
     """The trained model `init_from` names (checked against this run), else the checked `weights`."""
-    log = get_run_logger()
+    log = run_logger()
     path = starting_model(init_from, output_dir, cache_path) if init_from else None
     if init_from and path is None:
         log.warning("--init-from champion: this dataset has no champion yet; starting from --weights")
@@ -138,7 +138,7 @@ def starting_point_task(
     output_dir: str,
     cache_dir: str,
 ) -> StartingPoint:
-    progress = Progress(f"weights {Path(weights).name}", unit="B", logger=get_run_logger())
+    progress = Progress(f"weights {Path(weights).name}", unit="B", logger=run_logger())
     point = starting_point(
         init_from=init_from,
         weights=weights,

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
 from tnflow.tasks.core.cache_policy import StageCache, code_version
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, exclusive, full_disk_ends
-from tnflow.tasks.core.progress import STAGE_HOOKS, Progress
+from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.store.layout import epoch_model_dir, generation_dir, training_lock
-from tnflow.tasks.tf.model_dir import read_model_dir
+from tnflow.tasks.tf.model_files import read_model_dir
 from tnflow.tasks.training.epochs import fit_epochs
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.workdir import (
@@ -93,7 +93,7 @@ def train(
     `gpus`: the host's GPUs this run holds (none: TensorFlow's choice); `towers`: replicas of
     the network, one per device (those GPUs, or logical CPUs), each on its share of every batch.
     """
-    log = log or logging.getLogger("tnflow.train")
+    log = log or run_logger()
     work_dir = ensure_writable_dir(work_dir, option="--output-dir")
     # Chosen before waiting for the lock: two retrains started together share one new generation.
     generation = generation_for(work_dir, retrain)
@@ -220,7 +220,7 @@ def train_task(
     gpus: tuple[int, ...] = (),
     towers: int = 1,
 ) -> Trained:
-    logger = get_run_logger()
+    logger = run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
     trained = train_from(
         start,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tnflow.tasks.cache.cache_reader import CacheFeed
@@ -22,10 +22,10 @@ from tnflow.tasks.cache.h5cache import read_split_size
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, renamed_when_complete, write_atomic
-from tnflow.tasks.core.progress import STAGE_HOOKS
+from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.store.layout import metrics_file, split_array
-from tnflow.tasks.tf.model_dir import read_model_dir, restore_model
+from tnflow.tasks.tf.model_files import read_model_dir, restore_model
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
 from tnflow.tasks.training.calibration import calibration_metrics, softmax
 
@@ -230,5 +230,5 @@ def validate_task(
     with full_disk_ends("writing the test metrics", out_dir):
         metrics = validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
     measured = Measured(split, metrics[f"{split}_accuracy"], metrics[f"{split}_loss"], metrics[f"num_{split}"])
-    get_run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *astuple(measured)[1:])
+    run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *astuple(measured)[1:])
     return measured

@@ -36,7 +36,7 @@ from tnflow.tasks.store.layout import (
     state_file,
     training_dir,
 )
-from tnflow.tasks.tf.model_dir import read_model_dir
+from tnflow.tasks.tf.model_files import read_model_dir
 
 
 def work_dir_for(

@@ -1,4 +1,4 @@
-"""The saved-model directory: a TensorFlow checkpoint plus model.json that says how to rebuild it.
+"""A model directory's files: a TensorFlow checkpoint plus model.json that says how to rebuild it.
 
 model.json records the model, head, image size, class names and preprocessing, so `validate`
 and `predict` rebuild the graph from the directory alone, and the epoch, metrics and training
