@@ -83,6 +83,15 @@ def test_every_module_lives_in_a_room():
     assert {room_of(name) for name in MODULES if name.startswith("tnflow.tasks.")} == set(ROOMS)
 
 
+def test_every_package_is_in_the_wheel():
+    """A package missing from pyproject.toml's list imports from the checkout and fails once installed."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {dotted(path.parent) for folder in PACKAGES for path in (REPO / folder).rglob("__init__.py")}
+    assert packages - listed == set()
+
+
 @pytest.mark.parametrize("room", ROOMS)
 def test_each_room_says_what_it_holds_and_may_import(room):
     docstring = ast.get_docstring(ast.parse((REPO / "tasks" / room / "__init__.py").read_text())) or ""

@@ -101,6 +101,12 @@ def test_a_folder_is_scored_recursively_into_a_csv(trained, tmp_path, capsys):
         assert float(row["probability"]) == pytest.approx(float(top3[0][1]), abs=1e-4)
     assert "(unreadable) 1" in captured.err
     assert not list(out.parent.glob("*.tmp-*")), "no temporary file is left"
+    # what the batch-predict flow writes beside its CSV, the command writes too (one way to score a folder)
+    to_label = list(csv.DictReader(out.with_suffix(".to_label.csv").open()))
+    confidence = [float(r["probability"]) for r in to_label]
+    assert sorted(r["path"] for r in to_label) == sorted(r["path"] for r in rows), "every scored picture"
+    assert confidence == sorted(confidence), "least confident first"
+    assert f"the least confident, to label next: {out.with_suffix('.to_label.csv')}" in captured.err
 
 
 @pytest.mark.slow  # a process of its own: the hang was in the interpreter's exit
@@ -121,7 +127,7 @@ def test_a_file_name_that_is_not_utf8_is_scored_and_written_escaped_in_a_process
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == str(out), done.stderr[-2000:]
     rows = list(csv.DictReader(out.open(encoding="utf-8")))
     assert sorted(Path(r["path"]).name for r in rows) == ["plain.png", "x\\xff.png"] and all(r["class"] for r in rows)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox", "p.csv"], "no lock or temporary file left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox", "p.csv", "p.to_label.csv"], "no lock or temporary"
     for chatter in ("cuInit", "oneDNN", "cuda drivers", "is deprecated", "Traceback"):
         assert chatter not in done.stderr, f"start-up chatter on the console: {chatter}"
 

@@ -17,16 +17,20 @@ from tnflow.tasks.core.errors import ConfigError, TnflowError
 
 
 def predict(args: argparse.Namespace) -> str | None:
-    from tnflow.tasks.release.predict import files_to_score, model_directory, predict_files, score
+    from tnflow.tasks.release.predict import files_to_score, model_directory, predict_files, score_folder
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be an integer of at least 1, got {args.batch_size}")
     model_dir = model_directory(args.model, args.output_dir or default_output_dir())
     if args.out:
-        counts = score(model_dir, args.images, args.out, args.batch_size, empty_ok=False)
+        scores = score_folder(model_dir, args.images, args.out, args.batch_size, empty_ok=False)
+        counts, written = scores.counts, str(scores.csv)
         summary = ", ".join(f"{name} {n}" for name, n in counts.most_common())
         print(f"{sum(counts.values())} files scored: {summary or 'none'}", file=sys.stderr)
-        written = str(Path(args.out).expanduser().absolute())
+        if scores.to_label:
+            print(f"the least confident, to label next: {scores.to_label}", file=sys.stderr)
+        if scores.drifted:
+            print(f"they do not look like the model's test split: {', '.join(scores.drifted)}", file=sys.stderr)
         if unreadable := counts.get("(unreadable)", 0):  # as without --out: a file not scored fails the command
             print(written)  # the CSV is complete all the same: the last line of output still names it
             raise TnflowError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import heapq
 import io
 import os
 from collections import Counter
@@ -163,7 +164,7 @@ def _uncertainty_cells(result: dict[str, Any]) -> list[str]:
 
 def write_to_label(seen: list[dict[str, Any]], out: Path, count: int) -> Path:
     """The `count` least confident pictures, least first: the ones worth a human label next."""
-    least = sorted(seen, key=lambda r: r["top"][0]["probability"])[:count]
+    least = heapq.nsmallest(count, seen, key=lambda r: r["top"][0]["probability"])  # O(n log count), stable
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(TO_LABEL_COLUMNS)
@@ -184,6 +185,38 @@ def score(
     paths = files_to_score(sources, empty_ok)
     with contextlib.closing(predict_files(model_dir, paths, batch_size=batch_size)) as results:
         return write_predictions(results, out, seen)
+
+
+@dataclass(frozen=True)
+class FolderScores:
+    """A scored folder: its CSV, the pictures per class, the least confident ones to label, drift rows."""
+
+    csv: Path
+    counts: Counter
+    to_label: Path | None
+    drift: list[dict[str, Any]]  # against the model's test split; a row `flagged` when it moved
+
+    @property
+    def drifted(self) -> list[str]:
+        return [row["statistic"] for row in self.drift if row["flagged"]]
+
+
+def score_folder(
+    model_dir: str | Path,
+    sources: list[str],
+    out: str | Path,
+    batch_size: int = BATCH_SIZE,
+    *,
+    to_label: int = 100,
+    empty_ok: bool = True,
+) -> FolderScores:
+    """Scoring a folder, the one way `tnflow predict --out` and the batch-predict flow do it: the CSV,
+    `<csv>.to_label.csv` (the `to_label` least confident; none at 0), and the drift against the test split."""
+    seen: list[dict[str, Any]] = []
+    counts = score(model_dir, sources, out, batch_size, seen, empty_ok=empty_ok)
+    csv_path = Path(out).expanduser().absolute()
+    labelling = write_to_label(seen, csv_path.with_suffix(".to_label.csv"), to_label) if to_label else None
+    return FolderScores(csv_path, counts, labelling, drift_of(model_dir, seen))
 
 
 def drift_of(model_dir: str | Path, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -230,9 +263,8 @@ def score_folder_task(
     out = out or str(predictions_csv(output_dir, flow_run.name or "predictions"))
     model_dir = model_directory(model, output_dir)
     logger.info("scoring %s with %s", folder, model_dir)
-    seen: list[dict[str, Any]] = []
-    counts = score(model_dir, [folder], out, batch_size, seen)
-    csv_path = Path(out).expanduser().absolute()
+    scores = score_folder(model_dir, [folder], out, batch_size, to_label=to_label)
+    csv_path, counts, drift = scores.csv, scores.counts, scores.drift
     total = sum(counts.values())
     if not total:
         logger.warning("%s holds no files; the CSV has its header only", folder)
@@ -241,18 +273,14 @@ def score_folder_task(
         key="tnflow-batch-predict",
         description=f"{total} files under {folder} scored by {model_dir}: [{csv_path.name}]({csv_path.as_uri()})",
     )
-    labelling = write_to_label(seen, csv_path.with_suffix(".to_label.csv"), to_label) if to_label else None
-    drift = drift_of(model_dir, seen)
-    drifted = any(row["flagged"] for row in drift)
     if drift:
         create_table_artifact(
             table=drift,
             key="tnflow-scoring-drift",
-            description=f"{len(seen)} pictures under {folder} against the test split of {model_dir}",
+            description=f"{total} files under {folder} against the test split of {model_dir}",
         )
-    if drifted:
-        flagged = [row["statistic"] for row in drift if row["flagged"]]
-        logger.warning("%s does not look like %s's test split: %s", folder, model_dir, ", ".join(flagged))
+    if scores.drifted:
+        logger.warning("%s does not look like %s's test split: %s", folder, model_dir, ", ".join(scores.drifted))
         from prefect.events import emit_event
 
         emit_event(
@@ -261,4 +289,5 @@ def score_folder_task(
             payload={"folder": folder, "csv": str(csv_path), "statistics": drift},
         )
     logger.info("%d files scored (%d unreadable); predictions in %s", total, counts["(unreadable)"], csv_path)
-    return Scored(str(csv_path), str(model_dir), dict(counts), str(labelling) if labelling else None, drifted)
+    labelling = str(scores.to_label) if scores.to_label else None
+    return Scored(str(csv_path), str(model_dir), dict(counts), labelling, bool(scores.drifted))
