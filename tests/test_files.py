@@ -40,15 +40,23 @@ def test_a_waiting_run_names_the_run_it_waits_for(prefect_api, tmp_path, monkeyp
     def waiter() -> str:
         return wait_for_lock()
 
+    class ReleaseOnceStillWaiting(logging.Handler):
+        """The holder lets go once the waiter said it still waits (no race with a slow flow start)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "still waiting" in record.getMessage():
+                release.set()
+
     thread = threading.Thread(target=holder)
     thread.start()
     assert holding.wait(60)
-    timer = threading.Timer(2.0, release.set)
-    timer.start()
+    released = ReleaseOnceStillWaiting()
+    logging.getLogger("prefect.task_runs").addHandler(released)
     try:
         with caplog.at_level(logging.INFO, logger="prefect.task_runs"):
             assert waiter() == "acquired"
     finally:
+        logging.getLogger("prefect.task_runs").removeHandler(released)
         release.set()
         thread.join(60)
     waits = [r for r in caplog.records if r.name == "prefect.task_runs" and "waiting for run" in r.getMessage()]

@@ -113,6 +113,7 @@ def test_a_run_killed_while_asking_for_the_slot_does_not_keep_it(prefect_server,
     import json
     import logging
 
+    from tnflow.tasks.core import files
     from tnflow.tasks.core import gpu_slot as slot_module
 
     api, name = prefect_server["api"], f"tnflow-gpu-test-{uuid.uuid4().hex[:8]}"
@@ -121,7 +122,7 @@ def test_a_run_killed_while_asking_for_the_slot_does_not_keep_it(prefect_server,
     def waits(seconds):
         raise AssertionError("the run waits: the dead run's slot was not taken back")
 
-    monkeypatch.setattr(slot_module, "time", SimpleNamespace(monotonic=time.monotonic, sleep=waits))
+    monkeypatch.setattr(files, "time", SimpleNamespace(monotonic=time.monotonic, sleep=waits))  # every wait's
     with temporary_settings(updates={PREFECT_API_URL: api}):
         slot_module.ensure_limit(name)
         api_post(api, "/v2/concurrency_limits/increment", {"names": [name], "slots": 1, "mode": "concurrency"})

@@ -27,7 +27,8 @@ def champion_of(folder: Path, cache_dir: Path, output_dir: Path) -> None:
     cache = build_folder_cache(folder, config.cache_spec(), cache_dir, workers=1)
     line = output_dir / "champions" / "folder-x" / "run-1"
     line.mkdir(parents=True)
-    (line / "champion.json").write_text(json.dumps({"run_id": "run-1", "cache": cache.path, "promoted_at": "t"}))
+    record = {"run_id": "run-1", "test_accuracy": 0.9, "test_split": "s", "cache": cache.path, "promoted_at": "t"}
+    (line / "champion.json").write_text(json.dumps(record))
     (output_dir / "champions" / "folder-x" / "current").symlink_to("run-1")
 
 

@@ -3,5 +3,5 @@
 The file format and its reader, the cache stage for CIFAR and for image folders
 (incremental), and the collection of folder-cache versions nothing refers to.
 
-May import: tasks.core, tasks.config, tasks.sources.
+May import: tasks.core, tasks.config, tasks.store, tasks.sources.
 """

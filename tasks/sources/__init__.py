@@ -4,5 +4,5 @@ Verified downloads, archives unpacked without escaping their directory, pickles 
 nothing but arrays, CIFAR archives, image folders and their splits, and decoding any
 picture a user has (with its resize kernels) in processes or on a Dask cluster.
 
-May import: tasks.core, tasks.config.
+May import: tasks.core, tasks.config, tasks.store.
 """

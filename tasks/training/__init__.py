@@ -1,4 +1,4 @@
 """Training: what training starts from, its resumable work directories, training and validation.
 
-May import: every room above it (core, config, sources, cache, tf).
+May import: every room above it (core, config, store, sources, cache, tf).
 """
