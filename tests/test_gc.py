@@ -108,4 +108,6 @@ def test_a_killed_runs_registration_keeps_nothing(tmp_path):
         process.kill()
         process.wait()
     assert len(list((runs / "in-use").iterdir())) == 1, "a SIGKILL leaves the record"
-    assert caches_in_use(runs) == set() and list((runs / "in-use").iterdir()) == [], "which nothing holds"
+    (runs / "in-use" / "made-by-hand").mkdir()  # not a record: passed over
+    assert caches_in_use(runs) == set(), "a record nothing holds keeps nothing"
+    assert [p.name for p in (runs / "in-use").iterdir()] == ["made-by-hand"], "and is removed"

@@ -57,8 +57,8 @@ def caches_in_use(output_dir: str | Path) -> set[str]:
             continue  # being registered now, or left by a kill in that instant (a few bytes)
         try:
             handle = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            continue  # its run just ended
+        except OSError:
+            continue  # its run just ended (or it is not a record: a folder someone made there)
         with handle:
             if try_lock(handle, shared=True):  # nobody holds it: a run that was killed
                 with contextlib.suppress(FileNotFoundError):
