@@ -65,10 +65,7 @@ def report_files(directory: str | Path) -> tuple[Path, Path]:
 
 def figure_file(directory: str | Path, name: str) -> Path:
     """`figures/<name>.png` beside a report (report.md links them by this relative path)."""
-    return Path(directory) / FIGURES / f"{name}.png"
-
-
-FIGURES = "figures"
+    return Path(directory) / "figures" / f"{name}.png"
 
 
 def review_csv(run_dir: str | Path) -> Path:
@@ -115,7 +112,7 @@ def state_file(generation: str | Path) -> Path:
 
 def checkpoint_dir(generation: str | Path, epoch: int) -> Path:
     """The full checkpoint of a finished epoch, for resuming."""
-    return Path(generation) / "checkpoints" / f"epoch-{epoch}"
+    return resume_checkpoints(generation) / f"epoch-{epoch}"
 
 
 def epoch_model_dir(generation: str | Path, epoch: int) -> Path:
