@@ -129,6 +129,21 @@ def test_only_the_tf_room_imports_tensorflow():
     assert {name: found for name, found in outside.items() if found} == {}, "only tasks/tf/ may import TensorFlow"
 
 
+# Reads the pretrained weights' Keras HDF5 file, a format of its own that no cache reader knows.
+HDF5_ELSEWHERE = {"tnflow.tasks.training.weights"}
+
+
+def test_only_the_cache_room_opens_hdf5_files():
+    """The stages ask `tasks.cache.contents` for what they read from the cache, so only it knows the layout."""
+    outside = {
+        name: sorted(imports_of(path, everything=True) & {"h5py"})
+        for name, path in MODULES.items()
+        if room_of(name) != "cache" and name not in HDF5_ELSEWHERE
+    }
+    assert {name: found for name, found in outside.items() if found} == {}, "only tasks/cache/ may open HDF5"
+    assert imports_of(MODULES["tnflow.tasks.cache.contents"], everything=True) >= {"h5py"}, "the check sees h5py"
+
+
 @pytest.mark.slow
 def test_the_rooms_before_tf_and_the_command_line_load_without_tensorflow():
     """Imports each of them in one fresh process, checking after each one (what their imports pull in counts)."""

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import tnflow.tasks.release.promote as promote_module
+from tnflow.tasks.cache.contents import dataset_key
 from tnflow.tasks.core.errors import DiskFullError
 from tnflow.tasks.release.champions import read_champion
 from tnflow.tasks.release.promote import promote
 from tnflow.tasks.tf.model_files import read_model_dir, write_model_json
-from tnflow.tasks.training.starting_point import dataset_key
 
 
 def fake_model(root: Path, name: str) -> Path:

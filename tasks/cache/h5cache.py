@@ -58,6 +58,22 @@ class CacheInfo:
     source_md5: str = ""
     source_id: str = ""  # what champions are kept per: the archive's md5, or a folder's lineage
     summary: tuple[tuple[str, int], ...] = ()  # a folder's counts: skipped, duplicates, leaked, reused, ...
+    lineage: str = ""  # a folder's lineage (its versions share it); empty for an archive's cache
+
+
+def info_of(f: h5py.File, path: str | Path) -> CacheInfo:
+    """The description of the open cache file `f` at `path`, from its attributes and label shapes."""
+    return CacheInfo(
+        path=str(Path(path).absolute()),
+        dataset=str(f.attrs["dataset"]),
+        image_size=int(f.attrs["image_size"]),
+        class_names=tuple(str(n) for n in f.attrs["class_names"]),
+        counts={split: int(f[f"{split}/labels"].shape[0]) for split in SPLITS},
+        source_md5=str(f.attrs.get("source_md5", "")),
+        source_id=str(f.attrs.get("source_id", f.attrs.get("source_md5", ""))),
+        summary=tuple(json.loads(f.attrs.get("summary", "{}")).items()),
+        lineage=str(f.attrs.get("source_id", "")),
+    )
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -145,16 +161,7 @@ def inspect_cache(path: str | Path) -> CacheInfo | None:
                     return None
             if counts != {s: int(f.attrs[f"num_{s}"]) for s in SPLITS}:
                 return None
-            return CacheInfo(
-                path=str(Path(path).absolute()),
-                dataset=str(f.attrs["dataset"]),
-                image_size=size,
-                class_names=tuple(str(n) for n in f.attrs["class_names"]),
-                counts=counts,
-                source_md5=str(f.attrs.get("source_md5", "")),
-                source_id=str(f.attrs.get("source_id", f.attrs.get("source_md5", ""))),
-                summary=tuple(json.loads(f.attrs.get("summary", "{}")).items()),
-            )
+            return info_of(f, path)
     except (OSError, KeyError, ValueError):
         return None
 

@@ -1,4 +1,4 @@
-"""A champion line's records: which test images a model was measured on, its record, and its history.
+"""A champion line's records: the current champion's and the history of its promotions.
 
 Where they live (`current/champion.json`, `history.jsonl` in the line's directory) is
 `tasks.store.layout`'s; what a record holds is `tasks.store.records.ChampionRecord`.
@@ -13,28 +13,9 @@ import contextlib
 import os
 from pathlib import Path
 
-import h5py
-import numpy as np
-
-from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.progress import run_logger
 from tnflow.tasks.store.layout import champion_history, champion_line, champion_record, current_champion
 from tnflow.tasks.store.records import ChampionRecord, read_champion_file, read_history_rows, write_champion_file
-
-
-def split_identity(cache_path: str | Path) -> str:
-    """Identifies the test images (dataset, archive, which images): only equal keys compare as they are."""
-    with h5py.File(cache_path, "r") as f:
-        labels = f["test/labels"][:]
-        if "digests" in f["test"]:  # a folder: the test images themselves, whichever version holds them
-            parts = [str(f.attrs["dataset"]), str(f.attrs["source_id"]), str(len(labels))]
-            digests = f["test/digests"][:]
-            order = np.argsort(digests)
-            content = digests[order].tobytes() + labels[order].tobytes()
-        else:
-            parts = [str(f.attrs["dataset"]), str(f.attrs["source_md5"]), str(len(labels))]
-            content = labels.tobytes()
-    return ":".join(parts) + ":" + short_digest(content, 12)
 
 
 def read_history(line: Path) -> list[ChampionRecord]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.cache.contents import describe_cache
+from tnflow.tasks.cache.h5cache import SPLITS, read_labels, read_manifest
 from tnflow.tasks.core.files import shown_name
 from tnflow.tasks.sources.archives import UNSAFE_MEMBER
 
@@ -17,10 +16,9 @@ SKIPPED_SHOWN = 50  # the manifest in the cache lists them all
 
 def data_sections(cache_path: str | Path) -> dict[str, list[tuple]]:
     """What the model learnt from: classes with their images per split, and the files left out."""
-    with h5py.File(cache_path, "r") as f:
-        names = [str(n) for n in f.attrs["class_names"]]
-        per_split = {s: np.bincount(f[f"{s}/labels"][:], minlength=len(names)) for s in ("train", "valid", "test")}
-        summary = json.loads(f.attrs.get("summary", "{}"))
+    info = describe_cache(cache_path)
+    names, summary = info.class_names, dict(info.summary)
+    per_split = {s: np.bincount(read_labels(cache_path, s), minlength=len(names)) for s in SPLITS}
     manifest = read_manifest(cache_path)
     counts = [(n, *(int(per_split[s][i]) for s in per_split)) for i, n in enumerate(names)]
     counts.append(("all classes", *(int(c.sum()) for c in per_split.values())))

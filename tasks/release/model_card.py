@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import h5py
-
+from tnflow.tasks.cache.contents import describe_cache
 from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.release.significance import wilson_interval
@@ -30,12 +29,8 @@ def card_data(
     weights: dict[str, Any],
 ) -> dict[str, Any]:
     """The card's facts, from the model, its test metrics, its cache and where its weights came from."""
-    with h5py.File(cache_path, "r") as f:
-        source = {
-            "dataset": str(f.attrs["dataset"]),
-            "digest": str(f.attrs.get("source_md5", "")),
-            "lineage": str(f.attrs.get("source_id", "")) or None,
-        }
+    info = describe_cache(cache_path)
+    source = {"dataset": info.dataset, "digest": info.source_md5, "lineage": info.lineage or None}
     backbone = BACKBONES[meta["model"]]
     total = int(metrics["num_test"])
     correct = round(metrics["test_accuracy"] * total)

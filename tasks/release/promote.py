@@ -34,11 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.cache.contents import dataset_key, read_class_names, split_identity
+from tnflow.tasks.cache.h5cache import read_labels
 from tnflow.tasks.config.specs import GateSettings
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import (
@@ -52,7 +53,7 @@ from tnflow.tasks.core.files import (
 )
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
-from tnflow.tasks.release.champions import read_champion, read_history, split_identity
+from tnflow.tasks.release.champions import read_champion, read_history
 from tnflow.tasks.release.model_card import add_champion_history
 from tnflow.tasks.release.significance import (
     against_baseline,
@@ -73,7 +74,6 @@ from tnflow.tasks.store.layout import (
     latest_champion_target,
 )
 from tnflow.tasks.store.records import ChampionRecord, append_history_row, write_champion_file
-from tnflow.tasks.training.starting_point import dataset_key
 from tnflow.tasks.training.validate import evaluate_model, read_predictions
 
 Rescore = Callable[[str, str], np.ndarray]  # (champion model dir, candidate cache) -> predicted class per test image
@@ -208,8 +208,7 @@ def gate_counts(promotion: dict[str, Any] | None) -> str:
 
 
 def _test_labels(cache_path: str | Path) -> tuple[np.ndarray, list[str]]:
-    with h5py.File(cache_path, "r") as f:
-        return f["test/labels"][:], [str(name) for name in f.attrs["class_names"]]
+    return read_labels(cache_path, "test"), read_class_names(cache_path)
 
 
 def _champion_predictions(

@@ -19,12 +19,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.cache.contents import read_images
 from tnflow.tasks.core.files import full_disk_ends, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger, stages_so_far
 from tnflow.tasks.core.retries import STAGE_RETRIES
@@ -94,9 +94,8 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     names = list(metrics["class_names"])
     disputed = list(review.top) if review else []
     count, scope = (review.count, review.scope) if review else (None, "held-out")
-    with h5py.File(cache_path, "r") as f:
-        sample_images = np.stack([f["test/images"][s["index"]] for s in metrics["samples"]])
-        disputed_images = [f[f"{d.split}/images"][d.index] for d in disputed]
+    sample_images = np.stack(read_images(cache_path, "test", [s["index"] for s in metrics["samples"]]))
+    disputed_images = [read_images(cache_path, d.split, [d.index])[0] for d in disputed]
     captions = [f"filed as {d.given}\nsays {d.predicted} {d.confidence:.0%}" for d in disputed]
     pngs = {
         "disputed": png(picture_grid(disputed_images, captions, empty=f"no {scope} picture disputed")),

@@ -35,12 +35,12 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tnflow.tasks.cache.h5cache import read_manifest
+from tnflow.tasks.cache.contents import read_class_names, read_files
+from tnflow.tasks.cache.h5cache import read_labels
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
@@ -188,12 +188,7 @@ def ranked(rows: list[Disputed]) -> list[Disputed]:
 
 def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str], list[str]]:
     """(labels, file paths or none, class names) of a split of the cache; a folder's paths under its root."""
-    root = Path(str(read_manifest(cache_path).get("source") or ""))
-    with h5py.File(cache_path, "r") as f:
-        names = [str(n) for n in f.attrs["class_names"]]
-        stored = f[f"{split}/paths"][:] if "paths" in f[split] else []
-        paths = [str(root / (p.decode() if isinstance(p, bytes) else str(p))) for p in stored]
-        return f[f"{split}/labels"][:], paths, names
+    return read_labels(cache_path, split), read_files(cache_path, split), read_class_names(cache_path)
 
 
 @task(name="label-review", cache_policy=NO_CACHE, **STAGE_RETRIES, **STAGE_HOOKS)

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import h5py
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tnflow.tasks.cache.contents import read_file_digests
 from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError
@@ -84,18 +84,9 @@ def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], se
     if not found:
         return {}, set(), None
     record = max(found, key=lambda r: r.promoted_at)
-    pictures = {}
-    with h5py.File(record.cache, "r") as f:
-        for split in ("train", "valid", "test"):
-            if "paths" in f[split]:
-                for path, digest in zip(f[f"{split}/paths"][:], f[f"{split}/digests"][:], strict=True):
-                    pictures[_text(path)] = _text(digest)
+    pictures = read_file_digests(record.cache)
     skipped = {str(entry[0]) for entry in read_manifest(record.cache).get("skipped", [])}
     return pictures, skipped, record.run_id
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def threshold(min_new: float, known: int) -> int:

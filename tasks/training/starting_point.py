@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 from prefect import task
 
+from tnflow.tasks.cache.contents import dataset_key
 from tnflow.tasks.core.cache_policy import StageCache
-from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, run_logger
 from tnflow.tasks.sources.download import DOWNLOAD_RETRIES, source_identity
 from tnflow.tasks.store.layout import champion_line, current_champion
@@ -40,14 +39,6 @@ class StartingPoint:
     @property
     def origin(self) -> dict[str, Any]:
         return {"source": self.source, "md5": self.md5, "check": self.check}
-
-
-def dataset_key(cache_path: str | Path) -> str:
-    """Which champion line a model belongs to: the dataset, its source and its classes."""
-    with h5py.File(cache_path, "r") as f:
-        names = [str(n) for n in f.attrs["class_names"]]
-        source = f.attrs.get("source_id", f.attrs["source_md5"])  # a folder's line outlives its versions
-        return f"{f.attrs['dataset']}-{short_digest([str(source), names], 12)}"
 
 
 def starting_model(init_from: str, output_dir: str | Path, cache_path: str | Path) -> Path | None:
