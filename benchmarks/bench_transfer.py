@@ -35,7 +35,7 @@ from tests.fake_weights import write_weights  # noqa: E402
 from tests.folders import sample_archive  # noqa: E402 - the real pictures, wherever the workplace keeps them
 from tnflow.tasks.cache.folder_cache import build_folder_cache  # noqa: E402
 from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
-from tnflow.tasks.config.options import PRESETS  # noqa: E402
+from tnflow.tasks.config.presets import PRESETS  # noqa: E402
 from tnflow.tasks.config.specs import FolderSpec, ModelSpec, TrainSettings  # noqa: E402
 from tnflow.tasks.training.train import train  # noqa: E402
 from tnflow.tasks.training.validate import evaluate_model  # noqa: E402

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tnflow.tasks.config.options import WatchConfig
 from tnflow.tasks.config.parameters import flow_parameters
+from tnflow.tasks.config.scoring import WatchConfig
 from tnflow.tasks.core.progress import quiet_hook_lines
 from tnflow.tasks.release.watch import watch_task
 

@@ -9,8 +9,10 @@ from tnflow.flows.cli.serve import load_deployments
 from tnflow.flows.prepare import prepare_data
 from tnflow.flows.sweep import sweep
 from tnflow.flows.train import transfer_learning
-from tnflow.tasks.config.options import SOURCES, DataConfig, RunConfig, ScoreConfig, WatchConfig
-from tnflow.tasks.config.parameters import option
+from tnflow.tasks.config.datasets import SOURCES
+from tnflow.tasks.config.options import DataConfig, RunConfig
+from tnflow.tasks.config.parameters import KIND_NAMES, option
+from tnflow.tasks.config.scoring import ScoreConfig, WatchConfig
 from tnflow.tasks.config.sweeps import SweepConfig, plan_trials
 from tnflow.tasks.core.errors import ConfigError
 
@@ -102,6 +104,26 @@ def test_none_means_default_and_values_are_normalised(tmp_path):
 def test_head_follows_the_image_size_unless_given():
     assert RunConfig(image_size=32).head == "gap"
     assert RunConfig(image_size=224, head="gap").head == "gap"
+
+
+def test_derived_defaults_are_resolved_yet_only_what_was_given_counts_as_given():
+    config = RunConfig.from_values({"model": "inception3", "preset": "strong", "data_dir": "/x", "tta": "none"})
+    assert config.model_fields_set == {"model", "preset", "data_dir", "tta"}
+    assert (config.dataset, config.image_size, config.head, config.train_bn) == ("folder", 299, "gap", False)
+    assert (config.augment, config.label_smoothing, config.tta) == ("flip-crop", 0.1, "none"), "given wins"
+    assert (config.valid_size, config.test_size) == (0.1, 0.2)
+    assert DataConfig().image_size == 224 and DataConfig().test_size is None
+    again = RunConfig.from_values({n: getattr(config, n) for n in config.model_fields_set} | {"model": "vgg19"})
+    assert (again.image_size, again.head) == (224, "full"), "a trial's own model sets its derived defaults"
+
+
+@pytest.mark.parametrize("model", [DataConfig, RunConfig, SweepConfig, ScoreConfig, WatchConfig])
+def test_every_configuration_is_frozen_and_strict(model):
+    assert model.model_config["frozen"] and model.model_config["strict"]
+    name, kind = next((n, f.annotation) for n, f in model.model_fields.items() if f.annotation in (int, float))
+    required = {n: "/x" for n in ("folder", "data_dir") if n in model.model_fields}
+    with pytest.raises(ConfigError, match=f"{option(name)} must be {KIND_NAMES[kind]}"):  # not coerced from text
+        model.from_values({**required, name: "3"})
 
 
 @pytest.mark.parametrize(

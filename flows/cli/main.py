@@ -196,7 +196,7 @@ def _sweep(args: argparse.Namespace) -> str:
     from tnflow.flows.sweep import sweep
 
     # The options as given: each trial derives its defaults (image size, head) from its own options.
-    return _with_prefect(args, lambda: sweep(**config.given()))
+    return _with_prefect(args, lambda: sweep(**config.model_dump(include=config.model_fields_set)))
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from tnflow.tasks.config.options import default_cache_dir, default_output_dir
+from tnflow.tasks.config.datasets import default_cache_dir, default_output_dir
 from tnflow.tasks.core.errors import ConfigError, TnflowError
 
 
@@ -58,7 +58,7 @@ def predict(args: argparse.Namespace) -> str | None:
 
 
 def export(args: argparse.Namespace) -> str:
-    from tnflow.tasks.config.options import export_formats
+    from tnflow.tasks.config.checks import export_formats
 
     try:
         formats = export_formats(args.format)

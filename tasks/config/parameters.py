@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, PrivateAttr, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from tnflow.tasks.core.errors import ConfigError
 from tnflow.tasks.core.files import is_utf8, shown_name
@@ -25,9 +25,14 @@ NAME_CHARACTERS = "may only hold letters, digits, '-' and '_'"  # what a pattern
 
 
 class Configuration(BaseModel):
-    """What every configuration shares: built from flow parameters or parsed options in one way."""
+    """What every configuration shares: frozen, strict, and built from flow parameters or parsed options in one way.
 
-    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+    `model_fields_set` is what the user gave: defaults that follow other options are resolved
+    after validation, without counting as given (a sweep's trial builds its configuration from
+    what was given again, so those defaults follow the trial's options).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -46,20 +51,9 @@ class Configuration(BaseModel):
         """Build from flow parameters or parsed options; None means the default."""
         given = {k: v for k, v in values.items() if v is not None}
         try:
-            config = cls(**given)
+            return cls(**given)
         except ValidationError as exc:
             raise _config_error(cls, exc) from None
-        config._given = given
-        return config
-
-    def given(self) -> dict[str, Any]:
-        """The values set explicitly, before defaults were derived from them.
-
-        A sweep's trial changes some options and builds its configuration from these again, so
-        that defaults which follow other options (a model's image size, a preset's levers) follow
-        the trial's options too.
-        """
-        return dict(self._given)
 
 
 def option(name: str) -> str:
@@ -102,7 +96,7 @@ def value_type(field: Any) -> Any:
     kind = field.annotation
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         kind = next(t for t in typing.get_args(kind) if t is not type(None))
-    return kind
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind  # a checked type: its X
 
 
 def _span(field: Any) -> str:

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from tnflow.tasks.config.options import AUGMENTS, DataConfig, RunConfig
+from tnflow.tasks.config.options import DataConfig, RunConfig
 from tnflow.tasks.config.parameters import KIND_NAMES, option, value_type
+from tnflow.tasks.config.presets import AUGMENTS
 from tnflow.tasks.core.errors import ConfigError
 
 MAX_TRIALS = 256
@@ -123,7 +124,7 @@ class Trial:
 def plan_trials(sweep: SweepConfig) -> list[Trial]:
     """Every trial's configuration, checked: a grid's combinations, or `--random` draws, in a fixed order."""
     options = _grid(sweep.grid) if sweep.grid is not None else _draws(sweep.random or 0, sweep.vary, sweep.seed)
-    base = {k: v for k, v in sweep.given().items() if k in RunConfig.model_fields}
+    base = {k: getattr(sweep, k) for k in sweep.model_fields_set if k in RunConfig.model_fields}
     # Resolved on this machine, once, so every trial (and every worker) uses the same directories.
     base |= {"cache_dir": sweep.cache_dir, "output_dir": sweep.output_dir, "promote": False}
     trials = []

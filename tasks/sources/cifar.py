@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tnflow.tasks.config.options import SOURCES
+from tnflow.tasks.config.datasets import SOURCES
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.sources.safe_pickle import NumpyOnlyUnpickler
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from tnflow.tasks.config.options import EXPORT_FORMATS
+from tnflow.tasks.config.checks import EXPORT_FORMATS
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError, first_line
 from tnflow.tasks.tf.model_files import restore_model
