@@ -119,7 +119,7 @@ def main() -> None:
         print(f"{cache.counts} pictures at 32 px; {args.model} from random weights, {args.epochs} epochs, Adam")
         started = time.perf_counter()
         trained = train(cache.path, None, spec, settings, root / "main", class_names=cache.class_names)
-        metrics = validate(trained.model_dir, cache.path, "test", 256, root / "run")
+        metrics = validate(trained.model_dir, cache.path, "test", 256, root / "run").read_figures()
         curve = " ".join(f"{r['valid_accuracy']:.3f}" for r in trained.history)
         print(f"main model: valid accuracy per epoch {curve}; test {metrics['test_accuracy']:.3f} (given labels), "
               f"{time.perf_counter() - started:.0f} s")  # fmt: skip

@@ -40,6 +40,7 @@ def sweep(config: SweepConfig) -> str:
         model_dir=winner.model_dir,
         run_dir=winner.run_dir,
         test_accuracy=winner.test_accuracy,
+        test_predictions=winner.predictions["test"],
         cache_path=winner.cache_path,
         output_dir=config.output_dir,
         gate=config.gate_settings(),

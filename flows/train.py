@@ -12,7 +12,7 @@ from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
 from tnflow.tasks.core.progress import quiet_hook_lines, run_logger
 from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
-from tnflow.tasks.release.report import report_task
+from tnflow.tasks.release.report import RunSummary, report_task
 from tnflow.tasks.release.review import review_task
 from tnflow.tasks.sources.download import download_task
 from tnflow.tasks.store.in_use import reading
@@ -24,10 +24,11 @@ from tnflow.tasks.training.train import train_task
 from tnflow.tasks.training.validate import validate_task
 
 
-@flow(name="transfer-learning")
+# The return value is persisted (as JSON, in Prefect's result storage): a sweep reads its trials' from their flow runs.
+@flow(name="transfer-learning", persist_result=True, result_serializer="json")
 @flow_parameters(RunConfig)
-def transfer_learning(config: RunConfig) -> str:
-    """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns the run directory."""
+def transfer_learning(config: RunConfig) -> RunSummary:
+    """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns its figures and where it is."""
     quiet_hook_lines()
     run_dir = new_run_dir(config.output_dir, flow_run.name)
     source = download_task(
@@ -98,6 +99,7 @@ def transfer_learning(config: RunConfig) -> str:
                 cache_path=cache.path,
                 run_dir=run_dir,
                 batch_size=config.eval_batch_size,
+                test=test,
                 out_of_fold=out_of_fold,
             )
         # Exported before the gate: a promotion then links the whole directory, exports and card
@@ -109,24 +111,26 @@ def transfer_learning(config: RunConfig) -> str:
             cache_path=cache.path,
             formats=config.export_formats,
             start=start,
+            test=test,
         )
         promotion = promote_task(
             model_dir=model_dir,
             run_dir=run_dir,
             test_accuracy=test.accuracy,
+            test_predictions=test.predictions["test"],
             cache_path=cache.path,
             output_dir=config.output_dir,
             gate=config.gate_settings(),
             eval_batch_size=config.eval_batch_size,
         )
-        report_task(
+        return report_task(
             run_dir=run_dir,
             model_dir=model_dir,
             cache_path=cache.path,
             config=config.model_dump(),
             start=start,
             trained=trained,
+            test=test,
             promotion=promotion,
             review=review,
         )
-    return run_dir

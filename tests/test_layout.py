@@ -395,3 +395,34 @@ def test_the_gpu_extra_pins_the_tensorflow_the_package_pins():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     (base,) = [d for d in project["dependencies"] if re.match(r"tensorflow\b(?!-)", d)]
     assert project["optional-dependencies"]["gpu"] == [base.replace("tensorflow", "tensorflow[and-cuda]", 1)]
+
+
+# Declared for another package's sake, not imported by a tnflow module: tensornets needs both.
+NEEDED_BY_OTHERS = {"setuptools": "tensornets imports distutils", "tf-keras": "tensornets' batch normalisation"}
+# Imported by a tnflow module, installed by a declared dependency that pins it: tensorflow 2.21 requires keras 3.
+COMES_WITH = {"keras": "tensorflow"}
+
+
+def _distribution(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_runtime_dependencies_are_what_the_runtime_modules_import():
+    """A library only tests or benchmarks use belongs in the dev extra; one a module imports, in the dependencies."""
+    import importlib.metadata
+    import sys
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {_distribution(d) for d in project["dependencies"]}
+    extras = {_distribution(d) for name, ds in project["optional-dependencies"].items() if name != "dev" for d in ds}
+    owners = importlib.metadata.packages_distributions()
+    imported = set()
+    for path in MODULES.values():
+        for name in imports_of(path, everything=True) - set(sys.stdlib_module_names) - {"tnflow", "__future__"}:
+            imported |= {_distribution(d) for d in owners.get(name, [name])}
+    assert imported - runtime - extras - set(COMES_WITH) == set(), "imported by tnflow but not declared"
+    assert set(COMES_WITH.values()) <= runtime
+    assert runtime - imported - set(NEEDED_BY_OTHERS) == set(), "declared but imported by no tnflow module"

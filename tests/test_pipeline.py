@@ -1,6 +1,7 @@
 """The whole pipeline as one Prefect flow: seven tasks, a run directory, caching, recovery, the champion."""
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 from prefect.exceptions import ParameterTypeError
 
+import tnflow.flows.train as train_flow
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
 from tests.prefect_runs import task_states
 from tnflow.flows.cli.main import main
 from tnflow.flows.train import transfer_learning
 from tnflow.tasks.core.errors import ConfigError
+from tnflow.tasks.store.layout import metrics_file
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +75,7 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert first.is_completed()
     assert task_states(first) == dict.fromkeys(STAGES, "Completed")
 
-    run = Path(first.result())
+    run = Path(first.result().run_dir)
     assert run.parent == tmp_path / "runs" and run.is_absolute()
     assert {"model", "metrics.json", "report.html", "report.md"} <= {p.name for p in run.iterdir()}
     model_json = json.loads((run / "model" / "model.json").read_text())
@@ -115,12 +118,12 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     states = task_states(second)
     assert [states[s] for s in STAGES[:4]] == ["Cached"] * 4
     assert states["validate"] == states["export"] == states["promote"] == states["report"] == "Completed"
-    exported = Path(second.result()) / "model" / "saved_model" / "variables" / "variables.index"
+    exported = Path(second.result().run_dir) / "model" / "saved_model" / "variables" / "variables.index"
     assert exported.stat().st_ino == (run / "model" / "saved_model" / "variables" / "variables.index").stat().st_ino, (
         "a second run of the same model links the exports made once"
     )
-    assert Path(second.result()) != run, "every run gets its own directory"
-    report = (Path(second.result()) / "report.md").read_text()
+    assert Path(second.result().run_dir) != run, "every run gets its own directory"
+    report = (Path(second.result().run_dir) / "report.md").read_text()
     assert "| train |" in report and "| hit |" in report
     assert "kept the champion" in report and "on the same test split" in report, "an equal model is not promoted"
 
@@ -138,33 +141,84 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
     assert (trained.parents[2] / "generation-2" / "models" / "epoch-1" / "model.json").is_file()
     after = transfer_learning(**params, return_state=True)
     assert task_states(after)["train"] == "Cached"
-    model_json = json.loads((Path(after.result()) / "model" / "model.json").read_text())
+    model_json = json.loads((Path(after.result().run_dir) / "model" / "model.json").read_text())
     assert model_json["epoch"] == 1
 
 
-def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_path):
+def named_paths(value) -> set[Path]:
+    """Every path a stage's arguments name: strings, inside dataclasses, pydantic models, dicts and sequences."""
+    if isinstance(value, str):
+        return {Path(value)} if value.startswith("/") else set()
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif hasattr(value, "model_dump"):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return set().union(*(named_paths(v) for v in value)) if value else set()
+    return set()
+
+
+def hiding_what_is_not_handed(stage, hidden: list[str]):
+    """`stage`, run with every file of the run directory that its arguments do not name moved away meanwhile.
+
+    A stage that read a file some earlier stage left in the run directory without being handed
+    it (a hidden channel) fails; one that reads only its arguments never notices.
+    """
+
+    def run(**arguments):
+        run_dir = Path(arguments["run_dir"])
+        named = {p for p in named_paths(arguments) if not run_dir.is_relative_to(p)}  # not the run dir's parents
+        away = run_dir.parent / f"{run_dir.name}.away"
+        moved = []
+        for path in sorted(run_dir.rglob("*")):
+            if path.is_file() and not any(path == p or path.is_relative_to(p) for p in named):
+                target = away / path.relative_to(run_dir)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(target)
+                moved.append((path, target))
+        hidden.extend(f"{stage.name}: {path.name}" for path, _ in moved)
+        try:
+            return stage(**arguments)
+        finally:
+            for path, target in moved:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                target.rename(path)
+
+    return run
+
+
+def test_a_smoke_run_never_blocks_a_better_full_run(prefect_api, inputs, tmp_path, monkeypatch):
     params = {**inputs, "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "runs")}
     params["export"] = "none"  # five runs; the exports are the end-to-end test's
     smoke = {**params, "limit_train": 40, "limit_test": 20}
-    unasked = Path(transfer_learning(**smoke))
+    unasked = Path(transfer_learning(**smoke).run_dir)
     promotion = json.loads((unasked / "metrics.json").read_text())["promotion"]
     assert not promotion["promoted"] and not (tmp_path / "runs" / "champion").exists(), "subsets do not promote"
 
     # Asked to promote, a model at chance is still no champion (it does not beat the majority class)...
-    refused = json.loads((Path(transfer_learning(**smoke, promote=True)) / "metrics.json").read_text())["promotion"]
+    refused = json.loads(metrics_file(transfer_learning(**smoke, promote=True).run_dir).read_text())["promotion"]
     assert not refused["promoted"] and refused["reason"].startswith("no champion yet: "), refused["reason"]
     # ... unless the gate's tests are off (--promote-alpha 1): then it becomes the line's first champion,
     # as any first model did before the baseline rule. With --review-train 2, two fold trainings
-    # score the training split for the label review.
+    # score the training split for the label review. Every stage after training runs without the
+    # files of the run directory that it was not handed: results travel as values.
+    hidden = []
+    for name in ("cross_fit_task", "review_task", "export_task", "promote_task", "report_task"):
+        monkeypatch.setattr(train_flow, name, hiding_what_is_not_handed(getattr(train_flow, name), hidden))
     state = transfer_learning(**smoke, promote=True, promote_alpha=1.0, review_train=2, return_state=True)
-    asked = Path(state.result())
+    monkeypatch.undo()
+    assert {"promote: test_metrics.json", "promote: test_probabilities.npy", "promote: label_review.csv",
+            "report: train_probabilities.npy", "export: valid_predictions.npy"} <= set(hidden), hidden  # fmt: skip
+    asked = Path(state.result().run_dir)
     assert json.loads((asked / "metrics.json").read_text())["promotion"]["promoted"]
     assert task_states(state)["cross-fit"] == "Completed" and (asked / "train_probabilities.npy").is_file()
     assert "held-out and training in label_review.csv" in (asked / "report.md").read_text()
 
     # Two epochs: with one, this tiny setup (7 steps from fake weights) is still at chance on the
     # test split, as the smoke run is, and an equal model is rightly not promoted.
-    full = Path(transfer_learning(**{**params, "epochs": 2}))
+    full = Path(transfer_learning(**{**params, "epochs": 2}).run_dir)
     promotion = json.loads((full / "metrics.json").read_text())["promotion"]
     assert promotion["rescored"], "the smoke champion was measured on 20 images and is scored again on 60"
     assert promotion["promoted"], promotion["reason"]

@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     model = train(
         cache.path, None, ModelSpec("vgg19", "gap", 10, 32), settings, root / "work", class_names=cache.class_names
     )
-    metrics = validate(model.model_dir, cache.path, "test", 16, root / "run")
+    metrics = validate(model.model_dir, cache.path, "test", 16, root / "run").read_figures()
     pngs = []
     for i, image in enumerate(fake.test_images[:8]):
         pngs.append(str(root / f"test-{i}.png"))

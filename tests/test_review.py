@@ -30,7 +30,7 @@ from tnflow.tasks.tf.model_files import update_model_json
 from tnflow.tasks.training.cross_fit import cross_fit
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import train
-from tnflow.tasks.training.validate import read_probabilities, validate
+from tnflow.tasks.training.validate import validate
 
 
 def planted(n: int = 300, classes: int = 3, errors: int = 20, sure: float = 0.45, seed: int = 0):
@@ -128,20 +128,22 @@ def misfiled(tmp_path_factory):
     trained = train(cache.path, None, ModelSpec("vgg19", "gap", 3, 32), settings, root / "work",
                     class_names=cache.class_names)  # fmt: skip
     run_dir = root / "run"
-    metrics = validate(trained.model_dir, cache.path, "test", 64, run_dir)
+    test = validate(trained.model_dir, cache.path, "test", 64, run_dir)
     # The model as a run publishes it: carrying its test split's reference, which drift compares with.
     model = root / "model"
     shutil.copytree(trained.model_dir, model)
-    update_model_json(model, {"reference": reference_of(read_probabilities(run_dir, "test"))})
-    return {"data": data, "wrong": wrong, "cache": cache, "trained": trained, "run": run_dir, "metrics": metrics,
+    update_model_json(model, {"reference": reference_of(test.read_probabilities("test"))})
+    return {"data": data, "wrong": wrong, "cache": cache, "trained": trained, "run": run_dir, "test": test,
             "model": model}  # fmt: skip
 
 
 @pytest.mark.slow  # trains the module's model
 def test_pictures_put_in_the_wrong_class_folder_top_the_list(misfiled):
-    assert misfiled["metrics"]["test_accuracy"] > 0.8, "a model that learnt the classes"
+    assert misfiled["test"].accuracy > 0.8, "a model that learnt the classes"
     run_dir = misfiled["run"]
-    found = review(misfiled["trained"].model_dir, misfiled["cache"].path, run_dir, 64)
+    found = review(
+        misfiled["trained"].model_dir, misfiled["cache"].path, run_dir, 64, kept=misfiled["test"].probabilities
+    )
     rows = list(csv.DictReader(review_csv(run_dir).open()))
     assert found.count == len(rows) >= 3
     assert sorted(row["path"] for row in rows[:3]) == sorted(misfiled["wrong"]), rows[:5]

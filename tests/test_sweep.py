@@ -122,9 +122,12 @@ def test_a_temporary_servers_flow_runs_are_named_not_linked(monkeypatch):
 def trial_on(tmp_path: Path, name: str, right: np.ndarray, labels: np.ndarray, cache: Path) -> TrialResult:
     """A finished trial whose validation predictions are right exactly where `right` is."""
     run_dir = tmp_path / name
-    write_predictions(run_dir, "valid", np.where(right, labels, (labels + 1) % 2), np.zeros((len(labels), 2)))
+    kept, _ = write_predictions(run_dir, "valid", np.where(right, labels, (labels + 1) % 2), np.zeros((len(labels), 2)))
     accuracy = float(right.mean())
-    return TrialResult(name, {}, "Completed", run_dir=str(run_dir), cache_path=str(cache), valid_accuracy=accuracy)
+    return TrialResult(
+        name, {}, "Completed", run_dir=str(run_dir), cache_path=str(cache), valid_accuracy=accuracy,
+        predictions={"valid": kept},
+    )  # fmt: skip
 
 
 def test_a_choice_on_thirty_validation_pictures_says_when_it_is_a_coin_flip(tmp_path):
@@ -235,8 +238,9 @@ def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_
     assert champion["run_id"] == Path(best["run_dir"]).name, "the winner is the best by validation"
     for entry in board:  # each trial's own gate was shut; only the sweep's gate saw the winner
         metrics = json.loads((Path(entry["run_dir"]) / "metrics.json").read_text())
-        gate = metrics["promotion"]["reason"]
-        assert ("first champion" in gate) if entry is best else ("a sweep's trial" in gate), (entry["name"], gate)
+        assert "a sweep's trial" in metrics["promotion"]["reason"], (entry["name"], metrics["promotion"])
+    decision = json.loads((first / "decision.json").read_text())
+    assert decision["winner"] == best["name"] and "first champion" in decision["promotion"]["reason"], decision
     gate = stage_states(api, [parent["id"]], {"promote": 1, "sweep-report": 1})
     assert len(gate["promote"]) == 1 and len(gate["sweep-report"]) == 1, gate
 

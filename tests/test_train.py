@@ -145,7 +145,7 @@ def test_the_model_carries_the_temperature_its_best_epoch_fitted_on_validation(r
     assert meta["temperature"] == best["temperature"] > 0 and all(r["temperature"] > 0 for r in reference.history)
     assert meta["calibration"] == best["calibration"] and best["calibration"]["fitted"] > 0
     assert meta["temperature"] == (best["calibration"]["fitted"] if best["calibration"]["applied"] else 1.0)
-    metrics = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "out")
+    metrics = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "out").read_figures()
     calibration = metrics["calibration"]
     assert calibration["temperature"] == meta["temperature"] and calibration["why"] == meta["calibration"]["why"]
     assert {"ece_before", "ece_after", "reliability_before", "reliability_after"} <= set(calibration)
@@ -269,17 +269,19 @@ def test_accuracy_counts_images_not_batches():
 
 
 def test_validation_is_exact_whatever_the_batch_size(reference, tiny_cache, tmp_path):
-    by_7 = validate(reference.model_dir, tiny_cache.path, "test", 7, tmp_path / "a")
-    by_64 = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "b")
+    found = validate(reference.model_dir, tiny_cache.path, "test", 7, tmp_path / "a")
+    by_7 = found.read_figures()
+    by_64 = validate(reference.model_dir, tiny_cache.path, "test", 64, tmp_path / "b").read_figures()
     assert by_7["num_test"] == 50 and 50 % 7 and 50 % 64
     assert by_7["test_accuracy"] == by_64["test_accuracy"]
     assert by_7["confusion_matrix"] == by_64["confusion_matrix"]
     assert by_7["test_accuracy"] == sum(np.diag(by_7["confusion_matrix"])) / 50
     assert abs(by_7["test_loss"] - by_64["test_loss"]) < 1e-6
-    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_loss", "per_class_accuracy", "confusion_matrix", "num_test"):
-        assert saved[key] == by_7[key]
-    assert len(saved["samples"]) == 8 and len(saved["samples"][0]["top"]) == 3
+    assert (found.accuracy, found.loss, found.images) == (by_7["test_accuracy"], by_7["test_loss"], 50), "the value"
+    assert found.figures == str(tmp_path / "a" / "test_metrics.json") and not (tmp_path / "a" / "metrics.json").exists()
+    assert len(by_7["samples"]) == 8 and len(by_7["samples"][0]["top"]) == 3
+    assert (found.read_predictions("test") == np.argmax(found.read_probabilities("test"), axis=1)).all()
+    assert set(found.predictions) == set(found.probabilities) == {"test", "valid"}, "the valid split's, kept too"
 
 
 def test_not_a_model_dir(tmp_path, tiny_cache):
@@ -405,7 +407,7 @@ def test_with_mixed_precision_each_epoch_validates_in_a_float32_session(small_ca
     assert rewrites == [rewriter_config_pb2.RewriterConfig.OFF], "a plain session, restored from the epoch"
     final = validate(trained.model_dir, small_cache.path, "valid", 64, tmp_path / "out")
     best = trained.history[trained.best_epoch - 1]
-    assert (final["valid_accuracy"], final["valid_loss"]) == pytest.approx((best["valid_accuracy"], best["valid_loss"]))
+    assert (final.accuracy, final.loss) == pytest.approx((best["valid_accuracy"], best["valid_loss"]))
 
 
 def test_a_damaged_state_json_resumes_after_its_last_checkpoint(one_epoch, small_cache, tmp_path, caplog):

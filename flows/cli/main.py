@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> str:
     ensure_writable_dir(config.output_dir, option="--output-dir")
     from tnflow.flows.train import transfer_learning
 
-    return _with_prefect(args, lambda: transfer_learning(**config.model_dump()))
+    return _with_prefect(args, lambda: transfer_learning(**config.model_dump()).run_dir)
 
 
 def _sweep(args: argparse.Namespace) -> str:

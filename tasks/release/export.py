@@ -43,11 +43,11 @@ from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.drift import reference_of
 from tnflow.tasks.release.model_card import card_data, write_card
-from tnflow.tasks.store.layout import metrics_file, run_model_dir, shared_exports_dir
+from tnflow.tasks.store.layout import run_model_dir, shared_exports_dir
 from tnflow.tasks.tf.converters import FILES, WRITERS, Source
 from tnflow.tasks.tf.model_files import model_digest, read_model_dir, update_model_json
 from tnflow.tasks.training.starting_point import StartingPoint
-from tnflow.tasks.training.validate import read_probabilities
+from tnflow.tasks.training.validate import Validation
 
 LABELS = "labels.txt"
 
@@ -147,13 +147,20 @@ def export_into_model_dir(model_dir: str | Path, formats: tuple[str, ...]) -> di
     **STAGE_HOOKS,
 )
 def export_task(
-    *, model_dir: str, run_dir: str, cache_path: str, formats: tuple[str, ...], start: StartingPoint
+    *,
+    model_dir: str,
+    run_dir: str,
+    cache_path: str,
+    formats: tuple[str, ...],
+    start: StartingPoint,
+    test: Validation,
 ) -> str:
-    """<run dir>/model with the exports asked for and the model card; returns its path."""
+    """<run dir>/model with the exports asked for and the model card (from the `test` validation); returns its path."""
     logger = run_logger()
-    metrics = json.loads(metrics_file(run_dir).read_text())
-    card = card_data(read_model_dir(model_dir), metrics, cache_path, data_sections(cache_path), start.origin)
-    reference = reference_of(read_probabilities(run_dir, "test"))
+    card = card_data(
+        read_model_dir(model_dir), test.read_figures(), cache_path, data_sections(cache_path), start.origin
+    )
+    reference = reference_of(test.read_probabilities("test"))
     final, checks = publish_model(model_dir, run_dir, formats, card, reference)
     for fmt, check in checks.items():
         logger.info("exported %s", describe(fmt, check, final))

@@ -74,7 +74,7 @@ from tnflow.tasks.store.layout import (
     latest_champion_target,
 )
 from tnflow.tasks.store.records import ChampionRecord, append_history_row, write_champion_file
-from tnflow.tasks.training.validate import evaluate_model, read_predictions
+from tnflow.tasks.training.validate import evaluate_model, read_kept
 
 Rescore = Callable[[str, str], np.ndarray]  # (champion model dir, candidate cache) -> predicted class per test image
 
@@ -253,12 +253,13 @@ def promote_task(
     model_dir: str,
     run_dir: str,
     test_accuracy: float,
+    test_predictions: str,
     cache_path: str,
     output_dir: str,
     gate: GateSettings,
     eval_batch_size: int,
 ) -> Decision:
-    """The champion gate, unless the run's options turned it off."""
+    """The champion gate, unless the run's options turned it off (`test_predictions`: the validation's .npy)."""
     logger = run_logger()
     if not gate.enabled:
         decision = Decision(
@@ -268,7 +269,7 @@ def promote_task(
         decision = promote(
             model_dir,
             run_id=Path(run_dir).name,
-            predictions=read_predictions(run_dir, "test"),
+            predictions=read_kept(test_predictions, "the run's test predictions"),
             cache_path=cache_path,
             output_dir=output_dir,
             margin=gate.margin,

@@ -46,9 +46,9 @@ from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.release.significance import against_baseline
-from tnflow.tasks.store.layout import review_csv, split_array
+from tnflow.tasks.store.layout import review_csv
 from tnflow.tasks.training.cross_fit import OutOfFold
-from tnflow.tasks.training.validate import evaluate_model, read_kept, read_probabilities
+from tnflow.tasks.training.validate import Validation, evaluate_model, read_kept
 
 HELD_OUT = ("valid", "test")
 SHOWN = 16  # in the report, with thumbnails
@@ -156,10 +156,12 @@ def review(
     run_dir: str | Path,
     batch_size: int,
     out_of_fold: OutOfFold | None = None,
+    kept: dict[str, str] | None = None,
 ) -> Review:
-    """List the pictures the model disputes: held-out ones from the probabilities validation kept (else
-    evaluated now), training ones from `out_of_fold`'s cross-fitted probabilities when given."""
-    run_dir = Path(run_dir)
+    """List the pictures the model disputes: held-out ones from the probabilities validation kept
+    (`kept`: split -> .npy, `Validation.probabilities`; else evaluated now), training ones from
+    `out_of_fold`'s cross-fitted probabilities when given. Writes the list into `run_dir`."""
+    run_dir, kept = Path(run_dir), kept or {}
     rows, splits, unreviewed = [], HELD_OUT + (("train",) if out_of_fold else ()), []
     for split in splits:
         labels, paths, class_names = _split_of(cache_path, split)
@@ -167,8 +169,8 @@ def review(
             continue
         if split == "train":
             probs = read_kept(out_of_fold.probabilities, "the out-of-fold probabilities")
-        elif split_array(run_dir, split, "probabilities").is_file():  # kept by validate
-            probs = read_probabilities(run_dir, split)
+        elif split in kept:
+            probs = read_kept(kept[split], f"the run's {split} probabilities")
         else:
             probs = evaluate_model(model_dir, cache_path, split, batch_size)["probs"]
         if len(probs) != len(labels):
@@ -193,9 +195,15 @@ def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str]
 
 @task(name="label-review", cache_policy=NO_CACHE, **STAGE_RETRIES, **STAGE_HOOKS)
 def review_task(
-    *, model_dir: str, cache_path: str, run_dir: str, batch_size: int, out_of_fold: OutOfFold | None = None
+    *,
+    model_dir: str,
+    cache_path: str,
+    run_dir: str,
+    batch_size: int,
+    test: Validation,
+    out_of_fold: OutOfFold | None = None,
 ) -> Review:
-    found = review(model_dir, cache_path, run_dir, batch_size, out_of_fold)
+    found = review(model_dir, cache_path, run_dir, batch_size, out_of_fold, test.probabilities)
     logger = run_logger()
     logger.info(
         "%d %s pictures whose label the model disputes (confident learning): %s",

@@ -12,12 +12,9 @@ matches, so a damaged copy is fetched again.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
+import httpx
 from prefect import task
 from prefect.tasks import exponential_backoff
 
@@ -184,50 +182,48 @@ def _partial(part: Path, mode: str, doing: str) -> Iterator[BinaryIO]:
 
 
 def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | None, option: str) -> None:
-    """One attempt: append to `part` from where it stops; raise Transient for what may pass."""
+    """One attempt: append to `part` from where it stops; raise Transient for what may pass.
+
+    The bytes are written as the server sends them (`iter_raw`): an archive served with a
+    Content-Encoding is still the archive its md5 names.
+    """
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
+    done = total = None
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:
-            return  # the partial file already holds every byte; the digest decides
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise TransientDownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL") from None
-    except urllib.error.URLError as exc:
-        raise _connection_error(url, exc.reason, option) from None
-    except (OSError, http.client.HTTPException) as exc:
+        with httpx.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as response:
+            status, reason = response.status_code, response.reason_phrase
+            if status == 416 and have:
+                return  # the partial file already holds every byte; the digest decides
+            if status >= 500 or status in (408, 429):
+                raise TransientDownloadError(f"{url}: HTTP {status} {reason}")
+            if status >= 400:
+                raise DownloadError(f"{url}: HTTP {status} {reason}; check the URL")
+            if status == 206:
+                start, total = _parse_content_range(response.headers.get("Content-Range", ""))
+                if start != have:
+                    part.unlink(missing_ok=True)
+                    raise TransientDownloadError(f"{url}: server resumed at byte {start}, not {have}; restarting")
+                mode = "ab"
+            else:
+                have, mode = 0, "wb"
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+            done = have
+            with _partial(part, mode, f"downloading {url}") as out:
+                for block in response.iter_raw(CHUNK_BYTES):
+                    out.write(block)
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise _connection_error(url, exc, option) from None
-
-    with response:
-        if response.status == 206:
-            start, total = _parse_content_range(response.headers.get("Content-Range", ""))
-            if start != have:
-                part.unlink(missing_ok=True)
-                raise TransientDownloadError(f"{url}: server resumed at byte {start}, not {have}; restarting")
-            mode = "ab"
-        else:
-            have, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        done = have
-        with _partial(part, mode, f"downloading {url}") as out:
-            while True:
-                try:
-                    block = response.read(CHUNK_BYTES)
-                except (OSError, http.client.HTTPException) as exc:
-                    raise TransientDownloadError(
-                        f"{url}: connection lost after {done} bytes ({exc}); will resume"
-                    ) from None
-                if not block:
-                    break
-                out.write(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
+    except httpx.HTTPError as exc:  # the connection lost or timed out mid-body, or a broken response
+        if done is None:
+            raise _connection_error(url, exc, option) from None
+        raise TransientDownloadError(f"{url}: connection lost after {done} bytes ({exc}); will resume") from None
     if total is not None and done < total:
         raise TransientDownloadError(f"{url}: connection closed after {done} of {total} bytes; will resume")
 
@@ -240,8 +236,11 @@ def _parse_content_range(value: str) -> tuple[int, int | None]:
     return int(match.group(1)), None if total == "*" else int(total)
 
 
-def _connection_error(url: str, reason: object, option: str) -> DownloadError:
-    if isinstance(reason, socket.gaierror):
+def _connection_error(url: str, reason: BaseException, option: str) -> DownloadError:
+    causes = [reason]
+    while causes[-1].__context__ is not None and len(causes) < 10:
+        causes.append(causes[-1].__context__)
+    if any(isinstance(cause, socket.gaierror) for cause in causes):
         host = urlsplit(url).hostname
         return DownloadError(
             f"{url}: cannot resolve host {host!r} (no network?); download the file elsewhere "

@@ -1,7 +1,8 @@
 """Where everything lives under the output and cache directories: the one module that joins those paths.
 
     <output dir>/<run>/                              a flow run: metrics.json, report.md and .html,
-                                                     figures/, label_review.csv, <split>_<array>.npy, model/
+                                                     figures/, label_review.csv, <split>_metrics.json,
+                                                     <split>_<array>.npy, model/
     <output dir>/training/<model>-<head>-<size>px-<key>/generation-G/
                                                      a training's generation: state.json,
                                                      checkpoints/epoch-N/, models/epoch-N/ (and
@@ -11,7 +12,8 @@
     <output dir>/champions/<dataset key>/current     -> <run>: the line's champion
     <output dir>/champions/<dataset key>/history.jsonl   every promotion of the line, oldest first
     <output dir>/champion                            -> champions/<key>/<run>: the latest promoted
-    <output dir>/sweeps/<sweep>/                     leaderboard.json, report.md and .html, figures/
+    <output dir>/sweeps/<sweep>/                     leaderboard.json, decision.json, report.md and .html,
+                                                     figures/
     <output dir>/watch/<folder digest>.json          the change set the watcher last announced
     <output dir>/predictions/<flow run>.csv          a batch prediction's CSV
     <output dir>/in-use/<run>.json                   the cache version a live run reads (`in_use`)
@@ -51,6 +53,11 @@ def new_run_dir(output_dir: str | Path, run_name: str | None) -> str:
 
 def metrics_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / "metrics.json"
+
+
+def split_metrics(run_dir: str | Path, split: str) -> Path:
+    """Every figure validation measured on a split (`tasks.training.validate.Validation.figures`)."""
+    return Path(run_dir) / f"{split}_metrics.json"
 
 
 def run_metrics_files(output_dir: str | Path) -> list[Path]:
@@ -193,6 +200,11 @@ def latest_champion_target(key: str, run_id: str) -> Path:
 
 def new_sweep_dir(output_dir: str | Path, sweep_name: str | None) -> str:
     return new_run_dir(Path(output_dir) / "sweeps", sweep_name)
+
+
+def sweep_decision_file(sweep_dir: str | Path) -> Path:
+    """The sweep's winner and the champion gate's decision on it."""
+    return Path(sweep_dir) / "decision.json"
 
 
 def leaderboard_file(sweep_dir: str | Path) -> Path:

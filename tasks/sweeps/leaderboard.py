@@ -16,7 +16,6 @@ which gains that split could have told apart at all.
 from __future__ import annotations
 
 import base64
-import html
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -34,12 +33,13 @@ from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.core.host_slots import Log
 from tnflow.tasks.core.prefect_server import is_temporary
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
+from tnflow.tasks.release.document import Document, Section, render
 from tnflow.tasks.release.figures import accuracy_by_option, png
 from tnflow.tasks.release.promote import Decision
 from tnflow.tasks.release.significance import compare, detectable_gain, what_it_can_detect
-from tnflow.tasks.store.layout import figure_file, leaderboard_file, report_files
+from tnflow.tasks.store.layout import figure_file, leaderboard_file, report_files, sweep_decision_file
 from tnflow.tasks.sweeps.trials import TrialResult
-from tnflow.tasks.training.validate import read_predictions, write_metrics
+from tnflow.tasks.training.validate import read_kept
 
 ALPHA = 0.05  # how sure a choice between two trials must be not to be called a coin flip
 
@@ -115,8 +115,10 @@ def choice_evidence(results: list[TrialResult], winner: TrialResult) -> str:
     runner = max(others, key=lambda r: (r.valid_accuracy, -results.index(r)))
     try:
         labels = read_labels(str(winner.cache_path), "valid")
-        mine, theirs = (read_predictions(str(r.run_dir), "valid") for r in (winner, runner))
-    except (OSError, KeyError, TnflowError) as exc:
+        mine, theirs = (
+            read_kept((r.predictions or {})["valid"], f"{r.name}'s validation predictions") for r in (winner, runner)
+        )
+    except (OSError, KeyError, TnflowError) as exc:  # KeyError: a trial without a validation split
         return f"not compared picture by picture with {runner.name}: {exc}"
     if not len(mine) == len(theirs) == len(labels):
         return f"not compared picture by picture with {runner.name}: their validation splits differ"
@@ -150,7 +152,7 @@ def _link(result: TrialResult) -> str:
 
 def write_sweep_report(
     sweep_dir: str | Path, results: list[TrialResult], winner: TrialResult, promotion: Decision
-) -> dict[str, str]:
+) -> tuple[dict[str, str], Document]:
     """report.md and report.html: the winner and why, the leaderboard, validation accuracy against each option."""
     sweep_dir = Path(sweep_dir)
     varied = list(dict.fromkeys(name for r in results for name in r.options))
@@ -165,14 +167,16 @@ def write_sweep_report(
         ("champion gate", promotion.reason),
         ("model", str(winner.model_dir)),
     ]
-    by_option = {name: _by_value(results, name) for name in varied}
+    document = sweep_document(summary, rows, {name: _by_value(results, name) for name in varied}, bool(figure))
     if figure:
         figure_file(sweep_dir, FIGURE).parent.mkdir(parents=True, exist_ok=True)
         figure_file(sweep_dir, FIGURE).write_bytes(figure)
     markdown_path, html_path = report_files(sweep_dir)
-    write_atomic(markdown_path, _markdown(summary, rows, by_option, bool(figure)))
-    write_atomic(html_path, _html(summary, rows, by_option, figure))
-    return {"html": str(html_path), "markdown": str(markdown_path)}
+    write_atomic(markdown_path, render(document, "md", {FIGURE: figure_file("", FIGURE).as_posix()}))
+    write_atomic(
+        html_path, render(document, "html", {FIGURE: "data:image/png;base64," + base64.b64encode(figure).decode()})
+    )
+    return {"html": str(html_path), "markdown": str(markdown_path)}, document
 
 
 FIGURE = "validation_by_option"
@@ -191,52 +195,17 @@ def _by_value(results: list[TrialResult], name: str) -> list[tuple[str, int, str
     ]
 
 
-def _markdown(summary, rows, by_option, has_figure: bool) -> str:
-    lines = ["# tnflow sweep", ""] + [f"- **{k}**: {v}" for k, v in summary] + ["", "## Leaderboard", ""]
-    lines += _md_table(list(rows[0]), [list(row.values()) for row in rows])
-    lines += ["", "## Validation accuracy against each option", ""]
-    for name, table in by_option.items():
-        lines += [f"### {name}", ""]
-        lines += [*_md_table([name, "finished trials", "best valid accuracy", "mean valid accuracy"], table), ""]
+BY_OPTION = "Validation accuracy against each option"  # the first section the sweep's artifact leaves out
+
+
+def sweep_document(summary, rows, by_option, has_figure: bool) -> Document:
+    """The sweep's report as data: the winner and why, the leaderboard, then each option's values."""
+    sections = [Section("Leaderboard", tuple(rows[0]), [tuple(row.values()) for row in rows]), Section(BY_OPTION)]
+    header = ("finished trials", "best valid accuracy", "mean valid accuracy")
+    sections += [Section(name, (name, *header), table, level=3) for name, table in by_option.items()]
     if has_figure:
-        lines.append(f"![validation accuracy by option]({figure_file('', FIGURE).as_posix()})")
-    return "\n".join(lines) + "\n"
-
-
-def _md_table(header: list[str], rows: list) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-
-
-def _html(summary, rows, by_option, figure: bytes) -> str:
-    e = html.escape
-
-    def table(header: list[str], body: list) -> str:
-        head = "".join(f"<th>{e(h)}</th>" for h in header)
-        return (
-            f"<table><tr>{head}</tr>"
-            + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in body)
-            + "</table>"
-        )
-
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>tnflow sweep</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
-        "img{max-width:100%}</style></head><body><h1>tnflow sweep</h1><ul>",
-        *(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in summary),
-        "</ul><h2>Leaderboard</h2>",
-        table(list(rows[0]), [list(row.values()) for row in rows]),
-        "<h2>Validation accuracy against each option</h2>",
-    ]
-    for name, body in by_option.items():
-        parts += [f"<h3>{e(name)}</h3>", table([name, "finished trials", "best valid accuracy", "mean"], body)]
-    if figure:
-        parts.append(
-            f"<img alt='validation accuracy by option' src='data:image/png;base64,{base64.b64encode(figure).decode()}'>"
-        )
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        sections.append(Section("Validation accuracy by option", figure=FIGURE, level=3))
+    return Document("tnflow sweep", summary, sections)
 
 
 # -- Prefect ------------------------------------------------------------------------------
@@ -246,10 +215,10 @@ def _html(summary, rows, by_option, figure: bytes) -> str:
 def sweep_report_task(
     *, sweep_dir: str, results: list[TrialResult], winner: TrialResult, promotion: Decision
 ) -> dict[str, str]:
-    """The sweep's report, and the gate's decision in the winner's own metrics.json."""
-    write_metrics(Path(str(winner.run_dir)), {"promotion": asdict(promotion), "sweep": sweep_dir})
-    paths = write_sweep_report(sweep_dir, results, winner, promotion)
-    markdown = Path(paths["markdown"]).read_text()
-    create_markdown_artifact(markdown=markdown.split("\n## Validation accuracy")[0], key="tnflow-sweep-report")
+    """The sweep's report, and its decision (the winner and what the gate made of it) in the sweep's directory."""
+    decision = {"winner": winner.name, "run_dir": winner.run_dir, "promotion": asdict(promotion)}
+    write_atomic(sweep_decision_file(sweep_dir), json.dumps(decision, indent=2))
+    paths, document = write_sweep_report(sweep_dir, results, winner, promotion)
+    create_markdown_artifact(markdown=render(document.until(BY_OPTION), "md", {}), key="tnflow-sweep-report")
     run_logger().info("sweep report %s", paths["html"])
     return paths

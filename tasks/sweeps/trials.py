@@ -2,8 +2,9 @@
 
 Each trial is a whole transfer-learning flow run with promotion off, so the UI shows it
 under the sweep with its own stages, logs and report. Its figures come back through the
-one-row table every run's report writes (`RUN_SUMMARY`), which the API serves wherever the
-trial ran; its model lives in the output directory the trials share. A trial that fails is a
+trial's flow run return value (`RunSummary`), which Prefect persists in its result storage
+(shared by the sweep and the workers: the same `PREFECT_HOME`, or a result storage block
+configured for both); its model lives in the output directory the trials share. A trial that fails is a
 row of the leaderboard, not the end of the sweep.
 
 Trials owe their resumption to their stages' caches: a sweep started again with the same
@@ -14,24 +15,23 @@ after its last finished epoch.
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import MissingResult, ObjectNotFound
 
 from tnflow.tasks.config.sweeps import Trial
 from tnflow.tasks.core.errors import ConfigError
 from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
 from tnflow.tasks.core.host_slots import Log
 from tnflow.tasks.core.processes import run_in_threads
-from tnflow.tasks.release.report import RUN_SUMMARY
+from tnflow.tasks.core.progress import run_logger
+from tnflow.tasks.release.report import RunSummary
 
 POLL_SECONDS = 1.0  # how often a sweep asks the server whether its trials ended
 
@@ -51,6 +51,7 @@ class TrialResult:
     cache_path: str | None = None
     valid_accuracy: float | None = None
     test_accuracy: float | None = None
+    predictions: dict[str, str] | None = None  # split -> .npy of the trial's validation
     training_cached: bool = False  # its training came from the cache: its time is not a training's
 
     @property
@@ -164,7 +165,8 @@ def _subflow(subflow: Callable[..., Any], trial: Trial, sweep_name: str) -> tupl
     named = subflow.with_options(flow_run_name=f"{sweep_name}-{trial.name}")
     state = named(**trial.config.model_dump(), return_state=True)
     with get_client(sync_client=True) as client:
-        return trial, client.read_flow_run(state.state_details.flow_run_id)
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
+    return trial, flow_run.model_copy(update={"state": state})  # its result in memory, as returned
 
 
 def _ended(
@@ -182,7 +184,7 @@ def _ended(
 
 
 def _result(client: Any, trial: Trial, flow_run: FlowRun) -> TrialResult:
-    """The trial's figures from its run's summary table (only a completed run has one)."""
+    """The trial's figures from its flow run's return value (only a completed run has one)."""
     seconds = flow_run.total_run_time.total_seconds() if flow_run.total_run_time else None
     ended = {
         "name": trial.name,
@@ -194,21 +196,26 @@ def _result(client: Any, trial: Trial, flow_run: FlowRun) -> TrialResult:
     }
     if flow_run.state is None or not flow_run.state.is_completed():
         return TrialResult(**ended)
-    found = client.read_artifacts(
-        artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[RUN_SUMMARY]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])
-        )
-    )
-    if not found:
+    summary = _returned(flow_run)
+    if summary is None:
         return TrialResult(**ended)
-    data = found[0].data
-    (row,) = json.loads(data) if isinstance(data, str) else data
     return TrialResult(
         **ended,
-        run_dir=row["run_dir"],
-        model_dir=row["model_dir"],
-        cache_path=row["cache"],
-        valid_accuracy=float(row["valid_accuracy"]),
-        test_accuracy=float(row["test_accuracy"]),
-        training_cached=bool(row.get("training_cached")),
+        run_dir=summary.run_dir,
+        model_dir=summary.model_dir,
+        cache_path=summary.cache,
+        valid_accuracy=summary.valid_accuracy,
+        test_accuracy=summary.test_accuracy,
+        predictions=dict(summary.predictions),
+        training_cached=summary.training_cached,
     )
+
+
+def _returned(flow_run: FlowRun) -> RunSummary | None:
+    """What the trial's flow returned, from Prefect's result storage; None if it cannot be read."""
+    try:
+        value = flow_run.state.result(raise_on_failure=False)
+    except (OSError, ValueError, TypeError, MissingResult) as exc:  # the storage out of reach, or the result gone
+        run_logger().warning("the result of flow run %s cannot be read (%s)", flow_run.name, exc)
+        return None
+    return value if isinstance(value, RunSummary) else None

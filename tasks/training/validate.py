@@ -9,7 +9,7 @@ whatever a training earlier in the same process asked for.
 from __future__ import annotations
 
 import json
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import full_disk_ends, renamed_when_complete, write_atomic
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
-from tnflow.tasks.store.layout import metrics_file, split_array
+from tnflow.tasks.store.layout import split_array, split_metrics
 from tnflow.tasks.tf.model_files import read_model_dir, restore_model
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
 from tnflow.tasks.training.calibration import calibration_metrics, softmax
@@ -93,7 +93,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of the model in `session` on every image of `split`, its calibration with `temperature` included.
 
-    Also, not for metrics.json: the arrays `predicted`, `logits`, `probs` (calibrated) and
+    Also, not for the figures: the arrays `predicted`, `logits`, `probs` (calibrated) and
     `labels`, per image in the split's order (the champion gate compares image by image,
     training fits the temperature, the label review ranks by confidence).
     """
@@ -146,6 +146,42 @@ def evaluate_model(
     return metrics
 
 
+@dataclass(frozen=True)
+class Validation:
+    """What validation measured, and where it kept the rest: the value later stages take as an argument.
+
+    The headline figures travel as values; every figure of the split (per class, confusion,
+    samples, calibration: `figures`) and the per-picture arrays, which grow with the data,
+    stay in files that this value names (`predictions`, `probabilities`: split -> .npy), so
+    each stage that reads them says so in its signature and the flow shows the dependency.
+    """
+
+    split: str
+    accuracy: float
+    loss: float
+    images: int
+    figures: str
+    predictions: dict[str, str]
+    probabilities: dict[str, str]
+
+    def read_figures(self) -> dict[str, Any]:
+        """Every figure validation wrote for its split (as `Tally.metrics`, with calibration and class names)."""
+        try:
+            return json.loads(Path(self.figures).read_text())
+        except (OSError, ValueError) as exc:
+            raise TnflowError(
+                f"{self.figures}: the {self.split} figures are missing or damaged ({exc}); run again"
+            ) from None
+
+    def read_predictions(self, split: str) -> np.ndarray:
+        """The predicted class per picture of `split`, in the cache's order."""
+        return read_kept(self.predictions[split], f"the run's {split} predictions")
+
+    def read_probabilities(self, split: str) -> np.ndarray:
+        """The calibrated probabilities per picture of `split`, in the cache's order."""
+        return read_kept(self.probabilities[split], f"the run's {split} probabilities")
+
+
 def validate(
     model_dir: str | Path,
     cache_path: str | Path,
@@ -153,33 +189,44 @@ def validate(
     batch_size: int,
     out_dir: str | Path,
     gpus: tuple[int, ...] = (),
-) -> dict:
-    """Evaluate a saved model on a split of the cache; writes `<out_dir>/metrics.json` and the split's predictions.
+) -> Validation:
+    """Evaluate a saved model on a split of the cache; writes its figures and per-picture predictions once.
 
-    The validation split's calibrated probabilities are kept too (`valid_probabilities.npy`),
-    from the same session: the label review lists the pictures of both held-out splits.
+    The validation split's predictions are kept too, from the same session: the label review
+    lists the pictures of both held-out splits.
     """
+    out_dir = Path(out_dir)
     metrics = evaluate_model(model_dir, cache_path, split, batch_size, gpus, also=("valid",) if split == "test" else ())
-    write_predictions(Path(out_dir), split, metrics.pop("predicted"), metrics.pop("probs"))
+    predictions, probabilities = {}, {}
+    kept = [(split, metrics.pop("predicted"), metrics.pop("probs"))]
     if valid := metrics.pop("also_valid", None):
-        write_predictions(Path(out_dir), "valid", valid["predicted"], valid["probs"])
-    metrics = {k: v for k, v in metrics.items() if k not in ("logits", "labels")}
-    write_metrics(Path(out_dir), metrics)
-    return metrics
+        kept.append(("valid", valid["predicted"], valid["probs"]))
+    for name, predicted, probs in kept:
+        predictions[name], probabilities[name] = write_predictions(out_dir, name, predicted, probs)
+    figures = {k: v for k, v in metrics.items() if k not in ("logits", "labels")}
+    path = split_metrics(out_dir, split)
+    write_atomic(path, json.dumps(figures, indent=2))
+    return Validation(
+        split,
+        figures[f"{split}_accuracy"],
+        figures[f"{split}_loss"],
+        figures[f"num_{split}"],
+        str(path),
+        predictions,
+        probabilities,
+    )
 
 
-def write_predictions(out_dir: Path, split: str, predicted: np.ndarray, probs: np.ndarray) -> None:
+def write_predictions(out_dir: Path, split: str, predicted: np.ndarray, probs: np.ndarray) -> tuple[str, str]:
     """`<split>_predictions.npy` and `<split>_probabilities.npy` (calibrated) in `out_dir`, in the cache's order."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
     for name, values in (("predictions", predicted.astype(np.int32)), ("probabilities", probs)):
         path = split_array(out_dir, split, name)
         with renamed_when_complete(path, "writing the predictions") as tmp, open(tmp, "wb") as handle:
             np.save(handle, values)
-
-
-def read_predictions(run_dir: str | Path, split: str, name: str = "predictions") -> np.ndarray:
-    """What `validate` kept of a split (`predictions`: the predicted class per image), for later stages."""
-    return read_kept(split_array(run_dir, split, name), f"the run's {split} {name}")
+        paths.append(str(path))
+    return paths[0], paths[1]
 
 
 def read_kept(path: str | Path, what: str = "the run's array") -> np.ndarray:
@@ -190,45 +237,19 @@ def read_kept(path: str | Path, what: str = "the run's array") -> np.ndarray:
         raise TnflowError(f"{path}: {what} are missing or damaged ({exc}); run again") from None
 
 
-def read_probabilities(run_dir: str | Path, split: str) -> np.ndarray:
-    """The calibrated probabilities `validate` kept, per image of the split."""
-    return read_predictions(run_dir, split, "probabilities")
-
-
-def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
-    """Merge into `<out_dir>/metrics.json`, atomically (readers never see half a file)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = metrics_file(out_dir)
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(metrics)
-    write_atomic(path, json.dumps(merged, indent=2))
-    return path
-
-
-@dataclass(frozen=True)
-class Measured:
-    """A split's headline figures (everything else is in metrics.json)."""
-
-    split: str
-    accuracy: float
-    loss: float
-    images: int
-
-
 # -- Prefect ----------------------------------------------------------------------------
 
 
 @task(
     name="validate",
-    cache_policy=NO_CACHE,  # it writes this run's metrics.json; its inputs include the run directory
+    cache_policy=NO_CACHE,  # it writes into this run's directory; its inputs include the run directory
     **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
 def validate_task(
     *, model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str, gpus: tuple[int, ...] = ()
-) -> Measured:
-    with full_disk_ends("writing the test metrics", out_dir):
-        metrics = validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
-    measured = Measured(split, metrics[f"{split}_accuracy"], metrics[f"{split}_loss"], metrics[f"num_{split}"])
-    run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, *astuple(measured)[1:])
-    return measured
+) -> Validation:
+    with full_disk_ends(f"writing the {split} figures", out_dir):
+        found = validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
+    run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, found.accuracy, found.loss, found.images)
+    return found
