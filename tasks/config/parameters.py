@@ -16,7 +16,17 @@ import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+)
 
 from tnflow.tasks.core.errors import ConfigError
 from tnflow.tasks.core.files import is_utf8, shown_name
@@ -117,6 +127,7 @@ def _span(field: Any) -> str:
 # -- flow parameters ----------------------------------------------------------------------
 
 R = TypeVar("R")
+CHECKS = (AfterValidator, BeforeValidator, PlainValidator, WrapValidator)  # not for None, which a parameter may be
 
 
 def flow_parameters(model: type[Configuration]) -> Callable[[Callable[[Any], R]], Callable[..., R]]:
@@ -141,8 +152,9 @@ def flow_parameters(model: type[Configuration]) -> Callable[[Callable[[Any], R]]
                 default = None if field.default_factory is not None else field.default
             annotation = field.annotation if default is not None or _optional(field) else field.annotation | None
             kind = inspect.Parameter.KEYWORD_ONLY
-            if field.metadata:  # bounds: Prefect shows them and checks them before the run starts
-                annotation = Annotated[annotation, *field.metadata]
+            bounds = [m for m in field.metadata if not isinstance(m, CHECKS)]  # the checks run in the configuration
+            if bounds:  # Prefect shows them and checks them before the run starts
+                annotation = Annotated[annotation, *bounds]
             parameters.append(inspect.Parameter(name, kind, default=default, annotation=annotation))
             documented.append(f"    {name}: {field.description}")
         returns = inspect.signature(fn).return_annotation
