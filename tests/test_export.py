@@ -191,7 +191,8 @@ def test_tnflow_export_writes_into_the_model_dir_and_renders_its_card(model, tmp
 def test_an_interrupted_export_leaves_nothing_finished_and_the_next_one_completes(tmp_path, monkeypatch):
     model = tmp_path / "model"
     model.mkdir()
-    write_model_json(model, {"model": "vgg19", "head": "gap", "num_classes": 2, "class_names": ["a", "b"]})
+    meta = {"model": "vgg19", "head": "gap", "num_classes": 2, "image_size": 32, "class_names": ["a", "b"]}
+    write_model_json(model, meta)
     (model / "model.ckpt.index").write_bytes(b"index")
     calls = []
 

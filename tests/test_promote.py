@@ -64,7 +64,7 @@ class Rescore:
         self.accuracy, self.calls = accuracy, []
 
     def __call__(self, champion: str, cache: str) -> np.ndarray:
-        self.calls.append((read_model_dir(champion)["tag"], Path(cache).name))
+        self.calls.append((read_model_dir(champion).model_extra["tag"], Path(cache).name))
         return predictions_at(labels_of(Path(cache)), self.accuracy)
 
 
@@ -89,7 +89,7 @@ def gate(tmp_path):
 
 
 def champion_tag(out: Path) -> str:
-    return read_model_dir(out / "champion")["tag"]
+    return read_model_dir(out / "champion").model_extra["tag"]
 
 
 def test_first_model_becomes_champion_and_better_ones_replace_it(gate):
@@ -186,7 +186,7 @@ def test_init_from_champion_is_this_datasets_champion_once_there_is_one(gate, tm
     other = fake_cache(tmp_path / "other.h5", [0, 1], source_md5="b" * 32)
     assert starting_model("champion", tmp_path / "runs", other) is None, "another dataset's champion is not ours"
     found = starting_model("champion", tmp_path / "runs", cache)
-    assert found.name == "run-a" and read_model_dir(found)["tag"] == "a"
+    assert found.name == "run-a" and read_model_dir(found).model_extra["tag"] == "a"
     assert starting_model(str(tmp_path / "x"), tmp_path / "runs", cache) == tmp_path / "x"
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.store import layout
 from tnflow.tasks.store.records import (
     ChampionRecord,
@@ -12,6 +15,7 @@ from tnflow.tasks.store.records import (
     read_history_rows,
     write_champion_file,
 )
+from tnflow.tasks.tf.model_files import read_model_dir, update_model_json
 
 # champion.json as the release before typed records wrote it (promote.py, 2026-12-01): no schema version.
 WRITTEN_BEFORE = {
@@ -83,3 +87,41 @@ def test_damaged_records_read_as_none_and_torn_history_rows_are_counted(tmp_path
     append_history_row(history, ChampionRecord(run_id="next", test_accuracy=0.9, test_split="s"))
     records, damaged = read_history_rows(history)
     assert [r.run_id for r in records] == ["lively-otter", "next"] and damaged == 1
+
+
+def test_a_model_json_an_earlier_release_wrote_loads_with_the_records_defaults(tmp_path):
+    """As releases before calibration, folders and test-time augmentation wrote it: their fields take defaults."""
+    model = tmp_path / "model"
+    model.mkdir()
+    old = {"format": "tnflow-model/1", "model": "vgg19", "head": "gap", "num_classes": 2, "image_size": 32,
+           "class_names": ["cat", "dog"], "checkpoint": "model.ckpt", "weights": "none", "init_from": None}  # fmt: skip
+    (model / "model.json").write_text(json.dumps(old))
+    (model / "model.ckpt.index").write_bytes(b"index")
+    meta = read_model_dir(model)
+    assert (meta.temperature, meta.resize, meta.tta, meta.card, meta.calibration) == (1.0, "crop", "none", {}, None)
+    assert meta.model_extra == {"weights": "none", "init_from": None}, "what this release does not know is kept"
+    update_model_json(model, {"card": {"test": {"images": 4}}})
+    assert json.loads((model / "model.json").read_text()) == {**old, "card": {"test": {"images": 4}}}, "as it was"
+    (model / "model.json").write_text(json.dumps({**old, "num_classes": "two"}))
+    with pytest.raises(TnflowError, match=r"model\.json: num_classes: .*; the model directory is damaged"):
+        read_model_dir(model)
+
+
+def test_a_state_json_an_earlier_release_wrote_resumes_as_it_said(tmp_path):
+    """state.json as the release before typed records wrote it: a dict with no schema version."""
+    from tnflow.tasks.training.workdir import read_state, write_state
+
+    record = {"epoch": 2, "train_loss": 1.1, "valid_accuracy": 0.5, "temperature": 1.3}
+    old = {"device": "/cpu:0", "history": [{**record, "epoch": 1}, record], "best_epoch": 2,
+           "best_valid_accuracy": 0.5, "epochs_done": 2}  # fmt: skip
+    layout.state_file(tmp_path).write_text(json.dumps(old))
+    state = read_state(tmp_path)
+    assert (state.epochs_done, state.best_epoch, state.best_valid_accuracy, state.finished) == (2, 2, 0.5, False)
+    assert state.history[1] == record and state.device == "/cpu:0"
+    state.finished = True
+    write_state(tmp_path, state)
+    assert json.loads(layout.state_file(tmp_path).read_text()) == {
+        **old, "finished": True, "schema_version": 1, "stopped_early": None
+    }  # fmt: skip
+    layout.state_file(tmp_path).write_text(json.dumps({**old, "epochs_done": "two"}))
+    assert read_state(tmp_path).epochs_done == 0, "not a state: rebuilt from the files it names (none here)"

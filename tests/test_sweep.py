@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -88,7 +87,9 @@ def test_a_bad_grid_is_one_line_and_exit_2_before_any_server_starts(capsys):
 
 
 def result(name, valid, test, state="Completed"):
-    return TrialResult(name, {"learning_rate": 1e-4}, state, valid_accuracy=valid, test_accuracy=test)
+    return TrialResult(
+        name=name, options={"learning_rate": 1e-4}, state=state, valid_accuracy=valid, test_accuracy=test
+    )
 
 
 def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
@@ -100,9 +101,9 @@ def test_the_winner_is_chosen_by_validation_never_by_test(caplog):
     assert choose_winner(tie, logging.getLogger("t")).name == "trial-1", "a tie goes to the earlier trial"
     rows = leaderboard_rows(results)
     assert [r["trial"] for r in rows] == ["trial-2", "trial-1", "trial-3"] and rows[2]["state"] == "Failed"
-    reused = dataclasses.replace(results[0], seconds=4.2, training_cached=True)
+    reused = results[0].model_copy(update={"seconds": 4.2, "training_cached": True})
     assert leaderboard_rows([reused])[0]["time"] == "4 s (training cached)", "a 4 s trial trained nothing"
-    assert leaderboard_rows([dataclasses.replace(reused, training_cached=False)])[0]["time"] == "4 s"
+    assert leaderboard_rows([reused.model_copy(update={"training_cached": False})])[0]["time"] == "4 s"
     with pytest.raises(Exception, match="no trial finished"):
         choose_winner([result("trial-1", None, None, "Crashed")], logging.getLogger("t"))
 
@@ -112,7 +113,9 @@ def test_a_temporary_servers_flow_runs_are_named_not_linked(monkeypatch):
 
     import tnflow.tasks.core.prefect_server as server
 
-    ended = TrialResult("trial-1", {}, "Completed", flow_run_id="abc", flow_run_name="brave-fox", valid_accuracy=0.5)
+    ended = TrialResult(
+        name="trial-1", options={}, state="Completed", flow_run_id="abc", flow_run_name="brave-fox", valid_accuracy=0.5
+    )
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4999/api", PREFECT_UI_URL: "http://127.0.0.1:4999"}):
         assert leaderboard_rows([ended])[0]["flow run"] == "[brave-fox](http://127.0.0.1:4999/runs/flow-run/abc)"
         monkeypatch.setattr(server, "_TEMPORARY", {"http://127.0.0.1:4999/api"})
@@ -125,7 +128,7 @@ def trial_on(tmp_path: Path, name: str, right: np.ndarray, labels: np.ndarray, c
     kept, _ = write_predictions(run_dir, "valid", np.where(right, labels, (labels + 1) % 2), np.zeros((len(labels), 2)))
     accuracy = float(right.mean())
     return TrialResult(
-        name, {}, "Completed", run_dir=str(run_dir), cache_path=str(cache), valid_accuracy=accuracy,
+        name=name, options={}, state="Completed", run_dir=str(run_dir), cache_path=str(cache), valid_accuracy=accuracy,
         predictions={"valid": kept},
     )  # fmt: skip
 

@@ -8,23 +8,18 @@ is not the latest of its lineage (the one the next build takes its pixels from).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tnflow.tasks.core.files import exclusive
 from tnflow.tasks.store.in_use import caches_in_use
 from tnflow.tasks.store.layout import champion_records, folder_cache_files, lineage_pointers, run_metrics_files
-from tnflow.tasks.store.records import read_champion_file
+from tnflow.tasks.store.records import read_champion_file, read_run_metrics
 
 
 def referenced_caches(output_dir: str | Path) -> set[str]:
     """Names of the cache files that runs and champions under `output_dir` point at."""
     caches = [record.cache for path in champion_records(output_dir) if (record := read_champion_file(path))]
-    for path in run_metrics_files(output_dir):
-        try:
-            caches.append(json.loads(path.read_text()).get("cache"))
-        except (OSError, ValueError, AttributeError):
-            continue
+    caches += [metrics.cache for path in run_metrics_files(output_dir) if (metrics := read_run_metrics(path))]
     return {Path(cache).name for cache in caches if cache}
 
 

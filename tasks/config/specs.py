@@ -73,8 +73,9 @@ class ModelSpec:
     tta: str = "none"  # how it predicts: "flip" averages an image's and its mirror's probabilities
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> ModelSpec:
-        return cls(meta["model"], meta["head"], meta["num_classes"], meta["image_size"], meta.get("tta", "none"))
+    def from_meta(cls, meta: Any) -> ModelSpec:
+        """From a model directory's record (`tasks.tf.model_files.ModelRecord`)."""
+        return cls(meta.model, meta.head, meta.num_classes, meta.image_size, meta.tta)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def export(model_dir: str | Path, formats: tuple[str, ...], target: str | Path |
                 continue
             with renamed_when_complete(final, "exporting the model") as tmp:
                 _record_check(target, fmt, WRITERS[fmt](source, tmp))
-        write_atomic(target / LABELS, "".join(f"{name}\n" for name in meta["class_names"]))
+        write_atomic(target / LABELS, "".join(f"{name}\n" for name in meta.class_names))
         return {fmt: _read_check(target, fmt) for fmt in formats}
 
 
@@ -131,7 +131,7 @@ def export_into_model_dir(model_dir: str | Path, formats: tuple[str, ...]) -> di
     model_dir = Path(model_dir)
     checks = export(model_dir, formats)
     with exclusive(model_dir / ".card"):  # two exports at once must not lose each other's entry
-        card = read_model_dir(model_dir).get("card") or {}
+        card = read_model_dir(model_dir).card
         update_model_json(model_dir, {"card": {**card, "exports": {**card.get("exports", {}), **checks}}})
         write_card(model_dir)
     return checks

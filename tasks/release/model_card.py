@@ -16,13 +16,13 @@ from tnflow.tasks.cache.contents import describe_cache
 from tnflow.tasks.config.backbones import BACKBONES
 from tnflow.tasks.core.files import write_atomic
 from tnflow.tasks.release.significance import wilson_interval
-from tnflow.tasks.tf.model_files import read_model_dir, update_model_json
+from tnflow.tasks.tf.model_files import ModelRecord, read_model_dir, update_model_json
 
 CARD = "model_card.md"
 
 
 def card_data(
-    meta: dict[str, Any],
+    meta: ModelRecord,
     metrics: dict[str, Any],
     cache_path: str | Path,
     data: dict[str, list[tuple]],
@@ -31,7 +31,7 @@ def card_data(
     """The card's facts, from the model, its test metrics, its cache and where its weights came from."""
     info = describe_cache(cache_path)
     source = {"dataset": info.dataset, "digest": info.source_md5, "lineage": info.lineage or None}
-    backbone = BACKBONES[meta["model"]]
+    backbone = BACKBONES[meta.model]
     total = int(metrics["num_test"])
     correct = round(metrics["test_accuracy"] * total)
     low, high = wilson_interval(correct, total)
@@ -40,16 +40,16 @@ def card_data(
         "data": {
             **source,
             "source": dict(data["data"]).get("source", ""),
-            "classes": list(meta["class_names"]),
+            "classes": list(meta.class_names),
             "images": counts.pop("all classes"),
             "images_per_class": counts,
             "skipped": [list(row) for row in data["skipped"] if row[0] != "none"],
         },
         "backbone": {
-            "model": meta["model"],
-            "head": meta["head"],
-            "image_size": meta["image_size"],
-            "preprocessing": meta.get("preprocessing", ""),
+            "model": meta.model,
+            "head": meta.head,
+            "image_size": meta.image_size,
+            "preprocessing": meta.preprocessing,
             "imagenet_top1": backbone.top1,
             "pretrained": weights,
         },
@@ -75,20 +75,20 @@ def write_card(directory: str | Path) -> Path:
 def add_champion_history(directory: str | Path, history: list[dict[str, Any]]) -> None:
     """Record the champion line's decisions, this promotion last, in a champion's card."""
     meta = read_model_dir(directory)
-    card = meta.get("card") or {}
+    card = meta.card
     update_model_json(Path(directory), {"card": {**card, "champion_history": history}})
     write_card(directory)
 
 
-def render(meta: dict[str, Any], directory: Path) -> str:
-    card = meta.get("card") or {}
+def render(meta: ModelRecord, directory: Path) -> str:
+    card = meta.card
     data, backbone, test = card.get("data", {}), card.get("backbone", {}), card.get("test", {})
-    names = meta["class_names"]
+    names = meta.class_names
     dataset = data.get("dataset", "?")
     if dataset == "folder" and data.get("source"):
         dataset = f"{Path(str(data['source'])).name} (a folder)"
     lines = [
-        f"# Model card: {meta['model']} on {dataset} ({len(names)} classes)",
+        f"# Model card: {meta.model} on {dataset} ({len(names)} classes)",
         "",
         "## Intended use",
         "",
@@ -120,13 +120,13 @@ def render(meta: dict[str, Any], directory: Path) -> str:
         "",
         "## Model",
         "",
-        f"- backbone: {meta['model']}{_imagenet(backbone, pretrained)}, head {meta['head']}, "
-        f"input {meta['image_size']}x{meta['image_size']} RGB",
-        f"- preprocessing (inside every export): {meta.get('preprocessing', '?')}",
+        f"- backbone: {meta.model}{_imagenet(backbone, pretrained)}, head {meta.head}, "
+        f"input {meta.image_size}x{meta.image_size} RGB",
+        f"- preprocessing (inside every export): {meta.preprocessing or '?'}",
         f"- started from: {_origin(pretrained)}",
-        f"- test-time augmentation: {meta.get('tta', 'none')}",
-        f"- training: {_training(meta.get('training', {}))}",
-        f"- best epoch: {meta.get('epoch', '?')}",
+        f"- test-time augmentation: {meta.tta}",
+        f"- training: {_training(meta.training)}",
+        f"- best epoch: {meta.epoch if meta.epoch is not None else '?'}",
         "",
         "## Performance",
         "",
@@ -163,7 +163,7 @@ def render(meta: dict[str, Any], directory: Path) -> str:
         "- Accuracy is measured on held-out pictures of the same source; pictures from elsewhere (other cameras, "
         "crops, lighting) may do worse. The interval above covers sampling only.",
         "- A picture is made square the way the training cache did it "
-        f"({meta.get('resize', 'crop')}); `serving_bytes` decodes JPEG, PNG, GIF and BMP, ignores EXIF "
+        f"({meta.resize}); `serving_bytes` decodes JPEG, PNG, GIF and BMP, ignores EXIF "
         "orientation (send upright pictures) and refuses pictures over the pixel limit.",
         "- float16 TFLite weights can change a close call between two classes.",
         "",
@@ -197,8 +197,8 @@ def _training(training: dict[str, Any]) -> str:
     return ", ".join(f"{k} {training[k]}" for k in keys if k in training) or "?"
 
 
-def _loading(meta: dict[str, Any], directory: Path, exports: dict[str, Any]) -> list[str]:
-    size = meta["image_size"]
+def _loading(meta: ModelRecord, directory: Path, exports: dict[str, Any]) -> list[str]:
+    size = meta.image_size
     snippets = {
         "saved_model": (
             "TensorFlow (uint8 RGB (N, {s}, {s}, 3); or encoded files with `serving_bytes`)",

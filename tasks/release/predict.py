@@ -103,8 +103,8 @@ def predict_files(
 
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
-    names = meta["class_names"]
-    net = build(spec, temperature=float(meta.get("temperature", 1.0)))  # calibrated probabilities
+    names = meta.class_names
+    net = build(spec, temperature=meta.temperature)  # calibrated probabilities
     with open_session(net) as session:
         restore_model(net.model_saver, session, model_dir)
         for start in range(0, len(paths), batch_size):
@@ -112,7 +112,7 @@ def predict_files(
             for path in paths[start : start + batch_size]:
                 shown = shown_name(path)  # what every output says: valid UTF-8 whatever bytes the name has
                 try:
-                    loaded.append((len(results), load_image(path, spec.image_size, meta.get("resize", "crop"))))
+                    loaded.append((len(results), load_image(path, spec.image_size, meta.resize)))
                     results.append({"image": shown})
                 except (OSError, ImageError) as exc:
                     results.append({"image": shown, "error": f"cannot read {shown}: {shown_name(str(exc))}"})
@@ -222,10 +222,10 @@ def score_folder(
 def drift_of(model_dir: str | Path, seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The scored pictures against the model's test split (its model.json `reference`); none without one."""
     meta = read_model_dir(model_dir)
-    reference = meta.get("reference")
+    reference = meta.reference
     if not reference or not seen:
         return []
-    index = {name: i for i, name in enumerate(meta["class_names"])}
+    index = {name: i for i, name in enumerate(meta.class_names)}
     classes = np.array([index[r["top"][0]["class"]] for r in seen])
     confidences = np.array([r["top"][0]["probability"] for r in seen])
     return drift_rows(shares(classes, confidences, len(index)), reference)

@@ -10,7 +10,6 @@ the champion gate compared, and the machine; first, the baselines and what to do
 from __future__ import annotations
 
 import base64
-import json
 import os
 import platform
 from dataclasses import asdict
@@ -42,6 +41,7 @@ from tnflow.tasks.release.figures import (
 from tnflow.tasks.release.promote import Decision, gate_counts
 from tnflow.tasks.release.review import Review
 from tnflow.tasks.store.layout import figure_file, metrics_file, report_files
+from tnflow.tasks.store.records import RunMetrics, write_run_metrics
 from tnflow.tasks.training.calibration import ece_text, temperature_text
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import Trained
@@ -214,19 +214,19 @@ def report_task(
     metrics = test.read_figures()
     stages = stages_so_far()
     best = max(history, key=lambda r: r["valid_accuracy"])
-    whole = {
+    whole = RunMetrics(
         **metrics,
-        "valid_accuracy": best["valid_accuracy"],
-        "history": history,
-        "config": config,
-        "timings": stages,
-        "promotion": promotion,
-        "device": device,  # what trained it: the GPU of the machine this run held, or the CPU
-        "cache": cache_path,  # what `tnflow gc` keeps while this run exists
-        "data": data_sections(cache_path),
-    }
+        valid_accuracy=best["valid_accuracy"],
+        history=history,
+        config=config,
+        timings=stages,
+        promotion=promotion,
+        device=device,  # what trained it: the GPU of the machine this run held, or the CPU
+        cache=cache_path,
+        data=data_sections(cache_path),
+    )
     with full_disk_ends("writing the run's metrics", run):
-        write_atomic(metrics_file(run), json.dumps(whole, indent=2))
+        write_run_metrics(metrics_file(run), whole)
     paths, document = write_report(
         run,
         config=config,

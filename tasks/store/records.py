@@ -45,6 +45,66 @@ class ChampionRecord(BaseModel):
         return self.model_dump_json()
 
 
+class TrainingState(BaseModel):
+    """A training generation's `state.json`: what is done, and which epoch is best (the truth of its directory).
+
+    Mutable: training updates it epoch by epoch and writes it after the files it names
+    (`tasks.training.workdir`). A state from before this record reads with these defaults.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    epochs_done: int = 0
+    best_epoch: int | None = None
+    best_valid_accuracy: float | None = None
+    history: list[dict[str, Any]] = []  # a record per finished epoch (losses, accuracies, temperature, ...)
+    device: str = ""  # where it trained, for metrics.json and the report
+    finished: bool = False
+    stopped_early: int | None = None  # the epoch --patience stopped after
+
+
+class RunMetrics(BaseModel):
+    """A run's `metrics.json`: written once, by the report, from what every stage returned.
+
+    The test split's figures come first (as validation measured them), then what the other
+    stages add. Every field has a default: a file cut short by a release before this record
+    still names its cache, which is all `tnflow gc` asks of it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    num_test: int | None = None
+    class_names: list[str] = []
+    per_class_accuracy: list[float] = []
+    confusion_matrix: list[list[int]] = []
+    samples: list[dict[str, Any]] = []  # a few test pictures with their top predictions (the recipe's figure)
+    calibration: dict[str, Any] = {}
+    valid_accuracy: float | None = None  # the best epoch's
+    history: list[dict[str, Any]] = []
+    config: dict[str, Any] = {}
+    timings: list[dict[str, Any]] = []  # each stage: wall time, cached or not, state
+    promotion: dict[str, Any] | None = None  # the champion gate's decision
+    device: str = ""
+    cache: str = ""  # the cache file it was measured on: `tnflow gc` keeps it while the run exists
+    data: dict[str, Any] = {}  # what the model learnt from (`tasks.release.data_summary`)
+
+
+def read_run_metrics(path: str | Path) -> RunMetrics | None:
+    """metrics.json at `path`; None if it is missing or damaged."""
+    try:
+        return RunMetrics.model_validate_json(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_run_metrics(path: str | Path, metrics: RunMetrics) -> None:
+    write_atomic(Path(path), metrics.model_dump_json(indent=2))
+
+
 def parse_champion(text: str) -> ChampionRecord | None:
     """A record from its JSON text; None when the text is damaged or lacks what a record must hold."""
     try:

@@ -51,12 +51,14 @@ class Leaderboard:
 
     def __init__(self, sweep_dir: str, trials: list[Trial]):
         self.path = leaderboard_file(sweep_dir)
-        self.results: dict[str, TrialResult] = {t.name: TrialResult(t.name, t.options, "Pending") for t in trials}
+        self.results: dict[str, TrialResult] = {
+            t.name: TrialResult(name=t.name, options=t.options, state="Pending") for t in trials
+        }
 
     def record(self, result: TrialResult) -> None:
         self.results[result.name] = result
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps([asdict(r) for r in self.results.values()], indent=2))
+        write_atomic(self.path, json.dumps([r.model_dump() for r in self.results.values()], indent=2))
         create_table_artifact(
             table=leaderboard_rows(list(self.results.values())),
             key=LEADERBOARD,
@@ -156,7 +158,7 @@ def write_sweep_report(
     """report.md and report.html: the winner and why, the leaderboard, validation accuracy against each option."""
     sweep_dir = Path(sweep_dir)
     varied = list(dict.fromkeys(name for r in results for name in r.options))
-    finished = [asdict(r) for r in results if r.finished]
+    finished = [r.model_dump() for r in results if r.finished]
     figure = png(accuracy_by_option(finished, varied)) if finished and varied else b""
     rows = leaderboard_rows(results)
     summary = [

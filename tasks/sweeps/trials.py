@@ -17,13 +17,13 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.exceptions import MissingResult, ObjectNotFound
+from pydantic import BaseModel, ConfigDict
 
 from tnflow.tasks.config.sweeps import Trial
 from tnflow.tasks.core.errors import ConfigError
@@ -36,10 +36,12 @@ from tnflow.tasks.release.report import RunSummary
 POLL_SECONDS = 1.0  # how often a sweep asks the server whether its trials ended
 
 
-@dataclass(frozen=True)
-class TrialResult:
-    """A trial as it ended: its flow run, and its figures and model if it finished."""
+class TrialResult(BaseModel):
+    """A trial as it ended: its flow run, and its figures and model if it finished (a row of leaderboard.json)."""
 
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = 1
     name: str
     options: dict[str, Any]
     state: str

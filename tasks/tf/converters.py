@@ -26,7 +26,7 @@ import numpy as np
 from tnflow.tasks.config.checks import EXPORT_FORMATS
 from tnflow.tasks.config.specs import ModelSpec
 from tnflow.tasks.core.errors import TnflowError, first_line
-from tnflow.tasks.tf.model_files import restore_model
+from tnflow.tasks.tf.model_files import ModelRecord, restore_model
 from tnflow.tasks.tf.startup import start_tensorflow
 
 FILES = {
@@ -45,7 +45,7 @@ class Source:
     """A model being exported, with what several formats need built once per export."""
 
     model_dir: Path
-    meta: dict[str, Any]
+    meta: ModelRecord
     saved: Path  # its SavedModel, the reference every conversion is checked against
 
     @functools.cached_property
@@ -55,7 +55,7 @@ class Source:
     @functools.cached_property
     def reference(self) -> np.ndarray:
         """The SavedModel's probabilities on the probe images."""
-        return saved_model_probabilities(self.saved)(probe_images(self.meta["image_size"]))
+        return saved_model_probabilities(self.saved)(probe_images(self.meta.image_size))
 
 
 def _write_saved_model(source: Source, tmp: Path) -> dict[str, Any]:
@@ -68,8 +68,8 @@ def _write_saved_model(source: Source, tmp: Path) -> dict[str, Any]:
     tf1 = tf.compat.v1
     meta = source.meta
     spec = ModelSpec.from_meta(meta)
-    serving = ServingInput(resize=meta.get("resize", "crop"), class_names=tuple(meta["class_names"]))
-    net = build(spec, serving=serving, temperature=float(meta.get("temperature", 1.0)))
+    serving = ServingInput(resize=meta.resize, class_names=tuple(meta.class_names))
+    net = build(spec, serving=serving, temperature=meta.temperature)
     method = "tensorflow/serving/predict"
     with open_session(net) as session, net.graph.as_default():
         info = tf1.saved_model.utils.build_tensor_info
@@ -126,9 +126,7 @@ def _convert_to_onnx(source: Source, tmp: Path) -> dict[str, Any]:
             output_path=str(tmp),
         )
     except Exception as exc:  # noqa: BLE001 - any converter failure means: this backbone cannot go to ONNX
-        raise TnflowError(
-            f"ONNX cannot express {meta['model']}: {first_line(exc)}; leave onnx out of --export"
-        ) from None
+        raise TnflowError(f"ONNX cannot express {meta.model}: {first_line(exc)}; leave onnx out of --export") from None
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return _compare("onnx", lambda images: session.run(None, {name: images})[0], source)
@@ -141,7 +139,7 @@ def _write_tflite(source: Source, tmp: Path, float16: bool = False) -> dict[str,
     meta, graph_def = source.meta, source.frozen
     imported = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
     pruned = imported.prune("images:0", "probabilities:0")
-    size = meta["image_size"]
+    size = meta.image_size
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")])
     def serving_default(images: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -164,7 +162,7 @@ def _write_tflite(source: Source, tmp: Path, float16: bool = False) -> dict[str,
             tmp.write_bytes(converter.convert())
         except Exception as exc:  # noqa: BLE001 - any converter failure means: this backbone cannot go to TFLite
             raise TnflowError(
-                f"TFLite cannot express {meta['model']}: {first_line(exc)}; leave tflite out of --export"
+                f"TFLite cannot express {meta.model}: {first_line(exc)}; leave tflite out of --export"
             ) from None
     fmt = "tflite-float16" if float16 else "tflite"
     return _compare(fmt, tflite_runner(tmp), source, exact=not float16)
@@ -193,7 +191,7 @@ assert set(WRITERS) == set(EXPORT_FORMATS)
 # -- checks ---------------------------------------------------------------------------------
 
 
-def _frozen_graph(model_dir: Path, meta: dict[str, Any]) -> Any:
+def _frozen_graph(model_dir: Path, meta: ModelRecord) -> Any:
     """The inference graph from uint8 images to probabilities, weights as constants: what converters take.
 
     Built without the bytes input: its decoding loop (map_fn, conds) is TensorFlow Serving's
@@ -205,7 +203,7 @@ def _frozen_graph(model_dir: Path, meta: dict[str, Any]) -> Any:
     from tnflow.tasks.tf.graph import ServingInput, build
     from tnflow.tasks.tf.sessions import open_session
 
-    temperature = float(meta.get("temperature", 1.0))
+    temperature = meta.temperature
     net = build(ModelSpec.from_meta(meta), serving=ServingInput(bytes_input=False), temperature=temperature)
     with open_session(net) as session:
         restore_model(net.model_saver, session, model_dir)
@@ -233,12 +231,12 @@ def probe_images(size: int, count: int = _PROBES) -> np.ndarray:
 
 def _compare(fmt: str, run: Callable[[np.ndarray], np.ndarray], source: Source, exact: bool = True) -> dict[str, Any]:
     want = source.reference
-    got = np.asarray(run(probe_images(source.meta["image_size"])))
+    got = np.asarray(run(probe_images(source.meta.image_size)))
     difference = float(np.max(np.abs(want - got)))
     same_top1 = bool(np.array_equal(want.argmax(1), got.argmax(1)))
     if exact and difference > TOLERANCE:
         raise TnflowError(
-            f"the {fmt} export of {source.meta['model']} differs from the SavedModel by {difference:.2g} "
+            f"the {fmt} export of {source.meta.model} differs from the SavedModel by {difference:.2g} "
             f"(over {TOLERANCE:g}); it was not written. Please report this with the model's model.json"
         )
     return {"file": FILES[fmt], "max_difference": difference, "same_top1": same_top1, "probes": len(want)}

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError, first_line
 from tnflow.tasks.core.files import write_atomic
@@ -22,17 +24,58 @@ CHECKPOINT = "model.ckpt"
 FORMAT = "tnflow-model/1"
 
 
+class ModelRecord(BaseModel):
+    """model.json: how to rebuild the model, and where it came from.
+
+    `format` is its schema version. Fields added since a directory was written take their
+    defaults here (a model from before folders was fed square CIFAR pictures: `crop` leaves
+    them as they are; one from before calibration divides by 1), so every model directory an
+    earlier release wrote still loads; fields this release does not know (`extra`) are kept.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    format: str = FORMAT
+    model: str
+    head: str
+    num_classes: int
+    image_size: int
+    class_names: list[str]
+    tta: str = "none"
+    resize: str = "crop"  # how its pictures were made square (`tasks.sources.resize`)
+    preprocessing: str = ""  # what the graph does to a picture before the backbone, in words
+    temperature: float = 1.0  # divides the logits of every probability given out
+    calibration: dict[str, Any] | None = None  # whether a fitted temperature was applied, and why
+    epoch: int | None = None
+    metrics: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    reference: dict[str, Any] | None = None  # its test split's confidence, which drift compares with
+    card: dict[str, Any] = {}  # the model card's facts (`tasks.release.model_card`)
+    checkpoint: str = CHECKPOINT
+
+
 def write_model_json(directory: Path, meta: dict[str, Any]) -> None:
-    (directory / MODEL_JSON).write_text(json.dumps({"format": FORMAT, **meta, "checkpoint": CHECKPOINT}, indent=2))
+    record = _record(directory / MODEL_JSON, {**meta, "format": FORMAT, "checkpoint": CHECKPOINT})
+    (directory / MODEL_JSON).write_text(record.model_dump_json(indent=2))
 
 
 def update_model_json(directory: Path, updates: dict[str, Any]) -> None:
     """Add to model.json by replacing the file (in a directory of hard links, the original stays as it was)."""
     meta = json.loads((directory / MODEL_JSON).read_text())
-    write_atomic(directory / MODEL_JSON, json.dumps({**meta, **updates}, indent=2))
+    record = _record(directory / MODEL_JSON, {**meta, **updates})
+    write_atomic(directory / MODEL_JSON, json.dumps(record.model_dump(exclude_unset=True), indent=2))
 
 
-def read_model_dir(path: str | Path) -> dict[str, Any]:
+def _record(path: Path, meta: dict[str, Any]) -> ModelRecord:
+    try:
+        return ModelRecord.model_validate(meta)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        raise TnflowError(f"{path}: {where}: {error['msg']}; the model directory is damaged") from None
+
+
+def read_model_dir(path: str | Path) -> ModelRecord:
     """model.json of a model directory, or a clear error saying what `path` is instead."""
     path = Path(path)
     meta_path = path / MODEL_JSON
@@ -42,11 +85,12 @@ def read_model_dir(path: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise TnflowError(f"{meta_path} is unreadable ({exc}); the model directory is damaged") from None
-    if meta.get("format") != FORMAT:
-        raise TnflowError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise TnflowError(f"{meta_path} has format {found!r}, expected {FORMAT!r}")
     if not (path / f"{CHECKPOINT}.index").is_file():
         raise TnflowError(f"{path} has no checkpoint {CHECKPOINT}; the model directory is incomplete")
-    return meta
+    return _record(meta_path, meta)
 
 
 def restore_model(saver: Any, session: Any, path: str | Path) -> None:
@@ -119,13 +163,13 @@ def model_digest(path: str | Path) -> str:
 def check_can_start_from(path: str | Path, model: str, head: str, class_names: list[str]) -> None:
     """A model to continue training from must have this backbone, head and class list, and a whole checkpoint."""
     meta = read_model_dir(path)
-    if (meta["model"], meta["head"]) != (model, head):
+    if (meta.model, meta.head) != (model, head):
         raise TnflowError(
-            f"--init-from {path} is a {meta['model']} with the {meta['head']} head; this run trains a {model} with "
+            f"--init-from {path} is a {meta.model} with the {meta.head} head; this run trains a {model} with "
             f"the {head} head. Use the same --model and --head, or start from --weights"
         )
-    if list(meta["class_names"]) != list(class_names):
-        theirs, ours = set(meta["class_names"]), set(class_names)
+    if list(meta.class_names) != list(class_names):
+        theirs, ours = set(meta.class_names), set(class_names)
         diff = sorted(ours - theirs) or sorted(theirs - ours) or ["(same classes, another order)"]
         raise TnflowError(
             f"--init-from {path} was trained on other classes than this dataset's (differs in: "

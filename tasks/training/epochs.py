@@ -23,6 +23,7 @@ from tnflow.tasks.config.backbones import BACKBONES, PREPROCESSING
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.store.layout import checkpoint_dir, epoch_model_dir
+from tnflow.tasks.store.records import TrainingState
 from tnflow.tasks.tf.model_files import CHECKPOINT, restore_model, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
 from tnflow.tasks.training.calibration import choose_temperature
@@ -58,7 +59,7 @@ def fit_epochs(
     spec: ModelSpec,
     settings: TrainSettings,
     directory: Path,
-    state: dict[str, Any],
+    state: TrainingState,
     *,
     class_names: list[str] | tuple[str, ...],
     eval_batch_size: int,
@@ -68,8 +69,8 @@ def fit_epochs(
     on_epoch_end: Callable[[int], None] | None,
     gpus: tuple[int, ...] = (),
     towers: int = 1,
-) -> dict[str, Any]:
-    """Run the epochs still to do in `directory`, starting from `state`; returns the final state.
+) -> TrainingState:
+    """Run the epochs still to do in `directory`, starting from `state` (updated); returns it.
 
     In order: build the graph and say where it runs; open the sessions; restore the last
     finished epoch, or start from the pretrained weights (or the trained model); then each epoch
@@ -84,8 +85,8 @@ def fit_epochs(
     origin |= {"weights": weights_path or "none", "init_from": init_from}
     fit = _Fit(cache_path, spec, settings, directory, origin, eval_batch_size, log, progress, gpus=gpus, towers=towers)
     fit.net, num_train = _graph(fit)
-    state["device"] = _device_name(fit)
-    done_epochs = state.get("epochs_done", 0)
+    state.device = _device_name(fit)
+    done_epochs = state.epochs_done
     # Each epoch's validation runs in a plain float32 session, restored from the epoch's
     # checkpoint, whenever the training session rewrites or compiles the graph: the best epoch
     # is chosen on the numbers the validate stage would compute.
@@ -144,13 +145,13 @@ def _device_name(fit: _Fit) -> str:
     return f"{gpus_named(fit.gpus)} of this machine ({devices} in its process)" if fit.gpus else devices
 
 
-def _resume(fit: _Fit, state: dict[str, Any], done_epochs: int) -> None:
+def _resume(fit: _Fit, state: TrainingState, done_epochs: int) -> None:
     """Every variable (optimizer included) as the last finished epoch left it."""
     fit.net.saver.restore(fit.session, str(checkpoint_dir(fit.directory, done_epochs) / "ckpt"))
     if not best_model_ok(fit.directory, state):
         # Only reachable when the best epoch is the last one (see `can_reexport`).
         fit.log.warning("the best model (epoch %d) was missing: re-exported it from its checkpoint", done_epochs)
-        record = next(r for r in state["history"] if r["epoch"] == done_epochs)
+        record = next(r for r in state.history if r["epoch"] == done_epochs)
         _export_model(fit, done_epochs, record)
     if done_epochs < fit.settings.epochs:
         epochs = fit.settings.epochs
@@ -205,7 +206,7 @@ def _train_epoch(fit: _Fit, epoch: int, *, seen: int, total: int) -> dict[str, A
     }
 
 
-def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None:
+def _end_epoch(fit: _Fit, state: TrainingState, record: dict[str, Any]) -> None:
     """Checkpoint, validate, keep the model if it is the best so far, then record the epoch.
 
     The order is what makes a kill at any moment safe: the state file names an epoch only once
@@ -227,11 +228,11 @@ def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None
     record["temperature"], record["calibration"] = choice.temperature, asdict(choice)
     order = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "images_per_second")
     record = {key: record[key] for key in (*order, "trained", "temperature", "calibration")}
-    state.setdefault("history", []).append(record)
-    if record["valid_accuracy"] > state.get("best_valid_accuracy", -1.0):
+    state.history.append(record)
+    if state.best_valid_accuracy is None or record["valid_accuracy"] > state.best_valid_accuracy:
         _export_model(fit, epoch, record)
-        state.update(best_epoch=epoch, best_valid_accuracy=record["valid_accuracy"])
-    state["epochs_done"] = epoch
+        state.best_epoch, state.best_valid_accuracy = epoch, record["valid_accuracy"]
+    state.epochs_done = epoch
     write_state(fit.directory, state)  # names the new files before anything older is pruned
     prune(fit.directory, state)
     fit.log.info(
@@ -241,16 +242,16 @@ def _end_epoch(fit: _Fit, state: dict[str, Any], record: dict[str, Any]) -> None
     )
 
 
-def _finish(fit: _Fit, state: dict[str, Any]) -> None:
+def _finish(fit: _Fit, state: TrainingState) -> None:
     if _stopped_early(state, fit.settings):
-        state["stopped_early"] = state["epochs_done"]
+        state.stopped_early = state.epochs_done
         fit.log.info(
             "stopped after epoch %d: validation accuracy has not improved for %d epochs (best: epoch %d)",
-            state["epochs_done"],
+            state.epochs_done,
             fit.settings.patience,
-            state["best_epoch"],
+            state.best_epoch,
         )
-    state["finished"] = True
+    state.finished = True
     write_state(fit.directory, state)
 
 
@@ -264,10 +265,10 @@ def load_weights_file(session: Any, net: Any, path: str | Path, model: str) -> i
     return load_pretrained(session, net, [a for _, a in arrays])
 
 
-def _stopped_early(state: dict[str, Any], settings: TrainSettings) -> bool:
+def _stopped_early(state: TrainingState, settings: TrainSettings) -> bool:
     """--patience: the last `patience` finished epochs all failed to beat the best one."""
-    done = state.get("epochs_done", 0)
-    return settings.patience is not None and done - state.get("best_epoch", done) >= settings.patience
+    best = state.best_epoch if state.best_epoch is not None else state.epochs_done
+    return settings.patience is not None and state.epochs_done - best >= settings.patience
 
 
 def _model_meta(spec: ModelSpec, settings: TrainSettings, origin: dict[str, Any], record: dict) -> dict:

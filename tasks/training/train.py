@@ -27,6 +27,7 @@ from tnflow.tasks.core.files import ensure_writable_dir, exclusive, full_disk_en
 from tnflow.tasks.core.progress import STAGE_HOOKS, Progress, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
 from tnflow.tasks.store.layout import epoch_model_dir, generation_dir, training_lock
+from tnflow.tasks.store.records import TrainingState
 from tnflow.tasks.tf.model_files import read_model_dir
 from tnflow.tasks.training.epochs import fit_epochs
 from tnflow.tasks.training.starting_point import StartingPoint
@@ -101,16 +102,16 @@ def train(
         directory = generation_dir(work_dir, generation)
         directory.mkdir(exist_ok=True)
         state = read_state(directory)
-        if state.get("finished") and best_model_ok(directory, state):
-            log.info("training already finished: best epoch %d in %s", state["best_epoch"], directory)
+        if state.finished and best_model_ok(directory, state):
+            log.info("training already finished: best epoch %d in %s", state.best_epoch, directory)
             return _result(work_dir, generation, state)
-        if state.get("epochs_done") and not best_model_ok(directory, state) and not can_reexport(directory, state):
+        if state.epochs_done and not best_model_ok(directory, state) and not can_reexport(directory, state):
             log.warning(
                 "the best model of %s (epoch %s) is missing and its checkpoint is gone: training again from the start",
                 directory,
-                state.get("best_epoch"),
+                state.best_epoch,
             )
-            state = {}
+            state = TrainingState()
         trained = fit_epochs(
             cache_path,
             weights_path,
@@ -131,15 +132,15 @@ def train(
         return _result(work_dir, generation, trained)
 
 
-def _result(work_dir: Path, generation: int, state: dict[str, Any]) -> Trained:
+def _result(work_dir: Path, generation: int, state: TrainingState) -> Trained:
     return Trained(
-        model_dir=str(epoch_model_dir(generation_dir(work_dir, generation), state["best_epoch"])),
+        model_dir=str(epoch_model_dir(generation_dir(work_dir, generation), state.best_epoch)),
         work_dir=str(work_dir),
         generation=generation,
-        best_epoch=int(state["best_epoch"]),
-        valid_accuracy=float(state["best_valid_accuracy"]),
-        history=tuple(state["history"]),
-        device=state.get("device", "unknown"),
+        best_epoch=int(state.best_epoch),
+        valid_accuracy=float(state.best_valid_accuracy),
+        history=tuple(state.history),
+        device=state.device or "unknown",
     )
 
 

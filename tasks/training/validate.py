@@ -131,18 +131,18 @@ def evaluate_model(
     meta = read_model_dir(model_dir)
     spec = ModelSpec.from_meta(meta)
 
-    temperature = float(meta.get("temperature", 1.0))
+    temperature = meta.temperature
     net = build(spec, CacheFeed(cache_path, image_size=spec.image_size), temperature=temperature)
     with open_session(net) as session:
         restore_model(net.model_saver, session, model_dir)
-        chosen = meta.get("calibration")  # whether the temperature was applied, and why (models since issue 28)
+        chosen = meta.calibration  # whether the temperature was applied, and why (models since issue 28)
         metrics = evaluate(session, net, split, batch_size, spec.num_classes, temperature, chosen)
         for other in also:
             if read_split_size(cache_path, other):
                 metrics[f"also_{other}"] = evaluate(
                     session, net, other, batch_size, spec.num_classes, temperature, chosen
                 )
-    metrics["class_names"] = meta["class_names"]
+    metrics["class_names"] = meta.class_names
     return metrics
 
 

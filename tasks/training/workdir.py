@@ -14,11 +14,9 @@ keeps exactly what it names, so a kill at any moment leaves a generation that re
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from tnflow.tasks.cache.h5cache import training_content
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings
@@ -36,6 +34,7 @@ from tnflow.tasks.store.layout import (
     state_file,
     training_dir,
 )
+from tnflow.tasks.store.records import TrainingState
 from tnflow.tasks.tf.model_files import read_model_dir
 
 
@@ -74,7 +73,7 @@ def generation_for(work_dir: str | Path, retrain: bool) -> int:
     if not existing:
         return 1
     latest = existing[-1]
-    if retrain and read_state(generation_dir(work_dir, latest)).get("finished"):
+    if retrain and read_state(generation_dir(work_dir, latest)).finished:
         return latest + 1
     return latest
 
@@ -82,29 +81,30 @@ def generation_for(work_dir: str | Path, retrain: bool) -> int:
 # -- state --------------------------------------------------------------------------------
 
 
-def read_state(directory: Path) -> dict[str, Any]:
+def read_state(directory: Path) -> TrainingState:
     """The generation's state; a damaged one is rebuilt from the checkpoints and models it would name."""
     path = state_file(directory)
     if not path.is_file():
-        return {}
+        return TrainingState()
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        state = None
-    return state if isinstance(state, dict) else rebuilt_state(directory)
+        return TrainingState.model_validate_json(path.read_text())
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return rebuilt_state(directory)
 
 
-def rebuilt_state(directory: Path) -> dict[str, Any]:
+def rebuilt_state(directory: Path) -> TrainingState:
     """What a damaged state.json said, read back from the files it names: resume after the last checkpoint."""
     done = max((e for e, p in _epochs(directory, "checkpoints") if (p / "ckpt.index").is_file()), default=0)
-    state: dict[str, Any] = {"epochs_done": done} if done else {}
+    state = TrainingState(epochs_done=done)
     for best in sorted((e for e, _ in _epochs(directory, "models")), reverse=True):
         try:
             meta = read_model_dir(epoch_model_dir(directory, best))
         except TnflowError:
             continue
-        record = {"epoch": best, **meta.get("metrics", {})}
-        state.update(best_epoch=best, best_valid_accuracy=record.get("valid_accuracy", 0.0), history=[record])
+        record = {"epoch": best, **meta.metrics}
+        state = TrainingState(
+            epochs_done=done, best_epoch=best, best_valid_accuracy=record.get("valid_accuracy", 0.0), history=[record]
+        )
         break
     if str(directory) not in _WARNED:
         _WARNED.add(str(directory))
@@ -124,30 +124,30 @@ def _epochs(directory: Path, kind: str) -> list[tuple[int, Path]]:
     return [(int(name[6:]), p) for name, p in epoch_entries(directory, kind) if name[6:].isdigit()]
 
 
-def write_state(directory: Path, state: dict[str, Any]) -> None:
-    write_atomic(state_file(directory), json.dumps(state, indent=2))
+def write_state(directory: Path, state: TrainingState) -> None:
+    write_atomic(state_file(directory), state.model_dump_json(indent=2))
 
 
-def best_model_ok(directory: Path, state: dict[str, Any]) -> bool:
-    if "best_epoch" not in state:
+def best_model_ok(directory: Path, state: TrainingState) -> bool:
+    if state.best_epoch is None:
         return False
     try:
-        read_model_dir(epoch_model_dir(directory, state["best_epoch"]))
+        read_model_dir(epoch_model_dir(directory, state.best_epoch))
     except TnflowError:
         return False
     return True
 
 
-def can_reexport(directory: Path, state: dict[str, Any]) -> bool:
+def can_reexport(directory: Path, state: TrainingState) -> bool:
     """The best model is gone but its epoch's full checkpoint is still there."""
-    best = state.get("best_epoch")
-    return best is not None and best == state.get("epochs_done") and checkpoint_dir(directory, best).is_dir()
+    best = state.best_epoch
+    return best is not None and best == state.epochs_done and checkpoint_dir(directory, best).is_dir()
 
 
-def prune(directory: Path, state: dict[str, Any]) -> None:
+def prune(directory: Path, state: TrainingState) -> None:
     """Drop checkpoints and models that state.json does not name (call after writing it); a model's
     exports (`epoch-N.exports-<digest>`) go with it."""
-    keep = {"checkpoints": state.get("epochs_done"), "models": state.get("best_epoch")}
+    keep = {"checkpoints": state.epochs_done, "models": state.best_epoch}
     for kind, epoch in keep.items():
         for name, old in epoch_entries(directory, kind):
             if name.split(".")[0] != f"epoch-{epoch}":
