@@ -8,7 +8,7 @@ from tnflow.tasks.cache.stage import build_cache_task
 from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.config.parameters import flow_parameters
 from tnflow.tasks.core.progress import quiet_hook_lines
-from tnflow.tasks.sources.download import download_task
+from tnflow.tasks.sources.download import source_task
 
 
 @flow(name="prepare-data")
@@ -16,7 +16,7 @@ from tnflow.tasks.sources.download import download_task
 def prepare_data(config: DataConfig) -> str:
     """Download a CIFAR archive (or read an image folder) and resize it into an HDF5 cache; returns its path."""
     quiet_hook_lines()
-    source = download_task(
+    source = source_task(
         folder=config.data_dir, url=config.source_url, dest_dir=config.cache_dir, md5=config.source_md5
     )
     cache = build_cache_task(

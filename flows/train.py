@@ -14,7 +14,7 @@ from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.release.report import RunSummary, report_task
 from tnflow.tasks.release.review import review_task
-from tnflow.tasks.sources.download import download_task
+from tnflow.tasks.sources.download import source_task
 from tnflow.tasks.store.in_use import reading
 from tnflow.tasks.store.layout import new_run_dir
 from tnflow.tasks.tf.startup import visible_gpus
@@ -31,7 +31,7 @@ def transfer_learning(config: RunConfig) -> RunSummary:
     """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns its figures and where it is."""
     quiet_hook_lines()
     run_dir = new_run_dir(config.output_dir, flow_run.name)
-    source = download_task(
+    source = source_task(
         folder=config.data_dir, url=config.source_url, dest_dir=config.cache_dir, md5=config.source_md5
     )
     cache = build_cache_task(

@@ -151,7 +151,7 @@ def test_not_found(prefect_api, capsys, file_server, tmp_path):
 
 
 def test_unreachable_host(prefect_api, capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_flow, "download_task", download.download_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(prepare_flow, "source_task", download.source_task.with_options(retry_delay_seconds=0))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -18,7 +18,7 @@ from tnflow.tasks.core.errors import DownloadError
 @pytest.fixture
 def no_retry_delay(monkeypatch):
     """Keep the retries, drop the backoff, so retry tests take milliseconds."""
-    monkeypatch.setattr(prepare_flow, "download_task", download.download_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(prepare_flow, "source_task", download.source_task.with_options(retry_delay_seconds=0))
 
 
 def run(url, md5, cache_dir, **options):

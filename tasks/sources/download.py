@@ -274,8 +274,11 @@ def source_is_sound(fetched: Fetched) -> bool:
     **DOWNLOAD_RETRIES,
     **STAGE_HOOKS,
 )
-def download_task(*, folder: str | None, url: str, dest_dir: str, md5: str | None) -> Fetched:
-    """The source's pictures on this machine: a `folder` (--data-dir) where it is, anything else fetched."""
+def source_task(*, folder: str | None, url: str, dest_dir: str, md5: str | None) -> Fetched:
+    """The source's pictures on this machine: a `folder` (--data-dir) where it is, anything else fetched.
+
+    Shown as the recipe's `download` stage, which it is for every source but a folder.
+    """
     if folder is not None:
         return Fetched(path=folder, md5=None, size=0)
     progress = Progress(f"download {Path(urlsplit(url).path).name}", unit="B", logger=run_logger())
