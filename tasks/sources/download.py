@@ -213,7 +213,7 @@ def _fetch_http(url: str, part: Path, timeout: float, progress: ProgressFn | Non
                 total = int(length) if length and length.isdigit() else None
             done = have
             with _partial(part, mode, f"downloading {url}") as out:
-                for block in response.iter_raw(CHUNK_BYTES):
+                for block in response.iter_raw():  # as received: a connection lost mid-way keeps every byte
                     out.write(block)
                     done += len(block)
                     if progress:
