@@ -465,3 +465,31 @@ def test_the_gate_compares_200000_test_images_in_linear_time():
     assert result.only_candidate + result.only_champion == 40_000
     assert result.p_value == pytest.approx(binomtest(result.only_candidate, 40_000, 0.5).pvalue, rel=1e-9)
     assert seconds < 2, f"{seconds:.1f} s for 200,000 images (quadratic: about a minute)"
+
+
+class CountingLabels(np.ndarray):
+    """Labels that count the whole-array comparisons made with them (`labels == x`)."""
+
+    comparisons = 0
+
+    def __eq__(self, other):
+        CountingLabels.comparisons += 1
+        return np.asarray(self) == np.asarray(other)
+
+
+def test_the_per_class_guard_is_one_pass_over_the_images_whatever_the_number_of_classes():
+    """ImageNet's 1,000 classes: a scan of the test split per class made the gate cost 1,000 passes."""
+    from tnflow.tasks.release.significance import compare
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 1000, 20_000)
+    champion = np.where(rng.random(20_000) < 0.7, labels, (labels + 1) % 1000)
+    candidate = np.where(rng.random(20_000) < 0.7, labels, (labels + 3) % 1000)
+    names = [f"c{i}" for i in range(1000)]
+    CountingLabels.comparisons = 0
+    result = compare(candidate, champion, labels.view(CountingLabels), names)
+    assert CountingLabels.comparisons <= 2, f"{CountingLabels.comparisons} passes over the labels for 1,000 classes"
+    drops = {n: 100 * ((champion == labels)[labels == i].mean() - (candidate == labels)[labels == i].mean())
+             for i, n in enumerate(names) if (labels == i).any()}  # fmt: skip
+    assert result.worst_class_drop == pytest.approx(max(drops.values()))
+    assert drops[result.worst_class] == pytest.approx(result.worst_class_drop), "a class that loses the most"

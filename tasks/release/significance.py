@@ -152,13 +152,15 @@ def compare(
     if not len(candidate) == len(champion) == len(labels):
         raise ValueError(f"{len(candidate)} and {len(champion)} predictions for {len(labels)} test images")
     mine, theirs = candidate == labels, champion == labels
-    worst, drop = None, 0.0
-    for index, name in enumerate(class_names):
-        rows = labels == index
-        if rows.any():
-            lost = 100.0 * (theirs[rows].mean() - mine[rows].mean())
-            if lost > drop:
-                worst, drop = str(name), float(lost)
+    # Per class in one pass over the images (bincount), not one pass per class: 1,000 classes
+    # of ImageNet's 50,000 test pictures cost what 10 do.
+    classes = np.asarray(labels, dtype=np.int64)
+    size = max(len(class_names), int(classes.max(initial=-1)) + 1)
+    total = np.bincount(classes, minlength=size)
+    lost = 100.0 * (np.bincount(classes, theirs, size) - np.bincount(classes, mine, size)) / np.maximum(total, 1)
+    lost = np.where(total > 0, lost, 0.0)[: len(class_names)]
+    index = int(np.argmax(lost)) if len(lost) else 0
+    worst, drop = (str(class_names[index]), float(lost[index])) if len(lost) and lost[index] > 0 else (None, 0.0)
     return Comparison(
         both_right=int((mine & theirs).sum()),
         only_candidate=int((mine & ~theirs).sum()),
