@@ -62,3 +62,21 @@ def test_a_good_model_on_a_large_split_needs_nothing():
     assert next_steps(metrics_of(confusion, {"applied": True}), not_gated, 0, {}) == steps, "no gate: the baseline's"
     gate = {"detectable_gain": 0.08, "detectable": "with 300 test pictures and 20% disagreement, gains under 8 points"}
     assert next_steps(metrics_of(confusion), gate, 0, {})[0] == f"Small test split: {gate['detectable']}."
+
+
+def test_a_thousand_classes_get_the_most_confused_pairs_not_an_unreadable_matrix():
+    from tnflow.tasks.release.figures import CONFUSED_PAIRS, confused_pairs, shows_heatmap
+
+    names = [f"n{i:08d}" for i in range(1000)]
+    rng = np.random.default_rng(0)
+    confusion = np.diag(rng.integers(20, 50, 1000))
+    confusion[3, 7], confusion[500, 2], confusion[999, 998] = 9, 12, 9  # the three mistakes that stand out
+    confusion[rng.integers(0, 1000, 300), rng.integers(0, 1000, 300)] += 1  # and scattered single ones
+    pairs = confused_pairs(confusion.tolist(), names)
+    assert not shows_heatmap(names) and shows_heatmap(names[:10])
+    assert len(pairs) == CONFUSED_PAIRS and pairs[:3] == [
+        ("n00000500", "n00000002", 12, f"{12 / confusion[500].sum():.1%}"),
+        ("n00000003", "n00000007", 9, f"{9 / confusion[3].sum():.1%}"),
+        ("n00000999", "n00000998", 9, f"{9 / confusion[999].sum():.1%}"),
+    ], pairs[:3]
+    assert confused_pairs(np.diag([5, 5]).tolist(), ["a", "b"]) == [("none", "", 0, "")], "no mistake: said so"

@@ -27,6 +27,31 @@ def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
     return fig
 
 
+HEATMAP_CLASSES = 50  # above it a confusion matrix is no figure a reader can read: the pairs table says it
+CONFUSED_PAIRS = 10
+
+
+def shows_heatmap(names: list[str]) -> bool:
+    return len(names) <= HEATMAP_CLASSES
+
+
+def confused_pairs(confusion: list[list[int]], names: list[str], top: int = CONFUSED_PAIRS) -> list[tuple]:
+    """The `top` largest off-diagonal cells, largest first: what the model mistakes for what (any number of classes)."""
+    matrix = np.asarray(confusion, dtype=np.int64)
+    totals = matrix.sum(axis=1)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    flat = off.ravel()
+    count = min(top, int((flat > 0).sum()))
+    if not count:
+        return [("none", "", 0, "")]
+    cells = np.argpartition(-flat, count - 1)[:count]
+    cells = cells[np.lexsort((cells, -flat[cells]))]  # largest first; ties in matrix order
+    rows, cols = np.unravel_index(cells, off.shape)
+    pairs = zip(rows, cols, strict=True)
+    return [(names[r], names[c], int(off[r, c]), f"{off[r, c] / totals[r]:.1%}") for r, c in pairs]
+
+
 def confusion_heatmap(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
     matrix = np.asarray(confusion)
     size = max(4.0, min(14.0, 0.45 * len(class_names) + 2))

@@ -31,12 +31,14 @@ from tnflow.tasks.release.advice import baseline_lines, next_steps
 from tnflow.tasks.release.data_summary import data_sections
 from tnflow.tasks.release.document import Document, Section, render
 from tnflow.tasks.release.figures import (
+    confused_pairs,
     confusion_heatmap,
     learning_curves,
     picture_grid,
     png,
     reliability_diagram,
     sample_grid,
+    shows_heatmap,
 )
 from tnflow.tasks.release.promote import Decision, gate_counts
 from tnflow.tasks.release.review import Review
@@ -102,9 +104,10 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
         "disputed": png(picture_grid(disputed_images, captions, empty=f"no {scope} picture disputed")),
         "reliability": png(reliability_diagram(metrics["calibration"])),
         "learning_curves": png(learning_curves(history)),
-        "confusion_matrix": png(confusion_heatmap(metrics["confusion_matrix"], names)),
         "samples": png(sample_grid(sample_images, metrics["samples"], names)),
     }
+    if shows_heatmap(names):  # else the report's table of the most confused pairs says it
+        pngs["confusion_matrix"] = png(confusion_heatmap(metrics["confusion_matrix"], names))
     for name, data in pngs.items():
         figure_file(run_dir, name).parent.mkdir(parents=True, exist_ok=True)
         figure_file(run_dir, name).write_bytes(data)
@@ -158,7 +161,9 @@ def report_document(config, history, metrics, stages, cache_path, device, promot
                 history_rows, figure="learning_curves"),
         Section("Test accuracy per class", ("class", "accuracy"),
                 [(n, f"{a:.4f}") for n, a in zip(names, metrics["per_class_accuracy"], strict=True)],
-                figure="confusion_matrix"),
+                figure="confusion_matrix" if shows_heatmap(names) else None),
+        Section("Most confused pairs", ("true class", "predicted as", "pictures", "share of the class"),
+                confused_pairs(metrics["confusion_matrix"], names)),
         Section("Sample test images, top-3 predictions", figure="samples"),
         Section("Calibration on the test split", ("", "raw softmax", "with the temperature"), [
             ("temperature", "1", temperature_text(calibration)),

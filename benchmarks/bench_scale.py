@@ -1,0 +1,273 @@
+"""ImageNet's size: every per-picture stage at 1,281,167 pictures in 1,000 classes, beside one tenth of it.
+
+Generates, once, a folder shaped like ImageNet's training set: small distinct JPEGs (24 to 72
+pixels a side, varied aspect ratios, a few truncated ones) in 1,000 class folders under
+`train/`, and a `val/` of 50,000 (the test split). Then measures, each step in a child process
+of its own (peak RSS is the step's, its decoding workers included), at 32 px:
+
+  prepare   `build_folder_cache`: the first build (scan, digest, split, decode, write)
+  rescan    the same build again, nothing changed (the stat index: no file read)
+  grow      1% more pictures, then the build (incremental: only the new ones decoded)
+  watch     `folder_changes` against a champion of the folder (what the watcher scans)
+  review    the label review's screen on the test split, from constructed probabilities
+  gate      the champion gate's comparison on the test split, from constructed predictions
+  drift     the drift table of the test split's probabilities against a reference
+
+Each figure is printed beside the same step on the folder at `--fraction` of the size (one
+tenth by default), with the ratio: linear steps stay near 1/fraction (10x), and the issue's
+bound is 12x.
+
+    python benchmarks/bench_scale.py --root /var/tmp/tnflow-scale              # full size and a tenth
+    python benchmarks/bench_scale.py --root /var/tmp/tnflow-scale --scale 0.01  # a quick look: 1% and 0.1%
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+TRAIN, VAL, CLASSES = 1_281_167, 50_000, 1_000
+CORRUPT_EVERY = 50_000  # one truncated file in this many
+GROWN = 2  # the first digit of the pictures `grow` adds (train-2xxxxxxx.jpg)
+STEPS = ("prepare", "rescan", "grow", "watch", "review", "gate", "drift")
+
+
+# -- the folder -----------------------------------------------------------------------------
+
+
+def _class_name(index: int) -> str:
+    return f"n{index:08d}"
+
+
+def _picture(index: int) -> bytes:
+    """A small distinct JPEG: a seeded 6x6 colour field, enlarged, with the index written in its first row."""
+    from PIL import Image
+
+    rng = np.random.default_rng(index)
+    width, height = (int(v) for v in rng.integers(24, 73, 2))
+    field = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(field).resize((width, height), Image.BILINEAR)).copy()
+    bits = np.array([(index >> b) & 1 for b in range(min(21, width))], dtype=np.uint8) * 255
+    pixels[0, : len(bits)] = bits[:, None]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=80)
+    data = out.getvalue()
+    return data[:100] if index % CORRUPT_EVERY == CORRUPT_EVERY - 1 else data
+
+
+def _write_range(args: tuple[str, str, int, int, int]) -> int:
+    root, split, start, stop, offset = args
+    for i in range(start, stop):
+        folder = Path(root) / split / _class_name(i % CLASSES)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{split}-{offset + i:07d}.jpg").write_bytes(_picture(offset + i))
+    return stop - start
+
+
+def write_pictures(root: Path, split: str, count: int, offset: int, workers: int) -> None:
+    chunk = 20_000
+    jobs = [(str(root), split, s, min(s + chunk, count), offset) for s in range(0, count, chunk)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_range, jobs))
+
+
+def make_folder(root: Path, train: int, val: int, workers: int) -> Path:
+    """The folder, generated once: a marker names its size, and a folder of another size is made again."""
+    marker = root / "made.json"
+    wanted = {"train": train, "val": val, "classes": CLASSES}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return root / "data"
+    shutil.rmtree(root, ignore_errors=True)
+    started = time.perf_counter()
+    write_pictures(root / "data", "train", train, 0, workers)
+    write_pictures(root / "data", "val", val, 10_000_000, workers)
+    marker.write_text(json.dumps(wanted))
+    print(f"generated {train + val:,} pictures in {root / 'data'} in {time.perf_counter() - started:.0f} s", flush=True)
+    return root / "data"
+
+
+def grow_folder(data: Path, train: int, workers: int) -> int:
+    """1% more training pictures, as new files (named past every existing one)."""
+    extra = max(1, train // 100)
+    write_pictures(data, "train", extra, GROWN * 10_000_000, workers)
+    return extra
+
+
+# -- the steps (each in a child process) -------------------------------------------------------
+
+
+def _spec(data: Path):
+    from tnflow.tasks.config.options import DataConfig
+
+    return DataConfig.from_values({"data_dir": str(data), "image_size": 32, "valid_size": 0.05}).cache_spec()
+
+
+def _build(work: Path) -> dict:
+    from tnflow.tasks.cache.folder_cache import build_folder_cache
+    from tnflow.tasks.cache.h5cache import read_manifest
+
+    data = work / "data"
+    started = time.perf_counter()
+    info = build_folder_cache(data, _spec(data), work / "cache")
+    seconds = time.perf_counter() - started
+    (work / "cache.txt").write_text(info.path)
+    images = sum(info.counts.values())
+    summary = dict(info.summary)
+    return {
+        "seconds": seconds,
+        "images": images,
+        "rate": images / seconds,
+        "decoded": summary.get("decoded", images),
+        "cache_mb": Path(info.path).stat().st_size / 2**20,
+        "manifest_mb": len(json.dumps(read_manifest(info.path))) / 2**20,
+    }
+
+
+def step_prepare(work: Path) -> dict:
+    return _build(work)
+
+
+def step_rescan(work: Path) -> dict:
+    return _build(work)
+
+
+def step_grow(work: Path) -> dict:
+    return _build(work)
+
+
+def step_watch(work: Path) -> dict:
+    from datetime import UTC, datetime
+
+    from tnflow.tasks.release.watch import folder_changes
+    from tnflow.tasks.store.layout import champion_line, champion_record
+    from tnflow.tasks.store.records import ChampionRecord, write_champion_file
+
+    cache = (work / "first-cache.txt").read_text()
+    line = champion_line(work / "runs", "folder-scale")
+    record = champion_record(line / "current")
+    record.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).isoformat()
+    write_champion_file(record, ChampionRecord(run_id="scale", test_accuracy=0.5, cache=cache, promoted_at=now))
+    started = time.perf_counter()
+    changes = folder_changes(work / "data", work / "cache", work / "runs")
+    return {"seconds": time.perf_counter() - started, "new": changes.new, "known": changes.known}
+
+
+def _test_split(work: Path) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """(labels, constructed probabilities, file paths, class names) of the cache's test split."""
+    from tnflow.tasks.cache.contents import read_class_names, read_files
+    from tnflow.tasks.cache.h5cache import read_labels
+
+    cache = (work / "cache.txt").read_text()
+    labels = read_labels(cache, "test")
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(CLASSES, 0.05), len(labels)).astype(np.float32)
+    right = rng.random(len(labels)) < 0.7  # a model 70% right: its label gets most of the mass
+    probs[right] *= 0.3
+    probs[right, labels[right]] += 0.7
+    return labels, probs, read_files(cache, "test"), read_class_names(cache)
+
+
+def step_review(work: Path) -> dict:
+    from tnflow.tasks.release.review import ranked, screen
+
+    labels, probs, paths, names = _test_split(work)
+    started = time.perf_counter()
+    rows, why = screen(probs, labels, split="test", paths=paths, class_names=names)
+    ranked(rows)
+    return {"seconds": time.perf_counter() - started, "pictures": len(labels), "disputed": len(rows), "why": why}
+
+
+def step_gate(work: Path) -> dict:
+    from tnflow.tasks.release.significance import compare, detectable_gain
+
+    labels, probs, _, names = _test_split(work)
+    candidate = probs.argmax(axis=1)
+    champion = np.where(np.random.default_rng(1).random(len(labels)) < 0.9, candidate, (candidate + 1) % CLASSES)
+    started = time.perf_counter()
+    found = compare(candidate, champion, labels, names)
+    detectable_gain(len(labels), found.only_candidate + found.only_champion, 0.05)
+    return {"seconds": time.perf_counter() - started, "pictures": len(labels), "p": found.p_value}
+
+
+def step_drift(work: Path) -> dict:
+    from tnflow.tasks.release.drift import drift_rows, reference_of
+
+    _, probs, _, _ = _test_split(work)
+    started = time.perf_counter()
+    reference = reference_of(probs[: len(probs) // 2])
+    drift_rows(reference_of(probs[len(probs) // 2 :]), reference)
+    return {"seconds": time.perf_counter() - started, "pictures": len(probs)}
+
+
+def child(step: str, work: str) -> None:
+    result = globals()[f"step_{step}"](Path(work))
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({**result, "peak_rss_mb": own, "worker_rss_mb": workers}))
+
+
+def measure(step: str, work: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", step, str(work)], capture_output=True, text=True, env=os.environ
+    )
+    if done.returncode:
+        raise SystemExit(f"{step} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_size(root: Path, scale: float, steps: list[str], workers: int) -> dict[str, dict]:
+    train, val = round(TRAIN * scale), round(VAL * scale)
+    work = root / f"scale-{scale:g}"
+    data = make_folder(work, train, val, workers)
+    for grown in data.glob(f"train/*/train-{GROWN}*.jpg"):  # an earlier run's 1%: the folder as generated
+        grown.unlink()
+    shutil.rmtree(work / "cache", ignore_errors=True)  # its stat index too: the first build reads every file
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    results = {}
+    for step in steps:
+        if step == "grow":
+            grow_folder(work / "data", train, workers)
+        results[step] = measure(step, work)
+        if step == "prepare":
+            (work / "first-cache.txt").write_text((work / "cache.txt").read_text())
+        print(f"  {scale:g}: {step} {json.dumps(results[step])}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("/var/tmp/tnflow-scale"))
+    parser.add_argument("--scale", type=float, default=1.0, help="the large folder, as a share of ImageNet's size")
+    parser.add_argument("--fraction", type=float, default=0.1, help="the small folder, as a share of the large one")
+    parser.add_argument("--steps", default=",".join(STEPS))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating pictures")
+    args = parser.parse_args()
+    steps = [s for s in args.steps.split(",") if s]
+    small = run_size(args.root, args.scale * args.fraction, steps, args.workers)
+    large = run_size(args.root, args.scale, steps, args.workers)
+    print(f"\n{'step':<10}{'figure':<14}{'small':>14}{'large':>14}{'ratio':>8}")
+    for step in steps:
+        for key in ("seconds", "peak_rss_mb", "worker_rss_mb", "images", "decoded", "manifest_mb", "cache_mb"):
+            if key in large[step]:
+                a, b = small[step][key], large[step][key]
+                ratio = f"{b / a:.1f}x" if a else "-"
+                print(f"{step:<10}{key:<14}{a:>14,.1f}{b:>14,.1f}{ratio:>8}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main()
