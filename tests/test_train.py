@@ -21,6 +21,7 @@ from tnflow.tasks.cache.stage import build_cache
 from tnflow.tasks.config.backbones import PREPROCESSING
 from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
 from tnflow.tasks.core.errors import TnflowError
+from tnflow.tasks.store.records import TrainingState
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import train, training_dir
 from tnflow.tasks.training.validate import Tally, validate
@@ -334,7 +335,7 @@ def read_model_ok(path) -> bool:
 def test_pruning_keeps_exactly_what_the_state_names(tmp_path):
     for folder, epoch in [("models", 1), ("models", 3), ("checkpoints", 2), ("checkpoints", 3)]:
         (tmp_path / folder / f"epoch-{epoch}").mkdir(parents=True)
-    workdir.prune(tmp_path, {"best_epoch": 1, "epochs_done": 3})
+    workdir.prune(tmp_path, TrainingState(best_epoch=1, epochs_done=3))
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["epoch-1"], "the best model survives"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-3"]
 
