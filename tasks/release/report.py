@@ -83,16 +83,20 @@ def write_report(
     metrics: dict[str, Any],
     stages: list[dict[str, Any]],
     cache_path: str | Path,
+    data: dict[str, list[tuple]],
     device: str,
     promotion: dict[str, Any] | None = None,
     review: Review | None = None,
 ) -> tuple[dict[str, str], Document]:
-    """Write figures, report.md and report.html into `run_dir`; returns their paths and the document."""
+    """Write figures, report.md and report.html into `run_dir`; returns their paths and the document.
+
+    `data` is the cache's summary (`data_sections`), read once by the caller for metrics.json too.
+    """
     with full_disk_ends("writing the report", run_dir):
-        return _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion, review)
+        return _write_report(run_dir, config, history, metrics, stages, cache_path, data, device, promotion, review)
 
 
-def _write_report(run_dir, config, history, metrics, stages, cache_path, device, promotion, review):
+def _write_report(run_dir, config, history, metrics, stages, cache_path, data, device, promotion, review):
     run_dir = Path(run_dir)
     names = list(metrics["class_names"])
     disputed = list(review.top) if review else []
@@ -108,10 +112,10 @@ def _write_report(run_dir, config, history, metrics, stages, cache_path, device,
     }
     if shows_heatmap(names):  # else the report's table of the most confused pairs says it
         pngs["confusion_matrix"] = png(confusion_heatmap(metrics["confusion_matrix"], names))
-    for name, data in pngs.items():
+    for name, image in pngs.items():
         figure_file(run_dir, name).parent.mkdir(parents=True, exist_ok=True)
-        figure_file(run_dir, name).write_bytes(data)
-    document = report_document(config, history, metrics, stages, cache_path, device, promotion, review)
+        figure_file(run_dir, name).write_bytes(image)
+    document = report_document(config, history, metrics, stages, data, device, promotion, review)
     inline = {n: "data:image/png;base64," + base64.b64encode(d).decode() for n, d in pngs.items()}
     markdown_path, html_path = report_files(run_dir)
     write_atomic(markdown_path, render(document, "md", {n: figure_file("", n).as_posix() for n in pngs}))
@@ -123,12 +127,11 @@ _FIGURES = ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy")  # p
 LEARNING_CURVES = "Learning curves"  # the first section the report's artifact leaves out
 
 
-def report_document(config, history, metrics, stages, cache_path, device, promotion, review) -> Document:
+def report_document(config, history, metrics, stages, data, device, promotion, review) -> Document:
     """The run's report as data: the summary, then what to do next, the data, the stages, the figures."""
     best = max(history, key=lambda r: r["valid_accuracy"])
     names, calibration = metrics["class_names"], metrics["calibration"]
     count, scope = (review.count, review.scope) if review else (None, "held-out")
-    data = data_sections(cache_path)
     shown = (
         [(d.split, d.path or d.index, d.given, d.predicted, f"{d.confidence:.3f}") for d in review.top]
         if review
@@ -219,6 +222,7 @@ def report_task(
     metrics = test.read_figures()
     stages = stages_so_far()
     best = max(history, key=lambda r: r["valid_accuracy"])
+    data = data_sections(cache_path)  # the manifest read once, for metrics.json and the report
     whole = RunMetrics(
         **metrics,
         valid_accuracy=best["valid_accuracy"],
@@ -228,7 +232,7 @@ def report_task(
         promotion=promotion,
         device=device,  # what trained it: the GPU of the machine this run held, or the CPU
         cache=cache_path,
-        data=data_sections(cache_path),
+        data=data,
     )
     with full_disk_ends("writing the run's metrics", run):
         write_run_metrics(metrics_file(run), whole)
@@ -239,6 +243,7 @@ def report_task(
         metrics=metrics,
         stages=stages,
         cache_path=cache_path,
+        data=data,
         device=device,
         promotion=promotion,
         review=review,

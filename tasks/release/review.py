@@ -163,8 +163,9 @@ def review(
     `out_of_fold`'s cross-fitted probabilities when given. Writes the list into `run_dir`."""
     run_dir, kept = Path(run_dir), kept or {}
     rows, splits, unreviewed = [], HELD_OUT + (("train",) if out_of_fold else ()), []
+    class_names = read_class_names(cache_path)
     for split in splits:
-        labels, paths, class_names = _split_of(cache_path, split)
+        labels, paths = read_labels(cache_path, split), read_files(cache_path, split)
         if not len(labels):  # no validation split (--valid-size 0 is refused, but an old cache may have none)
             continue
         if split == "train":
@@ -186,11 +187,6 @@ def review(
 def ranked(rows: list[Disputed]) -> list[Disputed]:
     """Every split's disputed pictures in one list: the lowest normalised margin first."""
     return sorted(rows, key=lambda r: r.margin)
-
-
-def _split_of(cache_path: str | Path, split: str) -> tuple[np.ndarray, list[str], list[str]]:
-    """(labels, file paths or none, class names) of a split of the cache; a folder's paths under its root."""
-    return read_labels(cache_path, split), read_files(cache_path, split), read_class_names(cache_path)
 
 
 @task(name="label-review", cache_policy=NO_CACHE, **STAGE_RETRIES, **STAGE_HOOKS)
