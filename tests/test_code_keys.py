@@ -100,8 +100,8 @@ def test_a_cached_rerun_after_rewording_every_keyed_module_is_all_cached(prefect
     params = {
         "data_url": (tmp_path / "c10.tar.gz").as_uri(),
         "data_md5": data_md5,
-        # VGG19 at 32 px: its graph is built in half MobileNet's time, and building is most of a
-        # one-epoch run on 120 pictures (README.md, "Which model a test trains").
+        # VGG19 at 32 px: building the graph is most of one epoch on 120 pictures, and VGG19's is
+        # built faster than MobileNet's (README.md, "Which model a test trains").
         "model": "vgg19",
         "head": "gap",
         "weights": str(tmp_path / "vgg19.h5"),

@@ -199,7 +199,8 @@ def test_a_grid_on_a_work_pool_two_at_a_time_picks_by_validation_and_gates_only_
     sweep = [str(BIN / "tnflow"), "sweep", "--deployment", "transfer-learning/adhoc", "--parallel", "2"]
     sweep += ["--grid", "learning_rate=1e-4,1e-3,3e-3"]  # three trials: one waits for a turn
     sweep += ["--data-url", str(tmp_path / "c10.tar.gz"), "--data-md5", md5, "--valid-size", "20"]
-    # VGG19 at 32 px: six flow runs that each build its graph in half MobileNet's time.
+    # VGG19 at 32 px: one epoch on 40 pictures, where building the graph is most of the time, and
+    # VGG19's is built faster than MobileNet's (README.md, "Which model a test trains").
     sweep += ["--model", "vgg19", "--head", "gap", "--image-size", "32", "--epochs", "1", "--batch-size", "16"]
     sweep += ["--weights", str(tmp_path / "vgg19.h5"), "--weights-md5", weights_md5, "--export", "none"]
     sweep += ["--eval-batch-size", "64", "--gpu-slot", slot]
