@@ -93,8 +93,8 @@ def scan_folder(root: str | Path, index_path: Path | None = None) -> Scan:
         folders = [("", names.index(d.name), d) for d in subdirs]
     if len(names) < 2:
         raise DataError(f"{root} has {len(names)} class folder(s); a classifier needs at least 2 (DIR/<class>/<image>)")
-    files = [(pool, label, path) for pool, label, folder in folders for path in _files(folder, ignored, root)]
-    entries = _fingerprint(files, root, index_path)
+    files = [(pool, label, *file) for pool, label, folder in folders for file in _files(folder, ignored, root)]
+    entries = _fingerprint(files, index_path)
     scan = Scan(root, layout, tuple(names), entries, sorted(ignored))
     blob = json.dumps([layout, scan.manifest()]).encode()
     scan.version = hashlib.sha256(blob).hexdigest()
@@ -118,32 +118,38 @@ def _subdirs(folder: Path, ignored: list[str], root: Path) -> list[Path]:
     return found
 
 
-def _files(folder: Path, ignored: list[str], root: Path) -> Iterable[Path]:
+def _files(folder: Path, ignored: list[str], root: Path) -> Iterable[tuple[str, str]]:
+    """(relative POSIX path, absolute path) of every file under `folder`, as plain strings.
+
+    Strings, not `Path` objects: at a million files, making and relating two `Path`s per file was
+    two thirds of a re-scan (`benchmarks/bench_scale.py`).
+    """
+    prefix = len(os.path.join(str(root), ""))
     for current, dirs, names in os.walk(folder):
         links = [d for d in dirs if os.path.islink(os.path.join(current, d))]
         ignored += [f"{_rel(Path(current) / d, root)}/ (a linked folder, not followed)" for d in links]
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in links)
+        relative = current[prefix:].replace(os.sep, "/")
         for name in sorted(names):
-            path = Path(current) / name
             if name.startswith("."):
-                ignored.append(_rel(path, root))
+                ignored.append(shown_name(f"{relative}/{name}"))
             else:
-                yield path
+                yield f"{relative}/{name}", os.path.join(current, name)
 
 
-def _fingerprint(files: list[tuple[str, int, Path]], root: Path, index_path: Path | None) -> list[Entry]:
+def _fingerprint(files: list[tuple[str, int, str, str]], index_path: Path | None) -> list[Entry]:
     """Entries with content digests, read only for files the stat index has not seen as they are."""
     index = _read_index(index_path)
     new_index: dict[str, list] = {}
-    todo: list[tuple[int, Path]] = []
+    todo: list[tuple[int, str]] = []
     out: list[Entry | None] = []
-    for pool, label, path in files:
-        rel = _rel(path, root)
-        if not is_utf8(path.relative_to(root).as_posix()):
+    for pool, label, name, path in files:
+        rel = shown_name(name)
+        if rel != name:  # a name that is not UTF-8
             out.append(Entry(rel, label, pool, 0, "", "file name is not valid UTF-8; rename it"))
             continue
         try:
-            st = path.stat()
+            st = os.stat(path)
         except OSError as exc:
             out.append(Entry(rel, label, pool, 0, "", f"unreadable: {exc.strerror or exc}"))
             continue
@@ -173,7 +179,7 @@ def _fingerprint(files: list[tuple[str, int, Path]], root: Path, index_path: Pat
     return [e for e in out if e is not None]
 
 
-def _digest(path: Path) -> tuple[str, str]:
+def _digest(path: str) -> tuple[str, str]:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
