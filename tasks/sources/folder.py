@@ -145,7 +145,7 @@ def _fingerprint(files: list[tuple[str, int, str, str]], index_path: Path | None
     out: list[Entry | None] = []
     for pool, label, name, path in files:
         rel = shown_name(name)
-        if rel != name:  # a name that is not UTF-8
+        if not is_utf8(name):
             out.append(Entry(rel, label, pool, 0, "", "file name is not valid UTF-8; rename it"))
             continue
         try:
