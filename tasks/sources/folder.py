@@ -143,10 +143,9 @@ def _fingerprint(files: list[tuple[str, int, str, str]], index_path: Path | None
     new_index: dict[str, list] = {}
     todo: list[tuple[int, str]] = []
     out: list[Entry | None] = []
-    for pool, label, name, path in files:
-        rel = shown_name(name)
-        if not is_utf8(name):
-            out.append(Entry(rel, label, pool, 0, "", "file name is not valid UTF-8; rename it"))
+    for pool, label, rel, path in files:
+        if not is_utf8(rel):
+            out.append(Entry(shown_name(rel), label, pool, 0, "", "file name is not valid UTF-8; rename it"))
             continue
         try:
             st = os.stat(path)
