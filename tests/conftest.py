@@ -75,13 +75,16 @@ def _events_client_per_server(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
-    """One temporary Prefect server for every flow test; yields its API URL."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(prefect_server) -> Iterator[str]:
+    """The session's real server as this process's Prefect API, for flows run in-process; yields its URL.
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
+    One server per xdist worker for both kinds of test: Prefect's test harness started a second
+    one, 25-30 s of a busy 2-core machine per worker, for a database no test needs to itself.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["api"]}):
+        yield prefect_server["api"]
 
 
 @pytest.fixture

@@ -144,7 +144,11 @@ def test_deploy_and_run_through_a_worker(prefect_server, tmp_path):
         for r in rows
         if r is not bad
     )
-    (artifact,) = api_post(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["tnflow-batch-predict"]}}})
+    # This scoring run's artifact: flows run in-process by other tests of this worker report to the same server.
+    scorer = api_get(api, "/deployments/name/batch-predict/score-folder")
+    (scoring,) = api_post(api, "/flow_runs/filter", {"deployments": {"id": {"any_": [scorer["id"]]}}})
+    body = {"artifacts": {"key": {"any_": ["tnflow-batch-predict"]}, "flow_run_id": {"any_": [scoring["id"]]}}}
+    (artifact,) = api_post(api, "/artifacts/filter", body)
     table = json.loads(artifact["data"]) if isinstance(artifact["data"], str) else artifact["data"]
     assert sum(row["images"] for row in table) == len(rows) and {"class": "(unreadable)", "images": 1} in [
         {k: row[k] for k in ("class", "images")} for row in table
