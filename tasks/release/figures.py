@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
+
+
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend, imported when a figure is drawn.
+
+    Not at import: matplotlib costs a second of every process that imports the flows, most of
+    which (a killed run, a refused option, a cached stage) draw nothing, and choosing a backend
+    is a process-wide edit that importing a module must not make.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def learning_curves(history: list[dict[str, Any]]) -> plt.Figure:
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
     for axis, metric in ((loss, "loss"), (accuracy, "accuracy")):
@@ -53,6 +69,7 @@ def confused_pairs(confusion: list[list[int]], names: list[str], top: int = CONF
 
 
 def confusion_heatmap(confusion: list[list[int]], class_names: list[str]) -> plt.Figure:
+    plt = _pyplot()
     matrix = np.asarray(confusion)
     size = max(4.0, min(14.0, 0.45 * len(class_names) + 2))
     fig, axis = plt.subplots(figsize=(size, size * 0.85))
@@ -83,6 +100,7 @@ def sample_grid(images: np.ndarray, samples: list[dict[str, Any]], class_names: 
 
 def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.Figure:
     """A panel per varied option: each finished trial's validation accuracy at its value of that option."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(options), figsize=(4.2 * len(options), 3.4), squeeze=False)
     for axis, name in zip(axes[0], options, strict=True):
         values = [trial["options"][name] for trial in trials]
@@ -107,6 +125,7 @@ def picture_grid(
     images: list[np.ndarray], captions: list[str], columns: int = 4, height: float = 3.2, empty: str = ""
 ) -> plt.Figure:
     """Pictures with a caption each, `height` inches a row; `empty` is said when there are none."""
+    plt = _pyplot()
     rows = max(1, -(-len(images) // columns))
     # Constrained layout reserves room for each caption, so captions never reach the row above.
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, height * rows), squeeze=False, layout="constrained")
@@ -122,6 +141,7 @@ def picture_grid(
 
 def reliability_diagram(calibration: dict[str, Any]) -> plt.Figure:
     """Accuracy against confidence per bin, raw and with the temperature; the diagonal is calibrated."""
+    plt = _pyplot()
     fig, axis = plt.subplots(figsize=(4.6, 4.2))
     axis.plot([0, 1], [0, 1], "k:", label="calibrated")
     for key, label in (("before", "raw softmax"), ("after", f"T = {calibration['temperature']:.2f}")):
@@ -142,6 +162,7 @@ def reliability_diagram(calibration: dict[str, Any]) -> plt.Figure:
 
 def png(fig: plt.Figure) -> bytes:
     """The figure as PNG bytes; the figure is closed (pyplot keeps every open figure alive)."""
+    plt = _pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)

@@ -25,11 +25,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binom, binomtest
 
 POWER = 0.8  # the detectable gain: the smallest one the test finds 4 times out of 5
 WORTH_SAYING = 0.05  # a split that cannot see 5 points is too small to leave unsaid
 Z95 = 1.959964  # two-sided 95% normal quantile
+
+# scipy.stats is imported where a test is computed, not with this module: it costs two seconds
+# of every process that imports the flows (a killed run, a refused option, a cached stage),
+# and most never compare two models.
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Comparison:
 
 def mcnemar_exact(only_candidate: int, only_champion: int) -> float:
     """Two-sided exact p-value: P(a split of the discordant images at least this uneven | equal models)."""
+    from scipy.stats import binomtest
+
     n = only_candidate + only_champion
     return float(binomtest(only_candidate, n, 0.5).pvalue) if n else 1.0
 
@@ -91,6 +96,8 @@ class Baseline:
 
 def against_baseline(correct: int, labels: np.ndarray, class_names: list[str] | tuple[str, ...]) -> Baseline:
     """`correct` right answers on the test split of `labels` against the majority-class baseline."""
+    from scipy.stats import binomtest
+
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
     majority, total = int(counts.argmax()), int(counts.sum())
     share = counts[majority] / total if total else 1.0
@@ -100,6 +107,8 @@ def against_baseline(correct: int, labels: np.ndarray, class_names: list[str] | 
 
 def _power_above(threshold: int, trials: int, low: float) -> float | None:
     """The smallest success probability p > low with P(X >= threshold | trials, p) >= POWER (None: not even p = 1)."""
+    from scipy.stats import binom
+
     if threshold > trials:
         return None
     high = 1.0
@@ -116,6 +125,8 @@ def detectable_gain(images: int, disagreements: int, alpha: float) -> float | No
     with that many of them means the candidate wins a share (1 + g * images / disagreements) / 2
     of them; the smallest share whose exact test rejects 80% of the time gives g.
     """
+    from scipy.stats import binom
+
     if not disagreements or not images:
         return None
     threshold = int(binom.isf(alpha / 2, disagreements, 0.5)) + 1  # candidate's wins that reject equality
@@ -127,6 +138,8 @@ def detectable_gain(images: int, disagreements: int, alpha: float) -> float | No
 
 def detectable_over_baseline(images: int, baseline: float, alpha: float) -> float | None:
     """Smallest gain over a fixed baseline accuracy the one-sided binomial test finds with 80% power."""
+    from scipy.stats import binom
+
     if not images or baseline >= 1:
         return None
     threshold = int(binom.isf(alpha, images, baseline)) + 1  # right answers that reject "no better"
