@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.complexity import assert_linear
 from tests.folders import make_folder, make_split_folder, picture
 from tnflow.tasks.cache.folder_cache import build_folder_cache
 from tnflow.tasks.cache.h5cache import read_manifest, training_content
@@ -238,6 +239,55 @@ def test_growing_folder_decodes_only_new_images_and_keeps_every_split(tmp_path, 
     # Unchanged: the same file, found after a stat walk that reads no file.
     monkeypatch.setattr(folder_module, "_digest", lambda path: pytest.fail(f"{path} was read again"))
     assert build(data, cache).path == third.path
+
+
+def test_a_rescan_and_the_sticky_split_plan_are_one_pass_over_the_pictures(tmp_path):
+    """A re-scan (a stat walk against the index) and the split plan (half the pictures placed before), pinned linear.
+
+    At ImageNet's size both run on 1.28 million pictures for every watch and every build;
+    `benchmarks/bench_scale.py` measures them there.
+    """
+    from tnflow.tasks.sources.folder_splits import plan_splits
+
+    def folder(n: int) -> Path:
+        root = tmp_path / f"folder-{n}"
+        for i in range(n):
+            path = root / f"class-{i % 10}" / f"{i:06d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(f"picture {i}".encode())
+        return root
+
+    def rescan(n: int):
+        root, index = folder(n), tmp_path / f"index-{n}.json"
+        scan_folder(root, index)  # the first scan reads every file; the pinned one reads none
+        return lambda: scan_folder(root, index)
+
+    def plan(n: int):
+        scan = scan_folder(tmp_path / f"folder-{n}")
+        folder_spec = spec(scan.root)
+        placed = list(plan_splits(scan, folder_spec).assignment.items())
+        return lambda: plan_splits(scan, folder_spec, dict(placed[: n // 2]))
+
+    assert_linear(rescan, 300)
+    assert_linear(plan, 300)
+
+
+@pytest.mark.slow  # decodes 1,500 pictures in two folders: 15 s
+def test_a_build_after_one_percent_more_pictures_is_one_pass_over_the_folder(tmp_path):
+    """Which rows the previous version lends is a lookup by content digest, not a search: pinned linear.
+
+    The work counted is this process's (scan, plan, diff against the previous version, the
+    copying of its rows, the manifest); decoding the new pictures happens in the pool's processes.
+    """
+
+    def grown(n: int):
+        data, cache = tmp_path / f"data-{n}", tmp_path / f"cache-{n}"
+        make_folder(data, classes=2, per_class=n // 2)
+        build(data, cache)
+        make_folder(data, classes=2, per_class=max(1, n // 200), start=n // 2)  # 1% more
+        return lambda: build(data, cache)
+
+    assert_linear(grown, 300)
 
 
 def test_a_subset_build_does_not_unpin_the_splits(tmp_path):

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.complexity import assert_linear
 from tests.fakes import make_archive
 from tests.png16 import write_png16
 from tests.readers import load_rgb
 from tnflow.flows.cli.main import main
 from tnflow.tasks.cache.stage import build_cache
 from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings
-from tnflow.tasks.release.predict import load_image
+from tnflow.tasks.release.predict import load_image, write_predictions, write_to_label
 from tnflow.tasks.sources.images import ImageError
 from tnflow.tasks.training.train import train
 from tnflow.tasks.training.validate import validate
@@ -299,6 +300,39 @@ def test_a_directory_that_is_not_a_model(tmp_path, capsys):
 def test_a_bad_batch_size(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "x.png", "--batch-size", "0"]) == 2
     assert "--batch-size must be an integer of at least 1" in capsys.readouterr().err
+
+
+def test_the_csv_and_the_pictures_to_label_are_one_pass_over_the_scored_pictures(tmp_path):
+    """`predict --out` and the batch job on 50,000 pictures: rows, counts, least-confident list, pinned linear."""
+    rng = np.random.default_rng(0)
+
+    def scoring(n: int):
+        confidence = rng.random(n)
+        results = [
+            {"image": f"/inbox/{i:06d}.jpg", "error": "not an image"}
+            if i % 97 == 0
+            else {
+                "image": f"/inbox/{i:06d}.jpg",
+                "top": [{"class": f"class-{(i + k) % 10}", "probability": confidence[i] / (k + 1)} for k in range(3)],
+                "margin": confidence[i] / 2,
+                "entropy": 1 - confidence[i],
+            }
+            for i in range(n)
+        ]
+
+        def write() -> None:
+            seen: list = []
+            write_predictions(results, tmp_path / f"scores-{n}.csv", seen)
+            write_to_label(seen, tmp_path / f"label-{n}.csv", 50)
+
+        return write
+
+    assert_linear(scoring, 2000)
+    rows = list(csv.DictReader((tmp_path / "scores-8000.csv").open()))
+    assert len(rows) == 8000 and sum(bool(r["error"]) for r in rows) == len(range(0, 8000, 97))
+    least = list(csv.DictReader((tmp_path / "label-8000.csv").open()))
+    readable = sorted(float(r["probability"]) for r in rows if not r["error"])
+    assert [float(r["probability"]) for r in least] == pytest.approx(readable[:50], abs=1e-6)
 
 
 # -- every image mode --------------------------------------------------------------------
