@@ -231,12 +231,20 @@ def measure(step: str, work: Path) -> dict:
 
 def run_size(root: Path, scale: float, classes: int, steps: list[str], workers: int) -> dict[str, dict]:
     train, val = round(TRAIN * scale), round(VAL * scale)
+    if val < 2 * classes:
+        raise SystemExit(
+            f"--scale {scale:g} gives {val:,} test pictures for {classes:,} classes, fewer than two a class: "
+            f"pass --classes {max(2, val // 2)} or fewer"
+        )
     work = root / f"scale-{scale:g}-{classes}"
     data = make_folder(work, train, val, classes, workers)
-    for grown in data.glob(f"train/*/train-{GROWN}*.jpg"):  # an earlier run's 1%: the folder as generated
-        grown.unlink()
-    shutil.rmtree(work / "cache", ignore_errors=True)  # its stat index too: the first build reads every file
-    shutil.rmtree(work / "runs", ignore_errors=True)
+    if "prepare" in steps:  # from the folder as generated, with nothing built
+        for grown in data.glob(f"train/*/train-{GROWN}*.jpg"):  # an earlier run's 1%
+            grown.unlink()
+        shutil.rmtree(work / "cache", ignore_errors=True)  # its stat index too: the first build reads every file
+        shutil.rmtree(work / "runs", ignore_errors=True)
+    elif not (work / "first-cache.txt").is_file():
+        raise SystemExit(f"{work} has no cache yet: run with --steps prepare first (the others measure against it)")
     results = {}
     for step in steps:
         if step == "grow":
