@@ -12,6 +12,12 @@ of its own (peak RSS is the step's, its decoding workers included), at 32 px:
   review    the label review's screen on the test split, from constructed probabilities
   gate      the champion gate's comparison on the test split, from constructed predictions
   drift     the drift table of the test split's probabilities against a reference
+  run       `tnflow run` on the folder: VGG19 (gap head, random weights) one epoch on `--limit-train`
+            pictures (two a class), then validation, the label review and the report on the whole
+            test and validation splits, at every class (the stages' own timings from metrics.json)
+  report    that run's report written again from its metrics.json (the data summary read from the
+            cache, the tables and figures at every class; the disputed pictures left out)
+  predict   `tnflow predict MODEL val/ --out p.csv` with that run's model: every test picture scored
 
 Each figure is printed beside the same step on the folder at `--fraction` of the size (one
 tenth by default), with the ratio: linear steps stay near 1/fraction (10x), and the issue's
@@ -40,7 +46,10 @@ import numpy as np
 TRAIN, VAL, CLASSES = 1_281_167, 50_000, 1_000
 CORRUPT_EVERY = 50_000  # one truncated file in this many
 GROWN = 2  # the first digit of the pictures `grow` adds (train-2xxxxxxx.jpg)
-STEPS = ("prepare", "rescan", "grow", "watch", "review", "gate", "drift")
+STAGE_FIGURES = ("validate_s", "label-review_s")  # the run's stages, from its metrics.json
+FIGURES = ("seconds", *STAGE_FIGURES, "peak_rss_mb", "worker_rss_mb", "images", "decoded", "pictures")
+FIGURES += ("manifest_mb", "cache_mb", "csv_mb", "html_mb")  # printed side by side, where a step has them
+STEPS = ("prepare", "rescan", "grow", "watch", "review", "gate", "drift", "run", "report", "predict")
 
 
 # -- the folder -----------------------------------------------------------------------------
@@ -213,6 +222,62 @@ def step_drift(work: Path) -> dict:
     return {"seconds": time.perf_counter() - started, "pictures": len(probs)}
 
 
+def _tnflow(*args: str) -> tuple[float, str]:
+    """A `tnflow` command as a user runs it (its peak RSS is the step's `worker_rss_mb`); wall time and output."""
+    command = [str(Path(sys.executable).with_name("tnflow")), *args]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)  # the user's Prefect API, or a temporary server
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started, done.stdout
+
+
+def step_run(work: Path) -> dict:
+    data = work / "data"
+    classes = len([d for d in (data / "train").iterdir() if d.is_dir()])
+    seconds, out = _tnflow(
+        "run", "--data-dir", str(data), "--image-size", "32", "--valid-size", "0.05", "--limit-train",
+        str(2 * classes), "--model", "vgg19", "--head", "gap", "--weights", "none", "--epochs", "1",
+        "--export", "none", "--no-promote", "--cache-dir", str(work / "cache"), "--output-dir", str(work / "runs"),
+    )  # fmt: skip
+    run = Path(out.strip().splitlines()[-1])
+    (work / "run.txt").write_text(str(run))
+    metrics = json.loads((run / "metrics.json").read_text())
+    stages = {t["name"]: t["seconds"] for t in metrics["timings"]}
+    shown = ("validate", "label-review")  # the report writes the timings: `report` times it
+    return {"seconds": seconds, "pictures": metrics["num_test"]} | {f"{k}_s": stages[k] for k in shown if k in stages}
+
+
+def step_report(work: Path) -> dict:
+    from tnflow.tasks.release.data_summary import data_sections
+    from tnflow.tasks.release.report import write_report
+
+    run = Path((work / "run.txt").read_text())
+    saved = json.loads((run / "metrics.json").read_text())
+    figures = ("test_accuracy", "test_loss", "num_test", "class_names", "per_class_accuracy", "confusion_matrix")
+    metrics = {k: saved[k] for k in (*figures, "samples", "calibration")}
+    out = work / "report-again"
+    out.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    data = data_sections(saved["cache"])
+    paths, _ = write_report(
+        out, config=saved["config"], history=saved["history"], metrics=metrics, stages=saved["timings"],
+        cache_path=saved["cache"], data=data, device=saved["device"], promotion=saved["promotion"],
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    sizes = {k: Path(v).stat().st_size / 2**20 for k, v in paths.items()}
+    return {"seconds": seconds, "classes": len(metrics["class_names"]), "html_mb": sizes["html"]}
+
+
+def step_predict(work: Path) -> dict:
+    run = Path((work / "run.txt").read_text())
+    out = work / "predictions.csv"
+    seconds, _ = _tnflow("predict", str(run / "model"), str(work / "data" / "val"), "--out", str(out))
+    with open(out) as rows:
+        scored = sum(1 for _ in rows) - 1
+    return {"seconds": seconds, "pictures": scored, "rate": scored / seconds, "csv_mb": out.stat().st_size / 2**20}
+
+
 def child(step: str, work: str) -> None:
     result = globals()[f"step_{step}"](Path(work))
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -270,7 +335,7 @@ def main() -> None:
     large = run_size(args.root, args.scale, args.classes, steps, args.workers)
     print(f"\n{'step':<10}{'figure':<14}{'small':>14}{'large':>14}{'ratio':>8}")
     for step in steps:
-        for key in ("seconds", "peak_rss_mb", "worker_rss_mb", "images", "decoded", "manifest_mb", "cache_mb"):
+        for key in FIGURES:
             if key in large[step]:
                 a, b = small[step][key], large[step][key]
                 ratio = f"{b / a:.1f}x" if a else "-"
