@@ -160,3 +160,18 @@ def test_folds_of_many_pictures_take_linear_time():
 
     small, big = min(seconds(100_000) for _ in range(3)), min(seconds(1_000_000) for _ in range(3))
     assert big < 30 * small, f"10x the pictures took {big / small:.0f}x the time"
+
+
+def test_each_image_is_found_at_its_byte_offset_and_a_chunk_never_written_means_no_offsets(tmp_path):
+    from tnflow.tasks.cache.h5cache import image_offsets
+
+    path = tmp_path / "images.h5"
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset("images", (10, 4, 4, 3), np.uint8, chunks=(4, 4, 4, 3))
+        images[0:4], images[8:10] = 1, 2  # rows 4-7, the second chunk, never written
+        assert image_offsets(images) is None
+        images[4:8] = np.arange(4 * 48, dtype=np.uint8).reshape(4, 4, 4, 3)
+        offsets = image_offsets(images)
+        expected = images[:]
+    raw = path.read_bytes()
+    assert [raw[o : o + 48] for o in offsets] == [row.tobytes() for row in expected]
