@@ -45,6 +45,7 @@ import numpy as np
 
 TRAIN, VAL, CLASSES = 1_281_167, 50_000, 1_000
 CORRUPT_EVERY = 50_000  # one truncated file in this many
+VALID_SIZE = 0.05  # every build's and the run's: one lineage, so the run's cache reuses the pixels
 GROWN = 2  # the first digit of the pictures `grow` adds (train-2xxxxxxx.jpg)
 STAGE_FIGURES = ("validate_s", "label-review_s")  # the run's stages, from its metrics.json
 FIGURES = ("seconds", *STAGE_FIGURES, "peak_rss_mb", "worker_rss_mb", "images", "decoded", "pictures")
@@ -119,7 +120,7 @@ def grow_folder(data: Path, train: int, classes: int, workers: int) -> int:
 def _spec(data: Path):
     from tnflow.tasks.config.options import DataConfig
 
-    return DataConfig.from_values({"data_dir": str(data), "image_size": 32, "valid_size": 0.05}).cache_spec()
+    return DataConfig.from_values({"data_dir": str(data), "image_size": 32, "valid_size": VALID_SIZE}).cache_spec()
 
 
 def _build(work: Path) -> dict:
@@ -242,7 +243,7 @@ def step_run(work: Path) -> dict:
     data = work / "data"
     classes = len([d for d in (data / "train").iterdir() if d.is_dir()])
     seconds, out = _tnflow(
-        "run", "--data-dir", str(data), "--image-size", "32", "--valid-size", "0.05", "--limit-train",
+        "run", "--data-dir", str(data), "--image-size", "32", "--valid-size", str(VALID_SIZE), "--limit-train",
         str(2 * classes), "--model", "vgg19", "--head", "gap", "--weights", "none", "--epochs", "1",
         "--export", "none", "--no-promote", "--cache-dir", str(work / "cache"), "--output-dir", str(work / "runs"),
     )  # fmt: skip

@@ -61,11 +61,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _events_client_per_server(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a test that ran flows in this process against a real server, let go of its events client.
+    """After a test that may have sent this process's events to another server, let go of its events client.
 
     Prefect's events client is one per process, bound to the API it first sent to; left bound
-    to a real server's API, every later flow's events (the task runs the session's test server
-    should record) would fail to send.
+    to a temporary or stopped server's API (the GPU-slot and crash tests make them), every
+    later flow's events (the task runs the worker's server should record) would fail to send.
     """
     yield
     if "prefect_server" in request.fixturenames:

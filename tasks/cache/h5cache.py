@@ -312,19 +312,16 @@ def image_offsets(images: h5py.Dataset) -> np.ndarray | None:
     if images.id.get_create_plist().get_nfilters():
         return None
     per_chunk = images.chunks[0]
-    starts = np.full(-(-count // per_chunk), -1, np.int64)
-    partial = []
+    starts = np.full(-(-count // per_chunk), -1, np.int64)  # -1: no whole raw chunk holds these rows
 
     def visit(info: h5py.h5d.StoreInfo) -> None:
-        if info.filter_mask or info.size != per_chunk * image_bytes:
-            partial.append(info.chunk_offset)
-        else:
+        if not info.filter_mask and info.size == per_chunk * image_bytes:
             starts[info.chunk_offset[0] // per_chunk] = info.byte_offset
 
     # One walk of HDF5's chunk index. `get_chunk_info(i)` walks it from the start for each i:
     # 73 s for the 38,415 chunks of ImageNet's training split, 0.08 s this way.
     images.id.chunk_iter(visit)
-    if partial or (starts < 0).any():
+    if (starts < 0).any():
         return None
     rows = np.arange(count)
     return starts[rows // per_chunk] + (rows % per_chunk) * image_bytes
