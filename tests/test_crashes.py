@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 
+import httpx
 import psutil
 import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
@@ -329,6 +330,26 @@ def test_a_temporary_server_that_cannot_write_its_home_says_why_in_one_line(tmp_
         "the temporary Prefect server did not start (it exited with code 3: OperationalError: unable to open "
         f"database file; PREFECT_HOME is {home}); run one that stays"
     ), raised.value
+
+
+def test_health_checks_share_one_client(file_server, monkeypatch):
+    """A client per check loaded the certificate bundle every 0.2 s while a server started: 4-7 s of a run's CPU."""
+    made = []
+    real_init = httpx.Client.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "__init__", counted)
+    prefect_server._health_client.cache_clear()
+    file_server.files["api/health"] = b"true"
+    api = file_server.url("api")
+    assert [prefect_server.healthy(api) for _ in range(20)] == [True] * 20
+    file_server.stop()
+    assert not prefect_server.healthy(api), "gone"
+    assert len(made) == 1, f"{len(made)} clients for 21 checks"
+    prefect_server._health_client.cache_clear()
 
 
 def test_progress_for_the_ui_never_waits_on_the_server_and_its_last_value_arrives(monkeypatch):
