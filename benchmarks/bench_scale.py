@@ -6,6 +6,9 @@ pixels a side, varied aspect ratios, a few truncated ones) in 1,000 class folder
 of its own (peak RSS is the step's, its decoding workers included), at 32 px:
 
   prepare   `build_folder_cache`: the first build (scan, digest, split, decode, write)
+  dask      the first build again on a local Dask cluster (two worker processes of one thread,
+            `--dask-address`): its time beside `prepare`'s, the workers' decoding time, and whether
+            its pictures, labels and digests are the first build's, byte for byte
   rescan    the same build again, nothing changed (the stat index: no file read)
   grow      1% more pictures, then the build (incremental: only the new ones decoded)
   watch     `folder_changes` against a champion of the folder (what the watcher scans)
@@ -49,8 +52,9 @@ VALID_SIZE = 0.05  # every build's and the run's: one lineage, so the run's cach
 GROWN = 2  # the first digit of the pictures `grow` adds (train-2xxxxxxx.jpg)
 STAGE_FIGURES = ("validate_s", "label-review_s")  # the run's stages, from its metrics.json
 FIGURES = ("seconds", *STAGE_FIGURES, "peak_rss_mb", "worker_rss_mb", "images", "decoded", "pictures")
+FIGURES += ("speed_up", "overhead_s", "cluster_start_s", "compute_s", "busy_share", "same_bytes")  # Dask's
 FIGURES += ("manifest_mb", "cache_mb", "csv_mb", "html_mb")  # printed side by side, where a step has them
-STEPS = ("prepare", "rescan", "grow", "watch", "review", "gate", "drift", "run", "report", "predict")
+STEPS = ("prepare", "dask", "rescan", "grow", "watch", "review", "gate", "drift", "run", "report", "predict")
 
 
 # -- the folder -----------------------------------------------------------------------------
@@ -285,6 +289,56 @@ def step_predict(work: Path) -> dict:
     return {"seconds": seconds, "pictures": scored, "rate": scored / seconds, "csv_mb": out.stat().st_size / 2**20}
 
 
+def step_dask(work: Path) -> dict:
+    """The first build on a two-worker Dask cluster on this machine, into a cache of its own."""
+    import dask
+    import h5py
+    from distributed import Client, LocalCluster
+
+    dask.config.set({"distributed.scheduler.dashboard.tasks.task-stream-length": 1_000_000})  # every task recorded
+
+    from tnflow.tasks.cache.folder_cache import build_folder_cache
+
+    data, cache = work / "data", work / "cache-dask"
+    if not (work / "prepare.json").is_file() or next(data.glob(f"train/*/train-{GROWN}*.jpg"), None):
+        raise SystemExit("dask measures against the first build of the folder as generated: --steps prepare,dask")
+    shutil.rmtree(cache, ignore_errors=True)  # no stat index: every file read, as the first build did
+    started = time.perf_counter()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        cluster_start = time.perf_counter() - started
+        with Client(cluster) as client:
+            client.get_task_stream()  # starts the scheduler's record of every task's compute time
+            started = time.perf_counter()
+            info = build_folder_cache(data, _spec(data), cache, dask_address=cluster.scheduler_address)
+            seconds = time.perf_counter() - started
+            stream = client.get_task_stream()
+    compute = sum(
+        part["stop"] - part["start"] for task in stream for part in task["startstops"] if part["action"] == "compute"
+    )
+    first = (work / "first-cache.txt").read_text()
+    with h5py.File(first, "r") as a, h5py.File(info.path, "r") as b:
+        same = all(
+            np.array_equal(a[f"{split}/{name}"][:], b[f"{split}/{name}"][:])
+            for split in ("train", "valid", "test")
+            for name in ("images", "labels", "digests")
+        )
+    shutil.rmtree(cache, ignore_errors=True)  # a second cache of the folder's size is not kept
+    images = sum(info.counts.values())
+    local = json.loads((work / "prepare.json").read_text())["seconds"]  # the same build on local processes
+    return {
+        "seconds": seconds,
+        "speed_up": local / seconds,
+        "overhead_s": seconds - local,
+        "busy_share": compute / (2 * seconds),  # of the two workers' time, the share spent decoding
+        "cluster_start_s": cluster_start,
+        "compute_s": compute,
+        "tasks": len(stream),
+        "images": images,
+        "rate": images / seconds,
+        "same_bytes": float(same),
+    }
+
+
 def child(step: str, work: str) -> None:
     result = globals()[f"step_{step}"](Path(work))
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -324,6 +378,7 @@ def run_size(root: Path, scale: float, classes: int, steps: list[str], workers: 
         results[step] = measure(step, work)
         if step == "prepare":
             (work / "first-cache.txt").write_text((work / "cache.txt").read_text())
+            (work / "prepare.json").write_text(json.dumps(results[step]))
         print(f"  {scale:g}: {step} {json.dumps(results[step])}", flush=True)
     return results
 
@@ -345,7 +400,7 @@ def main() -> None:
         for key in FIGURES:
             if key in large[step]:
                 a, b = small[step][key], large[step][key]
-                ratio = f"{b / a:.1f}x" if a else "-"
+                ratio = f"{b / a:.1f}x" if a > 0 else "-"
                 print(f"{step:<10}{key:<14}{a:>14,.1f}{b:>14,.1f}{ratio:>8}")
 
 

@@ -90,9 +90,9 @@ def describe_devices(
 def session_config(*, xla: bool = False, mixed_precision: bool = False) -> tf1.ConfigProto:
     """The float16 rewrite is on only when asked and off otherwise, whatever else the process did.
 
-    Grappler optimises each graph once, not twice (its default): the second pass cost MobileNetV2
-    0.35's training graph 4.5 s at every start (14.3 s -> 9.8 s before the first epoch's end) for
-    the same losses to the last digit and no slower steps (benchmarks/README.md, "Grappler").
+    Grappler optimises each graph once, not twice (its default): the second pass cost a MobileNetV2
+    0.35 run 3.5 s at every start (14.6 s -> 11.1 s over its 26 graphs) for the same losses to the
+    last printed digit and no slower steps (benchmarks/README.md, "Grappler: one pass").
     """
     config = tf1.ConfigProto(allow_soft_placement=True)
     config.gpu_options.allow_growth = True
