@@ -295,7 +295,7 @@ def step_dask(work: Path) -> dict:
     import h5py
     from distributed import Client, LocalCluster
 
-    dask.config.set({"distributed.scheduler.dashboard.tasks.task-stream-length": 1_000_000})  # every task recorded
+    dask.config.set(distributed__scheduler__dashboard__tasks__task_stream_length=1_000_000)  # every task recorded
 
     from tnflow.tasks.cache.folder_cache import build_folder_cache
 
