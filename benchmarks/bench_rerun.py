@@ -86,7 +86,8 @@ def main() -> None:
         _, md5 = make_archive(root / "c10.tar.gz", n_train=200, n_test=40)
         base = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TNFLOW_LOCK_DIR": str(root)}
         base.pop("PREFECT_API_URL", None)
-        server = start_prefect_server(_fresh(root / "server-home"), free_port())
+        (root / "server-home").mkdir()
+        server = start_prefect_server(root / "server-home", free_port())
         backends = {
             "running server": {**server.env, **base, "PREFECT_API_URL": server.api, "PREFECT_HOME": str(root / "a")},
             "temporary server": {**base, "PREFECT_HOME": str(root / "b")},
@@ -111,11 +112,6 @@ def main() -> None:
         for stage, seconds in rows:
             print(f"{stage:52} {seconds:>7.2f}")
         print(f"{'(the peer) ' + floor_rows[0][0]:52} {floor_rows[0][1]:>7.2f}")
-
-
-def _fresh(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path
 
 
 if __name__ == "__main__":
