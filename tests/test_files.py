@@ -1,5 +1,6 @@
 """Shared file mechanics: a waiting run says for whom; a full disk is one line, never retried."""
 
+import contextvars
 import errno
 import logging
 import subprocess
@@ -47,7 +48,9 @@ def test_a_waiting_run_names_the_run_it_waits_for(prefect_api, tmp_path, monkeyp
             if "still waiting" in record.getMessage():
                 release.set()
 
-    thread = threading.Thread(target=holder)
+    # In a copy of this context: a bare thread does not see the session server's settings
+    # (they are a context variable), and its flow started a temporary server of its own.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(holder,))
     thread.start()
     assert holding.wait(60)
     released = ReleaseOnceStillWaiting()

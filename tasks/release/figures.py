@@ -121,21 +121,36 @@ def accuracy_by_option(trials: list[dict[str, Any]], options: list[str]) -> plt.
     return fig
 
 
+CAPTION_POINTS = 8
+
+
 def picture_grid(
     images: list[np.ndarray], captions: list[str], columns: int = 4, height: float = 3.2, empty: str = ""
 ) -> plt.Figure:
-    """Pictures with a caption each, `height` inches a row; `empty` is said when there are none."""
+    """Pictures with a caption each, `height` inches a row; `empty` is said when there are none.
+
+    Each row keeps room above its pictures for the longest caption's lines, so a caption never
+    reaches the row above. Placed by arithmetic, not by matplotlib's constrained layout, which
+    solved the same thing iteratively in 0.7 s of every grid (two per report).
+    """
     plt = _pyplot()
     rows = max(1, -(-len(images) // columns))
-    # Constrained layout reserves room for each caption, so captions never reach the row above.
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, height * rows), squeeze=False, layout="constrained")
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, image, caption in zip(axes.ravel(), images, captions, strict=False):
+    width, total = 3.0 * columns, height * rows
+    fig = plt.figure(figsize=(width, total))
+    lines = max((caption.count("\n") + 1 for caption in captions), default=1)
+    pad = 4.0  # points between a caption and its picture
+    caption = (lines * CAPTION_POINTS * 1.25 + pad) / 72 + 0.1  # inches, with a margin above
+    side = max(0.5, min(3.0 - 0.2, height - caption - 0.1))
+    for i, (image, text) in enumerate(zip(images, captions, strict=False)):
+        row, column = divmod(i, columns)
+        left = column * 3.0 + (3.0 - side) / 2
+        bottom = total - row * height - caption - side
+        axis = fig.add_axes((left / width, bottom / total, side / width, side / total))
         axis.imshow(image)
-        axis.set_title(caption, fontsize=8)
+        axis.set_title(text, fontsize=CAPTION_POINTS, pad=pad)
+        axis.axis("off")
     if not images and empty:
-        axes[0][0].text(0, 0.5, empty, fontsize=10)
+        fig.text(0.02, 0.5, empty, fontsize=10)
     return fig
 
 
