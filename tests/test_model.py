@@ -213,6 +213,25 @@ def test_xla_compiles_training_sessions_only():
     assert session_config().graph_options.optimizer_options.global_jit_level != on
 
 
+def test_a_graph_on_the_cpu_skips_grapplers_gpu_only_passes(monkeypatch):
+    """Layout (NCHW for cuDNN) and memory (swapping to the host) change nothing on the CPU and cost its start."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    import tnflow.tasks.tf.sessions as sessions
+
+    rewrite = rewriter_config_pb2.RewriterConfig
+    cpu = session_config(gpu=False).graph_options.rewrite_options
+    assert (cpu.layout_optimizer, cpu.memory_optimization) == (rewrite.OFF, rewrite.NO_MEM_OPT)
+    gpu = session_config().graph_options.rewrite_options
+    assert (gpu.layout_optimizer, gpu.memory_optimization) == (rewrite.DEFAULT, rewrite.DEFAULT_MEM_OPT)
+    asked = []
+    monkeypatch.setattr(sessions, "session_config", lambda **kw: asked.append(kw["gpu"]) or session_config(**kw))
+    for device in ("/CPU:0", "/device:GPU:0"):  # a GPU tower's graph is only built here, never run
+        net = build(ModelSpec("vgg19", "gap", 2, 32), device=device)
+        sessions.open_session(net).close()
+    assert asked == [False, True]
+
+
 def test_the_log_says_what_runs_where():
     from tnflow.tasks.tf.sessions import describe_devices
 

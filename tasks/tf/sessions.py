@@ -87,18 +87,26 @@ def describe_devices(
     return line, warnings
 
 
-def session_config(*, xla: bool = False, mixed_precision: bool = False) -> tf1.ConfigProto:
+def session_config(*, xla: bool = False, mixed_precision: bool = False, gpu: bool = True) -> tf1.ConfigProto:
     """The float16 rewrite is on only when asked and off otherwise, whatever else the process did.
 
     Grappler optimises each graph once, not twice (its default): the second pass cost a MobileNetV2
     0.35 run 3.5 s at every start (14.6 s -> 11.1 s over its 26 graphs) for the same losses to the
-    last printed digit and no slower steps (benchmarks/README.md, "Grappler: one pass").
+    last printed digit and no slower steps (benchmarks/README.md, "Grappler: one pass"). For a
+    graph on the CPU (`gpu=False`) it also skips its two GPU-only passes, the layout optimiser
+    (NCHW for cuDNN) and the memory optimiser (swapping to host memory), which changed no node
+    of a CPU graph and took a third of the training step's first run (benchmarks/README.md,
+    "Grappler on the CPU").
     """
     config = tf1.ConfigProto(allow_soft_placement=True)
     config.gpu_options.allow_growth = True
     rewrite = rewriter_config_pb2.RewriterConfig
-    config.graph_options.rewrite_options.auto_mixed_precision = rewrite.ON if mixed_precision else rewrite.OFF
-    config.graph_options.rewrite_options.meta_optimizer_iterations = rewrite.ONE
+    options = config.graph_options.rewrite_options
+    options.auto_mixed_precision = rewrite.ON if mixed_precision else rewrite.OFF
+    options.meta_optimizer_iterations = rewrite.ONE
+    if not gpu:
+        options.layout_optimizer = rewrite.OFF
+        options.memory_optimization = rewrite.NO_MEM_OPT
     if xla:
         config.graph_options.optimizer_options.global_jit_level = tf1.OptimizerOptions.ON_1
     return config
@@ -106,7 +114,9 @@ def session_config(*, xla: bool = False, mixed_precision: bool = False) -> tf1.C
 
 def open_session(net: Net, *, xla: bool = False, mixed_precision: bool = False) -> tf1.Session:
     """A session for `net`: evaluation sessions (the defaults) always compute in float32."""
-    return tf1.Session(graph=net.graph, config=session_config(xla=xla, mixed_precision=mixed_precision))
+    gpu = any("GPU" in device.upper() for device in net.devices)
+    config = session_config(xla=xla, mixed_precision=mixed_precision, gpu=gpu)
+    return tf1.Session(graph=net.graph, config=config)
 
 
 def load_pretrained(session: tf1.Session, net: Net, arrays: list[np.ndarray]) -> int:
