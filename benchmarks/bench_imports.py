@@ -3,7 +3,7 @@
 Each import runs in a fresh interpreter, `--repeat` times, alternating with the peer; the figure
 is the child's user + system CPU (median), which a busy machine changes less than wall time. The
 peer is the same imports with another package directory first on the path, e.g. ml_dtypes 0.7.0,
-which pyproject.toml keeps out (its import took 1.3 s of CPU, 0.6.0's 0.05 s):
+which pyproject.toml keeps out (a fresh process importing it took 1.58 s of CPU, with 0.6.0 0.33 s):
 
     python -m uv pip install --no-deps --target /tmp/ml-dtypes-0.7 ml_dtypes==0.7.0
     python benchmarks/bench_imports.py --peer-path /tmp/ml-dtypes-0.7

@@ -50,6 +50,15 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Three workers for the whole suite, two for a run that leaves the slow tests out (`-n auto`, pyproject.toml).
+
+    The slow tests spend much of their time waiting on servers and subprocesses, which a third
+    worker fills; the fast ones keep both cores busy, and a third worker only added its imports.
+    """
+    return 2 if "not slow" in (config.option.markexpr or "") else 3
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Anything that needs a Prefect server is slow (10-25 s to start one): `-m "not slow"` leaves it out."""
     for item in items:

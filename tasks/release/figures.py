@@ -139,12 +139,12 @@ def picture_grid(
     fig = plt.figure(figsize=(width, total))
     lines = max((caption.count("\n") + 1 for caption in captions), default=1)
     pad = 4.0  # points between a caption and its picture
-    caption = (lines * CAPTION_POINTS * 1.25 + pad) / 72 + 0.1  # inches, with a margin above
-    side = max(0.5, min(3.0 - 0.2, height - caption - 0.1))
+    caption_inches = (lines * CAPTION_POINTS * 1.25 + pad) / 72 + 0.1  # with a margin above
+    side = max(0.5, min(3.0 - 0.2, height - caption_inches - 0.1))
     for i, (image, text) in enumerate(zip(images, captions, strict=False)):
         row, column = divmod(i, columns)
         left = column * 3.0 + (3.0 - side) / 2
-        bottom = total - row * height - caption - side
+        bottom = total - row * height - caption_inches - side
         axis = fig.add_axes((left / width, bottom / total, side / width, side / total))
         axis.imshow(image)
         axis.set_title(text, fontsize=CAPTION_POINTS, pad=pad)
