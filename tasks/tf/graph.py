@@ -24,7 +24,7 @@ from tnflow.tasks.config.specs import MAX_PIXELS, ModelSpec, TrainSettings
 from tnflow.tasks.tf import decode_graph, levers
 from tnflow.tasks.tf.inputs import Feed, input_pipeline
 from tnflow.tasks.tf.network import bn_decay_input, tower
-from tnflow.tasks.tf.startup import visible_gpus
+from tnflow.tasks.tf.startup import is_gpu, visible_gpus
 
 tf1 = tf.compat.v1
 
@@ -122,7 +122,7 @@ def build(
     graph = tf.Graph()
     gpus = visible_gpus()
     devices = tuple(devices) or (device or (gpus[0] if gpus else "/CPU:0"),)
-    on_gpu = "GPU" in devices[0].upper()
+    on_gpu = is_gpu(devices[0])
     size = spec.image_size
     with graph.as_default():
         tf1.set_random_seed(settings.seed if settings else 0)

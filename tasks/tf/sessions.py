@@ -16,7 +16,7 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 
 from tnflow.tasks.core.processes import stop_requested
 from tnflow.tasks.tf.inputs import PREFETCH_BATCHES, READ_THREADS
-from tnflow.tasks.tf.startup import gpus_named, physical_gpus
+from tnflow.tasks.tf.startup import gpus_named, is_gpu, physical_gpus
 
 if TYPE_CHECKING:
     from tnflow.tasks.tf.graph import Net
@@ -114,8 +114,7 @@ def session_config(*, xla: bool = False, mixed_precision: bool = False, gpu: boo
 
 def open_session(net: Net, *, xla: bool = False, mixed_precision: bool = False) -> tf1.Session:
     """A session for `net`: evaluation sessions (the defaults) always compute in float32."""
-    gpu = any("GPU" in device.upper() for device in net.devices)
-    config = session_config(xla=xla, mixed_precision=mixed_precision, gpu=gpu)
+    config = session_config(xla=xla, mixed_precision=mixed_precision, gpu=is_gpu(net.device))
     return tf1.Session(graph=net.graph, config=config)
 
 

@@ -99,6 +99,11 @@ def claim_gpus(indices: Sequence[int]) -> None:
     _CLAIMED[:] = indices
 
 
+def is_gpu(device: str) -> bool:
+    """Whether a device name ("/CPU:0", "/device:GPU:1") is a GPU: what the input pipeline and Grappler ask."""
+    return "GPU" in device.upper()
+
+
 def gpus_named(indices: Sequence[int]) -> str:
     """ "GPU 3", "GPUs 2, 3": the host's GPUs a run holds, as the log and the report say them."""
     return ("GPU " if len(indices) == 1 else "GPUs ") + ", ".join(str(i) for i in indices)
