@@ -25,6 +25,7 @@ from tnflow.tasks.tf import decode_graph, levers
 from tnflow.tasks.tf.inputs import Feed, input_pipeline
 from tnflow.tasks.tf.network import bn_decay_input, tower
 from tnflow.tasks.tf.startup import is_gpu, visible_gpus
+from tnflow.tasks.tf.tensornets_compat import building_graph
 
 tf1 = tf.compat.v1
 
@@ -124,7 +125,7 @@ def build(
     devices = tuple(devices) or (device or (gpus[0] if gpus else "/CPU:0"),)
     on_gpu = is_gpu(devices[0])
     size = spec.image_size
-    with graph.as_default():
+    with building_graph(v1_control_flow=serving is None), graph.as_default():
         tf1.set_random_seed(settings.seed if settings else 0)
         pipeline, encoded = None, None
         if feed is not None:

@@ -15,6 +15,12 @@ tensornets hands one `is_training` to batch normalisation and dropout alike. Fin
 wants them apart (BN on its stored ImageNet statistics, dropout still on while training):
 `batch_norm_training(mode)` makes every tensornets BN layer built inside it take `mode`.
 
+tensornets was written for TensorFlow 1's control flow, and a training graph still wants it:
+with TensorFlow 2's, each BN layer's switch between batch and stored statistics is an `If`
+whose gradient is a function graph of its own, and building those took 6 of a MobileNet
+training graph's 10 s (`benchmarks/bench_graph_build.py`). `building_graph` picks the kind for
+one graph at a time: these switches and the BN settings above are process-wide.
+
 Import `tensornets` from here (`from tasks.tf.tensornets_compat import nets`); only
 `tasks/tf/network.py` does.
 """
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import tensorflow as tf  # noqa: F401 - must be importable before tensornets
+from tensorflow.python.ops import control_flow_util
 
 
 def _refuse_download(fname: str, origin: str = "", *args: object, **kwargs: object) -> str:
@@ -103,6 +111,27 @@ for _module in list(sys.modules.values()):
         _module.batch_norm = _batch_norm
 
 
+_one_graph_at_a_time = threading.Lock()
+
+
+@contextmanager
+def building_graph(*, v1_control_flow: bool) -> Iterator[None]:
+    """Build one graph in this block, the only one the process builds meanwhile: in TF1's control flow or TF2's.
+
+    TF1's `cond` is Switch and Merge ops whose gradient is more of them, built at once; a
+    serving graph keeps TF2's (`If`, `Case`, `While`), which its converters and TensorFlow
+    Serving read. A thread that builds a graph meanwhile (a sweep's trials) waits here rather
+    than find the switch, or the BN settings, turned the other way under it.
+    """
+    with _one_graph_at_a_time:
+        saved = control_flow_util.ENABLE_CONTROL_FLOW_V2
+        control_flow_util.ENABLE_CONTROL_FLOW_V2 = not v1_control_flow
+        try:
+            yield
+        finally:
+            control_flow_util.ENABLE_CONTROL_FLOW_V2 = saved
+
+
 @contextmanager
 def batch_norm_training(mode: object, decay: float | None = None) -> Iterator[None]:
     """BN layers built inside use `mode` (False: stored statistics; a bool tensor: follow it), and `decay`."""
@@ -115,4 +144,4 @@ def batch_norm_training(mode: object, decay: float | None = None) -> Iterator[No
         _bn_mode, _bn_decay = saved
 
 
-__all__ = ["batch_norm_training", "nets"]
+__all__ = ["batch_norm_training", "building_graph", "nets"]
