@@ -1,12 +1,14 @@
-"""What building a training graph costs, in TensorFlow 1's control flow (tnflow's) and in TensorFlow 2's.
+"""What building a training graph costs: tnflow's way, with tensornets' BN layers, in TensorFlow 2's control flow.
 
 Every training and every evaluation builds its graph in Python before the first step, and the
 first step then waits for Grappler to optimise it; for a small model on a small split these two
-are most of a run. Rounds alternate the two kinds of control flow (a machine that changes speed
-changes both), each in a fresh process (step times drift in a process that has built graphs
-before): it builds the graph of `--model` with a training step (BN training: the switch between
-batch and stored statistics is in every BN layer), opens a session, runs the first step and
-`--steps` more on one fixed batch; both kinds must end at the same loss.
+are most of a run. Three ways to build: tnflow's (TensorFlow 1's control flow, BN without its
+Keras layer), with tensornets' own BN layers (`tf_keras` legacy layers), and those in TensorFlow
+2's control flow (tnflow before either change). Rounds alternate them (a machine that changes
+speed changes all three), each in a fresh process (step times drift in a process that has built
+graphs before): it builds the graph of `--model` with a training step (BN training: the switch
+between batch and stored statistics is in every BN layer), opens a session, runs the first step
+and `--steps` more on one fixed batch; all must end at the same loss.
 
     python benchmarks/bench_graph_build.py --model mobilenet35v2 --size 32
     python benchmarks/bench_graph_build.py --model resnet50 --size 32 --steps 5
@@ -34,7 +36,7 @@ import tensorflow as tf  # noqa: E402
 
 from tnflow.tasks.config.backbones import BACKBONES  # noqa: E402
 from tnflow.tasks.config.specs import ModelSpec, TrainSettings  # noqa: E402
-from tnflow.tasks.tf import graph  # noqa: E402
+from tnflow.tasks.tf import graph, tensornets_compat  # noqa: E402
 from tnflow.tasks.tf.sessions import session_config  # noqa: E402
 from tnflow.tasks.tf.tensornets_compat import building_graph  # noqa: E402
 
@@ -45,9 +47,10 @@ def _tf2_control_flow(*, v1_control_flow: bool):
         yield
 
 
-def one_round(args: argparse.Namespace, tf2: bool) -> tuple[float, float, float, float, int]:
+def one_round(args: argparse.Namespace, kind: str) -> tuple[float, float, float, float, int]:
     """(build CPU s, first step s, later steps' ms per step, loss after the steps, ops) in a fresh graph."""
-    graph.building_graph = _tf2_control_flow if tf2 else building_graph
+    graph.building_graph = _tf2_control_flow if kind == "tf2" else building_graph
+    tensornets_compat.LEAN_BATCH_NORM = kind == "tnflow"
     rng = np.random.default_rng(0)
     cpu = time.process_time()
     net = graph.build(
@@ -81,12 +84,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--one", choices=["tf1", "tf2"], help=argparse.SUPPRESS)  # a round, in this process
+    parser.add_argument("--one", choices=["tnflow", "keras", "tf2"], help=argparse.SUPPRESS)  # a round, here
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_round(args, args.one == "tf2")))
+        print(json.dumps(one_round(args, args.one)))
         return
-    kinds = {"tnflow (TF1 control flow)": "tf1", "TF2 control flow": "tf2"}
+    kinds = {"tnflow": "tnflow", "tensornets' BN layers": "keras", "and TF2 control flow": "tf2"}
     results: dict[str, list[tuple]] = {name: [] for name in kinds}
     for _ in range(args.rounds):
         for name, kind in kinds.items():
@@ -99,7 +102,7 @@ def main() -> None:
         f"CPU ({os.cpu_count()} cores), TF {tf.__version__}; medians of {args.rounds} alternating rounds; "
         f"loss after {args.steps + 1} steps: {', '.join(map(str, sorted(losses)))}"
     )
-    print(f"{'control flow':28} {'ops':>7} {'build CPU s':>12} {'first step s':>13} {'later step ms':>14}")
+    print(f"{'graph built':28} {'ops':>7} {'build CPU s':>12} {'first step s':>13} {'later step ms':>14}")
     for name, rows in results.items():
         built, first, later = (statistics.median(column) for column in list(zip(*rows, strict=True))[:3])
         print(f"{name:28} {rows[0][4]:>7,} {built:>12.2f} {first:>13.2f} {later:>14.1f}")

@@ -54,6 +54,65 @@ def test_each_backbone_loads_its_published_file_layout_exactly(model, tmp_path):
     assert head_values[0].shape == (features if not backbone.full_head else 512, 2) and not head_values[1].any()
 
 
+def _small_bn_graph(mode: str) -> dict[str, object]:
+    """Two BN layers as tensornets' networks call them, a second tower reusing them, 3 SGD steps: all it made."""
+    import tensorflow as tf
+
+    from tnflow.tasks.tf import tensornets_compat as compat
+
+    tf1 = tf.compat.v1
+    rng = np.random.default_rng(0)
+    graph = tf.Graph()
+    with compat.building_graph(v1_control_flow=True), graph.as_default():
+        images = tf1.placeholder(tf.float32, [None, 6, 6, 3])
+        training = tf1.placeholder_with_default(False, [])
+        decay = tf1.placeholder_with_default(0.9, [])
+        defaults = {"scale": True, "epsilon": 1e-5, "outputs_collections": "out"}  # as a network's arg_scope sets
+        follow = {"trained": (training, decay), "frozen": (False, None)}[mode]
+        outputs = []
+        for tower in range(2):
+            reuse = tf1.variable_scope(tf1.get_variable_scope(), reuse=tower > 0)
+            scope = compat.arg_scope([compat.nets.layers.batch_norm], **defaults)
+            with reuse, scope, compat.batch_norm_training(*follow), tf1.variable_scope("net"):
+                x = compat.nets.layers.batch_norm(images * 2.0, scope="bn")
+                x = compat.nets.layers.batch_norm(tf.nn.relu(x), center=False, decay=0.5, scope="bn2")
+                outputs.append(x)
+        loss = tf.reduce_mean(tf.square(outputs[0] + outputs[1] - 1.0))
+        updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+        trainable = tf1.trainable_variables()
+        step = tf.group(tf1.train.GradientDescentOptimizer(0.5).minimize(loss), *updates) if trainable else updates
+        feed = {images: rng.normal(3.0, 2.0, (5, 6, 6, 3)).astype(np.float32), training: True}
+        with tf1.Session() as session:
+            session.run(tf1.global_variables_initializer())
+            for _ in range(3):
+                session.run(step, feed)
+            session.run(updates, {images: feed[images]})  # not training: the statistics stay as they are
+            values = session.run(tf1.global_variables())
+            served = session.run(outputs[0], {images: feed[images]})
+        return {
+            "variables": [(v.op.name, v.shape.as_list(), v.trainable) for v in tf1.global_variables()],
+            "model variables": [v.op.name for v in tf1.get_collection(tf1.GraphKeys.MODEL_VARIABLES)],
+            "trainable": [v.op.name for v in trainable],
+            "updates": len(updates),
+            "outputs": [alias for t in tf1.get_collection("out") for alias in t.aliases],
+            "values": [v.tobytes() for v in values],
+            "served": served.tobytes(),
+        }
+
+
+@pytest.mark.parametrize("mode", ["trained", "frozen"])
+def test_the_lean_batch_norm_builds_what_tensornets_keras_layer_builds_bit_for_bit(mode, monkeypatch):
+    """Same variables, names, collections and update ops; the same values after training steps and at evaluation."""
+    from tnflow.tasks.tf import tensornets_compat as compat
+
+    lean = _small_bn_graph(mode)
+    monkeypatch.setattr(compat, "LEAN_BATCH_NORM", False)
+    keras = _small_bn_graph(mode)
+    assert lean["updates"] == (8 if mode == "trained" else 0), "two statistics of two layers in each of two towers"
+    assert len(lean["variables"]) == 7 and lean["outputs"] == ["net/bn", "net/bn2", "net/bn", "net/bn2"]
+    assert lean == keras
+
+
 def test_frozen_base_then_everything_trains_and_bn_keeps_its_statistics(tmp_path):
     from tnflow.tasks.tf.graph import build
     from tnflow.tasks.tf.sessions import open_session
