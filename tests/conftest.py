@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,8 +14,8 @@ import tempfile
 import time
 import urllib.request
 
-# Before anything imports Prefect: results and settings go to a throw-away home, and the
-# server sends no analytics (tests never touch the network).
+# Before anything imports Prefect: results and settings go to a throw-away home, removed when
+# the process ends, and the server sends no analytics (tests never touch the network).
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tnflow-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
@@ -24,6 +26,8 @@ import pytest
 
 from tests.fakes import FakeCifar, make_archive
 from tests.fileserver import FileServer
+
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 # The files that take longest, longest first (their summed test times in a full run, 2026-12-01:
 # 162, 110, 86, 82, 70, 60, 56, 42, 40, 40, 40, 39, 34, 33 s). xdist runs a file whole on one

@@ -77,12 +77,13 @@ def _small_bn_graph(mode: str) -> dict[str, object]:
                 x = compat.nets.layers.batch_norm(images * 2.0, scope="bn")
                 x = compat.nets.layers.batch_norm(tf.nn.relu(x), center=False, decay=0.5, scope="bn2")
                 outputs.append(x)
+            if tower == 0:  # the first tower's statistics are the ones kept, as `graph.build` does
+                updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
         loss = tf.reduce_mean(tf.square(outputs[0] + outputs[1] - 1.0))
-        updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
         trainable = tf1.trainable_variables()
         step = tf.group(tf1.train.GradientDescentOptimizer(0.5).minimize(loss), *updates) if trainable else updates
         feed = {images: rng.normal(3.0, 2.0, (5, 6, 6, 3)).astype(np.float32), training: True}
-        with tf1.Session() as session:
+        with tf1.Session(config=tf1.ConfigProto(inter_op_parallelism_threads=1)) as session:
             session.run(tf1.global_variables_initializer())
             for _ in range(3):
                 session.run(step, feed)
@@ -93,7 +94,7 @@ def _small_bn_graph(mode: str) -> dict[str, object]:
             "variables": [(v.op.name, v.shape.as_list(), v.trainable) for v in tf1.global_variables()],
             "model variables": [v.op.name for v in tf1.get_collection(tf1.GraphKeys.MODEL_VARIABLES)],
             "trainable": [v.op.name for v in trainable],
-            "updates": len(updates),
+            "updates": len(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)),
             "outputs": [alias for t in tf1.get_collection("out") for alias in t.aliases],
             "values": [v.tobytes() for v in values],
             "served": served.tobytes(),
