@@ -17,8 +17,8 @@ wants them apart (BN on its stored ImageNet statistics, dropout still on while t
 
 tensornets was written for TensorFlow 1's control flow, and a training graph still wants it:
 with TensorFlow 2's, each BN layer's switch between batch and stored statistics is an `If`
-whose gradient is a function graph of its own, and building those took 6 of a MobileNet
-training graph's 10 s (`benchmarks/bench_graph_build.py`). `building_graph` picks the kind for
+whose gradient is a function graph of its own: a MobileNet training graph took 14 s to build
+with them and 9 s without (`benchmarks/bench_graph_build.py`). `building_graph` picks the kind for
 one graph at a time: these switches and the BN settings above are process-wide. BN layers
 whose arguments are tensornets' usual ones are built without their Keras layer
 (`_lean_batch_norm`), which cost the square of a network's variables.
