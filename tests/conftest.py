@@ -18,6 +18,12 @@ import urllib.request
 # the process ends, and the server sends no analytics (tests never touch the network).
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tnflow-test-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# One intra-op thread for every TensorFlow process the tests start, themselves and their
+# children alike: the suite runs three workers and their subprocesses on two cores, where
+# TensorFlow's default pool (a thread per core, spinning while it waits for work) spent 11.7 s
+# of CPU on 80 MobileNet steps that take 5.3 s with one (three processes at once; 10.0 against
+# 6.0 s even alone: a 32-pixel model's ops are too small to share). benchmarks/README.md, stop 42.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
 
 from collections.abc import Iterator
 from pathlib import Path

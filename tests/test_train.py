@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 GAP32 = ModelSpec("vgg19", "gap", 10, 32)
-SETTINGS = TrainSettings(epochs=4, batch_size=16, learning_rate=1e-4, seed=0)
+# Six epochs: at four, validation accuracy on 40 pictures sat at 0.5-0.6 (the bar below), and summing
+# in another order (one intra-op thread against the default pool) moved it across; at six it is 0.8.
+SETTINGS = TrainSettings(epochs=6, batch_size=16, learning_rate=1e-4, seed=0)
 TWO_EPOCHS = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-4, seed=0)
 ONE_EPOCH = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-4, seed=0)
 # Every lever on: what a resumed training must replay at the right step.
@@ -67,7 +69,7 @@ RANDOM = StartingPoint(weights_path=None, model_dir=None, digest="none", source=
 
 @pytest.fixture(scope="module")
 def reference(tiny_cache, tmp_path_factory):
-    """An uninterrupted four-epoch run from random weights."""
+    """An uninterrupted six-epoch run from random weights."""
     work = training_dir(str(tmp_path_factory.mktemp("reference")), tiny_cache.path, RANDOM, GAP32, SETTINGS)
     return train(tiny_cache.path, None, GAP32, SETTINGS, work, class_names=tiny_cache.class_names, eval_batch_size=64)
 
@@ -123,7 +125,7 @@ def without_timing(history):
 
 def test_training_learns(reference):
     history = reference.history
-    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["valid_accuracy"] > 0.5, "chance is 0.1"
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert reference.best_epoch == max(history, key=lambda r: r["valid_accuracy"])["epoch"]
