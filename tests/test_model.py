@@ -300,6 +300,28 @@ def test_claiming_a_gpu_makes_it_the_only_one_tensorflow_allocates_on(monkeypatc
     assert "device: 2 towers, one per GPU (NVIDIA A100-SXM4-40GB, compute capability 8.0; GPUs 2, 3 of 4" in line
 
 
+def test_without_a_gpu_driver_the_flow_learns_there_is_no_gpu_without_importing_tensorflow(monkeypatch):
+    """A re-run whose stages are all kept would otherwise import TensorFlow only to hear "no GPU"."""
+    from types import SimpleNamespace
+
+    import tnflow.tasks.tf.startup as startup
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(startup, "_STARTED", [])
+    monkeypatch.setattr(startup, "_GPUS", [])
+    monkeypatch.setattr(startup, "physical_gpus", lambda: pytest.fail("TensorFlow was asked"))
+    monkeypatch.setattr(startup, "_dev_names", lambda: ["null", "nvidiactl", "nvidia-uvm", "tty0"])
+    assert startup.visible_gpus() == []
+    device = SimpleNamespace(name="/physical_device:GPU:0")
+    for devices in (["null", "nvidia0"], ["dxg"]):  # a driver's GPU, or WSL 2's: TensorFlow is asked
+        monkeypatch.setattr(startup, "_dev_names", lambda devices=devices: devices)
+        monkeypatch.setattr(
+            startup.os.path, "exists", lambda path, devices=devices: path == "/dev/dxg" and "dxg" in devices
+        )
+        monkeypatch.setattr(startup, "physical_gpus", lambda: [device])
+        assert startup.visible_gpus() == ["/GPU:0"]
+
+
 def test_two_towers_are_claimed_together(monkeypatch):
     import tensorflow as tf
 

@@ -123,6 +123,8 @@ def test_end_to_end_then_cached(prefect_api, inputs, tmp_path):
         "a second run of the same model links the exports made once"
     )
     assert Path(second.result().run_dir) != run, "every run gets its own directory"
+    scores = Path(second.result().run_dir) / "test_probabilities.npy"
+    assert scores.stat().st_ino == (run / "test_probabilities.npy").stat().st_ino, "the same model is scored once"
     report = (Path(second.result().run_dir) / "report.md").read_text()
     assert "| train |" in report and "| hit |" in report
     assert "kept the champion" in report and "on the same test split" in report, "an equal model is not promoted"

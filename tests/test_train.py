@@ -24,7 +24,7 @@ from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.store.records import TrainingState
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.train import train, training_dir
-from tnflow.tasks.training.validate import Tally, validate
+from tnflow.tasks.training.validate import Tally, validate, validate_once
 from tnflow.tasks.training.weights import read_weights
 
 pytestmark = pytest.mark.slow
@@ -285,6 +285,52 @@ def test_validation_is_exact_whatever_the_batch_size(reference, tiny_cache, tmp_
     assert len(by_7["samples"]) == 8 and len(by_7["samples"][0]["top"]) == 3
     assert (found.read_predictions("test") == np.argmax(found.read_probabilities("test"), axis=1)).all()
     assert set(found.predictions) == set(found.probabilities) == {"test", "valid"}, "the valid split's, kept too"
+
+
+def test_a_model_is_scored_once_and_every_run_links_the_same_scores(one_epoch, small_cache, tmp_path, monkeypatch):
+    """A re-run whose training was kept: validation links the first run's scores instead of computing them again."""
+    import threading
+
+    import tnflow.tasks.training.validate as validate_module
+
+    model_dir = copy_of(one_epoch, tmp_path) / "generation-1" / "models" / "epoch-1"
+    scored, real = [], validate_module.evaluate_model
+    monkeypatch.setattr(validate_module, "evaluate_model", lambda *a, **k: scored.append(a[3]) or real(*a, **k))
+
+    def run(name, batch_size=64):
+        return validate_once(model_dir, small_cache.path, "test", batch_size, tmp_path / name)
+
+    threads = [threading.Thread(target=run, args=(f"run-{i}",)) for i in (1, 2)]  # two runs at once
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    third = run("run-3")
+    assert scored == [64], "scored once, by one of the two runs; the other and the third linked"
+    fresh = validate(model_dir, small_cache.path, "test", 64, tmp_path / "fresh")
+    assert third.read_figures() == fresh.read_figures() and (third.accuracy, third.loss) == (fresh.accuracy, fresh.loss)
+    for split in ("test", "valid"):
+        inodes = {(tmp_path / f"run-{i}" / f"{split}_probabilities.npy").stat().st_ino for i in (1, 2, 3)}
+        assert len(inodes) == 1 and Path(third.probabilities[split]).parent == tmp_path / "run-3", "each run's own name"
+        assert (third.read_probabilities(split) == fresh.read_probabilities(split)).all()
+
+    run("run-4", batch_size=7)
+    assert scored == [64, 64, 7], "another batch size is another result (to the loss's last digits)"
+    kept = sorted(model_dir.parent.glob("epoch-1.scores-*"))
+    assert len(kept) == 2 and not list(model_dir.parent.glob("*.lock")) and not list(model_dir.parent.glob("*.tmp-*"))
+    for directory in kept:  # damaged by hand: scored again, not linked half
+        (directory / "valid_predictions.npy").unlink()
+    assert (run("run-5").read_predictions("valid") == fresh.read_predictions("valid")).all()
+    assert scored == [64, 64, 7, 64]
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # a run stopped while it scores
+
+    monkeypatch.setattr(validate_module, "write_predictions", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run("run-6", batch_size=7)
+    assert sorted(model_dir.parent.glob("epoch-1.scores-*")) == kept and not (tmp_path / "run-6").exists()
+    assert not list(model_dir.parent.glob("*.tmp-*")) and not list(model_dir.parent.glob("*.lock")), "nothing half"
 
 
 def test_not_a_model_dir(tmp_path, tiny_cache):

@@ -221,6 +221,14 @@ def link_tree(source: str | Path, target: Path) -> None:
     shutil.copytree(Path(source).resolve(), target, copy_function=link_or_copy, dirs_exist_ok=True)
 
 
+def link_files(source: Path, names: list[str], target: Path) -> None:
+    """Hard-link files `names` of directory `source` into `target` (copies across file systems), replacing any there."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (target / name).unlink(missing_ok=True)  # a retry in the same directory
+        link_or_copy(source / name, target / name)
+
+
 def link_or_copy(source: str | Path, target: str | Path) -> None:
     try:
         os.link(source, target)

@@ -6,7 +6,8 @@
     <output dir>/training/<model>-<head>-<size>px-<key>/generation-G/
                                                      a training's generation: state.json,
                                                      checkpoints/epoch-N/, models/epoch-N/ (and
-                                                     models/epoch-N.exports-<digest>/, its exports)
+                                                     models/epoch-N.exports-<digest>/, its exports;
+                                                     models/epoch-N.scores-<digest>/, its validation)
     <output dir>/champions/<dataset key>/<run>/      a champion: its model directory, champion.json,
                                                      predictions/<split digest>.npy
     <output dir>/champions/<dataset key>/current     -> <run>: the line's champion
@@ -130,6 +131,14 @@ def epoch_model_dir(generation: str | Path, epoch: int) -> Path:
 def shared_exports_dir(model_dir: str | Path, digest: str) -> Path:
     """A trained model's exports, beside it and named by its digest (pruned with it), shared by its runs."""
     return Path(model_dir).with_name(f"{Path(model_dir).name}.exports-{digest}")
+
+
+def shared_scores_dir(model_dir: str | Path, digest: str) -> Path:
+    """A trained model's validation on one split of one cache, beside it (pruned with it), shared by its runs.
+
+    `digest` names what decides the scores (`tasks.training.validate.scores_key`).
+    """
+    return Path(model_dir).with_name(f"{Path(model_dir).name}.scores-{digest}")
 
 
 def epoch_entries(generation: str | Path, kind: str) -> list[tuple[str, Path]]:

@@ -4,6 +4,13 @@ The recipe averaged per-batch accuracies, which weights a short last batch like 
 Here every batch adds to one tally (correct count, summed loss, confusion matrix), so the
 result does not depend on the evaluation batch size. Evaluation always computes in float32,
 whatever a training earlier in the same process asked for.
+
+The validate stage scores a trained model on a cache once (`validate_once`): a re-run of a
+cached training links the scores it kept instead of importing TensorFlow, building a graph
+and scoring the same pictures again.
+
+Longer than 300 lines because it is the one owner of a split's scores: how they are counted
+(`Tally`), computed (`evaluate`), kept (the files `Validation` names) and reused (`validate_once`).
 """
 
 from __future__ import annotations
@@ -20,17 +27,43 @@ from prefect.cache_policies import NO_CACHE
 from tnflow.tasks.cache.cache_reader import CacheFeed
 from tnflow.tasks.cache.h5cache import read_split_size
 from tnflow.tasks.config.specs import ModelSpec
+from tnflow.tasks.core.cache_policy import code_version
+from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import TnflowError
-from tnflow.tasks.core.files import full_disk_ends, renamed_when_complete, write_atomic
+from tnflow.tasks.core.files import (
+    exclusive,
+    full_disk_ends,
+    link_files,
+    new_directory,
+    remove_stale_temps,
+    renamed_when_complete,
+    write_atomic,
+)
 from tnflow.tasks.core.progress import STAGE_HOOKS, run_logger
 from tnflow.tasks.core.retries import STAGE_RETRIES
-from tnflow.tasks.store.layout import split_array, split_metrics
-from tnflow.tasks.tf.model_files import read_model_dir, restore_model
+from tnflow.tasks.store.layout import shared_scores_dir, split_array, split_metrics
+from tnflow.tasks.tf.model_files import model_digest, read_model_dir, restore_model
 from tnflow.tasks.tf.startup import claim_gpus, start_tensorflow
 from tnflow.tasks.training.calibration import calibration_metrics, softmax
 
 TOP_K = 3
 SAMPLES = 8  # images whose top-k predictions go into the metrics (the recipe's closing figure)
+KEPT = "kept.json"  # in a model's shared scores: the files they are, written last
+
+# What decides a model's scores besides the model, the cache, the split and the batch size.
+CODE = code_version(
+    "tnflow.tasks.training.validate",
+    "tnflow.tasks.training.calibration",
+    "tnflow.tasks.tf.graph",
+    "tnflow.tasks.tf.network",
+    "tnflow.tasks.tf.inputs",
+    "tnflow.tasks.tf.sessions",
+    "tnflow.tasks.tf.model_files",
+    "tnflow.tasks.tf.tensornets_compat",
+    "tnflow.tasks.config.backbones",
+    "tnflow.tasks.cache.cache_reader",
+    "tnflow.tasks.cache.h5cache",
+)
 
 
 @dataclass
@@ -166,12 +199,7 @@ class Validation:
 
     def read_figures(self) -> dict[str, Any]:
         """Every figure validation wrote for its split (as `Tally.metrics`, with calibration and class names)."""
-        try:
-            return json.loads(Path(self.figures).read_text())
-        except (OSError, ValueError) as exc:
-            raise TnflowError(
-                f"{self.figures}: the {self.split} figures are missing or damaged ({exc}); run again"
-            ) from None
+        return read_figures(self.figures, self.split)
 
     def read_predictions(self, split: str) -> np.ndarray:
         """The predicted class per picture of `split`, in the cache's order."""
@@ -229,6 +257,13 @@ def write_predictions(out_dir: Path, split: str, predicted: np.ndarray, probs: n
     return paths[0], paths[1]
 
 
+def read_figures(path: str | Path, split: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise TnflowError(f"{path}: the {split} figures are missing or damaged ({exc}); run again") from None
+
+
 def read_kept(path: str | Path, what: str = "the run's array") -> np.ndarray:
     """An array a stage kept (`write_predictions`'s files), plain arrays only; one line if it is gone or damaged."""
     try:
@@ -237,12 +272,85 @@ def read_kept(path: str | Path, what: str = "the run's array") -> np.ndarray:
         raise TnflowError(f"{path}: {what} are missing or damaged ({exc}); run again") from None
 
 
+def scores_key(model_dir: str | Path, cache_path: str | Path, split: str, batch_size: int) -> str:
+    """What decides a model's scores: its weights and calibration, the cache file, the split, the batch size, the code.
+
+    The cache by its resolved path, size and modification time: cache files are named by their
+    content, and a file rebuilt in place is another file. The batch size only moves the summed
+    loss's last digits, but a kept result is the one a fresh validation would give, digit for digit.
+    """
+    cache = Path(cache_path).resolve()
+    stat = cache.stat()
+    where = [str(cache), stat.st_size, stat.st_mtime_ns]
+    return short_digest([model_digest(model_dir), where, split, batch_size, CODE])
+
+
+def validate_once(
+    model_dir: str | Path,
+    cache_path: str | Path,
+    split: str,
+    batch_size: int,
+    out_dir: str | Path,
+    gpus: tuple[int, ...] = (),
+) -> Validation:
+    """`validate`, computed once per model, cache, split and batch size, and linked into each run's `out_dir`.
+
+    A re-run whose training was cached scored the same model on the same pictures again: 4-6 s
+    of TensorFlow's import, a graph and a restore for the same arrays (benchmarks/README.md,
+    "A fully cached re-run"). The scores are kept beside the model (`shared_scores_dir`, pruned
+    with it), made under a lock in a directory that appears whole in one rename: two runs at
+    once score once, and a killed one leaves nothing that looks finished.
+    """
+    try:
+        shared = shared_scores_dir(model_dir, scores_key(model_dir, cache_path, split, batch_size))
+    except (OSError, ValueError):  # no model or cache to name them by: `validate` says what is wrong
+        return validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
+    if _kept_files(shared) is None:
+        with exclusive(shared):  # a second run scoring the same model waits, then finds them
+            remove_stale_temps(shared)
+            if _kept_files(shared) is None:
+                with new_directory(shared) as tmp:
+                    found = validate(model_dir, cache_path, split, batch_size, tmp, gpus)
+                    names = [
+                        Path(p).name
+                        for p in (found.figures, *found.predictions.values(), *found.probabilities.values())
+                    ]
+                    write_atomic(tmp / KEPT, json.dumps(names))
+    link_files(shared, _kept_files(shared) or [], Path(out_dir))
+    return kept_validation(out_dir, split)
+
+
+def _kept_files(shared: Path) -> list[str] | None:
+    """The files of a model's shared scores, or None when they are not all there (never made, or damaged by hand)."""
+    try:
+        names = json.loads((shared / KEPT).read_text())
+    except (OSError, ValueError):
+        return None
+    return names if all((shared / name).is_file() for name in names) else None
+
+
+def kept_validation(directory: str | Path, split: str) -> Validation:
+    """The `Validation` of the scores `validate` wrote into `directory` for `split` (and the validation split's)."""
+    path = split_metrics(directory, split)
+    figures = read_figures(path, split)
+    kept = [s for s in dict.fromkeys((split, "valid")) if split_array(directory, s, "predictions").is_file()]
+    return Validation(
+        split,
+        figures[f"{split}_accuracy"],
+        figures[f"{split}_loss"],
+        figures[f"num_{split}"],
+        str(path),
+        {s: str(split_array(directory, s, "predictions")) for s in kept},
+        {s: str(split_array(directory, s, "probabilities")) for s in kept},
+    )
+
+
 # -- Prefect ----------------------------------------------------------------------------
 
 
 @task(
     name="validate",
-    cache_policy=NO_CACHE,  # it writes into this run's directory; its inputs include the run directory
+    cache_policy=NO_CACHE,  # it links into this run's directory; the scores themselves are made once
     **STAGE_RETRIES,
     **STAGE_HOOKS,
 )
@@ -250,6 +358,6 @@ def validate_task(
     *, model_dir: str, cache_path: str, split: str, batch_size: int, out_dir: str, gpus: tuple[int, ...] = ()
 ) -> Validation:
     with full_disk_ends(f"writing the {split} figures", out_dir):
-        found = validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
+        found = validate_once(model_dir, cache_path, split, batch_size, out_dir, gpus)
     run_logger().info("%s: accuracy %.4f, loss %.4f on %d images", split, found.accuracy, found.loss, found.images)
     return found
