@@ -22,6 +22,8 @@ of its own (peak RSS is the step's, its decoding workers included), at 32 px:
   report    that run's report written again from its metrics.json (the data summary read from the
             cache, the tables and figures at every class; the disputed pictures left out)
   predict   `tnflow predict MODEL val/ --out p.csv` with that run's model: every test picture scored
+  peer      no tnflow code: a dict of the folder's paths built, probed and sent through JSON both
+            ways, Python's own cost per item at each size (what the ratios above stand beside)
 
 Each figure is printed beside the same step on the folder at `--fraction` of the size (one
 tenth by default), with the ratio: linear steps stay near 1/fraction (10x), and the issue's
@@ -56,7 +58,7 @@ STAGE_FIGURES = ("validate_s", "label-review_s")  # the run's stages, from its m
 FIGURES = ("seconds", *STAGE_FIGURES, "peak_rss_mb", "worker_rss_mb", "images", "decoded", "pictures", "unreadable")
 FIGURES += ("speed_up", "overhead_s", "cluster_start_s", "compute_s", "busy_share", "same_bytes")  # Dask's
 FIGURES += ("manifest_mb", "cache_mb", "csv_mb", "html_mb")  # printed side by side, where a step has them
-STEPS = ("prepare", "dask", "rescan", "grow", "watch", "review", "gate", "drift", "run", "report", "predict")
+STEPS = ("prepare", "dask", "rescan", "grow", "watch", "review", "gate", "drift", "run", "report", "predict", "peer")
 
 
 # -- the folder -----------------------------------------------------------------------------
@@ -233,6 +235,22 @@ def step_drift(work: Path) -> dict:
     reference = reference_of(probs[: len(probs) // 2])
     drift_rows(reference_of(probs[len(probs) // 2 :]), reference)
     return {"seconds": time.perf_counter() - started, "pictures": len(probs)}
+
+
+def step_peer(work: Path) -> dict:
+    """Python's own cost per picture at this size: what no tnflow code is in, for the ratios beside it.
+
+    A dict of as many relative paths as the folder's first build saw, each to [size, mtime,
+    digest] as the stat index holds them, built, probed once per path in the folder's order,
+    and sent through JSON both ways (the stat index's and the manifest's round trip).
+    """
+    count = json.loads((work / "prepare.json").read_text())["images"]
+    paths = [f"train/{_class_name(i % CLASSES)}/train-{i:08d}.jpg" for i in range(count)]
+    started = time.perf_counter()
+    index = {path: [i, i * 7919, f"{i:064x}"] for i, path in enumerate(paths)}
+    found = sum(1 for path in paths if path in index)
+    again = json.loads(json.dumps(index))
+    return {"seconds": time.perf_counter() - started, "pictures": found + len(again) - count}
 
 
 def _tnflow(*args: str, expected: str = "") -> tuple[float, str]:
