@@ -18,7 +18,7 @@ from PIL import Image
 from tests.complexity import assert_linear
 from tests.folders import make_folder, make_split_folder, picture
 from tnflow.tasks.cache.folder_cache import build_folder_cache
-from tnflow.tasks.cache.h5cache import read_manifest, training_content
+from tnflow.tasks.cache.h5cache import read_manifest, read_split_assignment, training_content
 from tnflow.tasks.config.options import DataConfig
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.release.data_summary import data_sections
@@ -434,15 +434,39 @@ def test_too_many_bad_files_found_early_say_at_least(tmp_path):
         build(tmp_path / "data", tmp_path / "cache", max_pixels=100_000)
 
 
-def test_a_damaged_manifest_is_rebuilt_and_the_splits_stay(tmp_path, caplog):
+@pytest.mark.parametrize("damaged", ["manifest", "both", "before stop 43"])
+def test_a_damaged_manifest_is_rebuilt_and_the_splits_stay(tmp_path, caplog, damaged):
+    """The splits live in their own dataset; damaged too, they are rebuilt from the pictures' digests.
+
+    "before stop 43": a cache whose manifest still holds the splits (no dataset of their own).
+    """
     make_folder(tmp_path / "data", classes=2, per_class=20)
     first = build(tmp_path / "data", tmp_path / "cache")
+    assert "splits" not in read_manifest(first.path), "the big table is not in what every reader parses"
     with h5py.File(first.path, "r+") as f:
+        splits = f["split_assignment"][()]
+        manifest = f["manifest"][()]
         del f["manifest"]
-        f["manifest"] = '{"version": "trunc'
+        if damaged == "before stop 43":
+            del f["split_assignment"]
+            f["manifest"] = json.dumps({**json.loads(manifest), "splits": json.loads(splits)})
+        else:
+            f["manifest"] = '{"version": "trunc'
+        if damaged == "both":
+            del f["split_assignment"]
+            f["split_assignment"] = '{"0a1b": "tra'
+    assert len(read_split_assignment(first.path)) == 40 and set(read_split_assignment(first.path).values()) <= {
+        "train",
+        "valid",
+        "test",
+    }
     make_folder(tmp_path / "data", classes=2, per_class=5, start=20)  # five new pictures per class
     second = build(tmp_path / "data", tmp_path / "cache")
-    assert "the manifest of" in caplog.text and "is damaged: rebuilt from its pictures' digests" in caplog.text
+    said = caplog.text
+    assert ("the manifest of" in said) == (damaged != "before stop 43")
+    assert ("the split assignment of" in said and "is damaged: rebuilt from its pictures' digests" in said) == (
+        damaged == "both"
+    )
     for split in ("train", "valid", "test"):
         assert digests(first.path, split) <= digests(second.path, split), f"{split} kept its pictures"
 

@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tnflow.tasks.cache.h5cache import SPLITS, CacheWriter, read_digests, read_manifest
+from tnflow.tasks.cache.h5cache import SPLITS, CacheWriter, read_digests, read_manifest, read_split_assignment
 from tnflow.tasks.config.specs import FolderSpec
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError
@@ -47,7 +47,7 @@ def write_folder_cache(
     """Write the cache of `scan` to `out`, reusing what `previous` (the lineage's last version) holds."""
     rows = read_digests(previous) if previous else {}
     before = read_manifest(previous) if previous else {}
-    plan = plan_splits(scan, spec, before.get("splits", {}))
+    plan = plan_splits(scan, spec, read_split_assignment(previous) if previous else {})
     tally = _Tally(len(scan.entries), spec.max_bad, plan, before.get("bad_digests", {}))
     check_free_space(out.parent, tally.images * spec.image_size**2 * 3 + (64 << 20))
     writer = CacheWriter(out, _attributes(scan, plan, spec, identity), spec.image_size)

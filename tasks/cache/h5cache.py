@@ -8,7 +8,10 @@
 
 A folder's cache also holds, per split, `digests` (sha256 of each image's file, which lets a
 newer version of the folder take over unchanged pixels) and `paths`, and a `manifest`: the
-folder version, skipped files with their reasons, duplicates, leaked copies, counts.
+folder version, skipped files with their reasons, duplicates, leaked copies, counts. Each
+picture's split (`split_assignment`, digest -> split, what the next version keeps) is a dataset
+of its own: at ImageNet's size it is 98 MB of JSON, which the report, the watcher and every
+re-scan would otherwise parse for a few small fields (benchmarks/README.md, stop 43).
 
 `training_content` digests what training reads: the train and valid splits (labels, and each
 picture's file digest where the cache has them) and how their pixels were made. Training is
@@ -42,6 +45,8 @@ from tnflow.tasks.core.progress import ProgressFn
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 TRAINING_CONTENT = "training_content"  # attribute: see the module's docstring
+SPLIT_ASSIGNMENT = "split_assignment"  # dataset: see the module's docstring
+_DAMAGED = object()
 # 32 images per HDF5 chunk: 4.8 MB at 224, large enough for fast sequential writes.
 CHUNK_IMAGES = 32
 
@@ -239,7 +244,10 @@ class CacheWriter:
 
     def finish(self, manifest: dict[str, Any], summary: dict[str, int], recipe: str) -> None:
         """Mark the file complete; `recipe` digests what makes a picture's pixels (size, squaring, code)."""
-        self.datasets["manifest"] = {"manifest": self.file.create_dataset("manifest", data=json.dumps(manifest))}
+        small = {key: value for key, value in manifest.items() if key != "splits"}
+        self.datasets["manifest"] = {"manifest": self.file.create_dataset("manifest", data=json.dumps(small))}
+        if "splits" in manifest:
+            self.file.create_dataset(SPLIT_ASSIGNMENT, data=json.dumps(manifest["splits"]))
         self.file.attrs["summary"] = json.dumps(summary)
         for split in SPLITS:
             self._write(split)
@@ -260,24 +268,52 @@ class CacheWriter:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """A folder cache's manifest (empty for CIFAR caches); a damaged one is rebuilt from the pictures' digests.
+    """A folder cache's manifest without the pictures' splits (empty for CIFAR caches); a damaged one reads as empty.
 
-    The digests say each kept picture's split, which is what the next version must keep; the
-    list of skipped files is lost (they are looked at again).
+    What a damaged one loses is its lists (skipped, left out, duplicates): the files in them are
+    looked at again. The splits are `read_split_assignment`'s.
     """
-    with h5py.File(path, "r") as f:
-        if "manifest" not in f:
-            return {}
-        try:
-            manifest = json.loads(f["manifest"][()])
-        except (ValueError, TypeError):
-            manifest = None
+    manifest = _read_json(path, "manifest")
     if isinstance(manifest, dict):
-        return manifest
+        return {key: value for key, value in manifest.items() if key != "splits"}  # a cache before stop 43's
+    if manifest is not None:
+        _warn_damaged(path, "manifest", "its lists of skipped and left-out files are looked at again")
+    return {}
+
+
+def read_split_assignment(path: str | Path) -> dict[str, str]:
+    """Content digest -> split of every picture the version planned (before any --limit-* subset).
+
+    What the next version of the folder keeps. Damaged, it is rebuilt from the pictures' digests
+    (the splits of the pictures the file holds are kept).
+    """
+    assignment = _read_json(path, SPLIT_ASSIGNMENT)
+    if assignment is None:  # a cache before stop 43 keeps it in its manifest
+        manifest = _read_json(path, "manifest")
+        if manifest is None:
+            return {}  # no manifest either: not a folder's cache
+        assignment = manifest.get("splits", _DAMAGED) if isinstance(manifest, dict) else _DAMAGED
+    if isinstance(assignment, dict):
+        return assignment
+    _warn_damaged(path, "split assignment", "rebuilt from its pictures' digests (splits kept)")
+    return {digest: split for digest, (split, _) in read_digests(path).items()}
+
+
+def _read_json(path: str | Path, name: str) -> Any:
+    """The JSON dataset `name` of the file: None if it has none, `_DAMAGED` if it does not parse."""
+    with h5py.File(path, "r") as f:
+        if name not in f:
+            return None
+        try:
+            return json.loads(f[name][()])
+        except (ValueError, TypeError):
+            return _DAMAGED
+
+
+def _warn_damaged(path: str | Path, what: str, consequence: str) -> None:
     from tnflow.tasks.core.progress import run_logger
 
-    run_logger().warning("the manifest of %s is damaged: rebuilt from its pictures' digests (splits kept)", path)
-    return {"splits": {digest: split for digest, (split, _) in read_digests(path).items()}}
+    run_logger().warning("the %s of %s is damaged: %s", what, path, consequence)
 
 
 def read_digests(path: str | Path) -> dict[str, tuple[str, int]]:

@@ -77,15 +77,16 @@ def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], se
     for current in current_champions(output_dir):
         record = read_champion_file(champion_record(current))
         try:
-            if record is not None and read_manifest(record.cache).get("source") == str(root):
-                found.append(record)
+            manifest = read_manifest(record.cache) if record is not None else {}
         except (OSError, ValueError, KeyError):
             continue  # a cache since removed: not this folder's baseline
+        if manifest.get("source") == str(root):
+            found.append((record, manifest))
     if not found:
         return {}, set(), None
-    record = max(found, key=lambda r: r.promoted_at)
+    record, manifest = max(found, key=lambda pair: pair[0].promoted_at)
     pictures = read_file_digests(record.cache)
-    skipped = {str(entry[0]) for entry in read_manifest(record.cache).get("skipped", [])}
+    skipped = {str(entry[0]) for entry in manifest.get("skipped", [])}
     return pictures, skipped, record.run_id
 
 
