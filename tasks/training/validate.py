@@ -305,10 +305,12 @@ def validate_once(
         shared = shared_scores_dir(model_dir, scores_key(model_dir, cache_path, split, batch_size))
     except (OSError, ValueError):  # no model or cache to name them by: `validate` says what is wrong
         return validate(model_dir, cache_path, split, batch_size, out_dir, gpus)
-    if _kept_files(shared) is None:
+    names = _kept_files(shared)
+    if names is None:
         with exclusive(shared):  # a second run scoring the same model waits, then finds them
             remove_stale_temps(shared)
-            if _kept_files(shared) is None:
+            names = _kept_files(shared)
+            if names is None:
                 with new_directory(shared) as tmp:
                     found = validate(model_dir, cache_path, split, batch_size, tmp, gpus)
                     names = [
@@ -316,7 +318,7 @@ def validate_once(
                         for p in (found.figures, *found.predictions.values(), *found.probabilities.values())
                     ]
                     write_atomic(tmp / KEPT, json.dumps(names))
-    link_files(shared, _kept_files(shared) or [], Path(out_dir))
+    link_files(shared, names, Path(out_dir))
     return kept_validation(out_dir, split)
 
 
