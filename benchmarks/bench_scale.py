@@ -24,6 +24,9 @@ of its own (peak RSS is the step's, its decoding workers included), at 32 px:
   predict   `tnflow predict MODEL val/ --out p.csv` with that run's model: every test picture scored
   peer      no tnflow code: a dict of the folder's paths built, probed and sent through JSON both
             ways, Python's own cost per item at each size (what the ratios above stand beside)
+  write     no tnflow code: the first build's pixel bytes written to a new HDF5 file in whole
+            chunks (h5py's direct chunk write) and closed, the disk's and page cache's own cost at
+            each size (what `grow`, which copies every unchanged picture, stands beside)
 
 Each figure is printed beside the same step on the folder at `--fraction` of the size (one
 tenth by default), with the ratio: linear steps stay near 1/fraction (10x), and the issue's
@@ -60,8 +63,22 @@ FIGURES += ("speed_up", "overhead_s", "cluster_start_s", "compute_s", "busy_shar
 FIGURES += ("manifest_mb", "cache_mb", "csv_mb", "html_mb")  # printed side by side, where a step has them
 # Steps that change nothing on disk, so `--repeat` may run them again: a second's figure at a
 # tenth moves by a third between runs on a shared machine, more than the bound's 20% slack.
-REPEATABLE = ("rescan", "watch", "review", "gate", "drift", "peer")
-STEPS = ("prepare", "dask", "rescan", "grow", "watch", "review", "gate", "drift", "run", "report", "predict", "peer")
+REPEATABLE = ("rescan", "watch", "review", "gate", "drift", "peer", "write")
+STEPS = (
+    "prepare",
+    "dask",
+    "rescan",
+    "grow",
+    "watch",
+    "review",
+    "gate",
+    "drift",
+    "run",
+    "report",
+    "predict",
+    "peer",
+    "write",
+)
 
 
 # -- the folder -----------------------------------------------------------------------------
@@ -254,6 +271,24 @@ def step_peer(work: Path) -> dict:
     found = sum(1 for path in paths if path in index)
     again = json.loads(json.dumps(index))
     return {"seconds": time.perf_counter() - started, "pictures": found + len(again) - count}
+
+
+def step_write(work: Path) -> dict:
+    """The page cache's own cost per byte at this size: as many 32 px pictures as the first build's, written raw."""
+    import h5py
+
+    count = json.loads((work / "prepare.json").read_text())["images"]
+    block = np.random.default_rng(0).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8).tobytes()
+    path = work / "write-peer.h5"
+    started = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset("images", (count, 32, 32, 3), np.uint8, chunks=(256, 32, 32, 3))
+        for row in range(0, count - count % 256, 256):
+            images.id.write_direct_chunk((row, 0, 0, 0), block)
+    seconds = time.perf_counter() - started
+    size = path.stat().st_size
+    path.unlink()
+    return {"seconds": seconds, "cache_mb": size / 2**20}
 
 
 def _tnflow(*args: str, expected: str = "") -> tuple[float, str]:

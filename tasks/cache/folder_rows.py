@@ -55,9 +55,11 @@ def write_folder_cache(
         with pool as decoding:
             for split in SPLITS:
                 entries = sorted(plan.splits[split], key=lambda e: _row_order(spec.seed, e.digest))
-                reused = sorted((e for e in entries if e.digest in rows), key=lambda e: rows[e.digest])
-                _copy_rows(previous, reused, rows, writer, split, tally)
-                fresh = [e for e in entries if e.digest not in rows]
+                # One probe per picture: at a million, a dict probed in hash order is a cache miss each.
+                found = [(rows.get(e.digest), e) for e in entries]
+                reused = sorted(((where, e) for where, e in found if where is not None), key=lambda pair: pair[0])
+                _copy_rows(previous, reused, writer, split, tally)
+                fresh = [e for where, e in found if where is None]
                 fresh = [e for e in fresh if not tally.known_bad(e)]  # skipped again, not decoded again
                 _decode_rows(scan, fresh, spec, decoding, writer, split, tally, progress)
         tally.check(final=True)
@@ -162,26 +164,25 @@ def _columns(entries: list[Entry]) -> tuple[list[int], list[str], list[str]]:
 
 def _copy_rows(
     previous: Path | None,
-    entries: list[Entry],
-    rows: dict,
+    reused: list[tuple[tuple[str, int], Entry]],
     writer: CacheWriter,
     split: str,
     tally: _Tally,
 ) -> None:
-    """Append the previous version's pixels of `entries` (sorted by their old split and row)."""
-    if not entries or previous is None:
+    """Append the previous version's pixels of `reused`: ((old split, old row), entry), in that order."""
+    if not reused or previous is None:
         return
     with h5py.File(previous, "r") as f:
-        for start in range(0, len(entries), COPY_ROWS):
-            block = entries[start : start + COPY_ROWS]
+        for start in range(0, len(reused), COPY_ROWS):
+            block = reused[start : start + COPY_ROWS]
             by_split: dict[str, list[int]] = {}
-            for entry in block:
-                old_split, row = rows[entry.digest]
+            ordered: dict[str, list[Entry]] = {}
+            for (old_split, row), entry in block:
                 by_split.setdefault(old_split, []).append(row)
+                ordered.setdefault(old_split, []).append(entry)
             images = [f[old]["images"][old_rows] for old, old_rows in by_split.items()]  # increasing rows
-            ordered = [e for old in by_split for e in block if rows[e.digest][0] == old]
-            writer.append(split, np.concatenate(images), *_columns(ordered))
-    tally.reused += len(entries)
+            writer.append(split, np.concatenate(images), *_columns([e for old in by_split for e in ordered[old]]))
+    tally.reused += len(reused)
 
 
 def _decode_rows(

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tnflow.tasks.cache.contents import read_file_digests
+from tnflow.tasks.cache.contents import read_file_columns
 from tnflow.tasks.cache.h5cache import read_manifest
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.errors import DataError
@@ -58,21 +59,59 @@ def folder_changes(folder: str | Path, cache_dir: str | Path, output_dir: str | 
         raise DataError(f"--data-dir {root} is not a folder; give the image folder to watch")
     # The same stat index the cache stage keeps for this folder: unchanged files are not read again.
     scan = scan_folder(root, stat_index(cache_dir, str(root)))
-    current = {e.path: e.digest for e in scan.entries if e.digest}
-    baseline, skipped, champion = _champion_pictures(root, Path(output_dir))
+    read = [e for e in scan.entries if e.digest]
+    paths = np.array([e.path.encode() for e in read], dtype=np.bytes_)
+    digests = np.array([e.digest for e in read], dtype="S64")
+    known_paths, known_digests, skipped, champion = _champion_pictures(root, Path(output_dir))
+    new, changed, removed = count_changes(paths, digests, known_paths, known_digests, skipped)
     return Changes(
         folder=str(root),
         version=scan.version,
-        new=sum(1 for p in current if p not in baseline and p not in skipped),
-        changed=sum(1 for p, d in current.items() if p in baseline and baseline[p] != d),
-        removed=sum(1 for p in baseline if p not in current),
-        known=len(baseline),
+        new=new,
+        changed=changed,
+        removed=removed,
+        known=len(known_paths),
         champion=champion,
     )
 
 
-def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], set[str], str | None]:
-    """(path -> content digest, skipped paths, run) of the newest champion trained on `root`'s folder."""
+def count_changes(
+    paths: np.ndarray, digests: np.ndarray, known_paths: np.ndarray, known_digests: np.ndarray, skipped: np.ndarray
+) -> tuple[int, int, int]:
+    """(new, changed, removed) pictures of a folder (`paths`, `digests`) against the ones a model knew.
+
+    Sorted columns looked up in one pass each (`np.searchsorted` of sorted keys walks forward),
+    not a dict probed per picture: the lookups stay linear in memory traffic at a million
+    pictures. Paths are unique on both sides (one file, one path); a skipped file is not new.
+    """
+    paths, digests = _by_path(paths, digests)
+    known_paths, known_digests = _by_path(known_paths, known_digests)
+    found = _positions(known_paths, paths)
+    present = found >= 0
+    changed = int(np.count_nonzero(known_digests[found[present]] != digests[present]))
+    unknown = paths[~present]
+    skipped = np.sort(skipped)
+    new = len(unknown) - int(np.count_nonzero(_positions(skipped, unknown) >= 0))
+    return new, changed, len(known_paths) - int(np.count_nonzero(present))
+
+
+def _by_path(paths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(paths) < 2 or bool(np.all(paths[1:] >= paths[:-1])):  # a folder walk is usually in order already
+        return paths, values
+    order = np.argsort(paths, kind="stable")
+    return paths[order], values[order]
+
+
+def _positions(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Index of each of `keys` in `sorted_keys`, or -1 where it is not there."""
+    if len(sorted_keys) == 0:
+        return np.full(len(keys), -1)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.where(sorted_keys[at] == keys, at, -1)
+
+
+def _champion_pictures(root: Path, output_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
+    """(paths, content digests, skipped paths, run) of the newest champion trained on `root`'s folder."""
     found = []
     for current in current_champions(output_dir):
         record = read_champion_file(champion_record(current))
@@ -83,11 +122,12 @@ def _champion_pictures(root: Path, output_dir: Path) -> tuple[dict[str, str], se
         if manifest.get("source") == str(root):
             found.append((record, manifest))
     if not found:
-        return {}, set(), None
+        none = np.empty(0, dtype="S1")
+        return none, np.empty(0, dtype="S64"), none, None
     record, manifest = max(found, key=lambda pair: pair[0].promoted_at)
-    pictures = read_file_digests(record.cache)
-    skipped = {str(entry[0]) for entry in manifest.get("skipped", [])}
-    return pictures, skipped, record.run_id
+    paths, digests = read_file_columns(record.cache)
+    skipped = np.array([str(entry[0]).encode() for entry in manifest.get("skipped", [])], dtype=np.bytes_)
+    return paths, digests, skipped.reshape(-1), record.run_id
 
 
 def threshold(min_new: float, known: int) -> int:
