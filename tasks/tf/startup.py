@@ -7,6 +7,13 @@ starts (import and the first device query) its standard error goes nowhere. That
 a fatal CUDA/cuDNN abort at start-up, so with `--debug` (`verbose`) or a TF_CPP_MIN_LOG_LEVEL
 the user set nothing is redirected and TensorFlow says what it says.
 
+TensorFlow's import also loads Keras 3's optimizers, eagerly, for Keras models in SavedModels;
+tnflow builds no Keras model (tensornets' legacy layers are `tf_keras`'s). So TensorFlow is
+imported with `TF_USE_LEGACY_KERAS=1` unless the user set it, which loads `tf_keras`'s instead,
+a module tnflow imports anyway: every process that trains, scores or exports starts 1.3 s of CPU
+sooner (`benchmarks/README.md`, stop 44). The variable is set only for the import: a Keras 3
+user's `tf.keras` in the same process, or a child process, is still Keras 3.
+
 Nothing happens on import: the command line calls `start_tensorflow` when a command needs
 TensorFlow, and every task calls it before its first TensorFlow module; the first call wins.
 """
@@ -34,6 +41,9 @@ def start_tensorflow(*, verbose: bool = False) -> None:
     quiet = not verbose and "TF_CPP_MIN_LOG_LEVEL" not in os.environ
     if quiet:  # read once by TensorFlow's C++ logging; unset again so that child processes decide for themselves
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    lean = "TF_USE_LEGACY_KERAS" not in os.environ  # read by TensorFlow's import (the module docstring)
+    if lean:
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
     try:
         with _stderr_hidden(quiet):
             import tensorflow as tf
@@ -44,6 +54,8 @@ def start_tensorflow(*, verbose: bool = False) -> None:
     finally:
         if quiet:
             del os.environ["TF_CPP_MIN_LOG_LEVEL"]
+        if lean:
+            del os.environ["TF_USE_LEGACY_KERAS"]
     _STARTED.append(True)
     if quiet:
         tf.get_logger().setLevel("ERROR")  # tensornets' deprecation notes from TensorFlow's Python side
