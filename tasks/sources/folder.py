@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tnflow.tasks.core.errors import DataError
 from tnflow.tasks.core.files import full_disk_ends, is_utf8, shown_name, write_atomic
@@ -31,9 +32,13 @@ SPLIT_DIRS = {"train": "train", "test": "test", "val": "valid", "valid": "valid"
 _READ_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One file of a class folder, before decoding."""
+class Entry(NamedTuple):
+    """One file of a class folder, before decoding.
+
+    A named tuple, not a frozen dataclass: a scan makes one per file, and at a million files the
+    dataclass's field-by-field `__init__` and per-object dict were a second of a re-scan and
+    most of its objects' memory.
+    """
 
     path: str  # relative to the dataset root, with forward slashes
     label: int

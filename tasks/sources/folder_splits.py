@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def _without_thin_classes(images: list[Entry], scan: Scan, strict: bool, plan: P
     if not thin:
         return images
     number = {old: new for new, old in enumerate(kept)}
-    return [replace(e, label=number[e.label]) for e in images if e.label in number]
+    return [e._replace(label=number[e.label]) for e in images if e.label in number]
 
 
 def _carve(
