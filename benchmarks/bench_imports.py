@@ -7,6 +7,11 @@ which pyproject.toml keeps out (a fresh process importing it took 1.58 s of CPU,
 
     python -m uv pip install --no-deps --target /tmp/ml-dtypes-0.7 ml_dtypes==0.7.0
     python benchmarks/bench_imports.py --peer-path /tmp/ml-dtypes-0.7
+
+Or the peer is the same imports with environment variables set, e.g. TensorFlow started with
+Keras 3's optimizers loaded, as it was before stop 44 (`tasks/tf/startup.py`):
+
+    python benchmarks/bench_imports.py --peer-env TF_USE_LEGACY_KERAS=0
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ IMPORTS = {
     "ml_dtypes": "import ml_dtypes",
     "tensorflow": "import tensorflow",
     "tnflow CLI": "import tnflow.flows.cli.main",
+    "tnflow's TF": (
+        "from tnflow.tasks.tf.startup import start_tensorflow; start_tensorflow(); import tnflow.tasks.tf.graph"
+    ),
 }
 
 
-def cpu_of(code: str, path: str | None) -> float:
+def cpu_of(code: str, path: str | None, extra: dict[str, str] | None = None) -> float:
     """CPU seconds a fresh interpreter spends running `code` (and starting)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(extra or {})}
     if path:
         env["PYTHONPATH"] = os.pathsep.join([path, *filter(None, [env.get("PYTHONPATH")])])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -45,18 +53,22 @@ def version(path: str | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-path", help="a package directory put first on the peer's path")
+    parser.add_argument("--peer-env", action="append", default=[], help="NAME=VALUE set for the peer only")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.peer_env)
     sides = {f"installed (ml_dtypes {version(None)})": None}
-    if args.peer_path:
-        sides[f"peer (ml_dtypes {version(args.peer_path)})"] = args.peer_path
+    if args.peer_path or extra:
+        sides[f"peer (ml_dtypes {version(args.peer_path)}{''.join(f', {k}={v}' for k, v in extra.items())})"] = (
+            args.peer_path
+        )
     print(f"CPU seconds per fresh process, medians of {args.repeat}, {os.cpu_count()} cores")
     print(f"{'import':14}" + "".join(f"{name:>30}" for name in sides))
     for label, code in IMPORTS.items():
         runs: dict[str, list[float]] = {name: [] for name in sides}
         for _ in range(args.repeat):
             for name, path in sides.items():
-                runs[name].append(cpu_of(code, path))
+                runs[name].append(cpu_of(code, path, extra if name.startswith("peer") else None))
         print(f"{label:14}" + "".join(f"{statistics.median(runs[name]):>30.2f}" for name in sides))
 
 
