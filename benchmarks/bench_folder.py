@@ -8,6 +8,11 @@ photo), and builds each at 224 with:
                on a tenth of the images (its rate does not depend on how many)
   keras        `keras.utils.image_dataset_from_directory(crop_to_aspect_ratio=True)` iterated to the end,
                bilinear (its default) and `interpolation="area"` (tnflow's kernel: the ratio's peer)
+and, where tnflow's build spends its time, each part of it alone on the same folder (the cause
+of the gap to Keras, with its share of the build's time):
+  digests      the scan: every file read and sha256'd (what makes the next build incremental)
+  decoding     the same decoding workers over the same files, the pixels brought back to the caller
+  writes       as many pictures written to a cache file (`CacheWriter`) from memory
 Each runs in its own child process, so peak RSS (ru_maxrss, children included for tnflow's
 workers) is its own. The folder is read once before timing, so every method reads from the
 page cache.
@@ -118,6 +123,43 @@ def run_keras_area(root: str, size: int, out: str) -> dict:
     return run_keras(root, size, out, interpolation="area")
 
 
+def part_digests(root: str, size: int, out: str) -> dict:
+    from tnflow.tasks.sources.folder import scan_folder
+
+    start = time.perf_counter()
+    scan = scan_folder(root, None)  # no stat index: every file read, as a first build does
+    return {"images": len(scan.entries), "seconds": time.perf_counter() - start}
+
+
+def part_decoding(root: str, size: int, out: str) -> dict:
+    from tnflow.tasks.config.options import DataConfig
+    from tnflow.tasks.sources.decode import JOB_IMAGES, decoder
+
+    spec = DataConfig.from_values({"data_dir": root, "image_size": size, "valid_size": 0.1}).cache_spec()
+    paths = [str(p) for p in files(Path(root))]
+    jobs = [paths[i : i + JOB_IMAGES] for i in range(0, len(paths), JOB_IMAGES)]
+    start = time.perf_counter()
+    with decoder() as pool:  # the build's workers, as the build starts them
+        count = sum(len(images) for images, _ in pool.map(jobs, size, spec.resize, spec.max_pixels))
+    return {"images": count, "seconds": time.perf_counter() - start}
+
+
+def part_writes(root: str, size: int, out: str) -> dict:
+    from tnflow.tasks.cache.h5cache import CacheWriter
+
+    count = len(files(Path(root)))
+    block = np.random.default_rng(0).integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+    start = time.perf_counter()
+    writer = CacheWriter(Path(out) / "writes.h5", {"dataset": "bench"}, size)
+    for row in range(0, count, 32):
+        n = min(32, count - row)
+        writer.append(
+            "train", block[:n], [0] * n, [f"{row + i:064x}" for i in range(n)], [f"{row + i}.jpg" for i in range(n)]
+        )
+    writer.finish({}, {}, "bench")
+    return {"images": count, "seconds": time.perf_counter() - start}
+
+
 PEER = "keras, interpolation='area'"  # like for like: tnflow shrinks by area too
 METHODS = {
     "tnflow build_folder_cache": run_tnflow,
@@ -125,10 +167,12 @@ METHODS = {
     "keras image_dataset_from_directory": run_keras,
     PEER: run_keras_area,
 }
+PARTS = {"part: digests (scan)": part_digests, "part: decoding": part_decoding, "part: writes": part_writes}
+BUILD = "tnflow build_folder_cache"
 
 
 def child(method: str, root: str, size: int, out: str) -> None:
-    result = METHODS[method](root, size, out)
+    result = {**METHODS, **PARTS}[method](root, size, out)
     own, worker = peak_rss_mb()
     print(json.dumps({**result, "peak_rss_mb": own, "worker_rss_mb": worker}))
 
@@ -182,6 +226,8 @@ def main() -> None:
             ("web photos 500x375", args.images, (500, 375)),
             ("phone photos 4032x3024", args.phone_images, (4032, 3024)),
         ):
+            if n == 0:
+                continue
             root = scratch / label.split()[0]
             # In a child process: a parent's peak RSS would be inherited by every method's child.
             subprocess.run([sys.executable, __file__, "--make", str(root), str(n), str(width), str(height)], check=True)
@@ -197,6 +243,12 @@ def main() -> None:
                 worker = f"{r['worker_rss_mb']:10.0f}" if r["worker_rss_mb"] else f"{'-':>10}"
                 ratio, rss = rate / keras_rate, r["peak_rss_mb"]
                 print(f"{method:38} {r['images']:7d} {rate:8.1f} {ratio:8.2f} {rss:12.0f} {worker}")
+            build = results[BUILD]["seconds"]
+            print(f"\ntnflow's build, {build:.2f} s, and each of its parts alone (they overlap in the build)")
+            print(f"{'part':38} {'seconds':>8} {'x build':>8}")
+            for part in PARTS:
+                seconds = measure(part, root, args.size, scratch, loop_images)["seconds"]
+                print(f"{part:38} {seconds:8.2f} {seconds / build:8.2f}")
 
 
 if __name__ == "__main__":
