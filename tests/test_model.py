@@ -1,5 +1,6 @@
 """tensornets' VGG19 on TensorFlow 2 through the compatibility module: build, load, preprocess."""
 
+import os
 import sys
 
 import numpy as np
@@ -320,6 +321,29 @@ def test_without_a_gpu_driver_the_flow_learns_there_is_no_gpu_without_importing_
         )
         monkeypatch.setattr(startup, "physical_gpus", lambda: [device])
         assert startup.visible_gpus() == ["/GPU:0"]
+
+
+@pytest.mark.slow
+def test_tensorflow_starts_without_keras_3_and_leaves_the_environment_as_it_found_it():
+    """Keras 3's optimizers cost every tnflow process 1.2 s of CPU at TensorFlow's import; tnflow builds no Keras model.
+
+    In a fresh process (this one imported TensorFlow long ago): after the start-up and the graph
+    module, Keras 3 is not imported, and the variable set for the import is gone. (The `tnflow`
+    commands the other tests run train in such processes.)
+    """
+    import subprocess
+
+    code = (
+        "import os, sys\n"
+        "from tnflow.tasks.tf.startup import start_tensorflow\n"
+        "start_tensorflow()\n"
+        "import tnflow.tasks.tf.graph\n"
+        "print(os.environ.get('TF_USE_LEGACY_KERAS'), 'keras.src' in sys.modules)\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "None False", "Keras 3 imported, or the variable left set"
 
 
 def test_two_towers_are_claimed_together(monkeypatch):

@@ -10,7 +10,7 @@ the user set nothing is redirected and TensorFlow says what it says.
 TensorFlow's import also loads Keras 3's optimizers, eagerly, for Keras models in SavedModels;
 tnflow builds no Keras model (tensornets' legacy layers are `tf_keras`'s). So TensorFlow is
 imported with `TF_USE_LEGACY_KERAS=1` unless the user set it, which loads `tf_keras`'s instead,
-a module tnflow imports anyway: every process that trains, scores or exports starts 1.3 s of CPU
+a module tnflow imports anyway: every process that trains, scores or exports starts 1.2 s of CPU
 sooner (`benchmarks/README.md`, stop 44). The variable is set only for the import: a Keras 3
 user's `tf.keras` in the same process, or a child process, is still Keras 3.
 
