@@ -23,10 +23,11 @@ from tnflow.tasks.training.validate import validate
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A one-epoch gap-head model at 32 px, its validation metrics, and the test images as PNGs."""
+    """A one-epoch gap-head model at 32 px (40 training pictures: what it learnt is not the point), its
+    validation metrics, and the test images as PNGs."""
     root = tmp_path_factory.mktemp("predict")
-    fake, md5 = make_archive(root / "c10.tar.gz", n_train=200, n_test=40)
-    cache = build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 40, None, None, 0), root / "cache")
+    fake, md5 = make_archive(root / "c10.tar.gz", n_train=60, n_test=40)
+    cache = build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 20, None, None, 0), root / "cache")
     settings = TrainSettings(epochs=1, batch_size=32, learning_rate=1e-4)
     model = train(
         cache.path, None, ModelSpec("vgg19", "gap", 10, 32), settings, root / "work", class_names=cache.class_names
