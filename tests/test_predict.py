@@ -23,8 +23,10 @@ from tnflow.tasks.training.validate import validate
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A one-epoch gap-head model at 32 px (40 training pictures: what it learnt is not the point), its
-    validation metrics, and the test images as PNGs."""
+    """A one-epoch gap-head model at 32 px, its validation metrics, and the test images as PNGs.
+
+    It trains on 40 pictures: what it learnt is not these tests' point, only that it is a model.
+    """
     root = tmp_path_factory.mktemp("predict")
     fake, md5 = make_archive(root / "c10.tar.gz", n_train=60, n_test=40)
     cache = build_cache(root / "c10.tar.gz", md5, CacheSpec("cifar10", 32, 20, None, None, 0), root / "cache")
