@@ -133,13 +133,13 @@ def part_digests(root: str, size: int, out: str) -> dict:
 
 def part_decoding(root: str, size: int, out: str) -> dict:
     from tnflow.tasks.config.options import DataConfig
-    from tnflow.tasks.sources.decode import JOB_IMAGES, decoder
+    from tnflow.tasks.sources.decode import decoder
 
     spec = DataConfig.from_values({"data_dir": root, "image_size": size, "valid_size": 0.1}).cache_spec()
     paths = [str(p) for p in files(Path(root))]
-    jobs = [paths[i : i + JOB_IMAGES] for i in range(0, len(paths), JOB_IMAGES)]
     start = time.perf_counter()
     with decoder() as pool:  # the build's workers, as the build starts them
+        jobs = [paths[i : i + pool.job_images] for i in range(0, len(paths), pool.job_images)]
         count = sum(len(images) for images, _ in pool.map(jobs, size, spec.resize, spec.max_pixels))
     return {"images": count, "seconds": time.perf_counter() - start}
 

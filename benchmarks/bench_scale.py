@@ -8,7 +8,8 @@ of its own (peak RSS is the step's, its decoding workers included), at 32 px:
   prepare   `build_folder_cache`: the first build (scan, digest, split, decode, write)
   dask      the first build again on a local Dask cluster (two worker processes of one thread,
             `--dask-address`): its time beside `prepare`'s, the workers' decoding time, and whether
-            its pictures, labels and digests are the first build's, byte for byte
+            its pictures, labels and digests are the first build's, byte for byte; then as many
+            tasks that do nothing on the same cluster (Dask's own cost per task)
   rescan    the same build again, nothing changed (the stat index: no file read)
   grow      1% more pictures, then the build (incremental: only the new ones decoded)
   watch     `folder_changes` against a champion of the folder (what the watcher scans)
@@ -59,7 +60,8 @@ VALID_SIZE = 0.05  # every build's and the run's: one lineage, so the run's cach
 GROWN = 2  # the first digit of the pictures `grow` adds (train-2xxxxxxx.jpg)
 STAGE_FIGURES = ("validate_s", "label-review_s")  # the run's stages, from its metrics.json
 FIGURES = ("seconds", *STAGE_FIGURES, "peak_rss_mb", "worker_rss_mb", "images", "decoded", "pictures", "unreadable")
-FIGURES += ("speed_up", "overhead_s", "cluster_start_s", "compute_s", "busy_share", "same_bytes")  # Dask's
+# Dask's:
+FIGURES += ("speed_up", "overhead_s", "cluster_start_s", "compute_s", "empty_tasks_s", "busy_share", "same_bytes")
 FIGURES += ("manifest_mb", "cache_mb", "csv_mb", "html_mb")  # printed side by side, where a step has them
 # Steps that change nothing on disk, so `--repeat` may run them again: a second's figure at a
 # tenth moves by a third between runs on a shared machine, more than the bound's 20% slack.
@@ -361,6 +363,25 @@ def step_predict(work: Path) -> dict:
     }
 
 
+def _nothing() -> None:
+    return None
+
+
+def _empty_tasks(client, count: int, in_flight: int) -> float:
+    """Seconds for `count` tasks that do nothing, as many in flight as the build keeps: Dask's own cost."""
+    from collections import deque
+
+    pending: deque = deque()
+    started = time.perf_counter()
+    for _ in range(count):
+        pending.append(client.submit(_nothing, pure=False))
+        if len(pending) >= in_flight:
+            pending.popleft().result()
+    while pending:
+        pending.popleft().result()
+    return time.perf_counter() - started
+
+
 def step_dask(work: Path) -> dict:
     """The first build on a two-worker Dask cluster on this machine, into a cache of its own."""
     import dask
@@ -370,6 +391,7 @@ def step_dask(work: Path) -> dict:
     dask.config.set(distributed__scheduler__dashboard__tasks__task_stream_length=1_000_000)  # every task recorded
 
     from tnflow.tasks.cache.folder_cache import build_folder_cache
+    from tnflow.tasks.sources.decode import IN_FLIGHT_PER_WORKER
 
     data, cache = work / "data", work / "cache-dask"
     if not (work / "prepare.json").is_file() or next(data.glob(f"train/*/train-{GROWN}*.jpg"), None):
@@ -384,6 +406,7 @@ def step_dask(work: Path) -> dict:
             info = build_folder_cache(data, _spec(data), cache, dask_address=cluster.scheduler_address)
             seconds = time.perf_counter() - started
             stream = client.get_task_stream()
+            empty = _empty_tasks(client, len(stream), IN_FLIGHT_PER_WORKER * 2)
     compute = sum(
         part["stop"] - part["start"] for task in stream for part in task["startstops"] if part["action"] == "compute"
     )
@@ -409,6 +432,7 @@ def step_dask(work: Path) -> dict:
         "cluster_start_s": cluster_start,
         "compute_s": compute,
         "tasks": len(stream),
+        "empty_tasks_s": empty,  # the same number of tasks doing nothing, on the same cluster after the build
         "images": images,
         "rate": images / seconds,
         "same_bytes": float(same),

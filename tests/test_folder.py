@@ -241,6 +241,38 @@ def test_growing_folder_decodes_only_new_images_and_keeps_every_split(tmp_path, 
     assert build(data, cache).path == third.path
 
 
+def test_a_folder_that_only_grew_keeps_its_pictures_as_stored_chunks(tmp_path, monkeypatch):
+    """Pictures only added: every kept picture's stored chunk is copied as it is, not read and written again.
+
+    At ImageNet's size the rows a grown version keeps are 4.2 GB; through HDF5's selections and
+    NumPy that was a third of the grown build (`benchmarks/README.md`, stop 45).
+    """
+    from tnflow.tasks.cache.h5cache import CHUNK_IMAGES, CacheWriter
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_folder(data, classes=2, per_class=60)
+    first = build(data, cache, valid_size=0.1, test_size=0.1)
+    make_folder(data, classes=2, per_class=6, start=60)
+    raw_rows = []
+    append_chunks = CacheWriter.append_chunks
+    monkeypatch.setattr(
+        CacheWriter,
+        "append_chunks",
+        lambda self, split, *a: raw_rows.append(len(a[1])) or append_chunks(self, split, *a),
+    )
+    second = build(data, cache, valid_size=0.1, test_size=0.1)
+    assert summary(second)["decoded"] == 12 and summary(second)["reused"] == 120
+    with h5py.File(first.path, "r") as old, h5py.File(second.path, "r") as new:
+        for split in ("train", "valid", "test"):
+            kept = old[f"{split}/labels"].shape[0]
+            for name in ("images", "labels", "digests", "paths"):
+                assert np.array_equal(new[f"{split}/{name}"][:kept], old[f"{split}/{name}"][:]), (split, name)
+        whole = sum(
+            old[f"{split}/labels"].shape[0] // CHUNK_IMAGES * CHUNK_IMAGES for split in ("train", "valid", "test")
+        )
+    assert whole >= 3 * CHUNK_IMAGES and sum(raw_rows) == whole, "every whole chunk kept is copied as stored"
+
+
 def test_a_rescan_and_the_sticky_split_plan_are_one_pass_over_the_pictures(tmp_path):
     """A re-scan (a stat walk against the index) and the split plan (half the pictures placed before), pinned linear.
 
@@ -372,6 +404,43 @@ def test_a_dask_cluster_builds_the_same_cache(tmp_path):
             for name in ("images", "labels", "digests"):
                 assert np.array_equal(a[f"{split}/{name}"][:], b[f"{split}/{name}"][:]), (split, name)
     assert json.loads(json.dumps(local.counts)) == remote.counts
+
+
+@pytest.mark.parametrize(
+    ("rows", "read_as"),
+    [([3, 4, 5, 6], slice), ([3, 5, 6, 8], slice), ([0, 9], list), ([7], slice)],
+    ids=["a run", "gaps, a slice", "sparse, a list", "one"],
+)
+def test_kept_rows_are_read_as_a_list_would_read_them(tmp_path, rows, read_as):
+    """The grown build reads the rows it keeps from the previous version as one slice where it can:
+    HDF5 selects a list row by row."""
+    from tnflow.tasks.cache.folder_rows import _read_rows
+
+    class Recorded:
+        def __init__(self, dataset):
+            self.dataset, self.keys = dataset, []
+
+        def __getitem__(self, key):
+            self.keys.append(key)
+            return self.dataset[key]
+
+    pixels = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    with h5py.File(tmp_path / "rows.h5", "w") as f:
+        images = Recorded(f.create_dataset("images", data=pixels, chunks=(4, 2, 2, 3)))
+        assert np.array_equal(_read_rows(images, rows), pixels[rows])
+    assert [type(key) for key in images.keys] == [read_as]
+
+
+def test_dask_jobs_are_cut_by_count_and_by_bytes_in_order():
+    """A Dask task carries its files' bytes: many small files share one, a large file goes alone."""
+    from tnflow.tasks.cache.folder_rows import _jobs
+    from tnflow.tasks.sources.folder import Entry
+
+    sizes = [10, 10, 10, 10, 10, 95, 10, 10, 200, 10]
+    entries = [Entry(f"c/{i}.jpg", 0, "", size, f"{i:064x}") for i, size in enumerate(sizes)]
+    jobs = _jobs(entries, images=3, max_bytes=100)
+    assert [[int(e.path[2:-4]) for e in job] for job in jobs] == [[0, 1, 2], [3, 4], [5], [6, 7], [8], [9]]
+    assert _jobs([], images=3, max_bytes=100) == []
 
 
 def test_an_unguarded_script_fails_fast_instead_of_hanging(tmp_path):

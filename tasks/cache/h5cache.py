@@ -223,20 +223,49 @@ class CacheWriter:
         images = np.concatenate([p[0] for p in self.pending[split]])
         columns = [[value for p in self.pending[split] for value in p[k]] for k in (1, 2, 3)]
         n = len(images) - len(images) % CHUNK_IMAGES if whole_chunks else len(images)
+        # A multiple of CHUNK_IMAGES: only a split's last write is partial.
+        start = self._grow(split, n, *(c[:n] for c in columns))
         group = self.datasets[split]
-        start = group["labels"].shape[0]  # a multiple of CHUNK_IMAGES: only the last write is partial
-        for name, values in zip(("images", "labels", "digests", "paths"), (images, *columns), strict=True):
-            group[name].resize(start + n, axis=0)
-            if name != "images":
-                group[name][start:] = values[:n]
         whole = n - n % CHUNK_IMAGES
         for row in range(0, whole, CHUNK_IMAGES):
             block = np.ascontiguousarray(images[row : row + CHUNK_IMAGES])
-            group["images"].id.write_direct_chunk((start + row, 0, 0, 0), block.tobytes())
+            group["images"].id.write_direct_chunk((start + row, 0, 0, 0), block)
         if whole < n:
             group["images"][start + whole : start + n] = images[whole:n]
         rest = (images[n:], *(c[n:] for c in columns))
         self.pending[split] = [rest] if len(rest[1]) else []
+
+    def _grow(self, split: str, n: int, labels: list, digests: list, paths: list) -> int:
+        """Make room for `n` more rows of `split` and write their columns; returns where they start."""
+        group = self.datasets[split]
+        start = group["labels"].shape[0]
+        group["images"].resize(start + n, axis=0)
+        for name, values in (("labels", labels), ("digests", digests), ("paths", paths)):
+            group[name].resize(start + n, axis=0)
+            group[name][start:] = values
+        return start
+
+    def at_chunk_start(self, split: str, chunks: tuple[int, ...]) -> bool:
+        """Whether `split` takes whole raw chunks of this shape next (`append_chunks`): nothing held back."""
+        images = self.datasets[split]["images"]
+        return not self.pending[split] and images.shape[0] % CHUNK_IMAGES == 0 and images.chunks == chunks
+
+    def append_chunks(
+        self, split: str, chunks: list[bytes], labels: list[int], digests: list[str], paths: list[str]
+    ) -> None:
+        """Whole chunks of another cache's images, as their stored bytes (`at_chunk_start` first).
+
+        What a grown folder's version takes from the previous one: no HDF5 selection, no NumPy
+        copy, 2.5 s for ImageNet's 1.28 million pictures at 32 px (`benchmarks/README.md`, stop 45).
+        """
+        if not self.at_chunk_start(split, (CHUNK_IMAGES, *self.datasets[split]["images"].shape[1:])):
+            raise ValueError(f"{split}: raw chunks appended where a chunk does not start")
+        if len(labels) != len(chunks) * CHUNK_IMAGES:
+            raise ValueError(f"{split}: {len(labels)} rows for {len(chunks)} chunks of {CHUNK_IMAGES}")
+        start = self._grow(split, len(labels), labels, digests, paths)
+        images = self.datasets[split]["images"].id
+        for i, chunk in enumerate(chunks):
+            images.write_direct_chunk((start + i * CHUNK_IMAGES, 0, 0, 0), chunk)
 
     def labels(self, split: str) -> np.ndarray:
         self._write(split)

@@ -1,16 +1,17 @@
 """Decode and resize a folder's images in parallel: processes on this machine, or a Dask cluster.
 
-Jobs of `JOB_IMAGES` files go out in order and come back in order, with at most
-`IN_FLIGHT_PER_WORKER` jobs per worker outstanding, so memory stays bounded by a few jobs per
-core whatever the folder's size. One process (the caller) writes the cache. Local workers are
-spawned, not forked: the caller may be a Prefect worker with threads, and a fork copies
-their locks. A Dask worker may not see the caller's files, so the caller sends the bytes.
+Jobs of files (`JOB_IMAGES` locally, `REMOTE_JOB_IMAGES` on Dask) go out in order and come back
+in order, with at most `IN_FLIGHT_PER_WORKER` jobs per worker outstanding, so memory stays
+bounded by a few jobs per core whatever the folder's size. One process (the caller) writes the
+cache. Local workers are spawned, not forked: the caller may be a Prefect worker with threads,
+and a fork copies their locks. A Dask worker may not see the caller's files, so the caller sends the bytes.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +25,13 @@ from tnflow.tasks.core.errors import ConfigError, TnflowError
 from tnflow.tasks.core.processes import die_with_parent_kill
 from tnflow.tasks.sources.images import ImageError, load_square
 
-JOB_IMAGES = 16
+JOB_IMAGES = 16  # a local worker's job: small, so one slow file holds little back
+# A Dask task costs the scheduler, the client and the transfers about 7 ms on two cores whatever
+# it holds (150 empty tasks/s, `benchmarks/README.md`, stop 45): at 16 pictures a task, as much as
+# the decoding itself. So a Dask task holds up to 128 files, or fewer when they pass 16 MB (the
+# caller sends their bytes: 128 phone photos would be half a gigabyte in one message).
+REMOTE_JOB_IMAGES = 128
+REMOTE_JOB_BYTES = 16 << 20
 IN_FLIGHT_PER_WORKER = 2
 
 Decoded = tuple[np.ndarray, list[str]]  # the good images, stacked; one problem per file ("" when good)
@@ -50,6 +57,9 @@ class Decoder:
 
     def __init__(self, pool: Any, workers: int, remote: bool):
         self.pool, self.workers, self.remote = pool, workers, remote
+        # How the caller cuts its files into jobs: at most this many, and (but for a job's first) this many bytes.
+        self.job_images = REMOTE_JOB_IMAGES if remote else JOB_IMAGES
+        self.job_bytes = REMOTE_JOB_BYTES if remote else sys.maxsize
 
     def map(self, jobs: Iterable[list[str]], size: int, resize: str, max_pixels: int) -> Iterator[Decoded]:
         pending: deque[tuple[Any, list[str]]] = deque()
