@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +87,19 @@ def test_new_changed_and_removed_pictures_are_counted_against_the_champion(tmp_p
     changes = folder_changes(folder, cache, out)
     assert (changes.new, changes.changed, changes.removed, changes.known) == (4, 1, 1, 20)
     assert changes.champion == "run-1"
+
+
+def test_copies_the_champions_build_left_out_are_not_new(tmp_path):
+    """A second copy of a picture is kept once by the build: the watcher must not count it new at every look."""
+    folder, cache, out = tmp_path / "photos", tmp_path / "cache", tmp_path / "runs"
+    make_folder(folder, classes=2, per_class=10)
+    shutil.copy(folder / "class-0" / "img-0003.png", folder / "class-0" / "copy.png")
+    shutil.copy(folder / "class-1" / "img-0004.png", folder / "class-0" / "elsewhere.png")
+    champion_of(folder, cache, out)
+    changes = folder_changes(folder, cache, out)
+    assert (changes.new, changes.changed, changes.removed, changes.known) == (0, 0, 0, 20)
+    make_folder(folder, classes=2, per_class=1, start=100)
+    assert folder_changes(folder, cache, out).new == 2
 
 
 def test_a_change_set_is_announced_once_and_only_past_the_threshold(tmp_path, monkeypatch):

@@ -82,7 +82,8 @@ def count_changes(
 
     Sorted columns looked up in one pass each (`np.searchsorted` of sorted keys walks forward),
     not a dict probed per picture: the lookups stay linear in memory traffic at a million
-    pictures. Paths are unique on both sides (one file, one path); a skipped file is not new.
+    pictures. Paths are unique on both sides (one file, one path); a file the model's build saw
+    and left out (`skipped`: unusable, a second copy) is not new.
     """
     paths, digests = _by_path(paths, digests)
     known_paths, known_digests = _by_path(known_paths, known_digests)
@@ -111,7 +112,7 @@ def _positions(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def _champion_pictures(root: Path, output_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
-    """(paths, content digests, skipped paths, run) of the newest champion trained on `root`'s folder."""
+    """(paths, content digests, paths left out, run) of the newest champion trained on `root`'s folder."""
     found = []
     for current in current_champions(output_dir):
         record = read_champion_file(champion_record(current))
@@ -126,7 +127,10 @@ def _champion_pictures(root: Path, output_dir: Path) -> tuple[np.ndarray, np.nda
         return none, np.empty(0, dtype="S64"), none, None
     record, manifest = max(found, key=lambda pair: pair[0].promoted_at)
     paths, digests = read_file_columns(record.cache)
-    skipped = np.array([str(entry[0]).encode() for entry in manifest.get("skipped", [])], dtype=np.bytes_)
+    # What its build saw and left out is not new: unusable files, second copies, training copies of test pictures.
+    left_out = [entry[0] for entry in manifest.get("skipped", []) + manifest.get("duplicates", [])]
+    left_out += manifest.get("leaked", [])
+    skipped = np.array([str(path).encode() for path in left_out], dtype=np.bytes_)
     return paths, digests, skipped.reshape(-1), record.run_id
 
 
