@@ -119,6 +119,15 @@ def again(cache, work, caplog, settings=ONE_EPOCH, **options):
         return train(cache.path, None, GAP32, settings, work, class_names=cache.class_names, **options)
 
 
+def curves_of(generation: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar in a generation's TensorBoard folder, read by TensorBoard's own loader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(generation / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def without_timing(history):
     return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
 
@@ -198,6 +207,11 @@ def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
     assert sorted(p.name for p in (work / "generation-1" / "checkpoints").iterdir()) == ["epoch-2"]
     models = sorted(p.name for p in (work / "generation-1" / "models").iterdir())
     assert models == [f"epoch-{resumed.best_epoch}"] and Path(resumed.model_dir).name == models[0]
+    # TensorBoard's curves: the killed process drew epoch 1, the resumed one epoch 2, each once.
+    drawn = curves_of(work / "generation-1")
+    assert len(list((work / "generation-1" / "tensorboard").iterdir())) == 2, "an event file per process"
+    for tag, field in (("accuracy/valid", "valid_accuracy"), ("learning_rate", "learning_rate")):
+        assert drawn[tag] == [(r["epoch"], pytest.approx(r[field])) for r in resumed.history], tag
 
 
 def test_a_frozen_first_epoch_leaves_the_base_bit_identical(levers_reference, fake_weights):

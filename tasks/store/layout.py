@@ -141,6 +141,11 @@ def shared_scores_dir(model_dir: str | Path, digest: str) -> Path:
     return Path(model_dir).with_name(f"{Path(model_dir).name}.scores-{digest}")
 
 
+def curves_dir(generation: str | Path) -> Path:
+    """TensorBoard's event files of a generation's epochs: `tensorboard --logdir OUTPUT/training` finds them."""
+    return Path(generation) / "tensorboard"
+
+
 def epoch_entries(generation: str | Path, kind: str) -> list[tuple[str, Path]]:
     """(`epoch-N...` name, path) of everything under `checkpoints` or `models`, temporaries and exports included."""
     assert kind in ("checkpoints", "models"), kind

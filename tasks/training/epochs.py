@@ -24,6 +24,7 @@ from tnflow.tasks.config.specs import ModelSpec, TrainSettings, describe_levers
 from tnflow.tasks.core.files import new_directory
 from tnflow.tasks.store.layout import checkpoint_dir, epoch_model_dir
 from tnflow.tasks.store.records import TrainingState
+from tnflow.tasks.tf.curves import Curves
 from tnflow.tasks.tf.model_files import CHECKPOINT, restore_model, write_model_json
 from tnflow.tasks.tf.startup import claim_gpus, gpus_named, start_tensorflow, tower_devices
 from tnflow.tasks.training.calibration import choose_temperature
@@ -51,6 +52,7 @@ class _Fit:
     pace: Pace | None = None  # on the CPU only
     gpus: tuple[int, ...] = ()  # the host's GPUs this run holds
     towers: int = 1  # replicas of the network, one per device, each on its share of a batch
+    curves: Curves | None = None  # TensorBoard's event file of this process
 
 
 def fit_epochs(
@@ -99,6 +101,8 @@ def fit_epochs(
             _resume(fit, state, done_epochs)
         else:
             _start(fit, weights_path, init_from)
+        fit.curves = Curves(directory)
+        fit.curves.add(state.history)  # the epochs a killed predecessor finished but did not draw
         levers = describe_levers(
             settings, spec, pretrained=bool(weights_path or init_from), batch_norm=BACKBONES[spec.model].batch_norm
         )
@@ -115,6 +119,7 @@ def fit_epochs(
             _end_epoch(fit, state, record)
             if on_epoch_end:
                 on_epoch_end(epoch)
+    fit.curves.close()
     _finish(fit, state)
     return state
 
@@ -226,8 +231,9 @@ def _end_epoch(fit: _Fit, state: TrainingState, record: dict[str, Any]) -> None:
     # Calibration: the temperature this epoch's model gets if it is the best (model.json), and why.
     choice = choose_temperature(valid["logits"], valid["labels"], fit.settings.seed)
     record["temperature"], record["calibration"] = choice.temperature, asdict(choice)
+    record["learning_rate"] = float(fit.session.run(fit.net.steps.learning_rate))  # the schedule's, at the epoch's end
     order = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds", "images_per_second")
-    record = {key: record[key] for key in (*order, "trained", "temperature", "calibration")}
+    record = {key: record[key] for key in (*order, "learning_rate", "trained", "temperature", "calibration")}
     state.history.append(record)
     if state.best_valid_accuracy is None or record["valid_accuracy"] > state.best_valid_accuracy:
         _export_model(fit, epoch, record)
@@ -235,6 +241,7 @@ def _end_epoch(fit: _Fit, state: TrainingState, record: dict[str, Any]) -> None:
     state.epochs_done = epoch
     write_state(fit.directory, state)  # names the new files before anything older is pruned
     prune(fit.directory, state)
+    fit.curves.add(state.history)  # drawn once the state names the epoch: a resumed run draws it once
     fit.log.info(
         f"epoch {epoch}/{fit.settings.epochs}: train loss {record['train_loss']:.4f} acc "
         f"{record['train_accuracy']:.4f} | valid loss {record['valid_loss']:.4f} acc "
