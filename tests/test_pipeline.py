@@ -34,6 +34,7 @@ HISTORY_FIELDS = {
     "valid_accuracy",
     "seconds",
     "images_per_second",
+    "learning_rate",  # the schedule's at the epoch's end (TensorBoard's curve too)
     "trained",  # "head" during --freeze-epochs, else "all"
     "temperature",  # applied to the model's probabilities if this epoch is the best (1: not applied)
     "calibration",  # the temperature fitted on the validation split, whether it was applied, and why
