@@ -1,4 +1,4 @@
-"""transfer_learning: source, cache, start, train, validate, (cross-fit,) review, export, gate, report."""
+"""transfer_learning: source, cache, start, train, validate, (cross-fit,) review, export, gate, report (MLflow)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tnflow.tasks.release.export import export_task
 from tnflow.tasks.release.promote import promote_task
 from tnflow.tasks.release.report import RunSummary, report_task
 from tnflow.tasks.release.review import review_task
+from tnflow.tasks.release.tracking import close_run_task, end_failed_run, open_run_task
 from tnflow.tasks.sources.download import source_task
 from tnflow.tasks.store.in_use import reading
 from tnflow.tasks.store.layout import new_run_dir
@@ -25,12 +26,25 @@ from tnflow.tasks.training.validate import validate_task
 
 
 # The return value is persisted (as JSON, in Prefect's result storage): a sweep reads its trials' from their flow runs.
-@flow(name="transfer-learning", persist_result=True, result_serializer="json")
+@flow(
+    name="transfer-learning",
+    persist_result=True,
+    result_serializer="json",
+    on_failure=[end_failed_run],  # its MLflow run, if any, ends FAILED
+    on_crashed=[end_failed_run],
+)
 @flow_parameters(RunConfig)
 def transfer_learning(config: RunConfig) -> RunSummary:
     """Fine-tune an ImageNet-pretrained model on CIFAR or your image folder; returns its figures and where it is."""
     quiet_hook_lines()
     run_dir = new_run_dir(config.output_dir, flow_run.name)
+    tracked = (  # an MLflow run, when asked (--mlflow-uri, $MLFLOW_TRACKING_URI)
+        open_run_task(
+            tracking=config.tracking(), name=flow_run.name, flow_run_id=flow_run.id, params=config.model_dump()
+        )
+        if config.mlflow_uri
+        else None
+    )
     source = source_task(
         folder=config.data_dir, url=config.source_url, dest_dir=config.cache_dir, md5=config.source_md5
     )
@@ -68,6 +82,7 @@ def transfer_learning(config: RunConfig) -> RunSummary:
                 retrain=config.retrain,
                 gpus=held,
                 towers=towers,
+                trial=config.trial_report(),  # a sweep's Optuna trial, whose pruner may stop it
             )
             test = validate_task(
                 model_dir=trained.model_dir,
@@ -123,7 +138,7 @@ def transfer_learning(config: RunConfig) -> RunSummary:
             gate=config.gate_settings(),
             eval_batch_size=config.eval_batch_size,
         )
-        return report_task(
+        summary = report_task(
             run_dir=run_dir,
             model_dir=model_dir,
             cache_path=cache.path,
@@ -134,3 +149,8 @@ def transfer_learning(config: RunConfig) -> RunSummary:
             promotion=promotion,
             review=review,
         )
+        if tracked:
+            close_run_task(
+                tracking=config.tracking(), run_id=tracked, summary=summary, history=trained.history, decision=promotion
+            )
+        return summary

@@ -96,7 +96,7 @@ def levers_reference(small_cache, fake_weights, tmp_path_factory):
     snapshots = {}
     trained = train(
         small_cache.path, str(fake_weights), GAP32_TTA, LEVERS, work, class_names=small_cache.class_names,
-        eval_batch_size=64, on_epoch_end=lambda epoch: snapshots.update({epoch: base_values(work, epoch)}),
+        eval_batch_size=64, on_epoch_end=lambda row: snapshots.update({row["epoch"]: base_values(work, row["epoch"])}),
     )  # fmt: skip
     return trained, snapshots
 
@@ -180,7 +180,7 @@ def test_a_killed_run_resumes_at_the_next_epoch_exactly_with_every_lever_on(
         "import os, signal, sys\n"
         "from tnflow.tasks.config.specs import ModelSpec, TrainSettings\n"
         "from tnflow.tasks.training.train import train\n"
-        "kill = lambda epoch: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "kill = lambda record: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"train(sys.argv[1], sys.argv[3], {GAP32_TTA!r}, {LEVERS!r}, sys.argv[2],"
         f" class_names={list(small_cache.class_names)!r}, eval_batch_size=64, on_epoch_end=kill)\n"
     )

@@ -79,7 +79,7 @@ def train_two_towers(cache: str, work: str, kill: bool) -> dict:
 
     settings = TrainSettings(epochs=2, batch_size=16, learning_rate=1e-3, seed=0, augment="flip-crop", optimizer="sgd")
 
-    def killed(epoch: int) -> None:
+    def killed(record: dict) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     trained = train(

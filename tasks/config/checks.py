@@ -115,6 +115,8 @@ def check_run(config: Any) -> None:
         )
     if config.warmup_epochs > config.epochs:
         raise ValueError(f"--warmup-epochs {config.warmup_epochs} is longer than --epochs {config.epochs}")
+    if config.optuna_trial is not None and not (config.optuna_storage and config.optuna_study):
+        raise ValueError("--optuna-trial N reports to a study: give --optuna-storage URL and --optuna-study NAME too")
     if config.review_train == 1:
         raise ValueError("--review-train 1 leaves no picture out: give 2 folds or more (5 is usual), or 0 for none")
 

@@ -8,6 +8,9 @@ work starts (`tasks.config.checks`), and an error names the command-line option 
 change. Defaults that follow other options (`tasks.config.datasets`, `tasks.config.presets`)
 are resolved after validation, so `model_fields_set` still says what the user gave. Each
 configuration hands its stages the small specs of `tasks.config.specs`.
+
+Longer than 300 lines because it is that one table: every option's declaration and help text
+sit together, where a user's question about an option is answered.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from tnflow.tasks.config.backbones import MODELS
 from tnflow.tasks.config.checks import CountOrFraction, Directory, Md5, resolved
 from tnflow.tasks.config.parameters import Configuration
 from tnflow.tasks.config.presets import AUGMENTS, PRESETS, run_defaults
-from tnflow.tasks.config.specs import MAX_PIXELS, CacheSpec, FolderSpec, GateSettings, ModelSpec, TrainSettings
+from tnflow.tasks.config.specs import (
+    MAX_PIXELS,
+    CacheSpec,
+    FolderSpec,
+    GateSettings,
+    ModelSpec,
+    Tracking,
+    TrainSettings,
+    TrialReport,
+)
 
 FRACTION: dict = {"ge": 0, "lt": 1, "allow_inf_nan": False, "json_schema_extra": {"metavar": "X"}}
 COUNT_OR_FRACTION: dict = {"gt": 0, "allow_inf_nan": False, "json_schema_extra": {"metavar": "N|X"}}
@@ -271,6 +283,44 @@ class RunConfig(DataConfig):
         f"{', '.join(checks.EXPORT_FORMATS)}; or none",
     )
 
+    mlflow_uri: str | None = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or None,
+        description="log the run to this MLflow tracking server: options, each epoch's figures, the report, and "
+        "the model as a version of the champion line's registered model (default: $MLFLOW_TRACKING_URI, else "
+        "no MLflow; needs the mlflow extra)",
+        json_schema_extra={"metavar": "URI"},
+    )
+    mlflow_experiment: str = Field(
+        "tnflow",
+        min_length=1,
+        description="the MLflow experiment runs are logged in",
+        json_schema_extra={"metavar": "NAME"},
+    )
+    mlflow_parent: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="nest this run's MLflow run under that MLflow run (a sweep sets it for its trials)",
+        json_schema_extra={"metavar": "RUN_ID", "pattern_says": "is no MLflow run id (32 hexadecimal digits)"},
+    )
+    optuna_storage: str | None = Field(
+        None,
+        description="the Optuna storage every worker reaches: a SQLite file on shared storage (sqlite:///PATH) or "
+        "a PostgreSQL URL (default: a sweep's is sqlite:///OUTPUT/sweeps/optuna.db; needs the optuna extra)",
+        json_schema_extra={"metavar": "URL"},
+    )
+    optuna_study: str | None = Field(
+        None,
+        description="the Optuna study (default: a sweep's is named after its options, so the same sweep "
+        "started again continues it)",
+        json_schema_extra={"metavar": "NAME"},
+    )
+    optuna_trial: int | None = Field(
+        None,
+        ge=0,
+        description="report each epoch's validation accuracy to trial N of --optuna-study, whose pruner may stop "
+        "the training after that epoch (a sweep with --search optuna sets it for its trials)",
+    )
+
     def _resolve(self) -> None:
         resolved(self, run_defaults(self.__dict__))
         super()._resolve()
@@ -289,6 +339,18 @@ class RunConfig(DataConfig):
 
     def model_spec(self, num_classes: int) -> ModelSpec:
         return ModelSpec(self.model, self.head, num_classes, self.image_size, self.tta)
+
+    def trial_report(self) -> TrialReport | None:
+        """Where training reports each epoch to an Optuna trial, if it does."""
+        if self.optuna_trial is None:
+            return None
+        return TrialReport(str(self.optuna_storage), str(self.optuna_study), self.optuna_trial)
+
+    def tracking(self) -> Tracking | None:
+        """Where the run is logged to MLflow, if it is."""
+        if not self.mlflow_uri:
+            return None
+        return Tracking(self.mlflow_uri, self.mlflow_experiment, self.mlflow_parent)
 
     def gate_settings(self) -> GateSettings:
         return GateSettings(self.promote_margin, self.promote_alpha, self.max_class_drop, self.promotes)

@@ -103,6 +103,24 @@ class TrainSettings:
     train_split: str = "train"
 
 
+@dataclass(frozen=True)
+class TrialReport:
+    """An Optuna trial a training reports each epoch's validation accuracy to; its pruner may stop it."""
+
+    storage: str  # sqlite:///PATH or a PostgreSQL URL every worker reaches
+    study: str
+    trial: int  # the trial's number in the study
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """The MLflow tracking server a run is logged to, its experiment, and the run it is nested under (a sweep's)."""
+
+    uri: str
+    experiment: str = "tnflow"
+    parent: str | None = None
+
+
 _FOLD = re.compile(r"(?P<split>[a-z]+)-(?P<side>fold|without-fold)-(?P<fold>\d+)-of-(?P<folds>\d+)")
 
 

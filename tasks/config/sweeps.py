@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -30,9 +30,13 @@ WHERE_NOT_WHAT = "it says where or how a trial runs, not what it trains"
 FIXED: dict[str, str] = {
     **{name: SAME_DATA for name in DataConfig.model_fields if name not in ("image_size", "cache_dir", "dask_address")},
     **dict.fromkeys(
-        ("cache_dir", "dask_address", "output_dir", "gpu_slot", "gpus", "eval_batch_size", "export", "retrain"),
+        (
+            *("cache_dir", "dask_address", "output_dir", "gpu_slot", "gpus", "eval_batch_size", "export", "retrain"),
+            *("mlflow_uri", "mlflow_experiment", "optuna_storage", "optuna_study"),
+        ),
         WHERE_NOT_WHAT,
     ),
+    **dict.fromkeys(("mlflow_parent", "optuna_trial"), "the sweep sets it for each trial"),
     "promote": "trials never promote; the sweep puts its winner alone through the champion gate",
     **dict.fromkeys(
         ("promote_margin", "promote_alpha", "max_class_drop"),
@@ -89,7 +93,8 @@ class SweepConfig(RunConfig):
     )
     vary: str | None = Field(
         None,
-        description=f"options --random draws, comma-separated (default: all it has ranges for: {', '.join(SPACE)})",
+        description="options --random or --search optuna draws, comma-separated (default: all there are ranges "
+        f"for: {', '.join(SPACE)})",
         json_schema_extra={"metavar": "OPTIONS"},
     )
     deployment: str | None = Field(
@@ -98,15 +103,45 @@ class SweepConfig(RunConfig):
         "work pool's workers (default: subflows of the sweep, in its process)",
         json_schema_extra={"metavar": "FLOW/DEPLOYMENT"},
     )
+    search: Literal["optuna"] | None = Field(
+        None,
+        description="optuna: Optuna's TPE sampler proposes --trials N trials from the ranges of --vary, each "
+        "after the trials before it ended, and --pruner stops a hopeless one after an epoch (the optuna extra)",
+    )
+    trials: int | None = Field(
+        None, ge=1, le=MAX_TRIALS, description="--search optuna: the trials the study holds when the sweep ends"
+    )
+    pruner: Literal["median", "halving", "none"] = Field(
+        "median",
+        description="--search optuna: stop a trial after an epoch, never its last; median: from its second epoch, "
+        "when its best validation accuracy is below the median of the other trials' at that epoch; halving "
+        "(asynchronous successive halving): at epochs 1, 3, 9..., when outside the best third; none: never. "
+        "Either stops a trial only when its gap to the others' median is unlikely to be chance on the "
+        "validation pictures",
+    )
     parallel: int = Field(2, ge=1, le=64, description="trials at once, at most (GPU slots may allow fewer)")
 
     @model_validator(mode="after")
     def _one_way_of_making_trials(self) -> SweepConfig:
-        if (self.grid is None) == (self.random is None):
-            raise ValueError("give the trials with --grid OPTION=VALUES ... or --random N (one of them)")
-        if self.vary is not None and self.random is None:
-            raise ValueError("--vary chooses what --random draws; give --random N too")
+        ways = [self.grid is not None, self.random is not None, self.search is not None]
+        if sum(ways) != 1:
+            raise ValueError(
+                "give the trials with --grid OPTION=VALUES ..., --random N or --search optuna --trials N (one of them)"
+            )
+        if self.vary is not None and self.grid is not None:
+            raise ValueError("--vary chooses what --random or --search optuna draws; --grid lists its own values")
+        if (self.search is None) != (self.trials is None):
+            raise ValueError("--search optuna takes --trials N, the study's number of trials (and only it does)")
         return self
+
+    def varied(self) -> dict[str, Range | OneOf]:
+        """The ranges `--random` and `--search optuna` draw from: those `--vary` names, or all of them."""
+        names = [n.strip().replace("-", "_") for n in (self.vary or ",".join(SPACE)).split(",") if n.strip()]
+        for name in names:
+            _can_vary(name, "--vary")
+            if name not in SPACE:
+                raise ConfigError(f"--vary {name}: there is no range for it; the ranges are {', '.join(SPACE)}")
+        return {name: SPACE[name] for name in names}
 
 
 @dataclass(frozen=True)
@@ -123,19 +158,24 @@ class Trial:
 
 def plan_trials(sweep: SweepConfig) -> list[Trial]:
     """Every trial's configuration, checked: a grid's combinations, or `--random` draws, in a fixed order."""
-    options = _grid(sweep.grid) if sweep.grid is not None else _draws(sweep.random or 0, sweep.vary, sweep.seed)
+    if sweep.search is not None:  # proposed one by one as trials end (`tasks.sweeps.search`)
+        sweep.varied()  # its names checked now
+        return []
+    options = _grid(sweep.grid) if sweep.grid is not None else _draws(sweep.random or 0, sweep.varied(), sweep.seed)
+    return [make_trial(sweep, index, chosen) for index, chosen in enumerate(options, 1)]
+
+
+def make_trial(sweep: SweepConfig, number: int, chosen: dict[str, Any], **set_by_sweep: Any) -> Trial:
+    """Trial `number`: the sweep's run options with `chosen`, checked (`set_by_sweep`: the trial's Optuna fields)."""
     base = {k: getattr(sweep, k) for k in sweep.model_fields_set if k in RunConfig.model_fields}
     # Resolved on this machine, once, so every trial (and every worker) uses the same directories.
     base |= {"cache_dir": sweep.cache_dir, "output_dir": sweep.output_dir, "promote": False}
-    trials = []
-    for index, chosen in enumerate(options, 1):
-        try:
-            config = RunConfig.from_values({**base, **chosen})
-        except ConfigError as exc:
-            described = ", ".join(f"{name}={value}" for name, value in chosen.items())
-            raise ConfigError(f"trial-{index} ({described}): {exc}") from None
-        trials.append(Trial(f"trial-{index}", chosen, config))
-    return trials
+    try:
+        config = RunConfig.from_values({**base, **chosen, **set_by_sweep})
+    except ConfigError as exc:
+        described = ", ".join(f"{name}={value}" for name, value in chosen.items())
+        raise ConfigError(f"trial-{number} ({described}): {exc}") from None
+    return Trial(f"trial-{number}", chosen, config)
 
 
 def _grid(entries: list[str]) -> list[dict[str, Any]]:
@@ -155,14 +195,9 @@ def _grid(entries: list[str]) -> list[dict[str, Any]]:
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
 
 
-def _draws(count: int, vary: str | None, seed: int) -> list[dict[str, Any]]:
-    names = [n.strip().replace("-", "_") for n in (vary or ",".join(SPACE)).split(",") if n.strip()]
-    for name in names:
-        _can_vary(name, "--vary")
-        if name not in SPACE:
-            raise ConfigError(f"--vary {name}: --random has no range for it; it draws {', '.join(SPACE)}")
+def _draws(count: int, space: dict[str, Range | OneOf], seed: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
-    return [{name: SPACE[name].draw(rng) for name in names} for _ in range(count)]
+    return [{name: value.draw(rng) for name, value in space.items()} for _ in range(count)]
 
 
 def _can_vary(name: str, flag: str) -> None:

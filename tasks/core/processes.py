@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import itertools
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from types import FrameType
 from typing import TypeVar
@@ -85,20 +86,27 @@ def stop_requested() -> None:
         raise _STOPPING[0]
 
 
-def run_in_threads(calls: list[Callable[[], R]], parallel: int, on_result: Callable[[R], None]) -> None:
+def run_in_threads(calls: Iterable[Callable[[], R]], parallel: int, on_result: Callable[[R], None]) -> None:
     """Run `calls` in at most `parallel` threads (each in a copy of the caller's context); `on_result` hears each
     result as it comes, in the caller's thread.
 
-    An interruption (or an error) in the caller starts no call that is still queued, and does
-    not wait for the running ones: they stop at their next step (`stop_requested`). Waiting
-    for the queue, as a `with ThreadPoolExecutor` block does, kept a sweep training after
-    SIGTERM until the hard exit.
+    `calls` is drawn from only when a thread is free, after `on_result` heard the call that
+    freed it: an adaptive search proposes each trial knowing every trial that ended before.
+    An interruption (or an error) in the caller starts no further call, and does not wait for
+    the running ones: they stop at their next step (`stop_requested`). Waiting for the queue,
+    as a `with ThreadPoolExecutor` block does, kept a sweep training after SIGTERM until the
+    hard exit.
     """
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="tnflow-worker")
+    waiting = iter(calls)
     try:
-        futures = [pool.submit(contextvars.copy_context().run, call) for call in calls]
-        for future in as_completed(futures):
-            on_result(future.result())
+        running = {pool.submit(contextvars.copy_context().run, call) for call in itertools.islice(waiting, parallel)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_result(future.result())
+            for call in itertools.islice(waiting, parallel - len(running)):
+                running.add(pool.submit(contextvars.copy_context().run, call))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -225,6 +225,11 @@ def leaderboard_file(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir) / "leaderboard.json"
 
 
+def optuna_database(output_dir: str | Path) -> Path:
+    """The Optuna studies of the sweeps that name no storage (`--optuna-storage`): a SQLite file."""
+    return (Path(output_dir) / "sweeps" / "optuna.db").resolve()
+
+
 def watch_record(output_dir: str | Path, folder: str) -> Path:
     return Path(output_dir) / "watch" / f"{short_digest(folder, 16)}.json"
 

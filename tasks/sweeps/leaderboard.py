@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 from tnflow.tasks.cache.h5cache import read_labels
+from tnflow.tasks.config.specs import Tracking
 from tnflow.tasks.config.sweeps import Trial
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import write_atomic
@@ -37,6 +38,7 @@ from tnflow.tasks.release.document import Document, Section, render
 from tnflow.tasks.release.figures import accuracy_by_option, png
 from tnflow.tasks.release.promote import Decision
 from tnflow.tasks.release.significance import compare, detectable_gain, what_it_can_detect
+from tnflow.tasks.release.tracking import close_run, find_run, register
 from tnflow.tasks.store.layout import figure_file, leaderboard_file, report_files, sweep_decision_file
 from tnflow.tasks.sweeps.trials import TrialResult
 from tnflow.tasks.training.validate import read_kept
@@ -49,11 +51,15 @@ LEADERBOARD = "tnflow-sweep-leaderboard"
 class Leaderboard:
     """Every trial's row, rewritten (file and artifact) each time a trial ends."""
 
-    def __init__(self, sweep_dir: str, trials: list[Trial]):
+    def __init__(self, sweep_dir: str, trials: list[Trial], earlier: list[TrialResult] = ()):
+        """`trials`: those planned (pending until they end); `earlier`: an earlier sweep's, that count in this one."""
         self.path = leaderboard_file(sweep_dir)
-        self.results: dict[str, TrialResult] = {
-            t.name: TrialResult(name=t.name, options=t.options, state="Pending") for t in trials
-        }
+        self.results: dict[str, TrialResult] = {r.name: r for r in earlier}
+        self.results |= {t.name: TrialResult(name=t.name, options=t.options, state="Pending") for t in trials}
+
+    def all(self) -> list[TrialResult]:
+        """Every trial's row: the earlier sweep's, then this one's in the order they were planned or asked."""
+        return list(self.results.values())
 
     def record(self, result: TrialResult) -> None:
         self.results[result.name] = result
@@ -224,3 +230,22 @@ def sweep_report_task(
     create_markdown_artifact(markdown=render(document.until(BY_OPTION), "md", {}), key="tnflow-sweep-report")
     run_logger().info("sweep report %s", paths["html"])
     return paths
+
+
+@task(name="mlflow-close", cache_policy=NO_CACHE)
+def close_sweep_run_task(
+    *, tracking: Tracking | None, run_id: str | None, sweep_dir: str, winner: TrialResult, promotion: Decision
+) -> str | None:
+    """The sweep's MLflow run: the winner's model version (in the winner's nested run), the report; it ends."""
+    version = register(
+        tracking,
+        find_run(tracking, winner.flow_run_id),
+        model_dir=str(winner.model_dir),
+        cache_path=str(winner.cache_path),
+        decision=promotion,
+    )
+    figures = {"winner_valid_accuracy": winner.valid_accuracy or 0.0}
+    figures["winner_test_accuracy"] = winner.test_accuracy or 0.0
+    files = [*report_files(sweep_dir), figure_file(sweep_dir, FIGURE).parent, leaderboard_file(sweep_dir)]
+    close_run(tracking, run_id, files=files, figures=figures)
+    return version

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prefect import get_client
@@ -25,6 +25,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import MissingResult, ObjectNotFound
 from pydantic import BaseModel, ConfigDict
 
+from tnflow.tasks.config.options import RunConfig
 from tnflow.tasks.config.sweeps import Trial
 from tnflow.tasks.core.errors import ConfigError
 from tnflow.tasks.core.gpu_slot import gpu_count, gpu_slot
@@ -75,26 +76,43 @@ def check_deployment(name: str) -> None:
 
 
 def run_trials(
-    trials: list[Trial],
+    trials: Iterable[Trial],
     *,
+    base: RunConfig,
     sweep_name: str,
     deployment: str | None,
     parallel: int,
     subflow: Callable[..., Any],
     on_finished: Callable[[TrialResult], None],
     log: Log,
+    mlflow_parent: str | None = None,
 ) -> list[TrialResult]:
-    """Every trial, at most `parallel` at once; `on_finished` hears of each as it ends. Results in trial order."""
+    """Every trial, at most `parallel` at once; `on_finished` hears of each as it ends. Results in trial order.
+
+    `base`: the options every trial shares (where it runs: its GPUs and their slot).
+    `trials` is drawn from when a trial can start, after `on_finished` heard every trial that
+    ended before (an Optuna study proposes each from those). `mlflow_parent`: the sweep's MLflow
+    run, which each trial's MLflow run is nested under.
+    """
+    order: list[str] = []
+
+    def drawn() -> Iterator[Trial]:
+        for trial in trials:
+            order.append(trial.name)
+            if mlflow_parent:
+                nested = trial.config.model_copy(update={"mlflow_parent": mlflow_parent})
+                trial = Trial(trial.name, trial.options, nested)
+            yield trial
+
     if deployment:
-        results = _on_the_pool(trials, sweep_name, deployment, parallel, on_finished, log)
+        results = _on_the_pool(drawn(), sweep_name, deployment, parallel, on_finished, log)
     else:
-        results = _in_this_process(trials, sweep_name, parallel, subflow, on_finished, log)
-    order = [trial.name for trial in trials]
+        results = _in_this_process(drawn(), base, sweep_name, parallel, subflow, on_finished, log)
     return sorted(results, key=lambda result: order.index(result.name))
 
 
 def _on_the_pool(
-    trials: list[Trial],
+    trials: Iterator[Trial],
     sweep_name: str,
     deployment: str,
     parallel: int,
@@ -102,10 +120,15 @@ def _on_the_pool(
     log: Log,
 ) -> list[TrialResult]:
     """Flow runs of `deployment`, children of the sweep's run; any worker of its pool may take them."""
-    waiting, running, results = list(trials), {}, []
-    while waiting or running:
-        while waiting and len(running) < parallel:
-            trial = waiting.pop(0)
+    running: dict[Any, Trial] = {}
+    results: list[TrialResult] = []
+    drawn_all = False
+    while True:
+        while not drawn_all and len(running) < parallel:  # drawn after the ended ones were heard
+            trial = next(trials, None)
+            if trial is None:
+                drawn_all = True
+                break
             run = run_deployment(
                 deployment,
                 parameters=trial.config.model_dump(),
@@ -115,6 +138,8 @@ def _on_the_pool(
             )
             running[run.id] = trial
             log.info("%s (%s): flow run %r of %s", trial.name, trial.describe(), run.name, deployment)
+        if not running:
+            return results
         time.sleep(POLL_SECONDS)
         with get_client(sync_client=True) as client:
             for run_id, trial in list(running.items()):
@@ -122,11 +147,11 @@ def _on_the_pool(
                 if flow_run.state is not None and flow_run.state.is_final():
                     del running[run_id]
                     results.append(_ended(client, trial, flow_run, on_finished, log))
-    return results
 
 
 def _in_this_process(
-    trials: list[Trial],
+    trials: Iterator[Trial],
+    base: RunConfig,
     sweep_name: str,
     parallel: int,
     subflow: Callable[..., Any],
@@ -140,7 +165,6 @@ def _in_this_process(
     """
     from tnflow.tasks.tf.startup import claim_gpus, visible_gpus
 
-    base = trials[0].config
     gpus = visible_gpus()
     if gpus and parallel > 1:
         log.info(
@@ -151,7 +175,7 @@ def _in_this_process(
     with gpu_slot(base.gpu_slot if gpus else "none", log, gpus=gpus, count=count) as held:
         claim_gpus(held)
         if gpus:
-            trials = [Trial(t.name, t.options, t.config.model_copy(update={"gpu_slot": "none"})) for t in trials]
+            trials = (Trial(t.name, t.options, t.config.model_copy(update={"gpu_slot": "none"})) for t in trials)
         results: list[TrialResult] = []
 
         def ended(done: tuple[Trial, FlowRun]) -> None:
@@ -159,7 +183,7 @@ def _in_this_process(
                 results.append(_ended(client, *done, on_finished, log))
 
         # Each thread runs in a copy of the sweep's context, so each trial is a child of the sweep's run.
-        run_in_threads([functools.partial(_subflow, subflow, trial, sweep_name) for trial in trials], parallel, ended)
+        run_in_threads((functools.partial(_subflow, subflow, trial, sweep_name) for trial in trials), parallel, ended)
     return results
 
 

@@ -68,7 +68,7 @@ def fit_epochs(
     init_from: str | None,
     progress: Callable[..., None] | None,
     log: logging.Logger | logging.LoggerAdapter,
-    on_epoch_end: Callable[[int], None] | None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
     gpus: tuple[int, ...] = (),
     towers: int = 1,
 ) -> TrainingState:
@@ -117,8 +117,8 @@ def fit_epochs(
                 break
             record = _train_epoch(fit, epoch, seen=num_train * (epoch - done_epochs - 1), total=total)
             _end_epoch(fit, state, record)
-            if on_epoch_end:
-                on_epoch_end(epoch)
+            if on_epoch_end:  # told once the state file names the epoch (an Optuna trial may stop here)
+                on_epoch_end(state.history[-1])
     fit.curves.close()
     _finish(fit, state)
     return state

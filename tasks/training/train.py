@@ -20,7 +20,8 @@ from typing import Any
 
 from prefect import task
 
-from tnflow.tasks.config.specs import ModelSpec, TrainSettings
+from tnflow.tasks.cache.h5cache import read_split_size
+from tnflow.tasks.config.specs import ModelSpec, TrainSettings, TrialReport
 from tnflow.tasks.core.cache_policy import StageCache, code_version
 from tnflow.tasks.core.errors import TnflowError
 from tnflow.tasks.core.files import ensure_writable_dir, exclusive, full_disk_ends
@@ -30,6 +31,7 @@ from tnflow.tasks.store.layout import epoch_model_dir, generation_dir, training_
 from tnflow.tasks.store.records import TrainingState
 from tnflow.tasks.tf.model_files import read_model_dir
 from tnflow.tasks.training.epochs import fit_epochs
+from tnflow.tasks.training.pruning import epoch_reporter
 from tnflow.tasks.training.starting_point import StartingPoint
 from tnflow.tasks.training.workdir import (
     best_model_ok,
@@ -85,7 +87,7 @@ def train(
     init_from: str | None = None,
     progress: Callable[..., None] | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
-    on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     gpus: tuple[int, ...] = (),
     towers: int = 1,
 ) -> Trained:
@@ -199,8 +201,10 @@ def _identity(inputs: dict[str, Any]) -> tuple[str, int]:
         # the towers when they change the result (see `work_dir_for`): the work directory is
         # the identity's.
         # The cache file counts by its training content (in the work directory's name): a new
-        # test split is a new file that trains nothing.
-        ignore=("eval_batch_size", "retrain", "start", "gpus", "towers", "cache_path"),
+        # test split is a new file that trains nothing. The Optuna trial it reports to decides
+        # whether it stops, not what an epoch computes; a stopped training fails (`TrialPrunedError`),
+        # so no stopped training is ever a cached result.
+        ignore=("eval_batch_size", "retrain", "start", "gpus", "towers", "cache_path", "trial"),
         identity=_identity,
         sound=trained_is_sound,
     ),
@@ -220,6 +224,7 @@ def train_task(
     retrain: bool,
     gpus: tuple[int, ...] = (),
     towers: int = 1,
+    trial: TrialReport | None = None,
 ) -> Trained:
     logger = run_logger()
     progress = Progress("train", unit="img", logger=logger, interval=10.0)
@@ -236,6 +241,7 @@ def train_task(
         log=logger,
         gpus=gpus,
         towers=towers,
+        on_epoch_end=epoch_reporter(trial, settings.epochs, read_split_size(cache_path, "valid")),
     )
     logger.info(
         "best epoch %d: valid accuracy %.4f (%s)", trained.best_epoch, trained.valid_accuracy, trained.model_dir
