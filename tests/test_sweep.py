@@ -93,6 +93,22 @@ def test_a_bad_grid_is_one_line_and_exit_2_before_any_server_starts(capsys):
     assert err.count("\n") == 1 and "tnflow sweep: error: --grid learning_rate=fast" in err
 
 
+def test_an_optuna_search_without_optuna_or_its_storage_is_one_line_before_any_server_starts(
+    capsys, monkeypatch, tmp_path
+):
+    from tnflow.flows.cli.main import main
+
+    search = ["sweep", "--search", "optuna", "--trials", "2", "--output-dir", str(tmp_path)]
+    bad = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'optuna.db'}"
+    assert main([*search, "--optuna-storage", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--optuna-storage {bad}: cannot open it (" in err, err
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
+    assert main(search) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Optuna searches need Optuna: pip install 'tnflow[optuna]'" in err, err
+
+
 def result(name, valid, test, state="Completed"):
     return TrialResult(
         name=name, options={"learning_rate": 1e-4}, state=state, valid_accuracy=valid, test_accuracy=test

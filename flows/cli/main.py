@@ -191,6 +191,9 @@ def _run(args: argparse.Namespace) -> str:
 def _sweep(args: argparse.Namespace) -> str:
     config = SweepConfig.from_values(_values(args, SweepConfig))
     plan_trials(config)  # every trial's options checked before anything starts
+    from tnflow.tasks.sweeps.search import check_search
+
+    check_search(config)  # and, for --search optuna, Optuna and its storage
     ensure_writable_dir(config.cache_dir)
     ensure_writable_dir(config.output_dir, option="--output-dir")
     from tnflow.flows.sweep import sweep

@@ -69,9 +69,9 @@ def open_run(tracking: Tracking | None, *, name: str, flow_run_id: str, params: 
             return None
         experiment = client.get_experiment_by_name(tracking.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking.experiment)
-        found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
+        found = _run_of(client, experiment_id, flow_run_id)
         if found:
-            return found[0].info.run_id
+            return found
         tags = {FLOW_RUN_TAG: flow_run_id, "prefect.flow_run_name": name}
         if tracking.parent:
             tags["mlflow.parentRunId"] = tracking.parent
@@ -125,7 +125,7 @@ def close_run(
                 client.log_artifact(run_id, str(path))
             elif path.is_dir():
                 client.log_artifacts(run_id, str(path), path.name)
-        client.set_terminated(run_id, status)
+        _end(client, run_id, status)
 
 
 def run_files(run_dir: str, model_dir: str) -> list[Path]:
@@ -181,11 +181,18 @@ def find_run(tracking: Tracking | None, flow_run_id: str | None) -> str | None:
         if client is None:
             return None
         experiment = client.get_experiment_by_name(tracking.experiment)
-        if experiment is None:
-            return None
-        found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
-        return found[0].info.run_id if found else None
+        return _run_of(client, experiment.experiment_id, flow_run_id) if experiment else None
     return None
+
+
+def _run_of(client: Any, experiment_id: str, flow_run_id: str) -> str | None:
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
+    return found[0].info.run_id if found else None
+
+
+def _end(client: Any, run_id: str, status: str) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):  # the client prints a "View run ..." line of its own
+        client.set_terminated(run_id, status)
 
 
 def _ensure_registered(client: Any, name: str, cache_path: str | Path) -> None:
@@ -225,8 +232,7 @@ def _guest(tracking: Tracking, doing: str) -> Iterator[Any]:
     retries = logging.getLogger("urllib3.connectionpool")  # a line per retry: this warning says it once
     retries.addFilter(_no_retry_lines)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the client prints a "View run" line of its own
-            yield MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
+        yield MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
     except Exception as exc:  # noqa: BLE001 - MLflow's errors are many (HTTP, REST, store); none ends the run
         _failed[tracking.uri] = time.monotonic()
         run_logger().warning(
@@ -264,7 +270,7 @@ def end_failed_run(flow: Any, flow_run: Any, state: Any) -> None:
     with _guest(tracking, "ending the failed run") as client:
         if client is not None:
             client.set_tag(run_id, "tnflow.failure", " ".join(str(state.message or state.name).split())[:5000])
-            client.set_terminated(run_id, "FAILED")
+            _end(client, run_id, "FAILED")
 
 
 # -- Prefect ------------------------------------------------------------------------------

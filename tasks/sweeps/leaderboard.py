@@ -41,6 +41,7 @@ from tnflow.tasks.release.significance import compare, detectable_gain, what_it_
 from tnflow.tasks.release.tracking import close_run, find_run, register
 from tnflow.tasks.store.layout import figure_file, leaderboard_file, report_files, sweep_decision_file
 from tnflow.tasks.sweeps.trials import TrialResult
+from tnflow.tasks.training.pruning import ALPHA as PRUNING_ALPHA
 from tnflow.tasks.training.validate import read_kept
 
 ALPHA = 0.05  # how sure a choice between two trials must be not to be called a coin flip
@@ -142,6 +143,19 @@ def choice_evidence(results: list[TrialResult], winner: TrialResult) -> str:
     return f"{verdict}: {said}; {detectable}"
 
 
+def pruning_note(results: list[TrialResult]) -> str:
+    """What the pruner did, for the report: how many trials it stopped and on what evidence."""
+    pruned = [r for r in results if r.state.startswith("Pruned")]
+    if not pruned:
+        return ""
+    return (
+        f"{len(pruned)} of {len(results)} trials ({', '.join(r.name for r in pruned)}) by the Optuna pruner, each "
+        "only when its best validation accuracy was below the other trials' median at that epoch by more than "
+        f"chance on the validation pictures (Fisher's exact test at {PRUNING_ALPHA:g}); they take no part in the "
+        "choice, and their finished epochs are kept"
+    )
+
+
 def _figure(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else ""
 
@@ -171,6 +185,7 @@ def write_sweep_report(
         ("winner", f"{winner.name} ({', '.join(f'{k}={v}' for k, v in winner.options.items())})"),
         ("chosen by", f"validation accuracy {winner.valid_accuracy:.4f}"),
         ("how sure the choice is", choice_evidence(results, winner)),
+        *([("stopped early", pruned)] if (pruned := pruning_note(results)) else []),
         ("its test accuracy", f"{winner.test_accuracy:.4f} (read after the choice; the others' are not compared)"),
         ("champion gate", promotion.reason),
         ("model", str(winner.model_dir)),
