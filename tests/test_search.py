@@ -3,14 +3,17 @@ lives in a SQLite storage, continues when started again, and nests its trials' M
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
@@ -19,8 +22,9 @@ from tnflow.tasks.cache.stage import build_cache
 from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings, TrialReport
 from tnflow.tasks.config.sweeps import SPACE, SweepConfig
 from tnflow.tasks.core.errors import ConfigError
+from tnflow.tasks.core.processes import run_in_threads
 from tnflow.tasks.store.layout import generation_dir
-from tnflow.tasks.sweeps.search import distribution, study_name
+from tnflow.tasks.sweeps.search import SWEEP_ATTR, OptunaSearch, distribution, study_name
 from tnflow.tasks.training.pruning import PRUNER_ATTR, TrialPrunedError, epoch_reporter, storage
 from tnflow.tasks.training.train import train
 from tnflow.tasks.training.workdir import read_state
@@ -84,6 +88,22 @@ def test_a_report_to_a_missing_study_is_one_line(tmp_path):
     assert "\n" not in str(raised.value)
 
 
+def test_a_trial_is_drawn_only_when_one_can_start_and_after_the_ended_ones_were_heard():
+    """What lets TPE propose each trial from every trial that ended before it."""
+    events: list[str] = []
+
+    def calls():
+        for number in range(5):
+            events.append(f"draw {number}")
+            yield functools.partial(lambda n: n, number)
+
+    run_in_threads(calls(), 2, lambda number: events.append(f"heard {number}"))
+    assert events[:2] == ["draw 0", "draw 1"] and len(events) == 10
+    for number in range(2, 5):  # draw k only once a slot is free: at least k - 1 results heard before it
+        before = events[: events.index(f"draw {number}")]
+        assert sum(e.startswith("heard") for e in before) >= number - 1, events
+
+
 def test_the_declared_ranges_are_optunas_distributions_and_a_study_is_named_after_what_it_searches():
     assert distribution(optuna, SPACE["learning_rate"]) == optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
     assert distribution(optuna, SPACE["batch_size"]) == optuna.distributions.CategoricalDistribution((16, 32, 64))
@@ -92,6 +112,36 @@ def test_the_declared_ranges_are_optunas_distributions_and_a_study_is_named_afte
     assert name == study_name(SweepConfig.from_values({**base, "trials": 8, "parallel": 4})), "more trials: same"
     assert name != study_name(SweepConfig.from_values({**base, "epochs": 3})), "another search: another study"
     assert name != study_name(SweepConfig.from_values({**base, "vary": "learning_rate"}))
+
+
+@pytest.mark.slow
+def test_a_trial_a_killed_sweep_left_running_is_proposed_again_and_a_live_sweeps_is_left_alone(prefect_api, tmp_path):
+    from prefect import flow
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    space = {"learning_rate": distribution(optuna, SPACE["learning_rate"])}
+    orphan, alive = study.ask(space), study.ask(space)
+    orphan.set_user_attr(SWEEP_ATTR, str(uuid.uuid4()))  # a sweep flow run the server does not know
+
+    @flow
+    def a_live_sweep() -> None:
+        from prefect.runtime import flow_run
+
+        alive.set_user_attr(SWEEP_ATTR, flow_run.id)
+        sweep = SweepConfig.from_values(
+            {"search": "optuna", "trials": 3, "vary": "learning_rate", "optuna_storage": url, "optuna_study": "s",
+             "output_dir": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
+        )  # fmt: skip
+        search = OptunaSearch(sweep, sweep_run_id="another")
+        first = next(search.trials())
+        assert first.options == orphan.params, "the orphan's options first: its training resumes"
+        assert first.config.optuna_trial == 2 and first.name == "trial-3"
+        states = {t.number: t.state for t in optuna.load_study(study_name="s", storage=url).trials}
+        assert states == {0: TrialState.FAIL, 1: TrialState.RUNNING, 2: TrialState.RUNNING}, states
+        assert search.earlier == [], "a replaced trial is no result"
+
+    a_live_sweep()
 
 
 @pytest.mark.slow
