@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated Prefect home, one Prefect test server per session, a file server."""
+"""Shared fixtures: an isolated Prefect home, one Prefect test server per session, a file server, MLflow."""
 
 from __future__ import annotations
 
@@ -227,6 +227,33 @@ class PrefectServer:
 
 def start_prefect_server(home: Path, port: int) -> PrefectServer:
     return PrefectServer(home, port).start()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory) -> str:
+    """`mlflow server` on a loopback port with a SQLite backend and its own artifact store; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
+    command += ["--workers", "1"]
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        stop_process_group(server)
 
 
 @pytest.fixture(scope="session")

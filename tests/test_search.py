@@ -17,7 +17,6 @@ from optuna.trial import TrialState
 
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
-from tests.test_tracking import mlflow_server  # noqa: F401 - the fixture
 from tnflow.tasks.cache.stage import build_cache
 from tnflow.tasks.config.specs import CacheSpec, ModelSpec, TrainSettings, TrialReport
 from tnflow.tasks.config.sweeps import SPACE, SweepConfig
@@ -169,9 +168,7 @@ def test_a_pruned_training_keeps_its_epochs_and_the_same_options_resume_after_th
 
 @pytest.mark.slow
 def test_an_optuna_sweep_proposes_prunes_continues_its_study_and_nests_its_mlflow_runs(
-    prefect_server,
-    mlflow_server,  # noqa: F811 - the fixture
-    tmp_path,
+    prefect_server, mlflow_server, tmp_path
 ):
     from mlflow import MlflowClient
 
@@ -235,14 +232,17 @@ def test_an_optuna_sweep_proposes_prunes_continues_its_study_and_nests_its_mlflo
     winner_run = client.get_run(champion.run_id)
     assert winner_run.data.tags["prefect.flow_run_name"].endswith(decision["winner"]), "the winner's nested run"
 
-    again = run(*sweep, "--trials", "4")  # the same sweep asked for one more: the study continues
+    # The same sweep asked for one more trial: the study continues. The fourth is queued with the first's
+    # options, so its training is the first's, from the cache (this test's subject is the study, not training).
+    queued.enqueue_trial({"learning_rate": 1.25e-4, "batch_size": 16})
+    again = run(*sweep, "--trials", "4")
     trials = optuna.load_study(study_name="pets", storage=storage_url).trials
     assert len(trials) == 4, "three from before, one new"
-    rows = json.loads((again / "leaderboard.json").read_text())
-    assert sorted(r["name"] for r in rows) == ["trial-1", "trial-2", "trial-3", "trial-4"]
-    assert [r["name"] for r in rows if r["flow_run_name"] and r["flow_run_name"].startswith(again.name)] == [
-        "trial-4"
-    ], "only the new trial ran"
+    rows = {row["name"]: row for row in json.loads((again / "leaderboard.json").read_text())}
+    assert sorted(rows) == ["trial-1", "trial-2", "trial-3", "trial-4"]
+    ran = [name for name, row in rows.items() if (row["flow_run_name"] or "").startswith(again.name)]
+    assert ran == ["trial-4"] and rows["trial-4"]["training_cached"], "only the new trial ran"
+    assert rows["trial-3"]["state"] == board["trial-3"]["state"], "the earlier trials as they ended"
 
 
 def tracking_name(tmp_path: Path) -> str:

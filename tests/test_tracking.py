@@ -4,47 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, stop_process_group
+from tests.conftest import free_port
 from tests.fake_weights import VGG_CONV, write_fake_weights
 from tests.fakes import make_archive
 from tnflow.tasks.config.options import RunConfig
 from tnflow.tasks.config.specs import Tracking
 from tnflow.tasks.release import tracking
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory) -> str:
-    """`mlflow server` on a loopback port with a SQLite backend and its own artifact store; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art")]
-    command += ["--workers", "1"]
-    with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        stop_process_group(server)
 
 
 @pytest.fixture(autouse=True)
@@ -94,14 +64,14 @@ def test_a_promotion_and_a_refused_candidate_move_the_registrys_aliases(
 
     from tnflow.flows.train import transfer_learning
 
-    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=80, n_test=20)
+    _, md5 = make_archive(tmp_path / "c10.tar.gz", n_train=40, n_test=20)
     weights_md5 = write_fake_weights(tmp_path / "vgg19.h5", "vgg19", count=VGG_CONV)
     params = {
         "data_url": (tmp_path / "c10.tar.gz").as_uri(), "data_md5": md5, "weights": str(tmp_path / "vgg19.h5"),
         "weights_md5": weights_md5, "image_size": 32, "head": "gap", "valid_size": 20, "epochs": 2,
         "learning_rate": 1e-4, "eval_batch_size": 64, "cache_dir": str(tmp_path / "cache"),
         "output_dir": str(tmp_path / "runs"), "mlflow_uri": mlflow_server, "mlflow_experiment": "cifar-tests",
-        # Two epochs on 60 pictures are near chance, which the gate's tests would rightly keep from becoming a
+        # Two epochs on 20 pictures are near chance, which the gate's tests would rightly keep from becoming a
         # first champion; they are test_promote.py's subject, not this one's: any gain promotes.
         "promote_alpha": 1,
     }  # fmt: skip

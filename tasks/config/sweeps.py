@@ -114,9 +114,9 @@ class SweepConfig(RunConfig):
     pruner: Literal["median", "halving", "none"] = Field(
         "median",
         description="--search optuna: stop a trial after an epoch, never its last; median: from its second epoch, "
-        "when its best validation accuracy is below the median of the other trials' at that epoch; halving "
+        "when its best validation accuracy is below the median of the finished trials' at that epoch; halving "
         "(asynchronous successive halving): at epochs 1, 3, 9..., when outside the best third; none: never. "
-        "Either stops a trial only when its gap to the others' median is unlikely to be chance on the "
+        "Either stops a trial only when its gap to the finished trials' median is unlikely to be chance on the "
         "validation pictures",
     )
     parallel: int = Field(2, ge=1, le=64, description="trials at once, at most (GPU slots may allow fewer)")

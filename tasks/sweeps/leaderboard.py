@@ -150,7 +150,7 @@ def pruning_note(results: list[TrialResult]) -> str:
         return ""
     return (
         f"{len(pruned)} of {len(results)} trials ({', '.join(r.name for r in pruned)}) by the Optuna pruner, each "
-        "only when its best validation accuracy was below the other trials' median at that epoch by more than "
+        "only when its best validation accuracy was below the finished trials' median at that epoch by more than "
         f"chance on the validation pictures (Fisher's exact test at {PRUNING_ALPHA:g}); they take no part in the "
         "choice, and their finished epochs are kept"
     )

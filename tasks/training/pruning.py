@@ -13,9 +13,10 @@ The pruner is not kept in the storage, so the sweep writes its name into the stu
 A pruner compares accuracies; on a small validation split most of their differences are
 chance (on 20 pictures, 2 right against 4 is what two equal models do a third of the time).
 So a trial is stopped only when its pruner says so and its best accuracy so far is also
-unlikely to be chance below the median of the other trials' at that epoch (Fisher's exact
-test at `ALPHA`, on the validation pictures): on a few hundred pictures only a trial clearly
-behind is stopped, on a few thousand the pruner works as Optuna's does.
+unlikely to be chance below the median of the finished trials' at that epoch (those the median
+pruner compares with; Fisher's exact test at `ALPHA`, on the validation pictures): on a few
+hundred pictures only a trial clearly behind is stopped, on a few thousand the pruner works as
+Optuna's does.
 """
 
 from __future__ import annotations
@@ -102,23 +103,20 @@ def epoch_reporter(
         if not prune:
             return
         best = max(v for step, v in study._storage.get_trial(trial_id).intermediate_values.items() if step <= epoch)
-        others = [
-            t.intermediate_values[epoch]
-            for t in study.get_trials(deepcopy=False)
-            if t.number != report.trial and epoch in t.intermediate_values
-        ]
+        finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        others = [t.intermediate_values[epoch] for t in finished if epoch in t.intermediate_values]
         median = float(np.median(others)) if others else best
         p_value = behind(best, median, valid_images)
         if p_value >= ALPHA:
             log.info(
-                "the %s pruner would stop this trial after epoch %d (best %.4f, the others' median %.4f), but on "
-                "%d validation pictures that gap is chance-like (p = %.2g): it goes on",
+                "the %s pruner would stop this trial after epoch %d (best %.4f, the finished trials' median "
+                "%.4f), but on %d validation pictures that gap is chance-like (p = %.2g): it goes on",
                 study.user_attrs.get(PRUNER_ATTR), epoch, best, median, valid_images, p_value,
             )  # fmt: skip
             return
         study.tell(report.trial, state=optuna.trial.TrialState.PRUNED)
         raise TrialPrunedError(
-            f"pruned after epoch {epoch}: best validation accuracy {best:.4f} against the other trials' median "
+            f"pruned after epoch {epoch}: best validation accuracy {best:.4f} against the finished trials' median "
             f"{median:.4f} at that epoch in the Optuna study {report.study} (p = {p_value:.2g} on {valid_images} "
             "pictures); its finished epochs are kept: the same options trained again resume after them"
         )
