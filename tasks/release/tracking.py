@@ -86,20 +86,10 @@ def log_training(tracking: Tracking | None, run_id: str | None, history: Sequenc
     """Each epoch's figures, the epoch as their step (logged once, after training: a resumed run logs each once)."""
     if tracking is None or run_id is None:
         return
+    points = [(key, record.get(key), int(record["epoch"])) for record in history for key in EPOCH_METRICS]
     with _guest(tracking, "logging the epochs") as client:
-        if client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(record[key]), now, int(record["epoch"]))
-            for record in history
-            for key in EPOCH_METRICS
-            if record.get(key) is not None
-        ]
-        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a call
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        if client is not None:
+            _log_metrics(client, run_id, [point for point in points if point[1] is not None])
 
 
 def close_run(
@@ -116,10 +106,7 @@ def close_run(
     with _guest(tracking, "logging the results") as client:
         if client is None:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in figures.items()])
+        _log_metrics(client, run_id, [(key, value, 0) for key, value in figures.items()])
         for path in files:
             if path.is_file():
                 client.log_artifact(run_id, str(path))
@@ -188,6 +175,16 @@ def find_run(tracking: Tracking | None, flow_run_id: str | None) -> str | None:
 def _run_of(client: Any, experiment_id: str, flow_run_id: str) -> str | None:
     found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'")
     return found[0].info.run_id if found else None
+
+
+def _log_metrics(client: Any, run_id: str, points: list[tuple[str, float, int]]) -> None:
+    """(name, value, step) points, now; MLflow takes at most 1,000 metrics a call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, step) for key, value, step in points]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def _end(client: Any, run_id: str, status: str) -> None:
