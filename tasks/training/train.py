@@ -241,7 +241,7 @@ def train_task(
         log=logger,
         gpus=gpus,
         towers=towers,
-        on_epoch_end=epoch_reporter(trial, settings.epochs, read_split_size(cache_path, "valid")),
+        on_epoch_end=epoch_reporter(trial, settings.epochs, read_split_size(cache_path, "valid")) if trial else None,
     )
     logger.info(
         "best epoch %d: valid accuracy %.4f (%s)", trained.best_epoch, trained.valid_accuracy, trained.model_dir
