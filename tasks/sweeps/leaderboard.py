@@ -145,7 +145,7 @@ def choice_evidence(results: list[TrialResult], winner: TrialResult) -> str:
 
 def pruning_note(results: list[TrialResult]) -> str:
     """What the pruner did, for the report: how many trials it stopped and on what evidence."""
-    pruned = [r for r in results if r.state.startswith("Pruned")]
+    pruned = [r for r in results if r.pruned]
     if not pruned:
         return ""
     return (

@@ -28,7 +28,7 @@ from tnflow.tasks.config.sweeps import OneOf, Range, SweepConfig, Trial, make_tr
 from tnflow.tasks.core.digests import short_digest
 from tnflow.tasks.core.progress import run_logger
 from tnflow.tasks.store.layout import optuna_database
-from tnflow.tasks.sweeps.trials import TrialResult
+from tnflow.tasks.sweeps.trials import PRUNED, TrialResult
 from tnflow.tasks.training.pruning import PRUNER_ATTR, import_optuna, pruner, storage
 
 RESULT_ATTR = "tnflow.result"  # the trial's leaderboard row, kept in the study for a sweep that continues it
@@ -176,7 +176,7 @@ def distribution(optuna: Any, values: Range | OneOf) -> Any:
 
 def _pruned(frozen: Any) -> str:
     epochs = max(frozen.intermediate_values, default=0)
-    return f"Pruned after epoch {epochs}"
+    return f"{PRUNED} after epoch {epochs}"
 
 
 def _earlier_result(frozen: Any) -> TrialResult:

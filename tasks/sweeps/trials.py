@@ -35,6 +35,7 @@ from tnflow.tasks.core.progress import run_logger
 from tnflow.tasks.release.report import RunSummary
 
 POLL_SECONDS = 1.0  # how often a sweep asks the server whether its trials ended
+PRUNED = "Pruned"  # the state of a trial the Optuna pruner stopped (`tasks.sweeps.search`)
 
 
 class TrialResult(BaseModel):
@@ -60,6 +61,10 @@ class TrialResult(BaseModel):
     @property
     def finished(self) -> bool:
         return self.valid_accuracy is not None
+
+    @property
+    def pruned(self) -> bool:
+        return self.state.startswith(PRUNED)
 
 
 def check_deployment(name: str) -> None:

@@ -60,7 +60,7 @@ def storage(url: str) -> Any:
 
 
 def pruner(name: str) -> Any:
-    """median: below the median of the other trials at the same epoch (from the third trial, the second epoch on);
+    """median: below the median of the finished trials at the same epoch (from the third trial, the second epoch on);
     halving: asynchronous successive halving, the best third going on at epochs 1, 3, 9...; none: never."""
     optuna = import_optuna()
     if name == "median":
